@@ -1,0 +1,17 @@
+//! Wire types shared by the hub, its tests, load generators and Rust publishers.
+//!
+//! Nothing here does I/O. The map:
+//! - [`channel`]: channel-name validation ([`ChannelName`]).
+//! - [`envelope`]: the publish envelope `{"event", "data"}` and the HTTP publish body.
+//! - [`sse`]: Server-Sent Events framing (`id:`, `event:`, `retry:`, multi-line `data:`, comments).
+//! - [`position`]: a message's position in its channel ([`StreamId`]) and the SSE cursor that
+//!   combines the positions of several channels into one `id:`.
+
+pub mod channel;
+pub mod envelope;
+pub mod position;
+pub mod sse;
+
+pub use channel::{ChannelError, ChannelName};
+pub use envelope::{Envelope, EnvelopeError, PublishRequest};
+pub use position::{Cursor, StreamId};
