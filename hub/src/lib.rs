@@ -1,1 +1,116 @@
-pub fn x(){}
+//! hub: a real-time connection hub. Browsers hold SSE streams here; services publish to
+//! channels (over HTTP now, over Redis in Redis mode); the hub fans each message out.
+//!
+//! The map:
+//! - [`config`]: `HUB_*` settings, checked before anything binds.
+//! - [`node`]: composes the parts below and owns the open/publish/close flows.
+//! - [`registry`]: local streams and their channels; fan-out, exact counts, sweeps (no I/O).
+//! - [`session`]: one stream's bounded outbox and resume positions.
+//! - [`message`]: a message framed once, shared by every subscriber.
+//! - [`broker`]: where messages are published and recovered from (embedded; Redis later).
+//! - [`history`]: the embedded broker's in-memory channel history.
+//! - [`transport`]: SSE (WebSocket later): frames and response bodies.
+//! - [`auth`]: who may read which channel.
+//! - [`http`]: the public and admin route tables, CORS, JSON errors.
+//! - [`ticker`]: heartbeats, sweeps and metric upkeep on one shared tick.
+//! - [`shutdown`]: signal handling and the drain.
+//! - [`metrics`]: metric names and pre-resolved handles.
+
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod history;
+pub mod http;
+pub mod message;
+pub mod metrics;
+pub mod node;
+pub mod registry;
+pub mod session;
+pub mod shutdown;
+pub mod ticker;
+pub mod transport;
+
+use actix_web::{web, App, HttpServer};
+use anyhow::Context as _;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+pub use config::Config;
+pub use node::Node;
+
+/// Pending connections the kernel queues per listener; a reconnect storm of 10,000 clients
+/// must not be refused at the TCP level.
+const BACKLOG: i32 = 4096;
+/// Seconds actix waits, after the drain, for connections to finish writing.
+const SERVER_STOP_SECS: u64 = 5;
+/// Seconds a client has to send its request head.
+const REQUEST_HEAD_SECS: u64 = 10;
+
+/// Binds a listener with a large backlog. Accepted sockets inherit `TCP_USER_TIMEOUT`, so a
+/// peer that stops acknowledging (or keeps a zero window) is dropped by the kernel instead of
+/// holding buffers forever.
+fn listen(addr: SocketAddr, user_timeout: Duration) -> anyhow::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_user_timeout(Some(user_timeout))?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Runs a node until SIGTERM/SIGINT, then drains and returns. Must run inside an actix system.
+/// Prints `hub listening public=ADDR admin=ADDR node=NAME` on stdout once both ports are bound.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let user_timeout = Duration::from_secs(config.stale_after_secs);
+    let public_l = listen(config.bind, user_timeout).with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?;
+    let admin_l = listen(config.admin_bind, user_timeout)
+        .with_context(|| format!("HUB_ADMIN_BIND {}: cannot listen", config.admin_bind))?;
+    let public_addr = public_l.local_addr()?;
+    let admin_addr = admin_l.local_addr()?;
+
+    let node = Node::new(config)?;
+    let data = web::Data::from(node.clone());
+    let workers = node.config.worker_count();
+    let per_worker = (node.config.max_connections as usize + 1024).max(25_000);
+
+    let d = data.clone();
+    let public = HttpServer::new(move || App::new().app_data(d.clone()).configure(http::public::configure))
+        .workers(workers)
+        .max_connections(per_worker)
+        .backlog(BACKLOG as u32)
+        .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_SECS)
+        .listen(public_l)?
+        .run();
+    let d = data.clone();
+    let admin = HttpServer::new(move || App::new().app_data(d.clone()).configure(http::admin::configure))
+        .workers(1)
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_SECS)
+        .listen(admin_l)?
+        .run();
+    let (public_h, admin_h) = (public.handle(), admin.handle());
+    let mut public_task = actix_web::rt::spawn(public);
+    let mut admin_task = actix_web::rt::spawn(admin);
+    let ticker = actix_web::rt::spawn(ticker::run(node.clone()));
+
+    println!("hub listening public={public_addr} admin={admin_addr} node={}", node.name);
+    tracing::info!(%public_addr, %admin_addr, node = %node.name, broker = node.broker.kind(), workers, "hub started");
+
+    let why = tokio::select! {
+        s = shutdown::signal() => s.context("cannot listen for signals")?,
+        r = &mut public_task => { r.context("public server task")?.context("public server")?; "public server ended" }
+        r = &mut admin_task => { r.context("admin server task")?.context("admin server")?; "admin server ended" }
+    };
+    tracing::info!(reason = why, "shutting down");
+    shutdown::drain(&node).await;
+    public_h.stop(true).await;
+    admin_h.stop(true).await;
+    ticker.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,1 +1,28 @@
-fn main(){}
+//! The `hub` binary: check the configuration, set up logging, run the node.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let config = match hub::Config::from_env_and_args() {
+        Ok(c) => c,
+        Err(line) => {
+            eprintln!("hub: invalid configuration: {line}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match tracing_subscriber::EnvFilter::try_new(&config.log) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("hub: invalid configuration: HUB_LOG {:?}: {e}", config.log);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match actix_web::rt::System::new().block_on(hub::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hub: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

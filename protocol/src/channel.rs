@@ -55,6 +55,12 @@ impl fmt::Debug for ChannelName {
     }
 }
 
+impl AsRef<str> for ChannelName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
 impl std::ops::Deref for ChannelName {
     type Target = str;
     fn deref(&self) -> &str {

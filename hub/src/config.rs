@@ -1,0 +1,264 @@
+//! Configuration: every `HUB_*` variable and its command-line flag, checked before anything binds.
+//!
+//! `Config::from_env_and_args` either returns a complete, consistent configuration or one line
+//! naming the variable at fault. Nothing here opens sockets or reads files other than the
+//! environment.
+
+use clap::Parser;
+use std::net::SocketAddr;
+
+/// Command-line flags; each falls back to its `HUB_*` environment variable.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "hub", version, about = "Real-time connection hub: SSE streams fed by an embedded or Redis broker")]
+pub struct Config {
+    /// Public address: streams and health only.
+    #[arg(long, env = "HUB_BIND", value_name = "HUB_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Admin address: publish, metrics, stats, health.
+    #[arg(long, env = "HUB_ADMIN_BIND", value_name = "HUB_ADMIN_BIND", default_value = "127.0.0.1:9090")]
+    pub admin_bind: SocketAddr,
+
+    /// Redis URL (redis://, rediss://, redis-cluster://); unset runs the embedded broker.
+    #[arg(long, env = "HUB_REDIS_URL", value_name = "HUB_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// This node's name in `hub.connected` and logs; defaults to $HOSTNAME, else a random name.
+    #[arg(long, env = "HUB_NODE_ID", value_name = "HUB_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Seconds between heartbeat comments on every stream.
+    #[arg(long, env = "HUB_HEARTBEAT_SECS", value_name = "HUB_HEARTBEAT_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub heartbeat_secs: u64,
+
+    /// A stream that accepted no write for this long is closed by the sweep.
+    #[arg(long, env = "HUB_STALE_AFTER_SECS", value_name = "HUB_STALE_AFTER_SECS", default_value_t = 90,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub stale_after_secs: u64,
+
+    /// Seconds between sweeps (stale streams, gauge reconciliation, expired history).
+    #[arg(long, env = "HUB_SWEEP_SECS", value_name = "HUB_SWEEP_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub sweep_secs: u64,
+
+    /// Seconds over which open streams are closed on SIGTERM/SIGINT.
+    #[arg(long, env = "HUB_DRAIN_SECS", value_name = "HUB_DRAIN_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub drain_secs: u64,
+
+    /// Streams per node; beyond it new streams get 503 with Retry-After.
+    #[arg(long, env = "HUB_MAX_CONNECTIONS", value_name = "HUB_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Streams per token `sub`; beyond it 429.
+    #[arg(long, env = "HUB_MAX_CONNECTIONS_PER_USER", value_name = "HUB_MAX_CONNECTIONS_PER_USER", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections_per_user: u64,
+
+    /// Channels one stream may ask for.
+    #[arg(long, env = "HUB_MAX_CHANNELS_PER_CONN", value_name = "HUB_MAX_CHANNELS_PER_CONN", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub max_channels_per_conn: u64,
+
+    /// Largest envelope accepted, in bytes.
+    #[arg(long, env = "HUB_MAX_MESSAGE_BYTES", value_name = "HUB_MAX_MESSAGE_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u64).range(16..=16 * 1024 * 1024))]
+    pub max_message_bytes: u64,
+
+    /// Durable messages kept per channel.
+    #[arg(long, env = "HUB_HISTORY_LEN", value_name = "HUB_HISTORY_LEN", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub history_len: u64,
+
+    /// Longest time a durable message is kept.
+    #[arg(long, env = "HUB_HISTORY_TTL_SECS", value_name = "HUB_HISTORY_TTL_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..=30 * 86400))]
+    pub history_ttl_secs: u64,
+
+    /// Comma-separated origins allowed by CORS and the WebSocket Origin check; `*` for any.
+    #[arg(long, env = "HUB_ALLOWED_ORIGINS", value_name = "HUB_ALLOWED_ORIGINS", default_value = "*")]
+    pub allowed_origins: String,
+
+    /// When set, `POST /v1/publish` needs `Authorization: Bearer <key>`.
+    #[arg(long, env = "HUB_PUBLISH_KEY", value_name = "HUB_PUBLISH_KEY", hide_env_values = true)]
+    pub publish_key: Option<String>,
+
+    /// HS256 secret for stream tokens.
+    #[arg(long, env = "HUB_JWT_SECRET", value_name = "HUB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// Path of a PEM public key (RS256 or ES256) for stream tokens.
+    #[arg(long, env = "HUB_JWT_PUBLIC_KEY", value_name = "HUB_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<String>,
+
+    /// Reconnection delay sent to clients in `retry:` (milliseconds).
+    #[arg(long, env = "HUB_RETRY_MS", value_name = "HUB_RETRY_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub retry_ms: u64,
+
+    /// Messages queued per stream before it is closed as slow.
+    #[arg(long, env = "HUB_OUTBOX_LEN", value_name = "HUB_OUTBOX_LEN", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(4..=65_536))]
+    pub outbox_len: u64,
+
+    /// HTTP worker threads for the public port; defaults to the number of cores.
+    #[arg(long, env = "HUB_WORKERS", value_name = "HUB_WORKERS",
+          value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub workers: Option<u64>,
+
+    /// Log filter (tracing-subscriber syntax), e.g. `info` or `hub=debug`.
+    #[arg(long, env = "HUB_LOG", value_name = "HUB_LOG", default_value = "info")]
+    pub log: String,
+}
+
+/// Allowed origins, parsed once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    Any,
+    List(Vec<String>),
+}
+
+impl Origins {
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origins::Any => true,
+            Origins::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
+}
+
+impl Config {
+    /// Parses flags and environment, then checks what clap cannot: relations between values.
+    /// On error returns one line naming the variable; `--help`/`--version` exit here.
+    pub fn from_env_and_args() -> Result<Config, String> {
+        let cfg = match Config::try_parse() {
+            Ok(c) => c,
+            Err(e) => match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => e.exit(),
+                _ => {
+                    let text = e.to_string();
+                    let first = text.lines().next().unwrap_or("invalid configuration");
+                    return Err(first.trim_start_matches("error: ").to_string());
+                }
+            },
+        };
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Checks the relations between values.
+    pub fn check(&self) -> Result<(), String> {
+        if self.stale_after_secs <= self.heartbeat_secs {
+            return Err(format!(
+                "HUB_STALE_AFTER_SECS ({}) must be greater than HUB_HEARTBEAT_SECS ({}): a healthy stream is written at least every heartbeat",
+                self.stale_after_secs, self.heartbeat_secs
+            ));
+        }
+        if self.bind == self.admin_bind && self.bind.port() != 0 {
+            return Err(format!("HUB_ADMIN_BIND ({}) must differ from HUB_BIND", self.admin_bind));
+        }
+        self.origins()?;
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis-cluster://")) {
+                return Err("HUB_REDIS_URL must start with redis://, rediss:// or redis-cluster://".into());
+            }
+        }
+        if matches!(&self.publish_key, Some(k) if k.is_empty()) {
+            return Err("HUB_PUBLISH_KEY is set but empty; unset it to allow unauthenticated publishing".into());
+        }
+        if matches!(&self.node_id, Some(n) if n.is_empty() || n.len() > 128) {
+            return Err("HUB_NODE_ID must be 1 to 128 characters".into());
+        }
+        Ok(())
+    }
+
+    /// `HUB_ALLOWED_ORIGINS` parsed.
+    pub fn origins(&self) -> Result<Origins, String> {
+        let items: Vec<String> = self
+            .allowed_origins
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if items.is_empty() {
+            return Err("HUB_ALLOWED_ORIGINS is empty; use * to allow every origin".into());
+        }
+        if items.iter().any(|s| s == "*") {
+            return Ok(Origins::Any);
+        }
+        for o in &items {
+            if !(o.starts_with("http://") || o.starts_with("https://")) || o.contains(char::is_whitespace) {
+                return Err(format!("HUB_ALLOWED_ORIGINS entry {o:?} is not an origin like https://app.example.com"));
+            }
+        }
+        Ok(Origins::List(items))
+    }
+
+    /// The node's name.
+    pub fn node_name(&self) -> String {
+        if let Some(n) = &self.node_id {
+            return n.clone();
+        }
+        match std::env::var("HOSTNAME") {
+            Ok(h) if !h.is_empty() && h.len() <= 128 => h,
+            _ => format!("hub-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        }
+    }
+
+    /// Worker threads for the public server.
+    pub fn worker_count(&self) -> usize {
+        match self.workers {
+            Some(n) => n as usize,
+            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut all = vec!["hub"];
+        all.extend_from_slice(args);
+        let cfg = Config::try_parse_from(all).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_bind.to_string(), "127.0.0.1:9090");
+        assert_eq!((c.heartbeat_secs, c.stale_after_secs, c.sweep_secs, c.drain_secs), (30, 90, 300, 10));
+        assert_eq!((c.max_connections, c.max_connections_per_user, c.max_channels_per_conn), (10_000, 10, 32));
+        assert_eq!((c.max_message_bytes, c.history_len, c.history_ttl_secs), (65_536, 1000, 3600));
+        assert_eq!(c.origins(), Ok(Origins::Any));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        let e = parse(&["--heartbeat-secs", "abc"]).unwrap_err();
+        assert!(e.contains("HUB_HEARTBEAT_SECS"), "{e}");
+        let e = parse(&["--heartbeat-secs", "0"]).unwrap_err();
+        assert!(e.contains("HUB_HEARTBEAT_SECS"), "{e}");
+        let e = parse(&["--heartbeat-secs", "100"]).unwrap_err();
+        assert!(e.contains("HUB_STALE_AFTER_SECS"), "{e}");
+        let e = parse(&["--allowed-origins", "example.com"]).unwrap_err();
+        assert!(e.contains("HUB_ALLOWED_ORIGINS"), "{e}");
+        let e = parse(&["--redis-url", "http://x"]).unwrap_err();
+        assert!(e.contains("HUB_REDIS_URL"), "{e}");
+    }
+
+    #[test]
+    fn origin_list() {
+        let c = parse(&["--allowed-origins", "https://a.example, http://b.example:8000/"]).unwrap();
+        let o = c.origins().unwrap();
+        assert!(o.allows("https://a.example"));
+        assert!(o.allows("http://b.example:8000"));
+        assert!(!o.allows("https://evil.example"));
+    }
+}

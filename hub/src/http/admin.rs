@@ -1,0 +1,114 @@
+//! The admin port: `POST /v1/publish`, `/metrics`, `/v1/stats` and health.
+//!
+//! Publishing checks the key, the size (before parsing) and the body, then hands the message
+//! to the node. Nothing here is reachable from the public port.
+
+use crate::http::error::ApiError;
+use crate::http::{error, get_only, healthz, readyz};
+use crate::metrics::{DropReason, Source};
+use crate::node::Node;
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use futures_util::StreamExt;
+use protocol::envelope::PublishResponse;
+use protocol::{ChannelName, PublishRequest};
+
+/// Room for the body's own fields (`channel`, `durable`, JSON punctuation) on top of the
+/// envelope limit: a 128-byte channel name and the keys fit in far less.
+const BODY_OVERHEAD: usize = 1024;
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/v1/publish")
+            .route(web::post().to(publish))
+            .default_service(web::to(error::method_not_allowed)),
+    )
+    .service(get_only("/metrics", metrics))
+    .service(get_only("/v1/stats", stats))
+    .service(get_only("/healthz", healthz))
+    .service(get_only("/readyz", readyz))
+    .default_service(web::to(error::not_found));
+}
+
+/// Compares in time independent of where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `POST /v1/publish`.
+async fn publish(req: HttpRequest, node: web::Data<Node>, mut body: web::Payload) -> Result<HttpResponse, ApiError> {
+    if let Some(key) = &node.config.publish_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, k)| k.trim());
+        if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
+            return Err(ApiError::unauthorized("publishing needs Authorization: Bearer <HUB_PUBLISH_KEY>"));
+        }
+    }
+    let max = node.config.max_message_bytes as usize;
+    let too_large = |size: usize| {
+        node.metrics.dropped(DropReason::TooLarge).increment(1);
+        ApiError::too_large(format!("message is {size} bytes or more; the limit is {max} (HUB_MAX_MESSAGE_BYTES)"))
+    };
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        if buf.len() + chunk.len() > max + BODY_OVERHEAD {
+            return Err(too_large(buf.len() + chunk.len()));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    let malformed = |msg: String| {
+        node.metrics.dropped(DropReason::Malformed).increment(1);
+        ApiError::bad_request(msg)
+    };
+    let parsed: PublishRequest = serde_json::from_slice(&buf).map_err(|e| {
+        malformed(format!("body must be JSON {{\"channel\":\"C\",\"event\":\"...\",\"data\":...,\"durable\":true}}: {e}"))
+    })?;
+    let (channel, env, durable) = parsed.into_envelope();
+    let channel = ChannelName::new(&channel).map_err(|e| malformed(format!("invalid channel: {e}")))?;
+    env.validate().map_err(|e| malformed(e.to_string()))?;
+    let size = env.to_bytes().len();
+    if size > max {
+        return Err(too_large(size));
+    }
+    let id = node.publish(channel, &env, durable, Source::Http).await?;
+    Ok(HttpResponse::Accepted().json(PublishResponse { id }))
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(node: web::Data<Node>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(node.metrics.render())
+}
+
+/// `GET /v1/stats`.
+async fn stats(node: web::Data<Node>) -> HttpResponse {
+    let c = node.registry.counts();
+    HttpResponse::Ok().json(serde_json::json!({
+        "node": node.name,
+        "broker": node.broker.kind(),
+        "uptime_secs": node.started.elapsed().as_secs(),
+        "ready": node.is_ready(),
+        "draining": node.is_draining(),
+        "connections": { "sse": c.sse, "ws": c.ws, "total": c.sse + c.ws, "max": node.config.max_connections },
+        "channels": c.channels,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_secret;
+
+    #[test]
+    fn secret_comparison() {
+        assert!(same_secret(b"abc", b"abc"));
+        assert!(!same_secret(b"abc", b"abd"));
+        assert!(!same_secret(b"abc", b"abcd"));
+    }
+}

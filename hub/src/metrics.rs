@@ -1,0 +1,299 @@
+//! Prometheus metrics: every metric name and label value the dashboards rely on, and the handles.
+//!
+//! Handles are resolved once at start-up so that hot paths do an atomic add, never a map lookup.
+//! This module does not decide when things happen; callers record them.
+
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const CONNECTIONS: &str = "hub_connections";
+pub const CONNECTIONS_MAX: &str = "hub_connections_max";
+pub const CONNECTIONS_OPENED: &str = "hub_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "hub_connections_closed_total";
+pub const CONNECTIONS_REJECTED: &str = "hub_connections_rejected_total";
+pub const CHANNELS: &str = "hub_channels";
+pub const MESSAGES_RECEIVED: &str = "hub_messages_received_total";
+pub const MESSAGES_DELIVERED: &str = "hub_messages_delivered_total";
+pub const MESSAGES_DROPPED: &str = "hub_messages_dropped_total";
+pub const DELIVERY_LATENCY: &str = "hub_delivery_latency_seconds";
+pub const HEARTBEATS_SENT: &str = "hub_heartbeats_sent_total";
+pub const STALE_CLOSED: &str = "hub_stale_closed_total";
+pub const REDIS_UP: &str = "hub_redis_up";
+pub const REDIS_RECONNECTS: &str = "hub_redis_reconnects_total";
+pub const HISTORY_REPLAYED: &str = "hub_history_replayed_total";
+
+/// Delivery latency buckets (seconds): fine below 50 ms, where the targets are.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Stream transports; the index into per-transport handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse = 0,
+    Ws = 1,
+}
+
+impl Transport {
+    pub const ALL: [Transport; 2] = [Transport::Sse, Transport::Ws];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// Why a stream ended; the `reason` label of `hub_connections_closed_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    Client = 1,
+    Slow = 2,
+    Stale = 3,
+    Shutdown = 4,
+    TokenExpired = 5,
+    Error = 6,
+}
+
+impl CloseReason {
+    pub const ALL: [CloseReason; 6] = [
+        CloseReason::Client,
+        CloseReason::Slow,
+        CloseReason::Stale,
+        CloseReason::Shutdown,
+        CloseReason::TokenExpired,
+        CloseReason::Error,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Client => "client",
+            CloseReason::Slow => "slow",
+            CloseReason::Stale => "stale",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::TokenExpired => "token_expired",
+            CloseReason::Error => "error",
+        }
+    }
+    pub fn from_u8(v: u8) -> Option<CloseReason> {
+        CloseReason::ALL.into_iter().find(|r| *r as u8 == v)
+    }
+    fn index(self) -> usize {
+        self as usize - 1
+    }
+}
+
+/// Why a stream was refused; the `reason` label of `hub_connections_rejected_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectReason {
+    Capacity = 0,
+    UserLimit = 1,
+    Unauthorized = 2,
+    Forbidden = 3,
+    BadRequest = 4,
+    Draining = 5,
+}
+
+impl RejectReason {
+    pub const ALL: [RejectReason; 6] = [
+        RejectReason::Capacity,
+        RejectReason::UserLimit,
+        RejectReason::Unauthorized,
+        RejectReason::Forbidden,
+        RejectReason::BadRequest,
+        RejectReason::Draining,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::Capacity => "capacity",
+            RejectReason::UserLimit => "user_limit",
+            RejectReason::Unauthorized => "unauthorized",
+            RejectReason::Forbidden => "forbidden",
+            RejectReason::BadRequest => "bad_request",
+            RejectReason::Draining => "draining",
+        }
+    }
+}
+
+/// Where a message came from; the `source` label of `hub_messages_received_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Redis = 0,
+    Http = 1,
+    Local = 2,
+}
+
+impl Source {
+    pub const ALL: [Source; 3] = [Source::Redis, Source::Http, Source::Local];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Redis => "redis",
+            Source::Http => "http",
+            Source::Local => "local",
+        }
+    }
+}
+
+/// Why a message was not delivered; the `reason` label of `hub_messages_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    Malformed = 0,
+    TooLarge = 1,
+    Slow = 2,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 3] = [DropReason::Malformed, DropReason::TooLarge, DropReason::Slow];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::TooLarge => "too_large",
+            DropReason::Slow => "slow",
+        }
+    }
+}
+
+/// Every handle, resolved once. Owned by the node; shared by `Arc`.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    pub connections: [Gauge; 2],
+    pub connections_max: Gauge,
+    pub opened: [Counter; 2],
+    closed: [[Counter; 6]; 2],
+    rejected: [Counter; 6],
+    pub channels: Gauge,
+    received: [Counter; 3],
+    pub delivered: Counter,
+    dropped: [Counter; 3],
+    pub latency: Histogram,
+    pub heartbeats: Counter,
+    pub stale_closed: Counter,
+    pub redis_up: Gauge,
+    pub redis_reconnects: Counter,
+    pub history_replayed: Counter,
+}
+
+static META: Metadata<'static> = Metadata::new("hub", metrics::Level::INFO, Some("hub::metrics"));
+
+impl Metrics {
+    /// Builds a private Prometheus recorder (no global state, so tests may build several) and
+    /// registers every metric so that each appears in `/metrics` from the start.
+    pub fn new() -> Metrics {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let rec = builder.build_recorder();
+        let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
+            let key = KeyName::from_const_str(name);
+            let help = SharedString::const_str(help);
+            match name {
+                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP => rec.describe_gauge(key, unit, help),
+                DELIVERY_LATENCY => rec.describe_histogram(key, unit, help),
+                _ => rec.describe_counter(key, unit, help),
+            }
+        };
+        describe(CONNECTIONS, None, "Open streams by transport.");
+        describe(CONNECTIONS_MAX, None, "Configured HUB_MAX_CONNECTIONS.");
+        describe(CONNECTIONS_OPENED, None, "Streams opened, by transport.");
+        describe(CONNECTIONS_CLOSED, None, "Streams closed, by transport and reason.");
+        describe(CONNECTIONS_REJECTED, None, "Stream requests refused, by reason.");
+        describe(CHANNELS, None, "Channels with at least one local subscriber.");
+        describe(MESSAGES_RECEIVED, None, "Messages received for fan-out, by source.");
+        describe(MESSAGES_DELIVERED, None, "Messages written to a stream (one per stream).");
+        describe(MESSAGES_DROPPED, None, "Messages not delivered, by reason.");
+        describe(DELIVERY_LATENCY, Some(Unit::Seconds), "Time from publish to write on a stream.");
+        describe(HEARTBEATS_SENT, None, "Heartbeats queued to streams.");
+        describe(STALE_CLOSED, None, "Streams closed by the stale sweep.");
+        describe(REDIS_UP, None, "1 while the Redis subscription is up (always 1 on the embedded broker).");
+        describe(REDIS_RECONNECTS, None, "Reconnections to Redis.");
+        describe(HISTORY_REPLAYED, None, "Messages replayed from history (resume and backfill).");
+
+        let counter = |name: &'static str, labels: Vec<Label>| rec.register_counter(&Key::from_parts(name, labels), &META);
+        let gauge = |name: &'static str, labels: Vec<Label>| rec.register_gauge(&Key::from_parts(name, labels), &META);
+        let t = |t: Transport| Label::new("transport", t.as_str());
+
+        let m = Metrics {
+            connections: Transport::ALL.map(|tr| gauge(CONNECTIONS, vec![t(tr)])),
+            connections_max: gauge(CONNECTIONS_MAX, vec![]),
+            opened: Transport::ALL.map(|tr| counter(CONNECTIONS_OPENED, vec![t(tr)])),
+            closed: Transport::ALL.map(|tr| {
+                CloseReason::ALL.map(|r| counter(CONNECTIONS_CLOSED, vec![t(tr), Label::new("reason", r.as_str())]))
+            }),
+            rejected: RejectReason::ALL.map(|r| counter(CONNECTIONS_REJECTED, vec![Label::new("reason", r.as_str())])),
+            channels: gauge(CHANNELS, vec![]),
+            received: Source::ALL.map(|s| counter(MESSAGES_RECEIVED, vec![Label::new("source", s.as_str())])),
+            delivered: counter(MESSAGES_DELIVERED, vec![]),
+            dropped: DropReason::ALL.map(|r| counter(MESSAGES_DROPPED, vec![Label::new("reason", r.as_str())])),
+            latency: rec.register_histogram(&Key::from_name(DELIVERY_LATENCY), &META),
+            heartbeats: counter(HEARTBEATS_SENT, vec![]),
+            stale_closed: counter(STALE_CLOSED, vec![]),
+            redis_up: gauge(REDIS_UP, vec![]),
+            redis_reconnects: counter(REDIS_RECONNECTS, vec![]),
+            history_replayed: counter(HISTORY_REPLAYED, vec![]),
+            handle: rec.handle(),
+        };
+        // Counters appear in the output only once touched.
+        for c in m.opened.iter().chain(m.closed.iter().flatten()).chain(&m.rejected).chain(&m.received).chain(&m.dropped) {
+            c.increment(0);
+        }
+        for c in [&m.delivered, &m.heartbeats, &m.stale_closed, &m.redis_reconnects, &m.history_replayed] {
+            c.increment(0);
+        }
+        for g in m.connections.iter().chain([&m.channels, &m.redis_up]) {
+            g.set(0.0);
+        }
+        m
+    }
+
+    pub fn closed(&self, t: Transport, r: CloseReason) -> &Counter {
+        &self.closed[t as usize][r.index()]
+    }
+    pub fn rejected(&self, r: RejectReason) -> &Counter {
+        &self.rejected[r as usize]
+    }
+    pub fn received(&self, s: Source) -> &Counter {
+        &self.received[s as usize]
+    }
+    pub fn dropped(&self, r: DropReason) -> &Counter {
+        &self.dropped[r as usize]
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        self.handle.render()
+    }
+
+    /// Drains histogram samples into their buckets; call every few seconds.
+    pub fn upkeep(&self) {
+        self.handle.run_upkeep();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_contract_metric_is_rendered_from_the_start() {
+        let m = Metrics::new();
+        let text = m.render();
+        for name in [
+            CONNECTIONS, CONNECTIONS_MAX, CONNECTIONS_OPENED, CONNECTIONS_CLOSED, CONNECTIONS_REJECTED,
+            CHANNELS, MESSAGES_RECEIVED, MESSAGES_DELIVERED, MESSAGES_DROPPED, HEARTBEATS_SENT,
+            STALE_CLOSED, REDIS_UP, REDIS_RECONNECTS, HISTORY_REPLAYED,
+        ] {
+            assert!(text.contains(&format!("\n{name}")) || text.starts_with(name), "{name} missing:\n{text}");
+        }
+        assert!(text.contains(r#"hub_connections_closed_total{transport="ws",reason="token_expired"} 0"#), "{text}");
+        m.latency.record(0.002);
+        m.upkeep();
+        let text = m.render();
+        assert!(text.contains("hub_delivery_latency_seconds_bucket{le=\"0.0025\"} 1"), "{text}");
+    }
+}

@@ -1,0 +1,183 @@
+//! The node: one hub process's configuration, registry, broker and metrics, composed.
+//!
+//! It owns the flows that need several parts at once: opening a stream (admit, register,
+//! subscribe, recover, start), publishing, closing, draining. Transports and HTTP handlers call
+//! it; it never parses HTTP.
+
+use crate::broker::{Broker, LocalBroker};
+use crate::config::{Config, Origins};
+use crate::http::error::ApiError;
+use crate::metrics::{CloseReason, Metrics, RejectReason, Source, Transport};
+use crate::registry::Registry;
+use crate::session::{Session, Start};
+use crate::transport;
+use protocol::{ChannelName, Envelope, StreamId};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A refused stream: the answer, and the reason it is counted under.
+#[derive(Debug)]
+pub struct Rejection {
+    pub reason: RejectReason,
+    pub error: ApiError,
+}
+
+/// What a transport asks for when a stream opens.
+pub struct OpenRequest {
+    pub transport: Transport,
+    /// Validated, sorted, deduplicated.
+    pub channels: Vec<ChannelName>,
+    pub envelope: bool,
+    /// `Last-Event-ID` (or its query-parameter forms), as sent.
+    pub last_event_id: Option<String>,
+    pub user: Option<Arc<str>>,
+}
+
+/// Shared by `Arc` (actix `web::Data`) with every handler and background task.
+pub struct Node {
+    pub config: Config,
+    pub name: String,
+    pub origins: Origins,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    pub broker: Broker,
+    draining: AtomicBool,
+    pub started: Instant,
+}
+
+impl Node {
+    /// Builds the node for an already checked configuration.
+    pub fn new(config: Config) -> anyhow::Result<Arc<Node>> {
+        let origins = config.origins().map_err(anyhow::Error::msg)?;
+        if config.redis_url.is_some() {
+            anyhow::bail!("HUB_REDIS_URL: Redis mode is not available in this build yet; unset it to run the embedded broker");
+        }
+        let metrics = Arc::new(Metrics::new());
+        metrics.connections_max.set(config.max_connections as f64);
+        metrics.redis_up.set(1.0);
+        let registry = Arc::new(Registry::new(metrics.clone(), config.retry_ms, None));
+        let broker = Broker::Local(LocalBroker::new(
+            registry.clone(),
+            config.history_len as usize,
+            config.history_ttl_secs,
+        ));
+        Ok(Arc::new(Node {
+            name: config.node_name(),
+            origins,
+            metrics,
+            registry,
+            broker,
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            config,
+        }))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Turns `/readyz` to 503 and refuses new streams from now on.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether this node accepts streams now.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.broker.is_up()
+    }
+
+    /// Counts and returns a refusal.
+    pub fn reject(&self, reason: RejectReason, error: ApiError) -> Rejection {
+        self.metrics.rejected(reason).increment(1);
+        Rejection { reason, error }
+    }
+
+    /// Opens a stream: admits it, registers it (so nothing published from now on is missed),
+    /// recovers history for `Last-Event-ID`, and queues `hub.connected`, any `hub.reset`, the
+    /// replay, then what arrived meanwhile.
+    pub async fn open(&self, req: OpenRequest) -> Result<Arc<Session>, Rejection> {
+        if self.is_draining() {
+            return Err(self.reject(
+                RejectReason::Draining,
+                ApiError::unavailable("draining", "this node is shutting down; connect to another", 1),
+            ));
+        }
+        if !self.registry.try_admit(self.config.max_connections as usize) {
+            return Err(self.reject(
+                RejectReason::Capacity,
+                ApiError::unavailable("capacity", "this node holds its maximum number of streams", 5),
+            ));
+        }
+        let session = Arc::new(Session::new(
+            self.registry.next_seq(),
+            req.transport,
+            req.channels,
+            req.envelope,
+            req.user,
+            self.config.outbox_len as usize,
+            self.registry.clock.now(),
+        ));
+        let first = self.registry.register(&session);
+        if let Err(e) = self.broker.subscribe(&first).await {
+            tracing::warn!(error = %e, "subscribe failed; refusing stream");
+            self.registry.close(&session, CloseReason::Error);
+            return Err(self.reject(
+                RejectReason::Capacity,
+                ApiError::unavailable("broker_unavailable", e.to_string(), 2),
+            ));
+        }
+
+        // An id that cannot be read for these channels resets every channel.
+        let asked = req.last_event_id.as_deref().map(|id| session.decode_cursor(id));
+        let n = session.channels.len();
+        let mut positions = Vec::with_capacity(n);
+        let mut replay = Vec::new();
+        let mut reset = Vec::new();
+        for (i, ch) in session.channels.iter().enumerate() {
+            let since: Option<StreamId> = asked.as_ref().and_then(|a| a.as_ref().map(|p| p[i]));
+            let rec = match self.broker.recover(ch, since).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(error = %e, channel = %ch, "history unavailable; refusing stream");
+                    self.registry.close(&session, CloseReason::Error);
+                    return Err(self.reject(
+                        RejectReason::Capacity,
+                        ApiError::unavailable("broker_unavailable", e.to_string(), 2),
+                    ));
+                }
+            };
+            let unreadable = matches!(asked, Some(None));
+            if rec.reset || unreadable {
+                reset.push(ch.clone());
+                positions.push(rec.tail);
+            } else {
+                positions.push(since.unwrap_or(rec.tail));
+                replay.extend(rec.replay);
+            }
+        }
+        let head = transport::opening_frames(self, &session, &positions, &reset);
+        match session.start(Start { head, positions, replay }) {
+            Ok(replayed) => self.metrics.history_replayed.increment(replayed as u64),
+            Err(()) => {
+                tracing::info!(connection_id = %session.id, "closing stream: replay overflowed its outbox");
+                self.registry.close(&session, CloseReason::Slow);
+            }
+        }
+        Ok(session)
+    }
+
+    /// Publishes through the broker.
+    pub async fn publish(&self, channel: ChannelName, env: &Envelope, durable: bool, source: Source) -> Result<String, ApiError> {
+        self.broker
+            .publish(channel, env, durable, source)
+            .await
+            .map_err(|e| ApiError::unavailable("broker_unavailable", e.to_string(), 2))
+    }
+
+    /// Closes a stream (no-op if already closed).
+    pub fn close(&self, session: &Arc<Session>, reason: CloseReason) {
+        self.registry.close(session, reason);
+    }
+}

@@ -1,0 +1,28 @@
+//! Transports: how a session's frames reach a client (SSE now; WebSocket shares the same flow).
+//!
+//! Each transport builds its own opening and closing frames and its response body; the node
+//! and registry call through here so they never format a wire frame themselves.
+
+pub mod sse;
+
+use crate::metrics::{CloseReason, Transport};
+use crate::node::Node;
+use crate::session::Session;
+use bytes::Bytes;
+use protocol::{ChannelName, StreamId};
+
+/// Frames written before anything else: `hub.connected`, then `hub.reset` for `reset` channels.
+pub fn opening_frames(node: &Node, session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Vec<Bytes> {
+    match session.transport {
+        Transport::Sse => sse::opening_frames(node, session, positions, reset),
+        Transport::Ws => Vec::new(),
+    }
+}
+
+/// The frame that tells a client why its stream ends, if the reason has one.
+pub fn last_frame(session: &Session, reason: CloseReason, retry_ms: u64) -> Option<Bytes> {
+    match session.transport {
+        Transport::Sse => sse::last_frame(session, reason, retry_ms),
+        Transport::Ws => None,
+    }
+}
