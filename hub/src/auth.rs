@@ -20,12 +20,23 @@ pub struct Grant {
 }
 
 /// Decides a stream request for `channels` with an optional bearer token.
-pub fn authorize(channels: &[ChannelName], token: Option<&str>) -> Result<Grant, (RejectReason, ApiError)> {
-    let protected: Vec<&str> = channels.iter().map(|c| c.as_str()).filter(|c| !c.starts_with(PUBLIC_PREFIX)).collect();
+pub fn authorize(
+    channels: &[ChannelName],
+    token: Option<&str>,
+) -> Result<Grant, (RejectReason, ApiError)> {
+    let protected: Vec<&str> = channels
+        .iter()
+        .map(|c| c.as_str())
+        .filter(|c| !c.starts_with(PUBLIC_PREFIX))
+        .collect();
     if protected.is_empty() {
         return Ok(Grant::default());
     }
-    let what = if token.is_some() { "the token cannot be verified" } else { "no token was given" };
+    let what = if token.is_some() {
+        "the token cannot be verified"
+    } else {
+        "no token was given"
+    };
     Err((
         RejectReason::Unauthorized,
         ApiError::unauthorized(format!(

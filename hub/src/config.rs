@@ -9,14 +9,28 @@ use std::net::SocketAddr;
 
 /// Command-line flags; each falls back to its `HUB_*` environment variable.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "hub", version, about = "Real-time connection hub: SSE streams fed by an embedded or Redis broker")]
+#[command(
+    name = "hub",
+    version,
+    about = "Real-time connection hub: SSE streams fed by an embedded or Redis broker"
+)]
 pub struct Config {
     /// Public address: streams and health only.
-    #[arg(long, env = "HUB_BIND", value_name = "HUB_BIND", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "HUB_BIND",
+        value_name = "HUB_BIND",
+        default_value = "127.0.0.1:8080"
+    )]
     pub bind: SocketAddr,
 
     /// Admin address: publish, metrics, stats, health.
-    #[arg(long, env = "HUB_ADMIN_BIND", value_name = "HUB_ADMIN_BIND", default_value = "127.0.0.1:9090")]
+    #[arg(
+        long,
+        env = "HUB_ADMIN_BIND",
+        value_name = "HUB_ADMIN_BIND",
+        default_value = "127.0.0.1:9090"
+    )]
     pub admin_bind: SocketAddr,
 
     /// Redis URL (redis://, rediss://, redis-cluster://); unset runs the embedded broker.
@@ -78,15 +92,30 @@ pub struct Config {
     pub history_ttl_secs: u64,
 
     /// Comma-separated origins allowed by CORS and the WebSocket Origin check; `*` for any.
-    #[arg(long, env = "HUB_ALLOWED_ORIGINS", value_name = "HUB_ALLOWED_ORIGINS", default_value = "*")]
+    #[arg(
+        long,
+        env = "HUB_ALLOWED_ORIGINS",
+        value_name = "HUB_ALLOWED_ORIGINS",
+        default_value = "*"
+    )]
     pub allowed_origins: String,
 
     /// When set, `POST /v1/publish` needs `Authorization: Bearer <key>`.
-    #[arg(long, env = "HUB_PUBLISH_KEY", value_name = "HUB_PUBLISH_KEY", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HUB_PUBLISH_KEY",
+        value_name = "HUB_PUBLISH_KEY",
+        hide_env_values = true
+    )]
     pub publish_key: Option<String>,
 
     /// HS256 secret for stream tokens.
-    #[arg(long, env = "HUB_JWT_SECRET", value_name = "HUB_JWT_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HUB_JWT_SECRET",
+        value_name = "HUB_JWT_SECRET",
+        hide_env_values = true
+    )]
     pub jwt_secret: Option<String>,
 
     /// Path of a PEM public key (RS256 or ES256) for stream tokens.
@@ -136,7 +165,9 @@ impl Config {
         let cfg = match Config::try_parse() {
             Ok(c) => c,
             Err(e) => match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => e.exit(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                    e.exit()
+                }
                 _ => {
                     let text = e.to_string();
                     let first = text.lines().next().unwrap_or("invalid configuration");
@@ -157,16 +188,27 @@ impl Config {
             ));
         }
         if self.bind == self.admin_bind && self.bind.port() != 0 {
-            return Err(format!("HUB_ADMIN_BIND ({}) must differ from HUB_BIND", self.admin_bind));
+            return Err(format!(
+                "HUB_ADMIN_BIND ({}) must differ from HUB_BIND",
+                self.admin_bind
+            ));
         }
         self.origins()?;
         if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis-cluster://")) {
-                return Err("HUB_REDIS_URL must start with redis://, rediss:// or redis-cluster://".into());
+            if !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis-cluster://"))
+            {
+                return Err(
+                    "HUB_REDIS_URL must start with redis://, rediss:// or redis-cluster://".into(),
+                );
             }
         }
         if matches!(&self.publish_key, Some(k) if k.is_empty()) {
-            return Err("HUB_PUBLISH_KEY is set but empty; unset it to allow unauthenticated publishing".into());
+            return Err(
+                "HUB_PUBLISH_KEY is set but empty; unset it to allow unauthenticated publishing"
+                    .into(),
+            );
         }
         if matches!(&self.node_id, Some(n) if n.is_empty() || n.len() > 128) {
             return Err("HUB_NODE_ID must be 1 to 128 characters".into());
@@ -189,8 +231,12 @@ impl Config {
             return Ok(Origins::Any);
         }
         for o in &items {
-            if !(o.starts_with("http://") || o.starts_with("https://")) || o.contains(char::is_whitespace) {
-                return Err(format!("HUB_ALLOWED_ORIGINS entry {o:?} is not an origin like https://app.example.com"));
+            if !(o.starts_with("http://") || o.starts_with("https://"))
+                || o.contains(char::is_whitespace)
+            {
+                return Err(format!(
+                    "HUB_ALLOWED_ORIGINS entry {o:?} is not an origin like https://app.example.com"
+                ));
             }
         }
         Ok(Origins::List(items))
@@ -211,7 +257,9 @@ impl Config {
     pub fn worker_count(&self) -> usize {
         match self.workers {
             Some(n) => n as usize,
-            None => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2),
         }
     }
 }
@@ -233,9 +281,27 @@ mod tests {
         let c = parse(&[]).unwrap();
         assert_eq!(c.bind.to_string(), "127.0.0.1:8080");
         assert_eq!(c.admin_bind.to_string(), "127.0.0.1:9090");
-        assert_eq!((c.heartbeat_secs, c.stale_after_secs, c.sweep_secs, c.drain_secs), (30, 90, 300, 10));
-        assert_eq!((c.max_connections, c.max_connections_per_user, c.max_channels_per_conn), (10_000, 10, 32));
-        assert_eq!((c.max_message_bytes, c.history_len, c.history_ttl_secs), (65_536, 1000, 3600));
+        assert_eq!(
+            (
+                c.heartbeat_secs,
+                c.stale_after_secs,
+                c.sweep_secs,
+                c.drain_secs
+            ),
+            (30, 90, 300, 10)
+        );
+        assert_eq!(
+            (
+                c.max_connections,
+                c.max_connections_per_user,
+                c.max_channels_per_conn
+            ),
+            (10_000, 10, 32)
+        );
+        assert_eq!(
+            (c.max_message_bytes, c.history_len, c.history_ttl_secs),
+            (65_536, 1000, 3600)
+        );
         assert_eq!(c.origins(), Ok(Origins::Any));
     }
 
@@ -255,7 +321,11 @@ mod tests {
 
     #[test]
     fn origin_list() {
-        let c = parse(&["--allowed-origins", "https://a.example, http://b.example:8000/"]).unwrap();
+        let c = parse(&[
+            "--allowed-origins",
+            "https://a.example, http://b.example:8000/",
+        ])
+        .unwrap();
         let o = c.origins().unwrap();
         assert!(o.allows("https://a.example"));
         assert!(o.allows("http://b.example:8000"));

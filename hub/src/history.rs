@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 const SHARDS: usize = 64;
 
+type Shard = Mutex<HashMap<Arc<str>, Log>>;
+
 /// The answer to a resume or a fresh subscribe.
 #[derive(Debug, Default)]
 pub struct Recovery {
@@ -33,7 +35,7 @@ struct Log {
 
 /// Shared by the embedded broker; positions are `<ms>-<seq>` like Redis stream ids.
 pub struct MemoryHistory {
-    shards: Box<[Mutex<HashMap<Arc<str>, Log>>]>,
+    shards: Box<[Shard]>,
     max_len: usize,
     ttl_ms: u64,
     /// Nothing from before this process can be in memory.
@@ -41,7 +43,9 @@ pub struct MemoryHistory {
 }
 
 fn shard_of(key: &str) -> usize {
-    key.bytes().fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize)) % SHARDS
+    key.bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        % SHARDS
 }
 
 impl MemoryHistory {
@@ -62,7 +66,11 @@ impl MemoryHistory {
 
     fn trim_expired(&self, log: &mut Log, now_ms: u64) {
         let horizon = now_ms.saturating_sub(self.ttl_ms);
-        while log.entries.front().is_some_and(|m| m.position.is_some_and(|p| p.ms < horizon)) {
+        while log
+            .entries
+            .front()
+            .is_some_and(|m| m.position.is_some_and(|p| p.ms < horizon))
+        {
             if let Some(m) = log.entries.pop_front() {
                 log.floor = m.position.unwrap_or(log.floor);
             }
@@ -82,11 +90,13 @@ impl MemoryHistory {
         let floor = self.base(now_ms);
         // `last` starts at `now-0`, the tail handed out for a channel without a log, so the
         // first message is strictly after every position a stream could hold for it.
-        let log = shard.entry(channel.as_arc().clone()).or_insert_with(|| Log {
-            floor,
-            last: StreamId::new(now_ms, 0),
-            entries: VecDeque::new(),
-        });
+        let log = shard
+            .entry(channel.as_arc().clone())
+            .or_insert_with(|| Log {
+                floor,
+                last: StreamId::new(now_ms, 0),
+                entries: VecDeque::new(),
+            });
         self.trim_expired(log, now_ms);
         let id = log.last.next(now_ms);
         let msg = build(id);
@@ -110,16 +120,34 @@ impl MemoryHistory {
             // and one from the future is not ours.
             let tail = StreamId::new(now_ms, 0);
             let reset = since.is_some_and(|p| p < self.base(now_ms) || p.ms > now_ms);
-            return Recovery { tail, replay: Vec::new(), reset };
+            return Recovery {
+                tail,
+                replay: Vec::new(),
+                reset,
+            };
         };
         self.trim_expired(log, now_ms);
         let tail = log.last;
         match since {
-            None => Recovery { tail, replay: Vec::new(), reset: false },
-            Some(p) if p < log.floor || p > log.last => Recovery { tail, replay: Vec::new(), reset: true },
+            None => Recovery {
+                tail,
+                replay: Vec::new(),
+                reset: false,
+            },
+            Some(p) if p < log.floor || p > log.last => Recovery {
+                tail,
+                replay: Vec::new(),
+                reset: true,
+            },
             Some(p) => {
-                let start = log.entries.partition_point(|m| m.position.is_some_and(|q| q <= p));
-                Recovery { tail, replay: log.entries.range(start..).cloned().collect(), reset: false }
+                let start = log
+                    .entries
+                    .partition_point(|m| m.position.is_some_and(|q| q <= p));
+                Recovery {
+                    tail,
+                    replay: log.entries.range(start..).cloned().collect(),
+                    reset: false,
+                }
             }
         }
     }
@@ -152,8 +180,17 @@ mod tests {
     }
 
     fn add(h: &MemoryHistory, now: u64) -> StreamId {
-        let env = Envelope { event: None, data: "x".into() };
-        h.append(&ch(), now, |id| Arc::new(Message::new(ch(), Some(id), &env, Instant::now())), |_| ()).0
+        let env = Envelope {
+            event: None,
+            data: "x".into(),
+        };
+        h.append(
+            &ch(),
+            now,
+            |id| Arc::new(Message::new(ch(), Some(id), &env, Instant::now())),
+            |_| (),
+        )
+        .0
     }
 
     fn ids(r: &Recovery) -> Vec<StreamId> {
@@ -204,6 +241,9 @@ mod tests {
     #[test]
     fn a_restarted_process_resets_old_positions() {
         let h = MemoryHistory::new(100, 3600, 50_000);
-        assert!(h.recover(&ch(), Some(StreamId::new(40_000, 3)), 50_001).reset);
+        assert!(
+            h.recover(&ch(), Some(StreamId::new(40_000, 3)), 50_001)
+                .reset
+        );
     }
 }

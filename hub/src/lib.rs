@@ -65,7 +65,8 @@ fn listen(addr: SocketAddr, user_timeout: Duration) -> anyhow::Result<TcpListene
 /// Prints `hub listening public=ADDR admin=ADDR node=NAME` on stdout once both ports are bound.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let user_timeout = Duration::from_secs(config.stale_after_secs);
-    let public_l = listen(config.bind, user_timeout).with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?;
+    let public_l = listen(config.bind, user_timeout)
+        .with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?;
     let admin_l = listen(config.admin_bind, user_timeout)
         .with_context(|| format!("HUB_ADMIN_BIND {}: cannot listen", config.admin_bind))?;
     let public_addr = public_l.local_addr()?;
@@ -77,28 +78,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let per_worker = (node.config.max_connections as usize + 1024).max(25_000);
 
     let d = data.clone();
-    let public = HttpServer::new(move || App::new().app_data(d.clone()).configure(http::public::configure))
-        .workers(workers)
-        .max_connections(per_worker)
-        .backlog(BACKLOG as u32)
-        .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
-        .disable_signals()
-        .shutdown_timeout(SERVER_STOP_SECS)
-        .listen(public_l)?
-        .run();
+    let public = HttpServer::new(move || {
+        App::new()
+            .app_data(d.clone())
+            .configure(http::public::configure)
+    })
+    .workers(workers)
+    .max_connections(per_worker)
+    .backlog(BACKLOG as u32)
+    .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
+    .disable_signals()
+    .shutdown_timeout(SERVER_STOP_SECS)
+    .listen(public_l)?
+    .run();
     let d = data.clone();
-    let admin = HttpServer::new(move || App::new().app_data(d.clone()).configure(http::admin::configure))
-        .workers(1)
-        .disable_signals()
-        .shutdown_timeout(SERVER_STOP_SECS)
-        .listen(admin_l)?
-        .run();
+    let admin = HttpServer::new(move || {
+        App::new()
+            .app_data(d.clone())
+            .configure(http::admin::configure)
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(SERVER_STOP_SECS)
+    .listen(admin_l)?
+    .run();
     let (public_h, admin_h) = (public.handle(), admin.handle());
     let mut public_task = actix_web::rt::spawn(public);
     let mut admin_task = actix_web::rt::spawn(admin);
     let ticker = actix_web::rt::spawn(ticker::run(node.clone()));
 
-    println!("hub listening public={public_addr} admin={admin_addr} node={}", node.name);
+    println!(
+        "hub listening public={public_addr} admin={admin_addr} node={}",
+        node.name
+    );
     tracing::info!(%public_addr, %admin_addr, node = %node.name, broker = node.broker.kind(), workers, "hub started");
 
     let why = tokio::select! {

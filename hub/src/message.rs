@@ -33,7 +33,12 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn new(channel: ChannelName, position: Option<StreamId>, env: &Envelope, received: Instant) -> Message {
+    pub fn new(
+        channel: ChannelName,
+        position: Option<StreamId>,
+        env: &Envelope,
+        received: Instant,
+    ) -> Message {
         let id: Box<str> = match position {
             Some(p) => p.to_string().into(),
             None => uuid::Uuid::now_v7().to_string().into(),
@@ -113,15 +118,29 @@ mod tests {
     use serde_json::json;
 
     fn msg(pos: Option<StreamId>, event: Option<&str>, data: serde_json::Value) -> Message {
-        let env = Envelope { event: event.map(String::from), data };
-        Message::new(ChannelName::new("public:a").unwrap(), pos, &env, Instant::now())
+        let env = Envelope {
+            event: event.map(String::from),
+            data,
+        };
+        Message::new(
+            ChannelName::new("public:a").unwrap(),
+            pos,
+            &env,
+            Instant::now(),
+        )
     }
 
     #[test]
     fn durable_frame_has_id_and_splits_lines() {
         let m = msg(Some(StreamId::new(7, 1)), Some("chat"), json!("x\ny"));
-        assert_eq!(&m.frame(false)[..], b"id: 7-1\nevent: chat\ndata: x\ndata: y\n\n");
-        assert_eq!(&m.frame_body(false)[..], b"event: chat\ndata: x\ndata: y\n\n");
+        assert_eq!(
+            &m.frame(false)[..],
+            b"id: 7-1\nevent: chat\ndata: x\ndata: y\n\n"
+        );
+        assert_eq!(
+            &m.frame_body(false)[..],
+            b"event: chat\ndata: x\ndata: y\n\n"
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Handles are resolved once at start-up so that hot paths do an atomic add, never a map lookup.
 //! This module does not decide when things happen; callers record them.
 
-use metrics::{Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics::{
+    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const CONNECTIONS: &str = "hub_connections";
@@ -143,7 +145,11 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [DropReason::Malformed, DropReason::TooLarge, DropReason::Slow];
+    pub const ALL: [DropReason; 3] = [
+        DropReason::Malformed,
+        DropReason::TooLarge,
+        DropReason::Slow,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Malformed => "malformed",
@@ -187,7 +193,9 @@ impl Metrics {
             let key = KeyName::from_const_str(name);
             let help = SharedString::const_str(help);
             match name {
-                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP => rec.describe_gauge(key, unit, help),
+                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP => {
+                    rec.describe_gauge(key, unit, help)
+                }
                 DELIVERY_LATENCY => rec.describe_histogram(key, unit, help),
                 _ => rec.describe_counter(key, unit, help),
             }
@@ -195,21 +203,57 @@ impl Metrics {
         describe(CONNECTIONS, None, "Open streams by transport.");
         describe(CONNECTIONS_MAX, None, "Configured HUB_MAX_CONNECTIONS.");
         describe(CONNECTIONS_OPENED, None, "Streams opened, by transport.");
-        describe(CONNECTIONS_CLOSED, None, "Streams closed, by transport and reason.");
-        describe(CONNECTIONS_REJECTED, None, "Stream requests refused, by reason.");
-        describe(CHANNELS, None, "Channels with at least one local subscriber.");
-        describe(MESSAGES_RECEIVED, None, "Messages received for fan-out, by source.");
-        describe(MESSAGES_DELIVERED, None, "Messages written to a stream (one per stream).");
+        describe(
+            CONNECTIONS_CLOSED,
+            None,
+            "Streams closed, by transport and reason.",
+        );
+        describe(
+            CONNECTIONS_REJECTED,
+            None,
+            "Stream requests refused, by reason.",
+        );
+        describe(
+            CHANNELS,
+            None,
+            "Channels with at least one local subscriber.",
+        );
+        describe(
+            MESSAGES_RECEIVED,
+            None,
+            "Messages received for fan-out, by source.",
+        );
+        describe(
+            MESSAGES_DELIVERED,
+            None,
+            "Messages written to a stream (one per stream).",
+        );
         describe(MESSAGES_DROPPED, None, "Messages not delivered, by reason.");
-        describe(DELIVERY_LATENCY, Some(Unit::Seconds), "Time from publish to write on a stream.");
+        describe(
+            DELIVERY_LATENCY,
+            Some(Unit::Seconds),
+            "Time from publish to write on a stream.",
+        );
         describe(HEARTBEATS_SENT, None, "Heartbeats queued to streams.");
         describe(STALE_CLOSED, None, "Streams closed by the stale sweep.");
-        describe(REDIS_UP, None, "1 while the Redis subscription is up (always 1 on the embedded broker).");
+        describe(
+            REDIS_UP,
+            None,
+            "1 while the Redis subscription is up (always 1 on the embedded broker).",
+        );
         describe(REDIS_RECONNECTS, None, "Reconnections to Redis.");
-        describe(HISTORY_REPLAYED, None, "Messages replayed from history (resume and backfill).");
+        describe(
+            HISTORY_REPLAYED,
+            None,
+            "Messages replayed from history (resume and backfill).",
+        );
 
-        let counter = |name: &'static str, labels: Vec<Label>| rec.register_counter(&Key::from_parts(name, labels), &META);
-        let gauge = |name: &'static str, labels: Vec<Label>| rec.register_gauge(&Key::from_parts(name, labels), &META);
+        let counter = |name: &'static str, labels: Vec<Label>| {
+            rec.register_counter(&Key::from_parts(name, labels), &META)
+        };
+        let gauge = |name: &'static str, labels: Vec<Label>| {
+            rec.register_gauge(&Key::from_parts(name, labels), &META)
+        };
         let t = |t: Transport| Label::new("transport", t.as_str());
 
         let m = Metrics {
@@ -217,13 +261,21 @@ impl Metrics {
             connections_max: gauge(CONNECTIONS_MAX, vec![]),
             opened: Transport::ALL.map(|tr| counter(CONNECTIONS_OPENED, vec![t(tr)])),
             closed: Transport::ALL.map(|tr| {
-                CloseReason::ALL.map(|r| counter(CONNECTIONS_CLOSED, vec![t(tr), Label::new("reason", r.as_str())]))
+                CloseReason::ALL.map(|r| {
+                    counter(
+                        CONNECTIONS_CLOSED,
+                        vec![t(tr), Label::new("reason", r.as_str())],
+                    )
+                })
             }),
-            rejected: RejectReason::ALL.map(|r| counter(CONNECTIONS_REJECTED, vec![Label::new("reason", r.as_str())])),
+            rejected: RejectReason::ALL
+                .map(|r| counter(CONNECTIONS_REJECTED, vec![Label::new("reason", r.as_str())])),
             channels: gauge(CHANNELS, vec![]),
-            received: Source::ALL.map(|s| counter(MESSAGES_RECEIVED, vec![Label::new("source", s.as_str())])),
+            received: Source::ALL
+                .map(|s| counter(MESSAGES_RECEIVED, vec![Label::new("source", s.as_str())])),
             delivered: counter(MESSAGES_DELIVERED, vec![]),
-            dropped: DropReason::ALL.map(|r| counter(MESSAGES_DROPPED, vec![Label::new("reason", r.as_str())])),
+            dropped: DropReason::ALL
+                .map(|r| counter(MESSAGES_DROPPED, vec![Label::new("reason", r.as_str())])),
             latency: rec.register_histogram(&Key::from_name(DELIVERY_LATENCY), &META),
             heartbeats: counter(HEARTBEATS_SENT, vec![]),
             stale_closed: counter(STALE_CLOSED, vec![]),
@@ -233,10 +285,23 @@ impl Metrics {
             handle: rec.handle(),
         };
         // Counters appear in the output only once touched.
-        for c in m.opened.iter().chain(m.closed.iter().flatten()).chain(&m.rejected).chain(&m.received).chain(&m.dropped) {
+        for c in m
+            .opened
+            .iter()
+            .chain(m.closed.iter().flatten())
+            .chain(&m.rejected)
+            .chain(&m.received)
+            .chain(&m.dropped)
+        {
             c.increment(0);
         }
-        for c in [&m.delivered, &m.heartbeats, &m.stale_closed, &m.redis_reconnects, &m.history_replayed] {
+        for c in [
+            &m.delivered,
+            &m.heartbeats,
+            &m.stale_closed,
+            &m.redis_reconnects,
+            &m.history_replayed,
+        ] {
             c.increment(0);
         }
         for g in m.connections.iter().chain([&m.channels, &m.redis_up]) {
@@ -284,16 +349,38 @@ mod tests {
         let m = Metrics::new();
         let text = m.render();
         for name in [
-            CONNECTIONS, CONNECTIONS_MAX, CONNECTIONS_OPENED, CONNECTIONS_CLOSED, CONNECTIONS_REJECTED,
-            CHANNELS, MESSAGES_RECEIVED, MESSAGES_DELIVERED, MESSAGES_DROPPED, HEARTBEATS_SENT,
-            STALE_CLOSED, REDIS_UP, REDIS_RECONNECTS, HISTORY_REPLAYED,
+            CONNECTIONS,
+            CONNECTIONS_MAX,
+            CONNECTIONS_OPENED,
+            CONNECTIONS_CLOSED,
+            CONNECTIONS_REJECTED,
+            CHANNELS,
+            MESSAGES_RECEIVED,
+            MESSAGES_DELIVERED,
+            MESSAGES_DROPPED,
+            HEARTBEATS_SENT,
+            STALE_CLOSED,
+            REDIS_UP,
+            REDIS_RECONNECTS,
+            HISTORY_REPLAYED,
         ] {
-            assert!(text.contains(&format!("\n{name}")) || text.starts_with(name), "{name} missing:\n{text}");
+            assert!(
+                text.contains(&format!("\n{name}")) || text.starts_with(name),
+                "{name} missing:\n{text}"
+            );
         }
-        assert!(text.contains(r#"hub_connections_closed_total{transport="ws",reason="token_expired"} 0"#), "{text}");
+        assert!(
+            text.contains(
+                r#"hub_connections_closed_total{transport="ws",reason="token_expired"} 0"#
+            ),
+            "{text}"
+        );
         m.latency.record(0.002);
         m.upkeep();
         let text = m.render();
-        assert!(text.contains("hub_delivery_latency_seconds_bucket{le=\"0.0025\"} 1"), "{text}");
+        assert!(
+            text.contains("hub_delivery_latency_seconds_bucket{le=\"0.0025\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -101,13 +101,24 @@ impl Node {
         if self.is_draining() {
             return Err(self.reject(
                 RejectReason::Draining,
-                ApiError::unavailable("draining", "this node is shutting down; connect to another", 1),
+                ApiError::unavailable(
+                    "draining",
+                    "this node is shutting down; connect to another",
+                    1,
+                ),
             ));
         }
-        if !self.registry.try_admit(self.config.max_connections as usize) {
+        if !self
+            .registry
+            .try_admit(self.config.max_connections as usize)
+        {
             return Err(self.reject(
                 RejectReason::Capacity,
-                ApiError::unavailable("capacity", "this node holds its maximum number of streams", 5),
+                ApiError::unavailable(
+                    "capacity",
+                    "this node holds its maximum number of streams",
+                    5,
+                ),
             ));
         }
         let session = Arc::new(Session::new(
@@ -130,7 +141,10 @@ impl Node {
         }
 
         // An id that cannot be read for these channels resets every channel.
-        let asked = req.last_event_id.as_deref().map(|id| session.decode_cursor(id));
+        let asked = req
+            .last_event_id
+            .as_deref()
+            .map(|id| session.decode_cursor(id));
         let n = session.channels.len();
         let mut positions = Vec::with_capacity(n);
         let mut replay = Vec::new();
@@ -158,9 +172,13 @@ impl Node {
             }
         }
         let head = transport::opening_frames(self, &session, &positions, &reset);
-        match session.start(Start { head, positions, replay }) {
+        match session.start(Start {
+            head,
+            positions,
+            replay,
+        }) {
             Ok(replayed) => self.metrics.history_replayed.increment(replayed as u64),
-            Err(()) => {
+            Err(_) => {
                 tracing::info!(connection_id = %session.id, "closing stream: replay overflowed its outbox");
                 self.registry.close(&session, CloseReason::Slow);
             }
@@ -169,7 +187,13 @@ impl Node {
     }
 
     /// Publishes through the broker.
-    pub async fn publish(&self, channel: ChannelName, env: &Envelope, durable: bool, source: Source) -> Result<String, ApiError> {
+    pub async fn publish(
+        &self,
+        channel: ChannelName,
+        env: &Envelope,
+        durable: bool,
+        source: Source,
+    ) -> Result<String, ApiError> {
         self.broker
             .publish(channel, env, durable, source)
             .await

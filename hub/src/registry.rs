@@ -19,7 +19,10 @@ use std::time::Instant;
 /// Lock shards: enough that two cores rarely meet on one, few enough to sweep cheaply.
 const SHARDS: usize = 64;
 
+/// A channel's local subscribers, by session sequence number.
 type Subscribers = HashMap<u64, Arc<Session>>;
+type ChannelShard = Mutex<HashMap<Arc<str>, Subscribers>>;
+type SessionShard = Mutex<HashMap<u64, Arc<Session>>>;
 
 /// A clock in whole seconds since start, advanced by the node's tick; reading it costs a load.
 pub struct CoarseClock {
@@ -29,7 +32,10 @@ pub struct CoarseClock {
 
 impl CoarseClock {
     fn new() -> Self {
-        CoarseClock { start: Instant::now(), secs: AtomicU64::new(0) }
+        CoarseClock {
+            start: Instant::now(),
+            secs: AtomicU64::new(0),
+        }
     }
     pub fn now(&self) -> u64 {
         self.secs.load(Ordering::Relaxed)
@@ -52,8 +58,8 @@ pub struct Counts {
 
 /// Shared by `Arc` between the node, the transports' bodies and the background tasks.
 pub struct Registry {
-    channels: Box<[Mutex<HashMap<Arc<str>, Subscribers>>]>,
-    sessions: Box<[Mutex<HashMap<u64, Arc<Session>>>]>,
+    channels: Box<[ChannelShard]>,
+    sessions: Box<[SessionShard]>,
     /// Streams admitted (open or being set up); the limit applies to it.
     admitted: AtomicUsize,
     open: [AtomicUsize; 2],
@@ -104,7 +110,9 @@ impl Registry {
     /// Reserves a place for a new stream; `false` when `max` streams are already admitted.
     pub fn try_admit(&self, max: usize) -> bool {
         self.admitted
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
             .is_ok()
     }
 
@@ -161,7 +169,8 @@ impl Registry {
             }
         }
         if !emptied.is_empty() {
-            self.channel_count.fetch_sub(emptied.len(), Ordering::Relaxed);
+            self.channel_count
+                .fetch_sub(emptied.len(), Ordering::Relaxed);
             self.metrics.channels.decrement(emptied.len() as f64);
             if let Some(tx) = &self.emptied_tx {
                 for ch in emptied {
@@ -180,10 +189,15 @@ impl Registry {
             self.metrics.stale_closed.increment(1);
         }
         let last = transport::last_frame(session, reason, self.retry_ms);
-        let discard = matches!(reason, CloseReason::Slow | CloseReason::Stale | CloseReason::Error);
+        let discard = matches!(
+            reason,
+            CloseReason::Slow | CloseReason::Stale | CloseReason::Error
+        );
         let dropped = session.finish(last, discard);
         if dropped > 0 {
-            self.metrics.dropped(DropReason::Slow).increment(dropped as u64);
+            self.metrics
+                .dropped(DropReason::Slow)
+                .increment(dropped as u64);
         }
         true
     }
@@ -302,7 +316,9 @@ impl Registry {
 
     /// Whether a channel has local subscribers.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        self.channels[shard_of(channel)].lock().contains_key(channel)
+        self.channels[shard_of(channel)]
+            .lock()
+            .contains_key(channel)
     }
 }
 
@@ -323,15 +339,36 @@ mod tests {
         assert!(r.try_admit(100));
         let chans: Vec<ChannelName> = chans.iter().map(|c| ChannelName::new(c).unwrap()).collect();
         let n = chans.len();
-        let s = Arc::new(Session::new(r.next_seq(), Transport::Sse, chans, false, None, cap, 0));
+        let s = Arc::new(Session::new(
+            r.next_seq(),
+            Transport::Sse,
+            chans,
+            false,
+            None,
+            cap,
+            0,
+        ));
         let first = r.register(&s);
-        s.start(Start { head: vec![], positions: vec![StreamId::ZERO; n], replay: vec![] }).unwrap();
+        s.start(Start {
+            head: vec![],
+            positions: vec![StreamId::ZERO; n],
+            replay: vec![],
+        })
+        .unwrap();
         (s, first)
     }
 
     fn msg(c: &str, i: u64) -> Arc<Message> {
-        let env = Envelope { event: None, data: "x".into() };
-        Arc::new(Message::new(ChannelName::new(c).unwrap(), Some(StreamId::new(i, 0)), &env, Instant::now()))
+        let env = Envelope {
+            event: None,
+            data: "x".into(),
+        };
+        Arc::new(Message::new(
+            ChannelName::new(c).unwrap(),
+            Some(StreamId::new(i, 0)),
+            &env,
+            Instant::now(),
+        ))
     }
 
     #[test]
@@ -342,7 +379,14 @@ mod tests {
         assert_eq!(first.len(), 2);
         let (b, first) = open(&r, &["c1"], 8);
         assert!(first.is_empty());
-        assert_eq!(r.counts(), Counts { sse: 2, ws: 0, channels: 2 });
+        assert_eq!(
+            r.counts(),
+            Counts {
+                sse: 2,
+                ws: 0,
+                channels: 2
+            }
+        );
         assert!(r.close(&a, CloseReason::Client));
         assert_eq!(rx.try_recv().map(|c| c.to_string()), Ok("c2".to_string()));
         assert!(rx.try_recv().is_err());

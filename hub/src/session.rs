@@ -34,6 +34,11 @@ pub enum Offer {
     Full,
 }
 
+/// The outbox overflowed while a stream was being started (its replay and what arrived
+/// meanwhile did not fit): the caller closes the stream as slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overflow;
+
 /// What the stream is told when it opens (built by the node once recovery is known).
 pub struct Start {
     /// Frames written first, in order (`retry`+`hub.connected`, then `hub.reset` if any).
@@ -125,7 +130,9 @@ impl Session {
     }
 
     fn channel_index(&self, channel: &str) -> Option<usize> {
-        self.channels.binary_search_by(|c| c.as_str().cmp(channel)).ok()
+        self.channels
+            .binary_search_by(|c| c.as_str().cmp(channel))
+            .ok()
     }
 
     /// Offers a live message. Never blocks on the reader.
@@ -142,7 +149,11 @@ impl Session {
             return Offer::Queued;
         }
         let offer = self.push_message(&mut ob, msg);
-        let waker = if offer == Offer::Queued { ob.waker.take() } else { None };
+        let waker = if offer == Offer::Queued {
+            ob.waker.take()
+        } else {
+            None
+        };
         drop(ob);
         if let Some(w) = waker {
             w.wake();
@@ -160,7 +171,11 @@ impl Session {
                 return Offer::Skipped;
             }
         }
-        let needed = if multi && msg.position.is_some() { 2 } else { 1 };
+        let needed = if multi && msg.position.is_some() {
+            2
+        } else {
+            1
+        };
         if ob.queue.len() + needed > self.capacity {
             return Offer::Full;
         }
@@ -172,13 +187,25 @@ impl Session {
                     let cursor = self.cursor(&ob.positions);
                     let mut line = BytesMut::with_capacity(cursor.len() + 5);
                     protocol::sse::write_id(&mut line, &cursor);
-                    ob.queue.push_back(Chunk { bytes: line.freeze(), published: None });
-                    ob.queue.push_back(Chunk { bytes: msg.frame_body(self.envelope), published });
+                    ob.queue.push_back(Chunk {
+                        bytes: line.freeze(),
+                        published: None,
+                    });
+                    ob.queue.push_back(Chunk {
+                        bytes: msg.frame_body(self.envelope),
+                        published,
+                    });
                 } else {
-                    ob.queue.push_back(Chunk { bytes: msg.frame(self.envelope), published });
+                    ob.queue.push_back(Chunk {
+                        bytes: msg.frame(self.envelope),
+                        published,
+                    });
                 }
             }
-            None => ob.queue.push_back(Chunk { bytes: msg.frame_body(self.envelope), published }),
+            None => ob.queue.push_back(Chunk {
+                bytes: msg.frame_body(self.envelope),
+                published,
+            }),
         }
         Offer::Queued
     }
@@ -193,7 +220,10 @@ impl Session {
         if ob.queue.len() >= self.capacity {
             return Offer::Full;
         }
-        ob.queue.push_back(Chunk { bytes, published: None });
+        ob.queue.push_back(Chunk {
+            bytes,
+            published: None,
+        });
         let waker = ob.waker.take();
         drop(ob);
         if let Some(w) = waker {
@@ -204,8 +234,8 @@ impl Session {
 
     /// Ends set-up: writes the head frames, replays history, then whatever arrived live
     /// meanwhile, skipping what replay already covered. Returns how many messages were replayed,
-    /// or `Err(())` when the outbox overflowed (the caller closes the stream as slow).
-    pub fn start(&self, start: Start) -> Result<usize, ()> {
+    /// or [`Overflow`].
+    pub fn start(&self, start: Start) -> Result<usize, Overflow> {
         let mut ob = self.outbox.lock();
         if ob.ending {
             return Ok(0);
@@ -214,7 +244,10 @@ impl Session {
             *slot = *p;
         }
         for bytes in start.head {
-            ob.queue.push_back(Chunk { bytes, published: None });
+            ob.queue.push_back(Chunk {
+                bytes,
+                published: None,
+            });
         }
         let mut replayed = 0;
         let mut overflow = false;
@@ -237,7 +270,7 @@ impl Session {
             w.wake();
         }
         if overflow {
-            Err(())
+            Err(Overflow)
         } else {
             Ok(replayed)
         }
@@ -266,7 +299,10 @@ impl Session {
         }
         ob.recovering = None;
         if let Some(bytes) = last {
-            ob.queue.push_back(Chunk { bytes, published: None });
+            ob.queue.push_back(Chunk {
+                bytes,
+                published: None,
+            });
         }
         ob.ending = true;
         let waker = ob.waker.take();
@@ -322,7 +358,10 @@ mod tests {
     }
 
     fn msg(c: &str, pos: Option<StreamId>, data: &str) -> Arc<Message> {
-        let env = Envelope { event: None, data: data.into() };
+        let env = Envelope {
+            event: None,
+            data: data.into(),
+        };
         Arc::new(Message::new(chan(c), pos, &env, Instant::now()))
     }
 
@@ -336,9 +375,22 @@ mod tests {
     }
 
     fn started(channels: &[&str], cap: usize) -> Session {
-        let s = Session::new(1, Transport::Sse, channels.iter().map(|c| chan(c)).collect(), false, None, cap, 0);
+        let s = Session::new(
+            1,
+            Transport::Sse,
+            channels.iter().map(|c| chan(c)).collect(),
+            false,
+            None,
+            cap,
+            0,
+        );
         let n = channels.len();
-        s.start(Start { head: vec![], positions: vec![StreamId::ZERO; n], replay: vec![] }).unwrap();
+        s.start(Start {
+            head: vec![],
+            positions: vec![StreamId::ZERO; n],
+            replay: vec![],
+        })
+        .unwrap();
         s
     }
 
@@ -346,23 +398,40 @@ mod tests {
     fn replay_then_buffered_live_is_exactly_once_in_order() {
         let s = Session::new(1, Transport::Sse, vec![chan("a")], false, None, 16, 0);
         // Live messages 2 and 3 arrive while history (1, 2) is being read.
-        assert_eq!(s.offer(&msg("a", Some(StreamId::new(2, 0)), "two")), Offer::Queued);
-        assert_eq!(s.offer(&msg("a", Some(StreamId::new(3, 0)), "three")), Offer::Queued);
+        assert_eq!(
+            s.offer(&msg("a", Some(StreamId::new(2, 0)), "two")),
+            Offer::Queued
+        );
+        assert_eq!(
+            s.offer(&msg("a", Some(StreamId::new(3, 0)), "three")),
+            Offer::Queued
+        );
         assert!(drain(&s).is_empty(), "nothing before start");
         let replayed = s
             .start(Start {
                 head: vec![Bytes::from_static(b"HEAD\n")],
                 positions: vec![StreamId::ZERO],
-                replay: vec![msg("a", Some(StreamId::new(1, 0)), "one"), msg("a", Some(StreamId::new(2, 0)), "two")],
+                replay: vec![
+                    msg("a", Some(StreamId::new(1, 0)), "one"),
+                    msg("a", Some(StreamId::new(2, 0)), "two"),
+                ],
             })
             .unwrap();
         assert_eq!(replayed, 2);
         assert_eq!(
             drain(&s),
-            ["HEAD\n", "id: 1-0\ndata: one\n\n", "id: 2-0\ndata: two\n\n", "id: 3-0\ndata: three\n\n"]
+            [
+                "HEAD\n",
+                "id: 1-0\ndata: one\n\n",
+                "id: 2-0\ndata: two\n\n",
+                "id: 3-0\ndata: three\n\n"
+            ]
         );
         // An old position offered again is skipped.
-        assert_eq!(s.offer(&msg("a", Some(StreamId::new(3, 0)), "dup")), Offer::Skipped);
+        assert_eq!(
+            s.offer(&msg("a", Some(StreamId::new(3, 0)), "dup")),
+            Offer::Skipped
+        );
     }
 
     #[test]
@@ -372,17 +441,29 @@ mod tests {
         s.offer(&msg("b", Some(StreamId::new(5, 0)), "x"));
         let out = drain(&s);
         let fp = Cursor::fingerprint(&["a", "b"]);
-        assert_eq!(out, [format!("id: {fp:08x}:0-0,5-0\n"), "data: x\n\n".to_string()]);
-        assert_eq!(s.decode_cursor(&format!("{fp:08x}:0-0,5-0")), Some(vec![StreamId::ZERO, StreamId::new(5, 0)]));
+        assert_eq!(
+            out,
+            [format!("id: {fp:08x}:0-0,5-0\n"), "data: x\n\n".to_string()]
+        );
+        assert_eq!(
+            s.decode_cursor(&format!("{fp:08x}:0-0,5-0")),
+            Some(vec![StreamId::ZERO, StreamId::new(5, 0)])
+        );
     }
 
     #[test]
     fn full_outbox_is_reported_not_grown() {
         let s = started(&["a"], 4);
         for i in 1..=4 {
-            assert_eq!(s.offer(&msg("a", Some(StreamId::new(i, 0)), "x")), Offer::Queued);
+            assert_eq!(
+                s.offer(&msg("a", Some(StreamId::new(i, 0)), "x")),
+                Offer::Queued
+            );
         }
-        assert_eq!(s.offer(&msg("a", Some(StreamId::new(9, 0)), "x")), Offer::Full);
+        assert_eq!(
+            s.offer(&msg("a", Some(StreamId::new(9, 0)), "x")),
+            Offer::Full
+        );
         assert_eq!(s.push_control(Bytes::from_static(b":\n\n")), Offer::Full);
         // Finishing a slow stream drops the queue and leaves only the last frame.
         assert_eq!(s.finish(Some(Bytes::from_static(b"bye\n\n")), true), 4);

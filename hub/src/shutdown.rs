@@ -30,7 +30,11 @@ pub async fn drain(node: &Node) {
     let steps = (node.config.drain_secs * BATCHES_PER_SEC).max(1) as usize;
     let per_batch = total.div_ceil(steps).max(1);
     let pause = Duration::from_millis(1000 / BATCHES_PER_SEC);
-    tracing::info!(streams = total, drain_secs = node.config.drain_secs, "draining");
+    tracing::info!(
+        streams = total,
+        drain_secs = node.config.drain_secs,
+        "draining"
+    );
     for (i, batch) in sessions.chunks(per_batch).enumerate() {
         if i > 0 {
             tokio::time::sleep(pause).await;

@@ -27,12 +27,12 @@ pub async fn run(node: Arc<Node>) {
         while done < now {
             done += 1;
             node.registry.heartbeat(done, every, &frame);
-            if done % sweep_every == 0 {
+            if done.is_multiple_of(sweep_every) {
                 let closed = node.registry.sweep(node.config.stale_after_secs);
                 node.broker.sweep();
                 tracing::debug!(closed, "sweep done");
             }
-            if done % UPKEEP_EVERY_SECS == 0 {
+            if done.is_multiple_of(UPKEEP_EVERY_SECS) {
                 node.metrics.upkeep();
             }
         }

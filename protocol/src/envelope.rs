@@ -40,8 +40,11 @@ impl Envelope {
                 limit: max_bytes,
             });
         }
-        let env: Envelope = serde_json::from_slice(bytes)
-            .map_err(|e| EnvelopeError::Malformed(format!("envelope is not valid JSON of the form {{\"event\":..., \"data\":...}}: {e}")))?;
+        let env: Envelope = serde_json::from_slice(bytes).map_err(|e| {
+            EnvelopeError::Malformed(format!(
+                "envelope is not valid JSON of the form {{\"event\":..., \"data\":...}}: {e}"
+            ))
+        })?;
         env.validate()?;
         Ok(env)
     }
@@ -166,9 +169,15 @@ mod tests {
 
     #[test]
     fn serializes_without_absent_event() {
-        let e = Envelope { event: None, data: Value::from(1) };
+        let e = Envelope {
+            event: None,
+            data: Value::from(1),
+        };
         assert_eq!(e.to_bytes(), br#"{"data":1}"#);
-        let e = Envelope { event: Some("x".into()), data: Value::from("s") };
+        let e = Envelope {
+            event: Some("x".into()),
+            data: Value::from("s"),
+        };
         assert_eq!(e.to_bytes(), br#"{"event":"x","data":"s"}"#);
     }
 

@@ -121,7 +121,17 @@ mod tests {
         let id: StreamId = "1700000000000-3".parse().unwrap();
         assert_eq!(id, StreamId::new(1_700_000_000_000, 3));
         assert_eq!(id.to_string(), "1700000000000-3");
-        for bad in ["", "1", "-1", "1-", "a-1", "1-2-3", "+1-2", "1 -2", "99999999999999999999999-0"] {
+        for bad in [
+            "",
+            "1",
+            "-1",
+            "1-",
+            "a-1",
+            "1-2-3",
+            "+1-2",
+            "1 -2",
+            "99999999999999999999999-0",
+        ] {
             assert!(bad.parse::<StreamId>().is_err(), "{bad}");
         }
     }
@@ -150,9 +160,15 @@ mod tests {
         assert_eq!(s, format!("{fp:08x}:10-1,0-0"));
         assert_eq!(Cursor::decode(&s, 2, fp), Some(p.to_vec()));
         // Another channel set, another count, or junk: unreadable.
-        assert_eq!(Cursor::decode(&s, 2, Cursor::fingerprint(&["a", "c"])), None);
+        assert_eq!(
+            Cursor::decode(&s, 2, Cursor::fingerprint(&["a", "c"])),
+            None
+        );
         assert_eq!(Cursor::decode(&s, 3, fp), None);
         assert_eq!(Cursor::decode("garbage", 2, fp), None);
-        assert_ne!(Cursor::fingerprint(&["ab"]), Cursor::fingerprint(&["a", "b"]));
+        assert_ne!(
+            Cursor::fingerprint(&["ab"]),
+            Cursor::fingerprint(&["a", "b"])
+        );
     }
 }

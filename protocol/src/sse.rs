@@ -48,7 +48,11 @@ pub fn write_data(buf: &mut BytesMut, data: &str) {
         match bytes[i] {
             b'\r' => {
                 push_data_line(buf, &bytes[start..i]);
-                i += if bytes.get(i + 1) == Some(&b'\n') { 2 } else { 1 };
+                i += if bytes.get(i + 1) == Some(&b'\n') {
+                    2
+                } else {
+                    1
+                };
                 start = i;
             }
             b'\n' => {

@@ -5,6 +5,8 @@
 //! The `hub` binary must be built first (`cargo build --workspace --bins`, as scripts/test.sh
 //! does); it is found next to the test executable's `deps/` folder.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -24,13 +26,20 @@ pub const WAIT: Duration = Duration::from_secs(10);
 /// A unique channel prefix per test, so tests never read each other's messages.
 pub fn prefix(test: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    format!("public:{test}.{}.{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "public:{test}.{}.{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Path of a binary built by this workspace (`hub`, later `loadgen`).
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile> folder");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile> folder");
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -101,7 +110,10 @@ impl Hub {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("hub did not start; log:\n{}", std::fs::read_to_string(&stderr).unwrap_or_default());
+                panic!(
+                    "hub did not start; log:\n{}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
             }
         };
         let field = |k: &str| {
@@ -109,15 +121,17 @@ impl Hub {
                 .find_map(|w| w.strip_prefix(&format!("{k}=")).map(str::to_owned))
                 .unwrap_or_else(|| panic!("no {k}= in {line:?}"))
         };
-        let hub = Hub {
+        Hub {
             public: field("public").parse().expect("public addr"),
             admin: field("admin").parse().expect("admin addr"),
             node: field("node"),
             child,
-            http: reqwest::Client::builder().pool_max_idle_per_host(0).build().expect("client"),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()
+                .expect("client"),
             stderr,
-        };
-        hub
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -138,12 +152,24 @@ impl Hub {
     }
 
     /// `POST /v1/publish`; returns the id. Panics unless the answer is 202.
-    pub async fn publish(&self, channel: &str, event: Option<&str>, data: Value, durable: bool) -> String {
+    pub async fn publish(
+        &self,
+        channel: &str,
+        event: Option<&str>,
+        data: Value,
+        durable: bool,
+    ) -> String {
         let mut body = serde_json::json!({ "channel": channel, "data": data, "durable": durable });
         if let Some(e) = event {
             body["event"] = e.into();
         }
-        let res = self.http.post(self.admin_url("/v1/publish")).json(&body).send().await.expect("publish");
+        let res = self
+            .http
+            .post(self.admin_url("/v1/publish"))
+            .json(&body)
+            .send()
+            .await
+            .expect("publish");
         let status = res.status();
         let text = res.text().await.unwrap_or_default();
         assert_eq!(status.as_u16(), 202, "publish answered {status}: {text}");
@@ -153,7 +179,14 @@ impl Hub {
 
     /// `/metrics` text.
     pub async fn metrics(&self) -> String {
-        self.http.get(self.admin_url("/metrics")).send().await.expect("metrics").text().await.expect("text")
+        self.http
+            .get(self.admin_url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
     }
 
     /// One sample's value, e.g. `hub_connections{transport="sse"}`; 0 when absent.
@@ -163,11 +196,21 @@ impl Hub {
 
     /// Waits until a sample equals `want`.
     pub async fn wait_metric(&self, sample: &str, want: f64, timeout: Duration) {
-        wait_until(&format!("{sample} == {want}"), timeout, || async { self.metric(sample).await == want }).await;
+        wait_until(&format!("{sample} == {want}"), timeout, || async {
+            self.metric(sample).await == want
+        })
+        .await;
     }
 
     pub async fn stats(&self) -> Value {
-        self.http.get(self.admin_url("/v1/stats")).send().await.expect("stats").json().await.expect("json")
+        self.http
+            .get(self.admin_url("/v1/stats"))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("json")
     }
 
     /// Opens `GET /v1/sse?<query>` with extra headers.
@@ -222,7 +265,11 @@ impl Drop for Hub {
 
 /// Sends a signal (`TERM`, `INT`, `STOP`, ...) to a process we started, by its PID.
 pub fn signal(pid: u32, sig: &str) {
-    let st = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill");
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
     assert!(st.success(), "kill -{sig} {pid} failed");
 }
 
@@ -252,7 +299,8 @@ pub struct SseEvent {
 
 impl SseEvent {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.data).unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", self.data))
+        serde_json::from_str(&self.data)
+            .unwrap_or_else(|e| panic!("data is not JSON ({e}): {:?}", self.data))
     }
 }
 
@@ -301,7 +349,10 @@ impl SseStream {
             }
             let body = self.body.as_mut()?;
             match tokio::time::timeout_at(deadline, body.next()).await {
-                Err(_) => panic!("no SSE event within {timeout:?}; buffered: {:?}", String::from_utf8_lossy(&self.buf)),
+                Err(_) => panic!(
+                    "no SSE event within {timeout:?}; buffered: {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
                 Ok(None) | Ok(Some(Err(_))) => return None,
                 Ok(Some(Ok(chunk))) => self.buf.extend_from_slice(&chunk),
             }
@@ -338,7 +389,10 @@ impl SseStream {
             seen += 1;
         }
         self.buf.advance(raw);
-        let mut ev = SseEvent { event: "message".into(), ..Default::default() };
+        let mut ev = SseEvent {
+            event: "message".into(),
+            ..Default::default()
+        };
         let mut data: Vec<&str> = Vec::new();
         let mut any_field = false;
         for line in block.split('\n') {

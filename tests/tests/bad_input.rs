@@ -2,6 +2,8 @@
 //! many or no channels, malformed and oversize publish bodies, wrong keys, unknown paths and
 //! methods, and bytes that are not HTTP at all.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use hub_tests::{prefix, Hub, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -10,7 +12,10 @@ async fn error_of(hub: &Hub, query: &str) -> (u16, Value) {
     let mut s = hub.sse(query, &[]).await;
     let status = s.status;
     let body = s.error_body().await;
-    (status, serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body:?}")))
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_else(|_| panic!("not JSON: {body:?}")),
+    )
 }
 
 #[tokio::test]
@@ -35,20 +40,36 @@ async fn stream_requests_with_bad_channels_are_400() {
         assert_eq!(body["error"], "bad_request", "{q:?}");
         assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
-    assert_eq!(hub.metric(r#"hub_connections_rejected_total{reason="bad_request"}"#).await, 10.0);
+    assert_eq!(
+        hub.metric(r#"hub_connections_rejected_total{reason="bad_request"}"#)
+            .await,
+        10.0
+    );
     // Duplicates count once: three distinct channels are fine.
-    let (_s, _) = hub.connect("channel=public:a&channel=public:b&channel=public:c&channel=public:a", &[]).await;
+    let (_s, _) = hub
+        .connect(
+            "channel=public:a&channel=public:b&channel=public:c&channel=public:a",
+            &[],
+        )
+        .await;
 }
 
 #[tokio::test]
 async fn protected_channels_without_a_key_are_401() {
     let hub = Hub::start(&[]).await;
     let (status, body) = error_of(&hub, "channel=public:ok&channel=room:7").await;
-    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (401, Some("unauthorized"))
+    );
     let (status, _) = error_of(&hub, "channel=user:42&token=abc").await;
     assert_eq!(status, 401);
     assert!(!hub.log().contains("abc"), "tokens never appear in logs");
-    assert_eq!(hub.metric(r#"hub_connections_rejected_total{reason="unauthorized"}"#).await, 2.0);
+    assert_eq!(
+        hub.metric(r#"hub_connections_rejected_total{reason="unauthorized"}"#)
+            .await,
+        2.0
+    );
 }
 
 #[tokio::test]
@@ -65,10 +86,18 @@ async fn unknown_paths_and_methods_answer_json() {
         (hub.admin_url("/v1/sse"), "GET", 404),
         (hub.admin_url("/x"), "PUT", 404),
     ] {
-        let res = hub.http.request(method.parse().unwrap(), &url).send().await.unwrap();
+        let res = hub
+            .http
+            .request(method.parse().unwrap(), &url)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(res.status().as_u16(), status, "{method} {url}");
         let body: Value = res.json().await.unwrap();
-        assert!(body["error"].is_string() && body["message"].is_string(), "{body}");
+        assert!(
+            body["error"].is_string() && body["message"].is_string(),
+            "{body}"
+        );
     }
 }
 
@@ -108,12 +137,23 @@ async fn malformed_and_oversize_publishes_are_refused_and_counted() {
     // A body far over the limit is refused without being read whole.
     let (status, _) = post(&hub, vec![b'x'; 4 << 20], None).await;
     assert_eq!(status, 413);
-    assert_eq!(hub.metric(r#"hub_messages_dropped_total{reason="malformed"}"#).await, 9.0);
-    assert_eq!(hub.metric(r#"hub_messages_dropped_total{reason="too_large"}"#).await, 2.0);
+    assert_eq!(
+        hub.metric(r#"hub_messages_dropped_total{reason="malformed"}"#)
+            .await,
+        9.0
+    );
+    assert_eq!(
+        hub.metric(r#"hub_messages_dropped_total{reason="too_large"}"#)
+            .await,
+        2.0
+    );
     // None of it reached the stream; the next good one does.
     let id = hub.publish(&ch, None, json!("good"), true).await;
     let m = s.next_message(WAIT).await.unwrap();
-    assert_eq!((m.id.as_deref(), m.data.as_str()), (Some(id.as_str()), "good"));
+    assert_eq!(
+        (m.id.as_deref(), m.data.as_str()),
+        (Some(id.as_str()), "good")
+    );
 }
 
 #[tokio::test]
@@ -148,7 +188,15 @@ async fn junk_bytes_do_not_hurt_the_node() {
             let _ = tokio::time::timeout(WAIT, c.read_to_end(&mut sink)).await;
         }
     }
-    assert_eq!(hub.http.get(hub.url("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        hub.http
+            .get(hub.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     hub.publish(&ch, None, json!("still here"), true).await;
     assert_eq!(s.next_message(WAIT).await.unwrap().data, "still here");
 }

@@ -1,18 +1,25 @@
 //! The node's life: configuration checked at start, health and readiness on both ports, stats
 //! and metrics, and the drain on SIGTERM/SIGINT.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use hub_tests::{binary, prefix, Hub, WAIT};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 fn start_with(env: &[(&str, &str)]) -> (Option<i32>, String) {
     let mut cmd = Command::new(binary("hub"));
-    cmd.env_clear().env("HUB_BIND", "127.0.0.1:0").env("HUB_ADMIN_BIND", "127.0.0.1:0");
+    cmd.env_clear()
+        .env("HUB_BIND", "127.0.0.1:0")
+        .env("HUB_ADMIN_BIND", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run hub");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -21,17 +28,33 @@ fn bad_configuration_stops_with_one_line_naming_the_variable() {
         (vec![("HUB_HEARTBEAT_SECS", "abc")], "HUB_HEARTBEAT_SECS"),
         (vec![("HUB_HEARTBEAT_SECS", "0")], "HUB_HEARTBEAT_SECS"),
         (vec![("HUB_MAX_CONNECTIONS", "-5")], "HUB_MAX_CONNECTIONS"),
-        (vec![("HUB_HEARTBEAT_SECS", "60"), ("HUB_STALE_AFTER_SECS", "30")], "HUB_STALE_AFTER_SECS"),
-        (vec![("HUB_ALLOWED_ORIGINS", "app.example")], "HUB_ALLOWED_ORIGINS"),
+        (
+            vec![("HUB_HEARTBEAT_SECS", "60"), ("HUB_STALE_AFTER_SECS", "30")],
+            "HUB_STALE_AFTER_SECS",
+        ),
+        (
+            vec![("HUB_ALLOWED_ORIGINS", "app.example")],
+            "HUB_ALLOWED_ORIGINS",
+        ),
         (vec![("HUB_BIND", "nowhere")], "HUB_BIND"),
-        (vec![("HUB_MAX_MESSAGE_BYTES", "lots")], "HUB_MAX_MESSAGE_BYTES"),
+        (
+            vec![("HUB_MAX_MESSAGE_BYTES", "lots")],
+            "HUB_MAX_MESSAGE_BYTES",
+        ),
         (vec![("HUB_REDIS_URL", "http://x")], "HUB_REDIS_URL"),
         (vec![("HUB_LOG", "[[[")], "HUB_LOG"),
     ] {
         let (code, stderr) = start_with(&env);
         assert_eq!(code, Some(2), "{env:?}: {stderr}");
-        assert_eq!(stderr.trim_end().lines().count(), 1, "one line for {env:?}: {stderr}");
-        assert!(stderr.contains(name), "{env:?} should name {name}: {stderr}");
+        assert_eq!(
+            stderr.trim_end().lines().count(),
+            1,
+            "one line for {env:?}: {stderr}"
+        );
+        assert!(
+            stderr.contains(name),
+            "{env:?} should name {name}: {stderr}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
@@ -39,10 +62,21 @@ fn bad_configuration_stops_with_one_line_naming_the_variable() {
 #[tokio::test]
 async fn health_readiness_stats_and_metrics() {
     let hub = Hub::start(&[("HUB_MAX_CONNECTIONS", "1234"), ("HUB_NODE_ID", "node-a")]).await;
-    for url in [hub.url("/healthz"), hub.url("/readyz"), hub.admin_url("/healthz"), hub.admin_url("/readyz")] {
-        assert_eq!(hub.http.get(&url).send().await.unwrap().status(), 200, "{url}");
+    for url in [
+        hub.url("/healthz"),
+        hub.url("/readyz"),
+        hub.admin_url("/healthz"),
+        hub.admin_url("/readyz"),
+    ] {
+        assert_eq!(
+            hub.http.get(&url).send().await.unwrap().status(),
+            200,
+            "{url}"
+        );
     }
-    let (_s, _) = hub.connect(&format!("channel={}", prefix("stats")), &[]).await;
+    let (_s, _) = hub
+        .connect(&format!("channel={}", prefix("stats")), &[])
+        .await;
     let stats = hub.stats().await;
     assert_eq!(stats["node"], "node-a");
     assert_eq!(stats["connections"]["sse"], 1);
@@ -74,10 +108,19 @@ async fn health_readiness_stats_and_metrics() {
         "hub_redis_reconnects_total",
         "hub_history_replayed_total",
     ] {
-        assert!(text.lines().any(|l| l.starts_with(name)), "{name} missing from /metrics");
+        assert!(
+            text.lines().any(|l| l.starts_with(name)),
+            "{name} missing from /metrics"
+        );
     }
-    assert_eq!(hub_tests::metric_value(&text, "hub_connections_max"), 1234.0);
-    assert_eq!(hub_tests::metric_value(&text, r#"hub_connections{transport="sse"}"#), 1.0);
+    assert_eq!(
+        hub_tests::metric_value(&text, "hub_connections_max"),
+        1234.0
+    );
+    assert_eq!(
+        hub_tests::metric_value(&text, r#"hub_connections{transport="sse"}"#),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -94,9 +137,14 @@ async fn delivery_is_counted_and_timed() {
         b.next_message(WAIT).await.unwrap();
     }
     assert_eq!(hub.metric("hub_messages_delivered_total").await, 10.0);
-    assert_eq!(hub.metric(r#"hub_messages_received_total{source="http"}"#).await, 5.0);
+    assert_eq!(
+        hub.metric(r#"hub_messages_received_total{source="http"}"#)
+            .await,
+        5.0
+    );
     // Histogram samples are folded in every few seconds.
-    hub.wait_metric("hub_delivery_latency_seconds_count", 10.0, WAIT).await;
+    hub.wait_metric("hub_delivery_latency_seconds_count", 10.0, WAIT)
+        .await;
 }
 
 #[tokio::test]
@@ -114,7 +162,13 @@ async fn sigterm_drains_streams_spread_over_the_drain_time_then_exits_zero() {
         let http = hub.http.clone();
         hub_tests::wait_until("readyz 503", WAIT, || {
             let (http, url) = (http.clone(), url.clone());
-            async move { http.get(&url).send().await.map(|r| r.status() == 503).unwrap_or(false) }
+            async move {
+                http.get(&url)
+                    .send()
+                    .await
+                    .map(|r| r.status() == 503)
+                    .unwrap_or(false)
+            }
         })
         .await;
     }
@@ -126,14 +180,20 @@ async fn sigterm_drains_streams_spread_over_the_drain_time_then_exits_zero() {
     // Every open stream is told to reconnect, then ends; spread over the drain time.
     let mut arrivals = Vec::new();
     for mut s in streams {
-        let ev = s.next_message(Duration::from_secs(5)).await.expect("hub.reconnect before the end");
+        let ev = s
+            .next_message(Duration::from_secs(5))
+            .await
+            .expect("hub.reconnect before the end");
         assert_eq!(ev.event, "hub.reconnect");
         let v = ev.json();
         assert_eq!(v["reason"], "shutdown");
         let retry = v["retry_ms"].as_u64().unwrap();
         assert!((1000..2000).contains(&retry), "{v}");
         assert_eq!(ev.retry, Some(retry), "EventSource waits that long");
-        assert!(s.next_event(Duration::from_secs(5)).await.is_none(), "stream ends after hub.reconnect");
+        assert!(
+            s.next_event(Duration::from_secs(5)).await.is_none(),
+            "stream ends after hub.reconnect"
+        );
         arrivals.push(start.elapsed());
     }
     let status = hub.wait_exit(Duration::from_secs(10)).await;
@@ -141,6 +201,12 @@ async fn sigterm_drains_streams_spread_over_the_drain_time_then_exits_zero() {
     // Streams are read in the order they opened, not the order they were closed; the last one
     // to be closed bounds the spread.
     let last = arrivals.iter().max().unwrap();
-    assert!(*last >= Duration::from_millis(1000), "closes were spread over the drain: {arrivals:?}");
-    assert!(*last < Duration::from_secs(4), "drain finished within HUB_DRAIN_SECS: {arrivals:?}");
+    assert!(
+        *last >= Duration::from_millis(1000),
+        "closes were spread over the drain: {arrivals:?}"
+    );
+    assert!(
+        *last < Duration::from_secs(4),
+        "drain finished within HUB_DRAIN_SECS: {arrivals:?}"
+    );
 }

@@ -2,6 +2,8 @@
 //! connection cap, clients that leave, a reader that stops reading (slow), and a stream that
 //! accepts no writes (stale).
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use hub_tests::{prefix, Hub, WAIT};
 use serde_json::json;
 use std::time::Duration;
@@ -11,7 +13,12 @@ const SSE: &str = r#"hub_connections{transport="sse"}"#;
 
 #[tokio::test]
 async fn the_node_limit_answers_503_with_retry_after() {
-    let hub = Hub::start(&[("HUB_MAX_CONNECTIONS", "3"), ("HUB_HEARTBEAT_SECS", "1"), ("HUB_STALE_AFTER_SECS", "5")]).await;
+    let hub = Hub::start(&[
+        ("HUB_MAX_CONNECTIONS", "3"),
+        ("HUB_HEARTBEAT_SECS", "1"),
+        ("HUB_STALE_AFTER_SECS", "5"),
+    ])
+    .await;
     let ch = prefix("cap");
     let q = format!("channel={ch}");
     let mut open = Vec::new();
@@ -20,11 +27,19 @@ async fn the_node_limit_answers_503_with_retry_after() {
     }
     let mut refused = hub.sse(&q, &[]).await;
     assert_eq!(refused.status, 503);
-    let retry: u64 = refused.header("retry-after").expect("Retry-After").parse().unwrap();
+    let retry: u64 = refused
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     let body: serde_json::Value = serde_json::from_str(&refused.error_body().await).unwrap();
     assert_eq!(body["error"], "capacity");
-    assert_eq!(hub.metric(r#"hub_connections_rejected_total{reason="capacity"}"#).await, 1.0);
+    assert_eq!(
+        hub.metric(r#"hub_connections_rejected_total{reason="capacity"}"#)
+            .await,
+        1.0
+    );
     assert_eq!(hub.metric("hub_connections_max").await, 3.0);
     // When one leaves, a place frees up (by the second heartbeat at the latest).
     open.pop();
@@ -46,7 +61,8 @@ async fn counts_return_to_zero_after_200_streams_open_and_close() {
     let stats = hub.stats().await;
     assert_eq!(stats["connections"]["sse"], 200);
     // Half leave abruptly, half after reading a message.
-    hub.publish(&format!("{p}.all"), None, json!("bye"), true).await;
+    hub.publish(&format!("{p}.all"), None, json!("bye"), true)
+        .await;
     for (i, mut s) in streams.into_iter().enumerate() {
         if i % 2 == 0 {
             assert_eq!(s.next_message(WAIT).await.unwrap().data, "bye");
@@ -56,10 +72,24 @@ async fn counts_return_to_zero_after_200_streams_open_and_close() {
     // Released by the second heartbeat after the client left, at the latest.
     hub.wait_metric(SSE, 0.0, Duration::from_secs(5)).await;
     assert_eq!(hub.metric("hub_channels").await, 0.0);
-    assert_eq!(hub.metric(r#"hub_connections_opened_total{transport="sse"}"#).await, 200.0);
-    assert_eq!(hub.metric(r#"hub_connections_closed_total{transport="sse",reason="client"}"#).await, 200.0);
+    assert_eq!(
+        hub.metric(r#"hub_connections_opened_total{transport="sse"}"#)
+            .await,
+        200.0
+    );
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="sse",reason="client"}"#)
+            .await,
+        200.0
+    );
     let stats = hub.stats().await;
-    assert_eq!((stats["connections"]["total"].as_u64(), stats["channels"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(
+        (
+            stats["connections"]["total"].as_u64(),
+            stats["channels"].as_u64()
+        ),
+        (Some(0), Some(0))
+    );
 }
 
 /// A client that sends the request and then never reads, with a small receive buffer.
@@ -67,7 +97,9 @@ async fn non_reader(hub: &Hub, ch: &str) -> tokio::net::TcpStream {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let mut c = sock.connect(hub.public).await.unwrap();
-    let req = format!("GET /v1/sse?channel={ch} HTTP/1.1\r\nHost: hub\r\nAccept: text/event-stream\r\n\r\n");
+    let req = format!(
+        "GET /v1/sse?channel={ch} HTTP/1.1\r\nHost: hub\r\nAccept: text/event-stream\r\n\r\n"
+    );
     c.write_all(req.as_bytes()).await.unwrap();
     c
 }
@@ -84,7 +116,10 @@ async fn a_reader_that_stops_is_closed_as_slow_and_others_get_everything() {
     let reader = tokio::spawn(async move {
         let mut got = Vec::new();
         while got.len() < total {
-            let m = fast.next_message(WAIT).await.expect("fast reader's stream ended");
+            let m = fast
+                .next_message(WAIT)
+                .await
+                .expect("fast reader's stream ended");
             got.push(m.id.unwrap());
         }
         got
@@ -95,8 +130,17 @@ async fn a_reader_that_stops_is_closed_as_slow_and_others_get_everything() {
     }
     let got = reader.await.unwrap();
     assert_eq!(got, ids, "the fast reader got every message, in order");
-    hub.wait_metric(r#"hub_connections_closed_total{transport="sse",reason="slow"}"#, 1.0, WAIT).await;
-    assert!(hub.metric(r#"hub_messages_dropped_total{reason="slow"}"#).await >= 1.0);
+    hub.wait_metric(
+        r#"hub_connections_closed_total{transport="sse",reason="slow"}"#,
+        1.0,
+        WAIT,
+    )
+    .await;
+    assert!(
+        hub.metric(r#"hub_messages_dropped_total{reason="slow"}"#)
+            .await
+            >= 1.0
+    );
     assert_eq!(hub.metric(SSE).await, 1.0);
 }
 
@@ -116,7 +160,10 @@ async fn a_stream_that_accepts_no_writes_is_swept_as_stale() {
     let payload = "z".repeat(60_000);
     let reader = tokio::spawn(async move {
         for _ in 0..150 {
-            reading.next_message(WAIT).await.expect("reader's stream ended");
+            reading
+                .next_message(WAIT)
+                .await
+                .expect("reader's stream ended");
         }
         reading
     });
@@ -126,8 +173,13 @@ async fn a_stream_that_accepts_no_writes_is_swept_as_stale() {
     let mut reading = reader.await.unwrap();
     // The stuck one's buffers are full, so it accepts nothing and is swept within
     // stale-after + one sweep.
-    hub.wait_metric("hub_stale_closed_total", 1.0, Duration::from_secs(10)).await;
-    assert_eq!(hub.metric(r#"hub_connections_closed_total{transport="sse",reason="stale"}"#).await, 1.0);
+    hub.wait_metric("hub_stale_closed_total", 1.0, Duration::from_secs(10))
+        .await;
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="sse",reason="stale"}"#)
+            .await,
+        1.0
+    );
     // The reading stream is written every heartbeat and stays open.
     assert_eq!(hub.metric(SSE).await, 1.0);
     hub.publish(&ch, None, json!("after"), true).await;

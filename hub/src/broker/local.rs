@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 pub struct LocalBroker {
@@ -22,10 +25,19 @@ pub struct LocalBroker {
 
 impl LocalBroker {
     pub fn new(registry: Arc<Registry>, history_len: usize, history_ttl_secs: u64) -> LocalBroker {
-        LocalBroker { history: MemoryHistory::new(history_len, history_ttl_secs, now_ms()), registry }
+        LocalBroker {
+            history: MemoryHistory::new(history_len, history_ttl_secs, now_ms()),
+            registry,
+        }
     }
 
-    pub fn publish(&self, channel: ChannelName, env: &Envelope, durable: bool, source: Source) -> String {
+    pub fn publish(
+        &self,
+        channel: ChannelName,
+        env: &Envelope,
+        durable: bool,
+        source: Source,
+    ) -> String {
         let received = Instant::now();
         self.registry.metrics.received(source).increment(1);
         if !durable {

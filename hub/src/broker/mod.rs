@@ -43,7 +43,11 @@ impl Broker {
     }
 
     /// What a stream at `since` (or fresh) must be sent for `channel`.
-    pub async fn recover(&self, channel: &ChannelName, since: Option<StreamId>) -> Result<Recovery, BrokerError> {
+    pub async fn recover(
+        &self,
+        channel: &ChannelName,
+        since: Option<StreamId>,
+    ) -> Result<Recovery, BrokerError> {
         match self {
             Broker::Local(b) => Ok(b.recover(channel, since)),
         }

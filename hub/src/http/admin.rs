@@ -36,7 +36,11 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /v1/publish`.
-async fn publish(req: HttpRequest, node: web::Data<Node>, mut body: web::Payload) -> Result<HttpResponse, ApiError> {
+async fn publish(
+    req: HttpRequest,
+    node: web::Data<Node>,
+    mut body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     if let Some(key) = &node.config.publish_key {
         let given = req
             .headers()
@@ -46,17 +50,22 @@ async fn publish(req: HttpRequest, node: web::Data<Node>, mut body: web::Payload
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, k)| k.trim());
         if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
-            return Err(ApiError::unauthorized("publishing needs Authorization: Bearer <HUB_PUBLISH_KEY>"));
+            return Err(ApiError::unauthorized(
+                "publishing needs Authorization: Bearer <HUB_PUBLISH_KEY>",
+            ));
         }
     }
     let max = node.config.max_message_bytes as usize;
     let too_large = |size: usize| {
         node.metrics.dropped(DropReason::TooLarge).increment(1);
-        ApiError::too_large(format!("message is {size} bytes or more; the limit is {max} (HUB_MAX_MESSAGE_BYTES)"))
+        ApiError::too_large(format!(
+            "message is {size} bytes or more; the limit is {max} (HUB_MAX_MESSAGE_BYTES)"
+        ))
     };
     let mut buf = web::BytesMut::new();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
         if buf.len() + chunk.len() > max + BODY_OVERHEAD {
             return Err(too_large(buf.len() + chunk.len()));
         }
@@ -70,7 +79,8 @@ async fn publish(req: HttpRequest, node: web::Data<Node>, mut body: web::Payload
         malformed(format!("body must be JSON {{\"channel\":\"C\",\"event\":\"...\",\"data\":...,\"durable\":true}}: {e}"))
     })?;
     let (channel, env, durable) = parsed.into_envelope();
-    let channel = ChannelName::new(&channel).map_err(|e| malformed(format!("invalid channel: {e}")))?;
+    let channel =
+        ChannelName::new(&channel).map_err(|e| malformed(format!("invalid channel: {e}")))?;
     env.validate().map_err(|e| malformed(e.to_string()))?;
     let size = env.to_bytes().len();
     if size > max {

@@ -22,7 +22,9 @@ pub fn allow_origin(req: &HttpRequest, origins: &Origins) -> Result<Option<Heade
     };
     let text = origin.to_str().unwrap_or("");
     if !origins.allows(text) {
-        return Err(ApiError::forbidden(format!("origin {text:?} is not allowed (HUB_ALLOWED_ORIGINS)")));
+        return Err(ApiError::forbidden(format!(
+            "origin {text:?} is not allowed (HUB_ALLOWED_ORIGINS)"
+        )));
     }
     Ok(Some(match origins {
         Origins::Any => HeaderValue::from_static("*"),

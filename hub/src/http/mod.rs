@@ -19,10 +19,18 @@ pub async fn healthz() -> HttpResponse {
 /// `GET /readyz`: 200 only while this node accepts streams.
 pub async fn readyz(node: web::Data<Node>) -> Result<HttpResponse, error::ApiError> {
     if node.is_draining() {
-        return Err(error::ApiError::unavailable("not_ready", "draining: this node is shutting down", 1));
+        return Err(error::ApiError::unavailable(
+            "not_ready",
+            "draining: this node is shutting down",
+            1,
+        ));
     }
     if !node.broker.is_up() {
-        return Err(error::ApiError::unavailable("not_ready", "the broker subscription is down", 1));
+        return Err(error::ApiError::unavailable(
+            "not_ready",
+            "the broker subscription is down",
+            1,
+        ));
     }
     Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
 }

@@ -12,7 +12,12 @@ use bytes::Bytes;
 use protocol::{ChannelName, StreamId};
 
 /// Frames written before anything else: `hub.connected`, then `hub.reset` for `reset` channels.
-pub fn opening_frames(node: &Node, session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Vec<Bytes> {
+pub fn opening_frames(
+    node: &Node,
+    session: &Session,
+    positions: &[StreamId],
+    reset: &[ChannelName],
+) -> Vec<Bytes> {
     match session.transport {
         Transport::Sse => sse::opening_frames(node, session, positions, reset),
         Transport::Ws => Vec::new(),

@@ -58,7 +58,9 @@ pub fn parse_query(query: &str) -> Result<StreamQuery, ApiError> {
 /// Validates, sorts and deduplicates the channel list against the per-stream limit.
 pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, ApiError> {
     if names.is_empty() {
-        return Err(ApiError::bad_request("at least one channel is required: ?channel=NAME"));
+        return Err(ApiError::bad_request(
+            "at least one channel is required: ?channel=NAME",
+        ));
     }
     let mut channels = Vec::with_capacity(names.len());
     for n in names {
@@ -90,7 +92,8 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
     let q = parse_query(req.query_string()).map_err(|e| refuse(RejectReason::BadRequest, e))?;
     let channels = check_channels(&q.channels, node.config.max_channels_per_conn as usize)
         .map_err(|e| refuse(RejectReason::BadRequest, e))?;
-    let allow = cors::allow_origin(&req, &node.origins).map_err(|e| refuse(RejectReason::Forbidden, e))?;
+    let allow =
+        cors::allow_origin(&req, &node.origins).map_err(|e| refuse(RejectReason::Forbidden, e))?;
     let token = bearer(&req).or(q.token.as_deref());
     let grant = auth::authorize(&channels, token).map_err(|(r, e)| refuse(r, e))?;
     let last_event_id = req
@@ -139,7 +142,12 @@ struct Connected<'a> {
 }
 
 /// `retry:`, `id:` (the starting cursor) and `hub.connected`; then `hub.reset` if any.
-pub fn opening_frames(node: &Node, session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Vec<Bytes> {
+pub fn opening_frames(
+    node: &Node,
+    session: &Session,
+    positions: &[StreamId],
+    reset: &[ChannelName],
+) -> Vec<Bytes> {
     let mut buf = BytesMut::with_capacity(256);
     sse::write_retry(&mut buf, node.config.retry_ms);
     sse::write_id(&mut buf, &session.cursor(positions));
@@ -153,7 +161,8 @@ pub fn opening_frames(node: &Node, session: &Session, positions: &[StreamId], re
     sse::write_event(&mut buf, Some(EVENT_CONNECTED), &data);
     let mut frames = vec![buf.freeze()];
     if !reset.is_empty() {
-        let data = serde_json::json!({ "channels": reset.iter().map(|c| c.as_str()).collect::<Vec<_>>() });
+        let data =
+            serde_json::json!({ "channels": reset.iter().map(|c| c.as_str()).collect::<Vec<_>>() });
         let mut buf = BytesMut::with_capacity(64);
         sse::write_event(&mut buf, Some(EVENT_RESET), &data.to_string());
         frames.push(buf.freeze());
@@ -171,7 +180,10 @@ pub fn last_frame(session: &Session, reason: CloseReason, retry_ms: u64) -> Opti
     };
     let mut buf = BytesMut::with_capacity(96);
     sse::write_retry(&mut buf, retry);
-    let data = format!("{{\"reason\":\"{}\",\"retry_ms\":{retry}}}", reason.as_str());
+    let data = format!(
+        "{{\"reason\":\"{}\",\"retry_ms\":{retry}}}",
+        reason.as_str()
+    );
     sse::write_event(&mut buf, Some(EVENT_RECONNECT), &data);
     Some(buf.freeze())
 }
@@ -195,7 +207,10 @@ impl MessageBody for SseBody {
         BodySize::Stream
     }
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Self::Error>>> {
+    fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
         match self.session.poll_chunk(cx) {
             Poll::Ready(Some(chunk)) => {
                 self.session.touch(self.node.registry.clock.now());
@@ -223,7 +238,9 @@ mod tests {
 
     #[test]
     fn query_parsing() {
-        let q = parse_query("channel=public%3Aa&channel=public:b&envelope=true&lastEventId=5-0&_=123").unwrap();
+        let q =
+            parse_query("channel=public%3Aa&channel=public:b&envelope=true&lastEventId=5-0&_=123")
+                .unwrap();
         assert_eq!(q.channels, ["public:a", "public:b"]);
         assert!(q.envelope);
         assert_eq!(q.last_event_id.as_deref(), Some("5-0"));
@@ -238,7 +255,10 @@ mod tests {
         assert!(check_channels(&many, 4).is_err());
         let dup = vec!["b".to_string(), "a".into(), "b".into()];
         let got = check_channels(&dup, 2).unwrap();
-        assert_eq!(got.iter().map(|c| c.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(
+            got.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
     }
 
     #[test]
