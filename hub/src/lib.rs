@@ -7,7 +7,7 @@
 //! - [`registry`]: local streams and their channels; fan-out, exact counts, sweeps (no I/O).
 //! - [`session`]: one stream's bounded outbox and resume positions.
 //! - [`message`]: a message framed once, shared by every subscriber.
-//! - [`broker`]: where messages are published and recovered from (embedded; Redis later).
+//! - [`broker`]: where messages are published and recovered from (embedded or Redis).
 //! - [`history`]: the embedded broker's in-memory channel history.
 //! - [`transport`]: SSE (WebSocket later): frames and response bodies.
 //! - [`auth`]: who may read which channel.
@@ -72,7 +72,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let public_addr = public_l.local_addr()?;
     let admin_addr = admin_l.local_addr()?;
 
-    let node = Node::new(config)?;
+    let node = Node::new(config).await?;
     let data = web::Data::from(node.clone());
     let workers = node.config.worker_count();
     let per_worker = (node.config.max_connections as usize + 1024).max(25_000);

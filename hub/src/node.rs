@@ -4,7 +4,7 @@
 //! subscribe, recover, start), publishing, closing, draining. Transports and HTTP handlers call
 //! it; it never parses HTTP.
 
-use crate::broker::{Broker, LocalBroker};
+use crate::broker::{Broker, LocalBroker, RedisBroker};
 use crate::config::{Config, Origins};
 use crate::http::error::ApiError;
 use crate::metrics::{CloseReason, Metrics, RejectReason, Source, Transport};
@@ -47,23 +47,42 @@ pub struct Node {
 }
 
 impl Node {
-    /// Builds the node for an already checked configuration.
-    pub fn new(config: Config) -> anyhow::Result<Arc<Node>> {
+    /// Builds the node for an already checked configuration; in Redis mode connects to Redis
+    /// and starts the broker's background tasks (so it must run inside the runtime).
+    pub async fn new(config: Config) -> anyhow::Result<Arc<Node>> {
         let origins = config.origins().map_err(anyhow::Error::msg)?;
-        if config.redis_url.is_some() {
-            anyhow::bail!("HUB_REDIS_URL: Redis mode is not available in this build yet; unset it to run the embedded broker");
-        }
+        let name = config.node_name();
         let metrics = Arc::new(Metrics::new());
         metrics.connections_max.set(config.max_connections as f64);
-        metrics.redis_up.set(1.0);
-        let registry = Arc::new(Registry::new(metrics.clone(), config.retry_ms, None));
-        let broker = Broker::Local(LocalBroker::new(
-            registry.clone(),
-            config.history_len as usize,
-            config.history_ttl_secs,
-        ));
+        let broker = match &config.redis_url {
+            None => {
+                metrics.redis_up.set(1.0);
+                let registry = Arc::new(Registry::new(metrics.clone(), config.retry_ms, None));
+                Broker::Local(LocalBroker::new(
+                    registry,
+                    config.history_len as usize,
+                    config.history_ttl_secs,
+                ))
+            }
+            Some(url) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let registry = Arc::new(Registry::new(metrics.clone(), config.retry_ms, Some(tx)));
+                let redis = RedisBroker::connect(
+                    url,
+                    &name,
+                    registry,
+                    config.history_len,
+                    config.history_ttl_secs,
+                    config.max_message_bytes,
+                )
+                .await?;
+                redis.spawn(rx);
+                Broker::Redis(redis)
+            }
+        };
+        let registry = broker.registry().clone();
         Ok(Arc::new(Node {
-            name: config.node_name(),
+            name,
             origins,
             metrics,
             registry,
@@ -130,8 +149,8 @@ impl Node {
             self.config.outbox_len as usize,
             self.registry.clock.now(),
         ));
-        let first = self.registry.register(&session);
-        if let Err(e) = self.broker.subscribe(&first).await {
+        self.registry.register(&session);
+        if let Err(e) = self.broker.subscribe(&session.channels).await {
             tracing::warn!(error = %e, "subscribe failed; refusing stream");
             self.registry.close(&session, CloseReason::Error);
             return Err(self.reject(

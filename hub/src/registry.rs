@@ -10,7 +10,7 @@ use crate::session::{Offer, Session};
 use crate::transport;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use protocol::ChannelName;
+use protocol::{ChannelName, StreamId};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -314,6 +314,38 @@ impl Registry {
         all
     }
 
+    /// The oldest position any open stream holds for `channel` (where a backfill starts).
+    pub fn min_position(&self, channel: &str) -> Option<StreamId> {
+        let shard = self.channels[shard_of(channel)].lock();
+        shard
+            .get(channel)?
+            .values()
+            .filter_map(|s| s.position_of(channel))
+            .min()
+    }
+
+    /// Tells every stream of `channel` that history lost what it needed (`hub.reset`), and
+    /// moves it to `tail`.
+    pub fn reset_channel(&self, channel: &ChannelName, tail: StreamId) {
+        let mut slow = Vec::new();
+        {
+            let shard = self.channels[shard_of(channel)].lock();
+            if let Some(subs) = shard.get(channel.as_str()) {
+                for s in subs.values() {
+                    let offer = s.reset_to(channel, tail, |positions| {
+                        transport::reset_frame(s, positions, std::slice::from_ref(channel))
+                    });
+                    if offer == Offer::Full {
+                        slow.push(s.clone());
+                    }
+                }
+            }
+        }
+        for s in &slow {
+            self.close(s, CloseReason::Slow);
+        }
+    }
+
     /// Whether a channel has local subscribers.
     pub fn has_subscribers(&self, channel: &str) -> bool {
         self.channels[shard_of(channel)]
@@ -326,7 +358,7 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::session::Start;
-    use protocol::{Envelope, StreamId};
+    use protocol::Envelope;
     use std::task::{Context, Poll, Waker};
 
     fn reg() -> Registry {

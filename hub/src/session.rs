@@ -276,6 +276,47 @@ impl Session {
         }
     }
 
+    /// The position this stream holds for `channel`; `None` while it is being set up (its own
+    /// recovery covers it) or ending.
+    pub fn position_of(&self, channel: &str) -> Option<StreamId> {
+        let idx = self.channel_index(channel)?;
+        let ob = self.outbox.lock();
+        (ob.recovering.is_none() && !ob.ending).then(|| ob.positions[idx])
+    }
+
+    /// Moves `channel` to `tail` after history lost what the stream would have needed, and
+    /// queues the frame `build` makes from the new positions (`hub.reset`). Returns whether
+    /// the outbox had room; a full one means the caller closes the stream as slow.
+    pub fn reset_to(
+        &self,
+        channel: &str,
+        tail: StreamId,
+        build: impl FnOnce(&[StreamId]) -> Bytes,
+    ) -> Offer {
+        let Some(idx) = self.channel_index(channel) else {
+            return Offer::Skipped;
+        };
+        let mut ob = self.outbox.lock();
+        if ob.ending || ob.recovering.is_some() || ob.positions[idx] >= tail {
+            return Offer::Skipped;
+        }
+        if ob.queue.len() >= self.capacity {
+            return Offer::Full;
+        }
+        ob.positions[idx] = tail;
+        let frame = build(&ob.positions);
+        ob.queue.push_back(Chunk {
+            bytes: frame,
+            published: None,
+        });
+        let waker = ob.waker.take();
+        drop(ob);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        Offer::Queued
+    }
+
     /// Records the close reason; `true` for the first caller only.
     pub fn mark_closed(&self, reason: CloseReason) -> bool {
         self.closed

@@ -6,10 +6,13 @@
 //! - [`sse`]: Server-Sent Events framing (`id:`, `event:`, `retry:`, multi-line `data:`, comments).
 //! - [`position`]: a message's position in its channel ([`StreamId`]) and the SSE cursor that
 //!   combines the positions of several channels into one `id:`.
+//! - `publish` (feature `redis`): `publish_durable` / `publish_ephemeral` for Rust services.
 
 pub mod channel;
 pub mod envelope;
 pub mod position;
+#[cfg(feature = "redis")]
+pub mod publish;
 pub mod sse;
 
 pub use channel::{ChannelError, ChannelName};

@@ -58,6 +58,10 @@ impl LocalBroker {
         self.history.recover(channel, since, now_ms())
     }
 
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
     pub fn sweep(&self) {
         self.history.expire(now_ms());
     }

@@ -24,6 +24,15 @@ pub fn opening_frames(
     }
 }
 
+/// `hub.reset` for channels whose history no longer reaches the stream's position, carrying
+/// the stream's new position.
+pub fn reset_frame(session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Bytes {
+    match session.transport {
+        Transport::Sse => sse::reset_frame(session, positions, reset),
+        Transport::Ws => Bytes::new(),
+    }
+}
+
 /// The frame that tells a client why its stream ends, if the reason has one.
 pub fn last_frame(session: &Session, reason: CloseReason, retry_ms: u64) -> Option<Bytes> {
     match session.transport {

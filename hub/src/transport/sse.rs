@@ -161,13 +161,26 @@ pub fn opening_frames(
     sse::write_event(&mut buf, Some(EVENT_CONNECTED), &data);
     let mut frames = vec![buf.freeze()];
     if !reset.is_empty() {
-        let data =
-            serde_json::json!({ "channels": reset.iter().map(|c| c.as_str()).collect::<Vec<_>>() });
-        let mut buf = BytesMut::with_capacity(64);
-        sse::write_event(&mut buf, Some(EVENT_RESET), &data.to_string());
-        frames.push(buf.freeze());
+        frames.push(reset_event(None, reset));
     }
     frames
+}
+
+/// `hub.reset` sent mid-stream (history lost messages during a broker outage): with the new
+/// cursor, so that a reconnect resumes after it.
+pub fn reset_frame(session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Bytes {
+    reset_event(Some(&session.cursor(positions)), reset)
+}
+
+fn reset_event(id: Option<&str>, reset: &[ChannelName]) -> Bytes {
+    let data =
+        serde_json::json!({ "channels": reset.iter().map(|c| c.as_str()).collect::<Vec<_>>() });
+    let mut buf = BytesMut::with_capacity(96);
+    if let Some(id) = id {
+        sse::write_id(&mut buf, id);
+    }
+    sse::write_event(&mut buf, Some(EVENT_RESET), &data.to_string());
+    buf.freeze()
 }
 
 /// `hub.reconnect` for the reasons a client should come back from (with a `retry:` so that a

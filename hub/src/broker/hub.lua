@@ -1,0 +1,129 @@
+#!lua name=hub
+-- The hub's Redis functions. Every hub node loads (and replaces) this library at start-up and
+-- after each reconnection, with the __PLACEHOLDERS__ filled from its configuration.
+--
+--   FCALL hub_publish 1 <channel> <envelope>        -> the message id ("<ms>-<seq>")
+--   FCALL_RO hub_recover 1 <channel> <since or "">  -> {tail, reset (0|1), id1, env1, id2, env2, ...}
+--
+-- History of a channel is the stream hub:hist:{<channel>}; live messages go to hub:ch:<channel>
+-- (hub:ch:{<channel>} with SPUBLISH in cluster mode), so both share the channel's hash slot.
+-- A durable message is published as "<id> <envelope>", an ephemeral one as the envelope alone.
+
+local MAXLEN = __MAXLEN__
+local TTL_MS = __TTL_MS__
+local MAX_BYTES = __MAX_BYTES__
+local CLUSTER = __CLUSTER__
+
+local function history_key(ch)
+  return 'hub:hist:{' .. ch .. '}'
+end
+
+local function live_channel(ch)
+  if CLUSTER then return 'hub:ch:{' .. ch .. '}' end
+  return 'hub:ch:' .. ch
+end
+
+local function parse_id(id)
+  local ms, seq = string.match(id, '^(%d+)%-(%d+)$')
+  if not ms then return nil end
+  return tonumber(ms), tonumber(seq)
+end
+
+local function before(a_ms, a_seq, b_ms, b_seq)
+  return a_ms < b_ms or (a_ms == b_ms and a_seq < b_seq)
+end
+
+local function valid_channel(ch)
+  return #ch >= 1 and #ch <= 128 and string.match(ch, '^[A-Za-z0-9][A-Za-z0-9_.:@/%-]*$') ~= nil
+end
+
+local function valid_event(ev)
+  return ev == nil or (type(ev) == 'string' and #ev >= 1 and #ev <= 128
+    and not string.find(ev, '%c') and string.sub(ev, 1, 4) ~= 'hub.')
+end
+
+local function publish(keys, args)
+  local ch, env = keys[1], args[1]
+  if ch == nil or env == nil then
+    return redis.error_reply('ERR usage: FCALL hub_publish 1 <channel> <envelope>')
+  end
+  if not valid_channel(ch) then
+    return redis.error_reply('ERR invalid channel name (^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$)')
+  end
+  if #env > MAX_BYTES then
+    return redis.error_reply('ERR envelope is larger than HUB_MAX_MESSAGE_BYTES (' .. MAX_BYTES .. ')')
+  end
+  local ok, decoded = pcall(cjson.decode, env)
+  if not ok or type(decoded) ~= 'table' or decoded['data'] == nil then
+    return redis.error_reply('ERR envelope must be a JSON object {"event": "...", "data": ...}')
+  end
+  if not valid_event(decoded['event']) then
+    return redis.error_reply('ERR event must be 1 to 128 characters, no control characters, not hub.*')
+  end
+  local key = history_key(ch)
+  local fresh = redis.call('EXISTS', key) == 0
+  local id = redis.call('XADD', key, 'MAXLEN', '=', MAXLEN, '*', 'e', env)
+  local ms = parse_id(id)
+  local horizon = ms - TTL_MS
+  if fresh then
+    -- A new stream vouches only for what follows now-TTL: an older position may have missed
+    -- messages of a stream that expired, so resuming from it must be a reset.
+    redis.call('XSETID', key, id, 'ENTRIESADDED', 1, 'MAXDELETEDID', horizon .. '-0')
+  else
+    redis.call('XTRIM', key, 'MINID', horizon)
+  end
+  redis.call('PEXPIRE', key, TTL_MS)
+  if CLUSTER then
+    redis.call('SPUBLISH', live_channel(ch), id .. ' ' .. env)
+  else
+    redis.call('PUBLISH', live_channel(ch), id .. ' ' .. env)
+  end
+  return id
+end
+
+local function recover(keys, args)
+  local ch, since = keys[1], args[1] or ''
+  local key = history_key(ch)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local horizon = now - TTL_MS
+  local s_ms, s_seq
+  if since ~= '' then
+    s_ms, s_seq = parse_id(since)
+    if not s_ms then return {'0-0', 1} end
+  end
+  if redis.call('EXISTS', key) == 0 then
+    -- Nothing was published for a TTL (or ever): a position within the TTL missed nothing.
+    -- A fresh stream starts just before now, so the first message (at now or later) follows it.
+    local tail = (now - 1) .. '-0'
+    if since == '' then return {tail, 0} end
+    if s_ms < horizon or s_ms > now then return {tail, 1} end
+    return {since, 0}
+  end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local last, maxdel = '0-0', '0-0'
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+    if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
+  end
+  if since == '' then return {last, 0} end
+  local l_ms, l_seq = parse_id(last)
+  local d_ms, d_seq = parse_id(maxdel)
+  if before(l_ms, l_seq, s_ms, s_seq) or before(s_ms, s_seq, d_ms, d_seq) then
+    return {last, 1}
+  end
+  local entries = redis.call('XRANGE', key, '(' .. since, '+')
+  if #entries > 0 and parse_id(entries[1][1]) < horizon then
+    -- Older than the TTL: expired even if not trimmed yet.
+    return {last, 1}
+  end
+  local out = {last, 0}
+  for _, e in ipairs(entries) do
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2][2]
+  end
+  return out
+end
+
+redis.register_function('hub_publish', publish)
+redis.register_function{function_name = 'hub_recover', callback = recover, flags = {'no-writes'}}
