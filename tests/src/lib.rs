@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+pub mod redis_server;
+
 use bytes::{Buf, BytesMut};
 use futures_util::StreamExt;
 use serde_json::Value;
@@ -18,6 +20,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+pub use redis_server::{Cluster, Redis};
 pub use reqwest;
 
 /// Default deadline for conditions that should hold almost at once.

@@ -5,9 +5,12 @@
 --   FCALL hub_publish 1 <channel> <envelope>        -> the message id ("<ms>-<seq>")
 --   FCALL_RO hub_recover 1 <channel> <since or "">  -> {tail, reset (0|1), id1, env1, id2, env2, ...}
 --
--- History of a channel is the stream hub:hist:{<channel>}; live messages go to hub:ch:<channel>
--- (hub:ch:{<channel>} with SPUBLISH in cluster mode), so both share the channel's hash slot.
+-- History of a channel is the stream hub:hist:{<channel>}; hub:floor:{<channel>} holds the id of
+-- the newest message that history no longer has (trimmed, expired, or from before the stream
+-- was created), so a resume from before it is a reset. Live messages go to hub:ch:<channel>
+-- (hub:ch:{<channel>} with SPUBLISH in cluster mode); all of them share the channel's hash slot.
 -- A durable message is published as "<id> <envelope>", an ephemeral one as the envelope alone.
+-- (Redis does not move a stream's max-deleted-entry-id when it trims, hence the floor key.)
 
 local MAXLEN = __MAXLEN__
 local TTL_MS = __TTL_MS__
@@ -16,6 +19,10 @@ local CLUSTER = __CLUSTER__
 
 local function history_key(ch)
   return 'hub:hist:{' .. ch .. '}'
+end
+
+local function floor_key(ch)
+  return 'hub:floor:{' .. ch .. '}'
 end
 
 local function live_channel(ch)
@@ -60,18 +67,32 @@ local function publish(keys, args)
   if not valid_event(decoded['event']) then
     return redis.error_reply('ERR event must be 1 to 128 characters, no control characters, not hub.*')
   end
-  local key = history_key(ch)
-  local fresh = redis.call('EXISTS', key) == 0
+  local key, fkey = history_key(ch), floor_key(ch)
+  local len = redis.call('XLEN', key)
+  local fresh = len == 0 and redis.call('EXISTS', key) == 0
+  local floor = nil
+  if MAXLEN > 0 and len >= MAXLEN then
+    -- The oldest entries are about to be trimmed; the newest of them becomes the floor.
+    local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', len - MAXLEN + 1)
+    floor = gone[#gone][1]
+  end
   local id = redis.call('XADD', key, 'MAXLEN', '=', MAXLEN, '*', 'e', env)
   local ms = parse_id(id)
   local horizon = ms - TTL_MS
+  if MAXLEN == 0 then floor = id end
   if fresh then
     -- A new stream vouches only for what follows now-TTL: an older position may have missed
-    -- messages of a stream that expired, so resuming from it must be a reset.
-    redis.call('XSETID', key, id, 'ENTRIESADDED', 1, 'MAXDELETEDID', horizon .. '-0')
+    -- messages of a stream that expired.
+    floor = horizon .. '-0'
   else
-    redis.call('XTRIM', key, 'MINID', horizon)
+    local expired = redis.call('XREVRANGE', key, '(' .. horizon .. '-0', '-', 'COUNT', 1)
+    if #expired > 0 then
+      floor = expired[1][1]
+      redis.call('XTRIM', key, 'MINID', horizon)
+    end
   end
+  if floor then redis.call('SET', fkey, floor) end
+  redis.call('PEXPIRE', fkey, TTL_MS)
   redis.call('PEXPIRE', key, TTL_MS)
   if CLUSTER then
     redis.call('SPUBLISH', live_channel(ch), id .. ' ' .. env)
@@ -101,15 +122,14 @@ local function recover(keys, args)
     return {since, 0}
   end
   local info = redis.call('XINFO', 'STREAM', key)
-  local last, maxdel = '0-0', '0-0'
+  local last = '0-0'
   for i = 1, #info, 2 do
     if info[i] == 'last-generated-id' then last = info[i + 1] end
-    if info[i] == 'max-deleted-entry-id' then maxdel = info[i + 1] end
   end
   if since == '' then return {last, 0} end
   local l_ms, l_seq = parse_id(last)
-  local d_ms, d_seq = parse_id(maxdel)
-  if before(l_ms, l_seq, s_ms, s_seq) or before(s_ms, s_seq, d_ms, d_seq) then
+  local f_ms, f_seq = parse_id(redis.call('GET', floor_key(ch)) or '0-0')
+  if before(l_ms, l_seq, s_ms, s_seq) or before(s_ms, s_seq, f_ms, f_seq) then
     return {last, 1}
   end
   local entries = redis.call('XRANGE', key, '(' .. since, '+')
