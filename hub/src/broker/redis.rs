@@ -143,7 +143,7 @@ impl RedisBroker {
             anyhow::anyhow!("HUB_REDIS_URL: cannot load the hub functions: {}", e.0)
         })?;
         broker
-            .subscribe_raw(&[broker.ping_channel.clone()])
+            .subscribe_raw(std::slice::from_ref(&broker.ping_channel))
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.0))?;
         Ok(broker)
