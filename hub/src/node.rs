@@ -127,6 +127,17 @@ impl Node {
                 ),
             ));
         }
+        if !self.broker.is_up() {
+            // Counted as capacity: the node cannot take streams now; /readyz says the same.
+            return Err(self.reject(
+                RejectReason::Capacity,
+                ApiError::unavailable(
+                    "broker_unavailable",
+                    "this node has lost its broker; connect to another",
+                    2,
+                ),
+            ));
+        }
         if !self
             .registry
             .try_admit(self.config.max_connections as usize)

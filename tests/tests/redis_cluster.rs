@@ -9,7 +9,10 @@ use serde_json::json;
 use std::collections::HashSet;
 
 fn env(data: &str) -> Envelope {
-    Envelope { event: None, data: json!(data) }
+    Envelope {
+        event: None,
+        data: json!(data),
+    }
 }
 
 #[tokio::test]
@@ -20,7 +23,12 @@ async fn two_nodes_on_a_three_master_cluster() {
     for node in ["c0", "c1"] {
         let hub = Hub::start(&[("HUB_REDIS_URL", url.as_str()), ("HUB_NODE_ID", node)]).await;
         hub_tests::wait_until("readyz 200", WAIT, || async {
-            hub.http.get(hub.url("/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false)
+            hub.http
+                .get(hub.url("/readyz"))
+                .send()
+                .await
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
         })
         .await;
         hubs.push(hub);
@@ -42,14 +50,20 @@ async fn two_nodes_on_a_three_master_cluster() {
     let mut want = Vec::new();
     for (i, c) in channels.iter().enumerate() {
         let d = format!("durable {i}");
-        publish::publish_durable(&mut conn, c, &env(&d)).await.unwrap();
+        publish::publish_durable(&mut conn, c, &env(&d))
+            .await
+            .unwrap();
         want.push(d);
         let e = format!("ephemeral {i}");
-        publish::publish_ephemeral(&mut conn, c, &env(&e), true).await.unwrap();
+        publish::publish_ephemeral(&mut conn, c, &env(&e), true)
+            .await
+            .unwrap();
         want.push(e);
     }
     // Over HTTP as well.
-    hubs[1].publish(&channels[5], None, json!("http"), true).await;
+    hubs[1]
+        .publish(&channels[5], None, json!("http"), true)
+        .await;
     want.push("http".into());
     // Order is per channel (channels on different shards arrive over different connections).
     let per_channel = |list: &[String]| {
@@ -65,24 +79,43 @@ async fn two_nodes_on_a_three_master_cluster() {
         while got.len() < want.len() {
             got.push(s.next_message(WAIT).await.unwrap().data);
         }
-        assert_eq!(per_channel(&got), per_channel(&want), "each once, in publish order per channel");
+        assert_eq!(
+            per_channel(&got),
+            per_channel(&want),
+            "each once, in publish order per channel"
+        );
     }
     // Each channel's history lives on the shard that owns its slot.
     for c in &channels {
         let key = format!("hub:hist:{{{c}}}");
-        let owners = cluster.nodes.iter().filter(|n| n.cli(&["EXISTS", &key]) == "1").count();
+        let owners = cluster
+            .nodes
+            .iter()
+            .filter(|n| n.cli(&["EXISTS", &key]) == "1")
+            .count();
         assert_eq!(owners, 1, "{key}");
     }
     // Resume on the other node from the first stream's cursor.
     let cursor = {
-        publish::publish_durable(&mut conn, &channels[0], &env("mark")).await.unwrap();
+        publish::publish_durable(&mut conn, &channels[0], &env("mark"))
+            .await
+            .unwrap();
         s0.next_message(WAIT).await.unwrap().id.unwrap()
     };
     drop(s0);
-    publish::publish_durable(&mut conn, &channels[3], &env("missed 3")).await.unwrap();
-    publish::publish_durable(&mut conn, &channels[9], &env("missed 9")).await.unwrap();
-    let (mut r, _) = hubs[1].connect(&q, &[("Last-Event-ID", cursor.as_str())]).await;
-    let mut got = vec![r.next_message(WAIT).await.unwrap().data, r.next_message(WAIT).await.unwrap().data];
+    publish::publish_durable(&mut conn, &channels[3], &env("missed 3"))
+        .await
+        .unwrap();
+    publish::publish_durable(&mut conn, &channels[9], &env("missed 9"))
+        .await
+        .unwrap();
+    let (mut r, _) = hubs[1]
+        .connect(&q, &[("Last-Event-ID", cursor.as_str())])
+        .await;
+    let mut got = vec![
+        r.next_message(WAIT).await.unwrap().data,
+        r.next_message(WAIT).await.unwrap().data,
+    ];
     got.sort();
     assert_eq!(got, ["missed 3", "missed 9"]);
 }

@@ -14,13 +14,23 @@ use tokio::sync::Mutex;
 
 async fn redis_hub(redis: &Redis) -> Hub {
     let url = redis.url();
-    let hub = Hub::start(&[("HUB_REDIS_URL", url.as_str()), ("HUB_HEARTBEAT_SECS", "1"), ("HUB_STALE_AFTER_SECS", "30")]).await;
+    let hub = Hub::start(&[
+        ("HUB_REDIS_URL", url.as_str()),
+        ("HUB_HEARTBEAT_SECS", "1"),
+        ("HUB_STALE_AFTER_SECS", "30"),
+    ])
+    .await;
     wait_ready(&hub, WAIT).await;
     hub
 }
 
 async fn ready(hub: &Hub) -> bool {
-    hub.http.get(hub.url("/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false)
+    hub.http
+        .get(hub.url("/readyz"))
+        .send()
+        .await
+        .map(|r| r.status() == 200)
+        .unwrap_or(false)
 }
 
 async fn wait_ready(hub: &Hub, t: Duration) {
@@ -36,11 +46,19 @@ struct Published {
 }
 
 /// Publishes `n` durable messages one after another, reconnecting and retrying on errors.
-fn spawn_publisher(url: String, ch: String, n: usize, pause: Duration) -> tokio::task::JoinHandle<Published> {
+fn spawn_publisher(
+    url: String,
+    ch: String,
+    n: usize,
+    pause: Duration,
+) -> tokio::task::JoinHandle<Published> {
     tokio::spawn(async move {
         let client = redis::Client::open(url).unwrap();
         let mut conn = None;
-        let mut out = Published { acked: Vec::new(), attempts: HashSet::new() };
+        let mut out = Published {
+            acked: Vec::new(),
+            attempts: HashSet::new(),
+        };
         let mut attempt = 0;
         for i in 0..n {
             loop {
@@ -52,8 +70,15 @@ fn spawn_publisher(url: String, ch: String, n: usize, pause: Duration) -> tokio:
                 }
                 let res = match conn.as_mut() {
                     Some(c) => {
-                        let env = Envelope { event: None, data: json!(data) };
-                        tokio::time::timeout(Duration::from_secs(2), publish::publish_durable(c, &ch, &env)).await
+                        let env = Envelope {
+                            event: None,
+                            data: json!(data),
+                        };
+                        tokio::time::timeout(
+                            Duration::from_secs(2),
+                            publish::publish_durable(c, &ch, &env),
+                        )
+                        .await
                     }
                     None => {
                         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -83,16 +108,30 @@ async fn check_exactly_once(s: &mut SseStream, published: &Published) {
     let mut seen_acked = Vec::new();
     let mut seen_all = HashSet::new();
     while seen_acked.len() < published.acked.len() {
-        let m = s.next_message(Duration::from_secs(20)).await.expect("stream ended");
+        let m = s
+            .next_message(Duration::from_secs(20))
+            .await
+            .expect("stream ended");
         assert_ne!(m.event, "hub.connected", "the stream was reopened");
         assert_ne!(m.event, "hub.reset", "nothing was lost, no reset expected");
-        assert!(published.attempts.contains(&m.data), "unknown message {:?}", m.data);
-        assert!(seen_all.insert(m.data.clone()), "{} delivered twice", m.data);
+        assert!(
+            published.attempts.contains(&m.data),
+            "unknown message {:?}",
+            m.data
+        );
+        assert!(
+            seen_all.insert(m.data.clone()),
+            "{} delivered twice",
+            m.data
+        );
         if want.contains(&m.data) {
             seen_acked.push(m.data);
         }
     }
-    assert_eq!(seen_acked, published.acked, "every acknowledged message, in publish order");
+    assert_eq!(
+        seen_acked, published.acked,
+        "every acknowledged message, in publish order"
+    );
 }
 
 #[tokio::test]
@@ -111,7 +150,10 @@ async fn killing_the_pubsub_connection_loses_nothing() {
     check_exactly_once(&mut s, &published).await;
     assert!(hub.metric("hub_redis_reconnects_total").await >= 3.0);
     // Messages published while the subscriber reconnected came from history.
-    assert!(hub.metric("hub_history_replayed_total").await > 0.0, "the backfill ran");
+    assert!(
+        hub.metric("hub_history_replayed_total").await > 0.0,
+        "the backfill ran"
+    );
     wait_ready(&hub, WAIT).await;
     assert_eq!(hub.metric("hub_redis_up").await, 1.0);
 }
@@ -129,16 +171,26 @@ async fn a_full_redis_restart_loses_nothing_and_readiness_follows() {
         let mut r = redis.lock().await;
         r.stop();
         // While Redis is away the node is not ready, and says so in its metrics.
-        hub_tests::wait_until("readyz 503 while Redis is down", WAIT, || async { !ready(&hub).await }).await;
+        hub_tests::wait_until("readyz 503 while Redis is down", WAIT, || async {
+            !ready(&hub).await
+        })
+        .await;
         assert_eq!(hub.metric("hub_redis_up").await, 0.0);
         r.restart();
     }
     wait_ready(&hub, Duration::from_secs(20)).await;
     let published = publisher.await.unwrap();
-    assert!(published.attempts.len() > published.acked.len(), "the restart hit the publisher mid-way");
+    assert!(
+        published.attempts.len() > published.acked.len(),
+        "the restart hit the publisher mid-way"
+    );
     check_exactly_once(&mut s, &published).await;
     assert!(hub.metric("hub_redis_reconnects_total").await >= 1.0);
-    assert_eq!(hub.metric(r#"hub_connections{transport="sse"}"#).await, 1.0, "the stream stayed open");
+    assert_eq!(
+        hub.metric(r#"hub_connections{transport="sse"}"#).await,
+        1.0,
+        "the stream stayed open"
+    );
 }
 
 #[tokio::test]
@@ -150,12 +202,22 @@ async fn a_frozen_redis_is_noticed_through_pubsub_and_recovered() {
     let pid = redis.pid().unwrap();
     // SIGSTOP keeps every connection open but nothing answers: only the self-ping notices.
     hub_tests::signal(pid, "STOP");
-    hub_tests::wait_until("readyz 503 while Redis is frozen", Duration::from_secs(12), || async { !ready(&hub).await }).await;
+    hub_tests::wait_until(
+        "readyz 503 while Redis is frozen",
+        Duration::from_secs(12),
+        || async { !ready(&hub).await },
+    )
+    .await;
     hub_tests::signal(pid, "CONT");
     wait_ready(&hub, Duration::from_secs(20)).await;
     let mut conn = redis.conn().await;
-    let env = Envelope { event: None, data: json!("after the freeze") };
-    publish::publish_durable(&mut conn, &ch, &env).await.unwrap();
+    let env = Envelope {
+        event: None,
+        data: json!("after the freeze"),
+    };
+    publish::publish_durable(&mut conn, &ch, &env)
+        .await
+        .unwrap();
     let m = s.next_message(WAIT).await.unwrap();
     assert_eq!(m.data, "after the freeze");
 }
