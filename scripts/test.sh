@@ -10,6 +10,7 @@ need_pkgs=()
 need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 need redis-server redis-server   # Redis-mode, fault and cluster tests (7.0+ for functions)
 need redis-cli redis-tools
+need openssl openssl             # key pairs for the RS256/ES256 token tests
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing: ${need_pkgs[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -1,66 +1,239 @@
-//! Who may read which channel.
+//! Who may read which channel: JWT verification and channel grants.
 //!
-//! `public:*` channels are open to anyone; every other channel needs a token, and without a
-//! configured key no token can be valid, so those answer 401. Grants are whole or nothing.
-//! This module never logs tokens.
+//! `public:*` is open to anyone; `user:<sub>` to a token with that `sub`; every other channel to
+//! a token whose `channels` claim holds it or a pattern for it (`room:*`, `*`). A request is
+//! granted whole or refused whole. Each algorithm is verified only with its own key (no
+//! `alg: none`, no algorithm confusion). Tokens never reach a log line or an error message.
 
+use crate::config::Config;
 use crate::http::error::ApiError;
 use crate::metrics::RejectReason;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use protocol::ChannelName;
 use std::sync::Arc;
 
 /// Prefix of channels anyone may read.
 pub const PUBLIC_PREFIX: &str = "public:";
+/// Prefix of a user's own channel, `user:<sub>`.
+pub const USER_PREFIX: &str = "user:";
 
-/// Who the stream belongs to, once authorized.
+/// The claims the hub reads.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: u64,
+    #[serde(default)]
+    pub channels: Vec<String>,
+}
+
+impl Claims {
+    /// Whether this token may read `channel` (public channels aside).
+    pub fn grants(&self, channel: &str) -> bool {
+        channel.strip_prefix(USER_PREFIX) == Some(self.sub.as_str())
+            || self.channels.iter().any(|p| pattern_matches(p, channel))
+    }
+}
+
+/// `*` matches everything; `prefix*` matches what starts with prefix; anything else matches
+/// itself. A `*` anywhere but at the end is not a pattern (and matches nothing, since channel
+/// names cannot contain `*`).
+pub fn pattern_matches(pattern: &str, channel: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) if !prefix.contains('*') => channel.starts_with(prefix),
+        Some(_) => false,
+        None => pattern == channel,
+    }
+}
+
+/// Who a stream belongs to, once authorized.
 #[derive(Debug, Clone, Default)]
 pub struct Grant {
     /// The token's `sub`; `None` for anonymous readers of public channels.
     pub user: Option<Arc<str>>,
+    /// The token's `exp` (Unix seconds): the stream is closed then.
+    pub expires_at: Option<u64>,
+    /// The verified claims, for later subscriptions on the same connection (WebSocket).
+    pub claims: Option<Arc<Claims>>,
 }
 
-/// Decides a stream request for `channels` with an optional bearer token.
-pub fn authorize(
-    channels: &[ChannelName],
-    token: Option<&str>,
-) -> Result<Grant, (RejectReason, ApiError)> {
-    let protected: Vec<&str> = channels
-        .iter()
-        .map(|c| c.as_str())
-        .filter(|c| !c.starts_with(PUBLIC_PREFIX))
-        .collect();
-    if protected.is_empty() {
-        return Ok(Grant::default());
+/// The configured keys, each with the one algorithm it verifies.
+pub struct Auth {
+    keys: Vec<(Algorithm, DecodingKey)>,
+}
+
+impl Auth {
+    /// Reads `HUB_JWT_SECRET` (HS256) and the PEM at `HUB_JWT_PUBLIC_KEY` (RS256 for an RSA key,
+    /// ES256 for an EC P-256 key). Errors name the variable.
+    pub fn from_config(config: &Config) -> Result<Auth, String> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &config.jwt_secret {
+            if secret.len() < 16 {
+                return Err("HUB_JWT_SECRET must be at least 16 bytes".into());
+            }
+            keys.push((
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.as_bytes()),
+            ));
+        }
+        if let Some(path) = &config.jwt_public_key {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("HUB_JWT_PUBLIC_KEY {path:?}: cannot read: {e}"))?;
+            if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+                keys.push((Algorithm::RS256, k));
+            } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+                keys.push((Algorithm::ES256, k));
+            } else {
+                return Err(format!(
+                    "HUB_JWT_PUBLIC_KEY {path:?}: not an RSA or EC public key in PEM form"
+                ));
+            }
+        }
+        Ok(Auth { keys })
     }
-    let what = if token.is_some() {
-        "the token cannot be verified"
-    } else {
-        "no token was given"
-    };
-    Err((
-        RejectReason::Unauthorized,
-        ApiError::unauthorized(format!(
-            "channel {} needs a token and {what}; no token key is configured on this node, so only public:* channels can be read",
-            protected[0]
-        )),
-    ))
+
+    pub fn configured(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Verifies a token: signature with the key of its algorithm, `exp` (no leeway), `sub`.
+    pub fn verify(&self, token: &str) -> Result<Claims, &'static str> {
+        if self.keys.is_empty() {
+            return Err(
+                "no token key is configured on this node, so only public:* channels can be read",
+            );
+        }
+        let header = jsonwebtoken::decode_header(token).map_err(|_| "the token is not a JWT")?;
+        let Some((alg, key)) = self.keys.iter().find(|(alg, _)| *alg == header.alg) else {
+            return Err("the token's algorithm is not accepted here");
+        };
+        let mut v = Validation::new(*alg);
+        v.leeway = 0;
+        v.validate_aud = false;
+        v.set_required_spec_claims(&["exp", "sub"]);
+        match jsonwebtoken::decode::<Claims>(token, key, &v) {
+            Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims),
+            Ok(_) => Err("the token's sub is empty"),
+            Err(e) => Err(match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
+                jsonwebtoken::errors::ErrorKind::InvalidSignature => {
+                    "the token's signature does not verify"
+                }
+                jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(_) => {
+                    "the token lacks sub or exp"
+                }
+                _ => "the token is invalid",
+            }),
+        }
+    }
+
+    /// Decides a request for `channels` with an optional bearer token: 401 when a protected
+    /// channel is asked without a valid token, 403 when a valid token does not grant one.
+    pub fn authorize(
+        &self,
+        channels: &[ChannelName],
+        token: Option<&str>,
+    ) -> Result<Grant, (RejectReason, ApiError)> {
+        let verified = token.map(|t| self.verify(t));
+        let protected: Vec<&str> = channels
+            .iter()
+            .map(|c| c.as_str())
+            .filter(|c| !c.starts_with(PUBLIC_PREFIX))
+            .collect();
+        let claims = match verified {
+            Some(Ok(c)) => Arc::new(c),
+            // Public channels need nothing: a bad token there is ignored, not refused.
+            _ if protected.is_empty() => return Ok(Grant::default()),
+            None => {
+                return Err((
+                    RejectReason::Unauthorized,
+                    ApiError::unauthorized(format!(
+                        "channel {} needs a token (Authorization: Bearer or ?token=)",
+                        protected[0]
+                    )),
+                ))
+            }
+            Some(Err(why)) => {
+                return Err((
+                    RejectReason::Unauthorized,
+                    ApiError::unauthorized(format!(
+                        "channel {} needs a valid token: {why}",
+                        protected[0]
+                    )),
+                ))
+            }
+        };
+        if let Some(refused) = protected.iter().find(|c| !claims.grants(c)) {
+            return Err((
+                RejectReason::Forbidden,
+                ApiError::forbidden(format!("the token does not grant channel {refused}")),
+            ));
+        }
+        Ok(Grant {
+            user: Some(Arc::from(claims.sub.as_str())),
+            expires_at: Some(claims.exp),
+            claims: Some(claims),
+        })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    fn chans(v: &[&str]) -> Vec<ChannelName> {
-        v.iter().map(|c| ChannelName::new(c).unwrap()).collect()
+    fn claims(sub: &str, channels: &[&str]) -> Claims {
+        Claims {
+            sub: sub.into(),
+            exp: 0,
+            channels: channels.iter().map(|s| s.to_string()).collect(),
+        }
     }
 
     #[test]
-    fn public_channels_need_nothing_others_are_refused_whole() {
-        assert!(authorize(&chans(&["public:a", "public:b"]), None).is_ok());
-        assert!(authorize(&chans(&["public:a"]), Some("junk")).is_ok());
-        let (reason, err) = authorize(&chans(&["public:a", "room:1"]), None).unwrap_err();
-        assert_eq!(reason, RejectReason::Unauthorized);
-        assert_eq!(err.status.as_u16(), 401);
-        assert!(!err.message.contains("junk"));
+    fn patterns() {
+        assert!(pattern_matches("*", "anything:at/all"));
+        assert!(pattern_matches("room:*", "room:7"));
+        assert!(pattern_matches("room:*", "room:"));
+        assert!(!pattern_matches("room:*", "rooms:7"));
+        assert!(pattern_matches("room:7", "room:7"));
+        assert!(!pattern_matches("room:7", "room:77"));
+        assert!(
+            !pattern_matches("ro*m:7", "room:7"),
+            "* only as the last character"
+        );
+        assert!(!pattern_matches("**", "x"));
+    }
+
+    #[test]
+    fn grants() {
+        let c = claims("42", &["room:*", "news"]);
+        assert!(c.grants("user:42"));
+        assert!(!c.grants("user:43"));
+        assert!(!c.grants("user:4"));
+        assert!(c.grants("room:1"));
+        assert!(c.grants("news"));
+        assert!(!c.grants("newsroom"));
+    }
+
+    proptest! {
+        /// A pattern grants a channel exactly when it equals it, or ends in one `*` and the
+        /// channel starts with what precedes it.
+        #[test]
+        fn pattern_rule(prefix in "[a-z:]{0,6}", rest in "[a-z:]{0,6}", star in any::<bool>()) {
+            let pattern = if star { format!("{prefix}*") } else { prefix.clone() };
+            let channel = format!("{prefix}{rest}");
+            prop_assert_eq!(pattern_matches(&pattern, &channel), star || rest.is_empty());
+            prop_assert!(pattern_matches("*", &channel));
+        }
+
+        /// `user:<sub>` is granted to that sub only, whatever the channels claim says otherwise.
+        #[test]
+        fn own_user_channel(sub in "[a-z0-9]{1,8}", other in "[a-z0-9]{1,8}") {
+            let c = claims(&sub, &[]);
+            let own = format!("user:{sub}");
+            let theirs = format!("user:{other}");
+            prop_assert!(c.grants(&own));
+            prop_assert_eq!(c.grants(&theirs), sub == other);
+        }
     }
 }

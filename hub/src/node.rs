@@ -4,6 +4,7 @@
 //! subscribe, recover, start), publishing, closing, draining. Transports and HTTP handlers call
 //! it; it never parses HTTP.
 
+use crate::auth::Auth;
 use crate::broker::{Broker, LocalBroker, RedisBroker};
 use crate::config::{Config, Origins};
 use crate::http::error::ApiError;
@@ -32,6 +33,8 @@ pub struct OpenRequest {
     /// `Last-Event-ID` (or its query-parameter forms), as sent.
     pub last_event_id: Option<String>,
     pub user: Option<Arc<str>>,
+    /// The token's `exp`, when a token was used.
+    pub expires_at: Option<u64>,
 }
 
 /// Shared by `Arc` (actix `web::Data`) with every handler and background task.
@@ -40,6 +43,7 @@ pub struct Node {
     pub name: String,
     pub origins: Origins,
     pub metrics: Arc<Metrics>,
+    pub auth: Auth,
     pub registry: Arc<Registry>,
     pub broker: Broker,
     draining: AtomicBool,
@@ -51,6 +55,7 @@ impl Node {
     /// and starts the broker's background tasks (so it must run inside the runtime).
     pub async fn new(config: Config) -> anyhow::Result<Arc<Node>> {
         let origins = config.origins().map_err(anyhow::Error::msg)?;
+        let auth = Auth::from_config(&config).map_err(anyhow::Error::msg)?;
         let name = config.node_name();
         let metrics = Arc::new(Metrics::new());
         metrics.connections_max.set(config.max_connections as f64);
@@ -85,6 +90,7 @@ impl Node {
             name,
             origins,
             metrics,
+            auth,
             registry,
             broker,
             draining: AtomicBool::new(false),
@@ -138,20 +144,34 @@ impl Node {
                 ),
             ));
         }
-        if !self
-            .registry
-            .try_admit(self.config.max_connections as usize)
-        {
-            return Err(self.reject(
-                RejectReason::Capacity,
-                ApiError::unavailable(
-                    "capacity",
-                    "this node holds its maximum number of streams",
-                    5,
-                ),
-            ));
+        let admitted = self.registry.try_admit(
+            self.config.max_connections as usize,
+            req.user.as_ref(),
+            self.config.max_connections_per_user as usize,
+        );
+        match admitted {
+            Ok(()) => {}
+            Err(RejectReason::UserLimit) => {
+                return Err(self.reject(
+                    RejectReason::UserLimit,
+                    ApiError::new(
+                        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+                        "user_limit",
+                        format!(
+                            "this user already holds {} streams on this node (HUB_MAX_CONNECTIONS_PER_USER)",
+                            self.config.max_connections_per_user
+                        ),
+                    ),
+                ))
+            }
+            Err(reason) => {
+                return Err(self.reject(
+                    reason,
+                    ApiError::unavailable("capacity", "this node holds its maximum number of streams", 5),
+                ))
+            }
         }
-        let session = Arc::new(Session::new(
+        let mut session = Session::new(
             self.registry.next_seq(),
             req.transport,
             req.channels,
@@ -159,7 +179,9 @@ impl Node {
             req.user,
             self.config.outbox_len as usize,
             self.registry.clock.now(),
-        ));
+        );
+        session.expires_at = req.expires_at;
+        let session = Arc::new(session);
         self.registry.register(&session);
         if let Err(e) = self.broker.subscribe(&session.channels).await {
             tracing::warn!(error = %e, "subscribe failed; refusing stream");

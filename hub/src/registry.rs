@@ -5,10 +5,9 @@
 //! and never talks to a broker: it reports which channels gained or lost their last subscriber.
 
 use crate::message::Message;
-use crate::metrics::{CloseReason, DropReason, Metrics, Transport};
+use crate::metrics::{CloseReason, DropReason, Metrics, RejectReason, Transport};
 use crate::session::{Offer, Session};
 use crate::transport;
-use bytes::Bytes;
 use parking_lot::Mutex;
 use protocol::{ChannelName, StreamId};
 use std::collections::HashMap;
@@ -62,6 +61,8 @@ pub struct Registry {
     sessions: Box<[SessionShard]>,
     /// Streams admitted (open or being set up); the limit applies to it.
     admitted: AtomicUsize,
+    /// Streams admitted per token `sub`.
+    users: Mutex<HashMap<Arc<str>, usize>>,
     open: [AtomicUsize; 2],
     channel_count: AtomicUsize,
     next_seq: AtomicU64,
@@ -93,6 +94,7 @@ impl Registry {
             channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             admitted: AtomicUsize::new(0),
+            users: Mutex::new(HashMap::new()),
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             channel_count: AtomicUsize::new(0),
             next_seq: AtomicU64::new(1),
@@ -107,18 +109,47 @@ impl Registry {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Reserves a place for a new stream; `false` when `max` streams are already admitted.
-    pub fn try_admit(&self, max: usize) -> bool {
+    /// Reserves a place for a new stream of `user`: refused with `Capacity` when `max` streams
+    /// are admitted, with `UserLimit` when `user` already has `per_user`. Released by `close`.
+    pub fn try_admit(
+        &self,
+        max: usize,
+        user: Option<&Arc<str>>,
+        per_user: usize,
+    ) -> Result<(), RejectReason> {
+        let mut users = user.map(|_| self.users.lock());
+        if let (Some(users), Some(u)) = (users.as_mut(), user) {
+            if users.get(u).copied().unwrap_or(0) >= per_user {
+                return Err(RejectReason::UserLimit);
+            }
+        }
         self.admitted
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
-            .is_ok()
+            .map_err(|_| RejectReason::Capacity)?;
+        if let (Some(users), Some(u)) = (users.as_mut(), user) {
+            *users.entry(u.clone()).or_insert(0) += 1;
+        }
+        Ok(())
     }
 
-    /// Gives back a place reserved by `try_admit` for a stream that was never registered.
-    pub fn release_admission(&self) {
+    fn release(&self, user: Option<&Arc<str>>) {
         self.admitted.fetch_sub(1, Ordering::AcqRel);
+        if let Some(u) = user {
+            let mut users = self.users.lock();
+            if let Some(n) = users.get_mut(u) {
+                *n -= 1;
+                if *n == 0 {
+                    users.remove(u);
+                }
+            }
+        }
+    }
+
+    /// Streams admitted for `user`.
+    pub fn user_streams(&self, user: &str) -> usize {
+        self.users.lock().get(user).copied().unwrap_or(0)
     }
 
     /// Registers an admitted session under each of its channels. Returns the channels that had
@@ -183,7 +214,7 @@ impl Registry {
             self.open[t as usize].fetch_sub(1, Ordering::Relaxed);
             self.metrics.connections[t as usize].decrement(1.0);
         }
-        self.admitted.fetch_sub(1, Ordering::AcqRel);
+        self.release(session.user.as_ref());
         self.metrics.closed(t, reason).increment(1);
         if reason == CloseReason::Stale {
             self.metrics.stale_closed.increment(1);
@@ -228,22 +259,32 @@ impl Registry {
     }
 
     /// Queues a heartbeat to the streams whose turn it is at `tick` (each stream gets one every
-    /// `every` ticks, spread by its sequence number).
-    pub fn heartbeat(&self, tick: u64, every: u64, frame: &Bytes) {
+    /// `every` ticks, spread by its sequence number), and closes streams whose token expired
+    /// by `now_unix`.
+    pub fn heartbeat(&self, tick: u64, every: u64, now_unix: u64) {
         let mut slow = Vec::new();
+        let mut expired = Vec::new();
         let mut sent = 0;
         let turn = tick % every;
         for shard in self.sessions.iter() {
             let shard = shard.lock();
-            for s in shard.values().filter(|s| s.seq % every == turn) {
-                match s.push_control(frame.clone()) {
-                    Offer::Queued => sent += 1,
-                    Offer::Full => slow.push(s.clone()),
-                    Offer::Skipped => {}
+            for s in shard.values() {
+                if s.expires_at.is_some_and(|e| e <= now_unix) {
+                    expired.push(s.clone());
+                } else if s.seq % every == turn {
+                    match s.push_control(transport::heartbeat(s.transport)) {
+                        Offer::Queued => sent += 1,
+                        Offer::Full => slow.push(s.clone()),
+                        Offer::Skipped => {}
+                    }
                 }
             }
         }
         self.metrics.heartbeats.increment(sent);
+        for s in &expired {
+            tracing::info!(connection_id = %s.id, "closing stream: its token expired");
+            self.close(s, CloseReason::TokenExpired);
+        }
         for s in &slow {
             tracing::info!(connection_id = %s.id, "closing slow stream: no room for a heartbeat");
             self.close(s, CloseReason::Slow);
@@ -368,7 +409,7 @@ mod tests {
     type Opened = (Arc<Session>, Vec<ChannelName>);
 
     fn open(r: &Registry, chans: &[&str], cap: usize) -> Opened {
-        assert!(r.try_admit(100));
+        assert!(r.try_admit(100, None, 1).is_ok());
         let chans: Vec<ChannelName> = chans.iter().map(|c| ChannelName::new(c).unwrap()).collect();
         let n = chans.len();
         let s = Arc::new(Session::new(
@@ -446,6 +487,28 @@ mod tests {
         assert_eq!(got, 10);
         assert_eq!(slow.close_reason(), Some(CloseReason::Slow));
         assert_eq!(r.counts().sse, 1);
+    }
+
+    #[test]
+    fn per_user_admission_is_exact() {
+        let r = reg();
+        let alice: Arc<str> = Arc::from("alice");
+        assert!(r.try_admit(10, Some(&alice), 2).is_ok());
+        assert!(r.try_admit(10, Some(&alice), 2).is_ok());
+        assert_eq!(
+            r.try_admit(10, Some(&alice), 2),
+            Err(RejectReason::UserLimit)
+        );
+        assert_eq!(r.user_streams("alice"), 2);
+        assert_eq!(r.admitted(), 2);
+        r.release(Some(&alice));
+        assert_eq!(r.user_streams("alice"), 1);
+        assert_eq!(r.try_admit(1, Some(&alice), 5), Err(RejectReason::Capacity));
+        assert_eq!(
+            r.user_streams("alice"),
+            1,
+            "a refusal for capacity takes nothing"
+        );
     }
 
     #[test]

@@ -76,6 +76,8 @@ pub struct Session {
     pub envelope: bool,
     /// The token's `sub`, when there is one.
     pub user: Option<Arc<str>>,
+    /// The token's `exp` (Unix seconds): the stream is closed then.
+    pub expires_at: Option<u64>,
     /// Chunks the outbox may hold: a multi-channel stream uses two per message.
     capacity: usize,
     /// Coarse clock reading (seconds) of the last chunk the transport accepted.
@@ -106,6 +108,7 @@ impl Session {
             fingerprint,
             envelope,
             user,
+            expires_at: None,
             capacity: outbox_len * per_message,
             last_write: AtomicU64::new(now),
             closed: AtomicU8::new(0),

@@ -5,7 +5,6 @@
 //! stream owns a timer. This module decides when; the registry does the work.
 
 use crate::node::Node;
-use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,6 @@ const UPKEEP_EVERY_SECS: u64 = 5;
 
 /// Runs until the node is dropped (the task is aborted at shutdown).
 pub async fn run(node: Arc<Node>) {
-    let frame = Bytes::from_static(protocol::sse::HEARTBEAT);
     let every = node.config.heartbeat_secs;
     let sweep_every = node.config.sweep_secs;
     let mut interval = tokio::time::interval(Duration::from_secs(1));
@@ -26,7 +24,8 @@ pub async fn run(node: Arc<Node>) {
         // Catch up on every whole second that passed, so no stream's turn is skipped.
         while done < now {
             done += 1;
-            node.registry.heartbeat(done, every, &frame);
+            node.registry
+                .heartbeat(done, every, crate::broker::local::now_ms() / 1000);
             if done.is_multiple_of(sweep_every) {
                 let closed = node.registry.sweep(node.config.stale_after_secs);
                 node.broker.sweep();

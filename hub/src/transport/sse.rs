@@ -4,7 +4,6 @@
 //! taken, then hands a session to actix as a streaming body. The body only pulls from the
 //! session's outbox; it never waits on other streams, and dropping it closes the session.
 
-use crate::auth;
 use crate::http::cors;
 use crate::http::error::ApiError;
 use crate::metrics::{CloseReason, RejectReason, Transport};
@@ -95,7 +94,10 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
     let allow =
         cors::allow_origin(&req, &node.origins).map_err(|e| refuse(RejectReason::Forbidden, e))?;
     let token = bearer(&req).or(q.token.as_deref());
-    let grant = auth::authorize(&channels, token).map_err(|(r, e)| refuse(r, e))?;
+    let grant = node
+        .auth
+        .authorize(&channels, token)
+        .map_err(|(r, e)| refuse(r, e))?;
     let last_event_id = req
         .headers()
         .get("last-event-id")
@@ -110,6 +112,7 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
             envelope: q.envelope,
             last_event_id,
             user: grant.user,
+            expires_at: grant.expires_at,
         })
         .await
         .map_err(|r| r.error)?;
