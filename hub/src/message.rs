@@ -30,6 +30,8 @@ pub struct Message {
     /// Length of the `id:` line at the start of `plain`/enveloped frames (0 for ephemeral).
     id_len: usize,
     enveloped: OnceLock<Bytes>,
+    /// The WebSocket text frame's payload, built on first use.
+    ws: OnceLock<Bytes>,
 }
 
 impl Message {
@@ -60,6 +62,7 @@ impl Message {
             plain: buf.freeze(),
             id_len,
             enveloped: OnceLock::new(),
+            ws: OnceLock::new(),
         }
     }
 
@@ -89,6 +92,17 @@ impl Message {
             sse::write_event(&mut buf, self.event.as_deref(), &json);
             buf.freeze()
         })
+    }
+
+    /// `{"type":"message","channel":..,"id":..,"event":..,"data":..}`, shared by every
+    /// WebSocket subscriber.
+    pub fn ws_frame(&self) -> Bytes {
+        self.ws
+            .get_or_init(|| {
+                let env = self.envelope_json();
+                Bytes::from(format!("{{\"type\":\"message\",{}", &env[1..]))
+            })
+            .clone()
     }
 
     /// `{"channel":..,"id":..,"event":..,"data":..}` as one line of JSON.
@@ -157,5 +171,10 @@ mod tests {
         assert_eq!(std::str::from_utf8(&m.frame(true)).unwrap(), expected);
         let v: serde_json::Value = serde_json::from_str(&m.envelope_json()).unwrap();
         assert_eq!(v["data"], "line1\nline2");
+        let w: serde_json::Value = serde_json::from_slice(&m.ws_frame()).unwrap();
+        assert_eq!(
+            w,
+            serde_json::json!({"type": "message", "channel": "public:a", "id": "7-1", "event": "message", "data": "line1\nline2"})
+        );
     }
 }

@@ -183,7 +183,8 @@ impl Node {
         session.expires_at = req.expires_at;
         let session = Arc::new(session);
         self.registry.register(&session);
-        if let Err(e) = self.broker.subscribe(&session.channels).await {
+        let channels = session.channels();
+        if let Err(e) = self.broker.subscribe(&channels).await {
             tracing::warn!(error = %e, "subscribe failed; refusing stream");
             self.registry.close(&session, CloseReason::Error);
             return Err(self.reject(
@@ -197,11 +198,11 @@ impl Node {
             .last_event_id
             .as_deref()
             .map(|id| session.decode_cursor(id));
-        let n = session.channels.len();
+        let n = channels.len();
         let mut positions = Vec::with_capacity(n);
         let mut replay = Vec::new();
         let mut reset = Vec::new();
-        for (i, ch) in session.channels.iter().enumerate() {
+        for (i, ch) in channels.iter().enumerate() {
             let since: Option<StreamId> = asked.as_ref().and_then(|a| a.as_ref().map(|p| p[i]));
             let rec = match self.broker.recover(ch, since).await {
                 Ok(r) => r,

@@ -159,7 +159,7 @@ impl Registry {
             .lock()
             .insert(session.seq, session.clone());
         let mut first = Vec::new();
-        for ch in session.channels.iter() {
+        for ch in session.channels().iter() {
             let mut shard = self.channels[shard_of(ch)].lock();
             let subs = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
                 first.push(ch.clone());
@@ -188,26 +188,8 @@ impl Registry {
             .lock()
             .remove(&session.seq)
             .is_some();
-        let mut emptied = Vec::new();
-        for ch in session.channels.iter() {
-            let mut shard = self.channels[shard_of(ch)].lock();
-            if let Some(subs) = shard.get_mut(ch.as_str()) {
-                subs.remove(&session.seq);
-                if subs.is_empty() {
-                    shard.remove(ch.as_str());
-                    emptied.push(ch.clone());
-                }
-            }
-        }
-        if !emptied.is_empty() {
-            self.channel_count
-                .fetch_sub(emptied.len(), Ordering::Relaxed);
-            self.metrics.channels.decrement(emptied.len() as f64);
-            if let Some(tx) = &self.emptied_tx {
-                for ch in emptied {
-                    let _ = tx.send(ch);
-                }
-            }
+        for ch in session.channels() {
+            self.unlink(session, &ch);
         }
         let t = session.transport;
         if registered {
@@ -231,6 +213,59 @@ impl Registry {
                 .increment(dropped as u64);
         }
         true
+    }
+
+    /// Takes `session` off `channel`'s subscribers; announces the channel if it is left empty.
+    fn unlink(&self, session: &Session, channel: &ChannelName) {
+        let emptied = {
+            let mut shard = self.channels[shard_of(channel)].lock();
+            match shard.get_mut(channel.as_str()) {
+                Some(subs) => {
+                    subs.remove(&session.seq);
+                    subs.is_empty() && shard.remove(channel.as_str()).is_some()
+                }
+                None => false,
+            }
+        };
+        if emptied {
+            self.channel_count.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.channels.decrement(1.0);
+            if let Some(tx) = &self.emptied_tx {
+                let _ = tx.send(channel.clone());
+            }
+        }
+    }
+
+    /// Subscribes an open stream to one more channel (WebSocket). The session must already
+    /// hold the channel (pending). `false` if the stream was closed meanwhile.
+    pub fn add_channel(&self, session: &Arc<Session>, channel: &ChannelName) -> bool {
+        let created = {
+            let mut shard = self.channels[shard_of(channel)].lock();
+            let mut created = false;
+            let subs = shard.entry(channel.as_arc().clone()).or_insert_with(|| {
+                created = true;
+                HashMap::new()
+            });
+            subs.insert(session.seq, session.clone());
+            created
+        };
+        if created {
+            self.channel_count.fetch_add(1, Ordering::Relaxed);
+            self.metrics.channels.increment(1.0);
+        }
+        if session.close_reason().is_some() {
+            // Closed between the session taking the channel and this: undo.
+            self.unlink(session, channel);
+            return false;
+        }
+        true
+    }
+
+    /// Unsubscribes a stream from one channel (WebSocket).
+    pub fn remove_channel(&self, session: &Arc<Session>, channel: &ChannelName) {
+        if session.remove_channel(channel) {
+            self.unlink(session, channel);
+        }
     }
 
     /// Offers `msg` to every local subscriber of its channel; closes those that are too slow.
@@ -259,11 +294,13 @@ impl Registry {
     }
 
     /// Queues a heartbeat to the streams whose turn it is at `tick` (each stream gets one every
-    /// `every` ticks, spread by its sequence number), and closes streams whose token expired
-    /// by `now_unix`.
-    pub fn heartbeat(&self, tick: u64, every: u64, now_unix: u64) {
+    /// `every` ticks, spread by its sequence number), closes streams whose token expired by
+    /// `now_unix`, and WebSockets that answered no ping for `stale_after` seconds.
+    pub fn heartbeat(&self, tick: u64, every: u64, now_unix: u64, stale_after: u64) {
         let mut slow = Vec::new();
         let mut expired = Vec::new();
+        let mut stale = Vec::new();
+        let now = self.clock.now();
         let mut sent = 0;
         let turn = tick % every;
         for shard in self.sessions.iter() {
@@ -271,8 +308,12 @@ impl Registry {
             for s in shard.values() {
                 if s.expires_at.is_some_and(|e| e <= now_unix) {
                     expired.push(s.clone());
+                } else if s.transport == Transport::Ws
+                    && now.saturating_sub(s.last_write()) >= stale_after
+                {
+                    stale.push(s.clone());
                 } else if s.seq % every == turn {
-                    match s.push_control(transport::heartbeat(s.transport)) {
+                    match s.push_heartbeat() {
                         Offer::Queued => sent += 1,
                         Offer::Full => slow.push(s.clone()),
                         Offer::Skipped => {}
@@ -284,6 +325,10 @@ impl Registry {
         for s in &expired {
             tracing::info!(connection_id = %s.id, "closing stream: its token expired");
             self.close(s, CloseReason::TokenExpired);
+        }
+        for s in &stale {
+            tracing::info!(connection_id = %s.id, "closing WebSocket: no answer to pings");
+            self.close(s, CloseReason::Stale);
         }
         for s in &slow {
             tracing::info!(connection_id = %s.id, "closing slow stream: no room for a heartbeat");

@@ -22,43 +22,74 @@ pub struct Chunk {
     /// Set on the chunk that completes a message: it counts as a delivery and its latency is
     /// measured from this instant when it is written.
     pub published: Option<Instant>,
+    /// A WebSocket ping rather than data.
+    pub ping: bool,
+}
+
+impl Chunk {
+    fn data(bytes: Bytes, published: Option<Instant>) -> Chunk {
+        Chunk {
+            bytes,
+            published,
+            ping: false,
+        }
+    }
 }
 
 /// Result of offering something to a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Queued,
-    /// Already delivered (an older position), or the stream is ending.
+    /// Already delivered (an older position), not subscribed, or the stream is ending.
     Skipped,
     /// The outbox is full: the reader is too slow; the caller closes the stream.
     Full,
 }
 
-/// The outbox overflowed while a stream was being started (its replay and what arrived
+/// The outbox overflowed while channels were being started (their replay and what arrived
 /// meanwhile did not fit): the caller closes the stream as slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Overflow;
 
-/// What the stream is told when it opens (built by the node once recovery is known).
+/// What a stream (or one newly subscribed channel) is told when it starts.
 pub struct Start {
-    /// Frames written first, in order (`retry`+`hub.connected`, then `hub.reset` if any).
+    /// Frames written first, in order (`hub.connected`, `hub.reset`, `subscribed`...).
     pub head: Vec<Bytes>,
-    /// The position of each channel the stream starts from, in channel order.
+    /// The position each started channel starts from, in the order of `channels`.
     pub positions: Vec<StreamId>,
     /// History to replay, in order per channel.
     pub replay: Vec<Arc<Message>>,
 }
 
+/// One channel of a stream.
+struct Chan {
+    name: ChannelName,
+    /// Last position delivered (or started from); older messages are skipped, which makes
+    /// replay + live exactly-once.
+    pos: StreamId,
+    /// Being started: live messages wait in `Outbox::waiting` until its replay is queued.
+    pending: bool,
+}
+
 struct Outbox {
     queue: VecDeque<Chunk>,
-    /// Last position delivered (or started from) per channel; older messages are skipped, which
-    /// makes replay + live exactly-once.
-    positions: Box<[StreamId]>,
-    /// While the stream is being set up, live messages wait here (bounded like the queue).
-    recovering: Option<Vec<Arc<Message>>>,
+    /// Sorted by name.
+    chans: Vec<Chan>,
+    /// Live messages of pending channels (bounded like the queue).
+    waiting: Vec<Arc<Message>>,
+    /// Frames other than messages may be written (after `hub.connected` for SSE).
+    started: bool,
     waker: Option<Waker>,
     /// No more pushes; the body ends once the queue is drained.
     ending: bool,
+}
+
+impl Outbox {
+    fn index(&self, channel: &str) -> Option<usize> {
+        self.chans
+            .binary_search_by(|c| c.name.as_str().cmp(channel))
+            .ok()
+    }
 }
 
 /// A stream. Cloning the `Arc` is the only sharing; the outbox has its own small lock that is
@@ -69,8 +100,7 @@ pub struct Session {
     /// The `connection_id` clients see.
     pub id: uuid::Uuid,
     pub transport: Transport,
-    /// Sorted and deduplicated.
-    pub channels: Box<[ChannelName]>,
+    /// Fingerprint of the channel list an SSE stream opened with (for its cursor).
     fingerprint: u32,
     /// `envelope=true`: each data is the JSON envelope with the channel.
     pub envelope: bool,
@@ -78,9 +108,10 @@ pub struct Session {
     pub user: Option<Arc<str>>,
     /// The token's `exp` (Unix seconds): the stream is closed then.
     pub expires_at: Option<u64>,
-    /// Chunks the outbox may hold: a multi-channel stream uses two per message.
+    /// Chunks the outbox may hold: a multi-channel SSE stream uses two per message.
     capacity: usize,
-    /// Coarse clock reading (seconds) of the last chunk the transport accepted.
+    /// Coarse clock reading (seconds) of the last sign of life: a chunk the transport accepted
+    /// (SSE) or a frame from the client, pongs included (WebSocket).
     last_write: AtomicU64,
     /// 0 while open, else the `CloseReason` that ended it (first one wins).
     closed: AtomicU8,
@@ -88,6 +119,7 @@ pub struct Session {
 }
 
 impl Session {
+    /// A stream whose `channels` (sorted, deduplicated) all start pending: call `start`.
     pub fn new(
         seq: u64,
         transport: Transport,
@@ -97,14 +129,24 @@ impl Session {
         outbox_len: usize,
         now: u64,
     ) -> Session {
-        let per_message = if channels.len() > 1 { 2 } else { 1 };
+        let per_message = if channels.len() > 1 && transport == Transport::Sse {
+            2
+        } else {
+            1
+        };
         let fingerprint = Cursor::fingerprint(&channels);
-        let n = channels.len();
+        let chans = channels
+            .into_iter()
+            .map(|name| Chan {
+                name,
+                pos: StreamId::ZERO,
+                pending: true,
+            })
+            .collect();
         Session {
             seq,
             id: uuid::Uuid::new_v4(),
             transport,
-            channels: channels.into_boxed_slice(),
             fingerprint,
             envelope,
             user,
@@ -114,12 +156,27 @@ impl Session {
             closed: AtomicU8::new(0),
             outbox: Mutex::new(Outbox {
                 queue: VecDeque::new(),
-                positions: vec![StreamId::ZERO; n].into_boxed_slice(),
-                recovering: Some(Vec::new()),
+                chans,
+                waiting: Vec::new(),
+                started: false,
                 waker: None,
                 ending: false,
             }),
         }
+    }
+
+    /// The channels this stream reads now.
+    pub fn channels(&self) -> Vec<ChannelName> {
+        self.outbox
+            .lock()
+            .chans
+            .iter()
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.outbox.lock().chans.len()
     }
 
     /// The SSE `id:` for these positions (see [`Cursor`]).
@@ -129,13 +186,15 @@ impl Session {
 
     /// Reads a `Last-Event-ID` for this stream's channels.
     pub fn decode_cursor(&self, id: &str) -> Option<Vec<StreamId>> {
-        Cursor::decode(id, self.channels.len(), self.fingerprint)
+        Cursor::decode(id, self.channel_count(), self.fingerprint)
     }
 
-    fn channel_index(&self, channel: &str) -> Option<usize> {
-        self.channels
-            .binary_search_by(|c| c.as_str().cmp(channel))
-            .ok()
+    fn wake(mut ob: parking_lot::MutexGuard<'_, Outbox>) {
+        let waker = ob.waker.take();
+        drop(ob);
+        if let Some(w) = waker {
+            w.wake();
+        }
     }
 
     /// Offers a live message. Never blocks on the reader.
@@ -144,133 +203,175 @@ impl Session {
         if ob.ending {
             return Offer::Skipped;
         }
-        if let Some(buf) = ob.recovering.as_mut() {
-            if buf.len() >= self.capacity {
+        let Some(idx) = ob.index(&msg.channel) else {
+            return Offer::Skipped;
+        };
+        if ob.chans[idx].pending {
+            if ob.waiting.len() >= self.capacity {
                 return Offer::Full;
             }
-            buf.push(msg.clone());
+            ob.waiting.push(msg.clone());
             return Offer::Queued;
         }
-        let offer = self.push_message(&mut ob, msg);
-        let waker = if offer == Offer::Queued {
-            ob.waker.take()
-        } else {
-            None
-        };
-        drop(ob);
-        if let Some(w) = waker {
-            w.wake();
+        let offer = self.push_message(&mut ob, idx, msg);
+        if offer == Offer::Queued {
+            Self::wake(ob);
         }
         offer
     }
 
-    fn push_message(&self, ob: &mut Outbox, msg: &Arc<Message>) -> Offer {
-        let Some(idx) = self.channel_index(&msg.channel) else {
-            return Offer::Skipped;
-        };
-        let multi = self.channels.len() > 1;
+    fn push_message(&self, ob: &mut Outbox, idx: usize, msg: &Arc<Message>) -> Offer {
         if let Some(pos) = msg.position {
-            if pos <= ob.positions[idx] {
+            if pos <= ob.chans[idx].pos {
                 return Offer::Skipped;
             }
         }
-        let needed = if multi && msg.position.is_some() {
-            2
-        } else {
-            1
-        };
-        if ob.queue.len() + needed > self.capacity {
+        let multi =
+            self.transport == Transport::Sse && ob.chans.len() > 1 && msg.position.is_some();
+        if ob.queue.len() + if multi { 2 } else { 1 } > self.capacity {
             return Offer::Full;
         }
+        if let Some(pos) = msg.position {
+            ob.chans[idx].pos = pos;
+        }
         let published = Some(msg.received);
-        match msg.position {
-            Some(pos) => {
-                ob.positions[idx] = pos;
-                if multi {
-                    let cursor = self.cursor(&ob.positions);
-                    let mut line = BytesMut::with_capacity(cursor.len() + 5);
-                    protocol::sse::write_id(&mut line, &cursor);
-                    ob.queue.push_back(Chunk {
-                        bytes: line.freeze(),
-                        published: None,
-                    });
-                    ob.queue.push_back(Chunk {
-                        bytes: msg.frame_body(self.envelope),
-                        published,
-                    });
-                } else {
-                    ob.queue.push_back(Chunk {
-                        bytes: msg.frame(self.envelope),
-                        published,
-                    });
-                }
+        match self.transport {
+            Transport::Ws => ob.queue.push_back(Chunk::data(msg.ws_frame(), published)),
+            Transport::Sse if multi => {
+                let positions: Vec<StreamId> = ob.chans.iter().map(|c| c.pos).collect();
+                let cursor = self.cursor(&positions);
+                let mut line = BytesMut::with_capacity(cursor.len() + 5);
+                protocol::sse::write_id(&mut line, &cursor);
+                ob.queue.push_back(Chunk::data(line.freeze(), None));
+                ob.queue
+                    .push_back(Chunk::data(msg.frame_body(self.envelope), published));
             }
-            None => ob.queue.push_back(Chunk {
-                bytes: msg.frame_body(self.envelope),
-                published,
-            }),
+            Transport::Sse if msg.position.is_some() => ob
+                .queue
+                .push_back(Chunk::data(msg.frame(self.envelope), published)),
+            Transport::Sse => ob
+                .queue
+                .push_back(Chunk::data(msg.frame_body(self.envelope), published)),
         }
         Offer::Queued
     }
 
-    /// Queues a frame that is not a message (heartbeat). Skipped while the stream is being set
-    /// up, so that `hub.connected` stays the first frame.
-    pub fn push_control(&self, bytes: Bytes) -> Offer {
+    /// Queues the transport's heartbeat (SSE comment, WebSocket ping). Skipped until the
+    /// stream has started, so that `hub.connected` stays the first frame.
+    pub fn push_heartbeat(&self) -> Offer {
+        let chunk = match self.transport {
+            Transport::Sse => Chunk::data(Bytes::from_static(protocol::sse::HEARTBEAT), None),
+            Transport::Ws => Chunk {
+                bytes: Bytes::new(),
+                published: None,
+                ping: true,
+            },
+        };
+        self.push_chunk(chunk)
+    }
+
+    /// Queues a frame that is not a message (a WebSocket reply).
+    pub fn push_frame(&self, bytes: Bytes) -> Offer {
+        self.push_chunk(Chunk::data(bytes, None))
+    }
+
+    fn push_chunk(&self, chunk: Chunk) -> Offer {
         let mut ob = self.outbox.lock();
-        if ob.ending || ob.recovering.is_some() {
+        if ob.ending || !ob.started {
             return Offer::Skipped;
         }
         if ob.queue.len() >= self.capacity {
             return Offer::Full;
         }
-        ob.queue.push_back(Chunk {
-            bytes,
-            published: None,
-        });
-        let waker = ob.waker.take();
-        drop(ob);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        ob.queue.push_back(chunk);
+        Self::wake(ob);
         Offer::Queued
     }
 
-    /// Ends set-up: writes the head frames, replays history, then whatever arrived live
-    /// meanwhile, skipping what replay already covered. Returns how many messages were replayed,
-    /// or [`Overflow`].
+    /// Starts every pending channel: writes the head frames, replays history, then what
+    /// arrived live meanwhile, skipping what replay covered. `positions` are in the order of
+    /// the pending channels. Returns how many messages were replayed, or [`Overflow`].
     pub fn start(&self, start: Start) -> Result<usize, Overflow> {
         let mut ob = self.outbox.lock();
+        let pending: Vec<usize> = (0..ob.chans.len())
+            .filter(|&i| ob.chans[i].pending)
+            .collect();
+        self.start_locked(ob_mut(&mut ob), &pending, start)
+            .inspect(|_| Self::wake(ob))
+    }
+
+    /// Adds a channel to a started stream (WebSocket subscribe), pending until
+    /// `start_channel`. `false` if the stream is ending or already has it.
+    pub fn add_channel(&self, name: ChannelName) -> bool {
+        let mut ob = self.outbox.lock();
+        if ob.ending || self.closed.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        match ob.chans.binary_search_by(|c| c.name.cmp(&name)) {
+            Ok(_) => false,
+            Err(at) => {
+                ob.chans.insert(
+                    at,
+                    Chan {
+                        name,
+                        pos: StreamId::ZERO,
+                        pending: true,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Starts one pending channel (see `start`).
+    pub fn start_channel(&self, name: &str, start: Start) -> Result<usize, Overflow> {
+        let mut ob = self.outbox.lock();
+        let Some(idx) = ob.index(name).filter(|&i| ob.chans[i].pending) else {
+            return Ok(0);
+        };
+        self.start_locked(ob_mut(&mut ob), &[idx], start)
+            .inspect(|_| Self::wake(ob))
+    }
+
+    fn start_locked(
+        &self,
+        ob: &mut Outbox,
+        idxs: &[usize],
+        start: Start,
+    ) -> Result<usize, Overflow> {
         if ob.ending {
             return Ok(0);
         }
-        for (slot, p) in ob.positions.iter_mut().zip(&start.positions) {
-            *slot = *p;
+        for (&i, p) in idxs.iter().zip(&start.positions) {
+            ob.chans[i].pos = *p;
+            ob.chans[i].pending = false;
         }
+        ob.started = true;
         for bytes in start.head {
-            ob.queue.push_back(Chunk {
-                bytes,
-                published: None,
-            });
+            ob.queue.push_back(Chunk::data(bytes, None));
         }
         let mut replayed = 0;
         let mut overflow = false;
         for msg in &start.replay {
-            match self.push_message(&mut ob, msg) {
-                Offer::Queued => replayed += 1,
-                Offer::Full => overflow = true,
-                Offer::Skipped => {}
+            if let Some(i) = ob.index(&msg.channel) {
+                match self.push_message(ob, i, msg) {
+                    Offer::Queued => replayed += 1,
+                    Offer::Full => overflow = true,
+                    Offer::Skipped => {}
+                }
             }
         }
-        let live = ob.recovering.take().unwrap_or_default();
-        for msg in &live {
-            if self.push_message(&mut ob, msg) == Offer::Full {
-                overflow = true;
+        let waiting = std::mem::take(&mut ob.waiting);
+        for msg in waiting {
+            match ob.index(&msg.channel) {
+                Some(i) if !ob.chans[i].pending => {
+                    if self.push_message(ob, i, &msg) == Offer::Full {
+                        overflow = true;
+                    }
+                }
+                Some(_) => ob.waiting.push(msg),
+                None => {}
             }
-        }
-        let waker = ob.waker.take();
-        drop(ob);
-        if let Some(w) = waker {
-            w.wake();
         }
         if overflow {
             Err(Overflow)
@@ -279,44 +380,49 @@ impl Session {
         }
     }
 
-    /// The position this stream holds for `channel`; `None` while it is being set up (its own
-    /// recovery covers it) or ending.
+    /// Removes a channel (WebSocket unsubscribe); `false` if it was not there.
+    pub fn remove_channel(&self, name: &str) -> bool {
+        let mut ob = self.outbox.lock();
+        let Some(idx) = ob.index(name) else {
+            return false;
+        };
+        ob.chans.remove(idx);
+        ob.waiting.retain(|m| m.channel.as_str() != name);
+        true
+    }
+
+    /// The position this stream holds for `channel`; `None` while that channel is being
+    /// started (its own recovery covers it) or the stream is ending.
     pub fn position_of(&self, channel: &str) -> Option<StreamId> {
-        let idx = self.channel_index(channel)?;
         let ob = self.outbox.lock();
-        (ob.recovering.is_none() && !ob.ending).then(|| ob.positions[idx])
+        let idx = ob.index(channel)?;
+        (!ob.chans[idx].pending && !ob.ending).then(|| ob.chans[idx].pos)
     }
 
     /// Moves `channel` to `tail` after history lost what the stream would have needed, and
-    /// queues the frame `build` makes from the new positions (`hub.reset`). Returns whether
-    /// the outbox had room; a full one means the caller closes the stream as slow.
+    /// queues the frame `build` makes from the new positions (`hub.reset`). A full outbox
+    /// means the caller closes the stream as slow.
     pub fn reset_to(
         &self,
         channel: &str,
         tail: StreamId,
         build: impl FnOnce(&[StreamId]) -> Bytes,
     ) -> Offer {
-        let Some(idx) = self.channel_index(channel) else {
+        let mut ob = self.outbox.lock();
+        let Some(idx) = ob.index(channel) else {
             return Offer::Skipped;
         };
-        let mut ob = self.outbox.lock();
-        if ob.ending || ob.recovering.is_some() || ob.positions[idx] >= tail {
+        if ob.ending || ob.chans[idx].pending || ob.chans[idx].pos >= tail {
             return Offer::Skipped;
         }
         if ob.queue.len() >= self.capacity {
             return Offer::Full;
         }
-        ob.positions[idx] = tail;
-        let frame = build(&ob.positions);
-        ob.queue.push_back(Chunk {
-            bytes: frame,
-            published: None,
-        });
-        let waker = ob.waker.take();
-        drop(ob);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        ob.chans[idx].pos = tail;
+        let positions: Vec<StreamId> = ob.chans.iter().map(|c| c.pos).collect();
+        let frame = build(&positions);
+        ob.queue.push_back(Chunk::data(frame, None));
+        Self::wake(ob);
         Offer::Queued
     }
 
@@ -337,23 +443,15 @@ impl Session {
         let mut ob = self.outbox.lock();
         let mut dropped = 0;
         if discard_queued {
-            dropped = ob.queue.iter().filter(|c| c.published.is_some()).count();
-            dropped += ob.recovering.as_ref().map_or(0, Vec::len);
+            dropped = ob.queue.iter().filter(|c| c.published.is_some()).count() + ob.waiting.len();
             ob.queue = VecDeque::new();
         }
-        ob.recovering = None;
+        ob.waiting = Vec::new();
         if let Some(bytes) = last {
-            ob.queue.push_back(Chunk {
-                bytes,
-                published: None,
-            });
+            ob.queue.push_back(Chunk::data(bytes, None));
         }
         ob.ending = true;
-        let waker = ob.waker.take();
-        drop(ob);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        Self::wake(ob);
         dropped
     }
 
@@ -385,10 +483,15 @@ impl Session {
         self.last_write.load(Ordering::Relaxed)
     }
 
-    /// Still in set-up (no `hub.connected` written yet).
+    /// Not started yet (for SSE: no `hub.connected` written).
     pub fn is_starting(&self) -> bool {
-        self.outbox.lock().recovering.is_some()
+        !self.outbox.lock().started
     }
+}
+
+/// Reborrows a guard as `&mut Outbox` (keeps call sites short).
+fn ob_mut<'a>(g: &'a mut parking_lot::MutexGuard<'_, Outbox>) -> &'a mut Outbox {
+    &mut *g
 }
 
 #[cfg(test)]
@@ -508,7 +611,7 @@ mod tests {
             s.offer(&msg("a", Some(StreamId::new(9, 0)), "x")),
             Offer::Full
         );
-        assert_eq!(s.push_control(Bytes::from_static(b":\n\n")), Offer::Full);
+        assert_eq!(s.push_heartbeat(), Offer::Full);
         // Finishing a slow stream drops the queue and leaves only the last frame.
         assert_eq!(s.finish(Some(Bytes::from_static(b"bye\n\n")), true), 4);
         assert_eq!(drain(&s), ["bye\n\n"]);

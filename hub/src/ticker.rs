@@ -24,8 +24,9 @@ pub async fn run(node: Arc<Node>) {
         // Catch up on every whole second that passed, so no stream's turn is skipped.
         while done < now {
             done += 1;
+            let now_unix = crate::broker::local::now_ms() / 1000;
             node.registry
-                .heartbeat(done, every, crate::broker::local::now_ms() / 1000);
+                .heartbeat(done, every, now_unix, node.config.stale_after_secs);
             if done.is_multiple_of(sweep_every) {
                 let closed = node.registry.sweep(node.config.stale_after_secs);
                 node.broker.sweep();

@@ -11,13 +11,6 @@ use crate::session::Session;
 use bytes::Bytes;
 use protocol::{ChannelName, StreamId};
 
-/// The heartbeat of a transport (shared bytes; no allocation per stream).
-pub fn heartbeat(transport: Transport) -> Bytes {
-    match transport {
-        Transport::Sse | Transport::Ws => Bytes::from_static(protocol::sse::HEARTBEAT),
-    }
-}
-
 /// Frames written before anything else: `hub.connected`, then `hub.reset` for `reset` channels.
 pub fn opening_frames(
     node: &Node,

@@ -154,10 +154,11 @@ pub fn opening_frames(
     let mut buf = BytesMut::with_capacity(256);
     sse::write_retry(&mut buf, node.config.retry_ms);
     sse::write_id(&mut buf, &session.cursor(positions));
+    let channels = session.channels();
     let data = serde_json::to_string(&Connected {
         connection_id: session.id.to_string(),
         node: &node.name,
-        channels: session.channels.iter().map(|c| c.as_str()).collect(),
+        channels: channels.iter().map(|c| c.as_str()).collect(),
         heartbeat_secs: node.config.heartbeat_secs,
     })
     .unwrap_or_default();
