@@ -365,9 +365,7 @@ impl Session {
         for msg in waiting {
             match ob.index(&msg.channel) {
                 Some(i) if !ob.chans[i].pending => {
-                    if self.push_message(ob, i, &msg) == Offer::Full {
-                        overflow = true;
-                    }
+                    overflow |= self.push_message(ob, i, &msg) == Offer::Full
                 }
                 Some(_) => ob.waiting.push(msg),
                 None => {}

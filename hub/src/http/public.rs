@@ -1,7 +1,7 @@
-//! The public port: `/v1/sse` and health. Nothing else is served here.
+//! The public port: `/v1/sse`, `/v1/ws` and health. Nothing else is served here.
 
 use crate::http::{error, get_only, healthz, readyz};
-use crate::transport::sse;
+use crate::transport::{sse, ws};
 use actix_web::http::Method;
 use actix_web::web;
 
@@ -12,6 +12,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::method(Method::OPTIONS).to(sse::preflight))
             .default_service(web::to(error::method_not_allowed)),
     )
+    .service(get_only("/v1/ws", ws::upgrade))
     .service(get_only("/healthz", healthz))
     .service(get_only("/readyz", readyz))
     .default_service(web::to(error::not_found));

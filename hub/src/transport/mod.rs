@@ -1,9 +1,10 @@
-//! Transports: how a session's frames reach a client (SSE now; WebSocket shares the same flow).
+//! Transports: how a session's frames reach a client, over SSE or WebSocket.
 //!
 //! Each transport builds its own opening and closing frames and its response body; the node
 //! and registry call through here so they never format a wire frame themselves.
 
 pub mod sse;
+pub mod ws;
 
 use crate::metrics::{CloseReason, Transport};
 use crate::node::Node;
@@ -29,7 +30,7 @@ pub fn opening_frames(
 pub fn reset_frame(session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Bytes {
     match session.transport {
         Transport::Sse => sse::reset_frame(session, positions, reset),
-        Transport::Ws => Bytes::new(),
+        Transport::Ws => ws::reset_frame(reset),
     }
 }
 
@@ -37,6 +38,6 @@ pub fn reset_frame(session: &Session, positions: &[StreamId], reset: &[ChannelNa
 pub fn last_frame(session: &Session, reason: CloseReason, retry_ms: u64) -> Option<Bytes> {
     match session.transport {
         Transport::Sse => sse::last_frame(session, reason, retry_ms),
-        Transport::Ws => None,
+        Transport::Ws => ws::last_frame(reason),
     }
 }

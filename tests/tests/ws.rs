@@ -1,0 +1,344 @@
+//! `GET /v1/ws` against a real hub with a real WebSocket client: subscribe/unsubscribe, one
+//! message reaching SSE and WebSocket subscribers alike, resume with `since`, bad frames
+//! (answered, socket kept), oversized frames, tokens, Origin, limits, pings, stale sockets,
+//! and token expiry.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use futures_util::{SinkExt, StreamExt};
+use hub_tests::{prefix, Hub, WAIT};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+const SECRET: &str = "a-test-secret-of-enough-length";
+
+fn token(sub: &str, channels: &[&str], ttl: i64) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+        + ttl;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp, "channels": channels}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn try_ws(hub: &Hub, query: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
+    let mut req = format!("ws://{}/v1/ws{query}", hub.public)
+        .into_client_request()
+        .unwrap();
+    for (k, v) in headers {
+        let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().unwrap();
+        req.headers_mut().insert(name, v.parse().unwrap());
+    }
+    match connect_async(req).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(res)) => Err(res.status().as_u16()),
+        Err(e) => panic!("websocket connect: {e}"),
+    }
+}
+
+async fn ws(hub: &Hub) -> Ws {
+    try_ws(hub, "", &[]).await.unwrap()
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+/// The next text frame as JSON (pings are answered by the client library and skipped).
+async fn next(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("socket open")
+            .unwrap();
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+async fn subscribe(ws: &mut Ws, ch: &str) {
+    send(ws, json!({"op": "subscribe", "channel": ch})).await;
+    assert_eq!(next(ws).await, json!({"type": "subscribed", "channel": ch}));
+}
+
+#[tokio::test]
+async fn subscribe_unsubscribe_and_one_message_to_sse_and_ws() {
+    let hub = Hub::start(&[]).await;
+    let p = prefix("ws");
+    let (a, b) = (format!("{p}.a"), format!("{p}.b"));
+    let mut w = ws(&hub).await;
+    subscribe(&mut w, &a).await;
+    let (mut sse, _) = hub.connect(&format!("channel={a}"), &[]).await;
+    let id = hub.publish(&a, Some("chat"), json!({"t": 1}), true).await;
+    assert_eq!(
+        next(&mut w).await,
+        json!({"type": "message", "channel": a, "id": id, "event": "chat", "data": {"t": 1}})
+    );
+    let m = sse.next_message(WAIT).await.unwrap();
+    assert_eq!(
+        (m.id.as_deref(), m.data.as_str()),
+        (Some(id.as_str()), r#"{"t":1}"#)
+    );
+    assert_eq!(hub.metric(r#"hub_connections{transport="ws"}"#).await, 1.0);
+    // After unsubscribing, a's messages stop; b's still come.
+    send(&mut w, json!({"op": "unsubscribe", "channel": a})).await;
+    assert_eq!(
+        next(&mut w).await,
+        json!({"type": "unsubscribed", "channel": a})
+    );
+    subscribe(&mut w, &b).await;
+    hub.publish(&a, None, json!("not for ws"), true).await;
+    hub.publish(&b, None, json!("for ws"), false).await;
+    let m = next(&mut w).await;
+    assert_eq!(
+        (m["channel"].as_str(), m["data"].as_str()),
+        (Some(b.as_str()), Some("for ws"))
+    );
+    assert_eq!(sse.next_message(WAIT).await.unwrap().data, "not for ws");
+    drop(w);
+    hub.wait_metric(r#"hub_connections{transport="ws"}"#, 0.0, WAIT)
+        .await;
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="ws",reason="client"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn resume_with_since() {
+    let hub = Hub::start(&[]).await;
+    let ch = prefix("since");
+    let ids: Vec<String> = {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            v.push(hub.publish(&ch, None, json!(i), true).await);
+        }
+        v
+    };
+    let mut w = ws(&hub).await;
+    send(
+        &mut w,
+        json!({"op": "subscribe", "channel": ch, "since": ids[0]}),
+    )
+    .await;
+    assert_eq!(next(&mut w).await["type"], "subscribed");
+    assert_eq!(next(&mut w).await["id"], ids[1].as_str());
+    assert_eq!(next(&mut w).await["id"], ids[2].as_str());
+    let live = hub.publish(&ch, None, json!("live"), true).await;
+    assert_eq!(
+        next(&mut w).await["id"],
+        live.as_str(),
+        "no duplicates before live"
+    );
+    // An unreadable position is a reset.
+    let mut w2 = ws(&hub).await;
+    send(
+        &mut w2,
+        json!({"op": "subscribe", "channel": ch, "since": "garbage"}),
+    )
+    .await;
+    assert_eq!(next(&mut w2).await["type"], "subscribed");
+    assert_eq!(next(&mut w2).await, json!({"type": "reset", "channel": ch}));
+}
+
+#[tokio::test]
+async fn bad_frames_get_errors_and_the_socket_stays_open() {
+    let hub = Hub::start(&[("HUB_MAX_CHANNELS_PER_CONN", "2")]).await;
+    let p = prefix("bad");
+    let mut w = ws(&hub).await;
+    for (frame, channel) in [
+        ("junk".to_string(), None),
+        (json!({"op": "subscribe"}).to_string(), None),
+        (
+            json!({"op": "dance", "channel": "public:a"}).to_string(),
+            Some("public:a"),
+        ),
+        (
+            json!({"op": "subscribe", "channel": "bad name"}).to_string(),
+            Some("bad name"),
+        ),
+    ] {
+        w.send(Message::text(frame.clone())).await.unwrap();
+        let e = next(&mut w).await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_u64()),
+            (Some("error"), Some(400)),
+            "{frame}"
+        );
+        assert_eq!(e["channel"].as_str(), channel, "{frame}");
+    }
+    w.send(Message::binary(vec![1, 2, 3])).await.unwrap();
+    assert_eq!(next(&mut w).await["code"], 400);
+    subscribe(&mut w, &format!("{p}.1")).await;
+    subscribe(&mut w, &format!("{p}.2")).await;
+    send(
+        &mut w,
+        json!({"op": "subscribe", "channel": format!("{p}.3")}),
+    )
+    .await;
+    assert_eq!(next(&mut w).await["code"], 400, "HUB_MAX_CHANNELS_PER_CONN");
+    // Still open and working.
+    hub.publish(&format!("{p}.2"), None, json!("ok"), true)
+        .await;
+    assert_eq!(next(&mut w).await["data"], "ok");
+    // An oversized frame is refused and the socket closed.
+    w.send(Message::text("x".repeat(10_000))).await.unwrap();
+    let e = next(&mut w).await;
+    assert_eq!(e["code"], 413);
+    let end = tokio::time::timeout(WAIT, w.next()).await.unwrap();
+    assert!(
+        matches!(end, Some(Ok(Message::Close(_))) | None | Some(Err(_))),
+        "{end:?}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_origin_and_limits() {
+    let hub = Hub::start(&[
+        ("HUB_JWT_SECRET", SECRET),
+        ("HUB_ALLOWED_ORIGINS", "https://app.example"),
+        ("HUB_MAX_CONNECTIONS_PER_USER", "1"),
+    ])
+    .await;
+    // Without a token: public only.
+    let mut anon = ws(&hub).await;
+    send(&mut anon, json!({"op": "subscribe", "channel": "room:1"})).await;
+    assert_eq!(
+        next(&mut anon).await,
+        json!({"type": "error", "code": 401, "message": "this channel needs a token, given at the upgrade", "channel": "room:1"})
+    );
+    subscribe(&mut anon, "public:x").await;
+    // With a token (query or header): its grants.
+    let t = token("u1", &["room:*"], 600);
+    let mut w = try_ws(&hub, &format!("?token={t}"), &[]).await.unwrap();
+    subscribe(&mut w, "room:1").await;
+    subscribe(&mut w, "user:u1").await;
+    send(&mut w, json!({"op": "subscribe", "channel": "secret"})).await;
+    assert_eq!(next(&mut w).await["code"], 403);
+    // Per-user limit: a second socket of u1 is 429; another user is fine.
+    let bearer = format!("Bearer {t}");
+    assert_eq!(
+        try_ws(&hub, "", &[("Authorization", bearer.as_str())])
+            .await
+            .err(),
+        Some(429)
+    );
+    let t2 = token("u2", &[], 600);
+    assert!(try_ws(&hub, &format!("?token={t2}"), &[]).await.is_ok());
+    // Bad token at the upgrade: 401. Origin: another one 403, the allowed one and none fine.
+    assert_eq!(try_ws(&hub, "?token=junk", &[]).await.err(), Some(401));
+    assert_eq!(
+        try_ws(&hub, "", &[("Origin", "https://evil.example")])
+            .await
+            .err(),
+        Some(403)
+    );
+    assert!(try_ws(&hub, "", &[("Origin", "https://app.example")])
+        .await
+        .is_ok());
+}
+
+#[tokio::test]
+async fn the_node_limit_counts_websockets() {
+    let hub = Hub::start(&[("HUB_MAX_CONNECTIONS", "2")]).await;
+    let _w = ws(&hub).await;
+    let (_s, _) = hub
+        .connect(&format!("channel={}", prefix("lim")), &[])
+        .await;
+    assert_eq!(try_ws(&hub, "", &[]).await.err(), Some(503));
+    assert_eq!(
+        hub.sse(&format!("channel={}", prefix("lim")), &[])
+            .await
+            .status,
+        503
+    );
+}
+
+#[tokio::test]
+async fn pings_every_heartbeat_and_silent_sockets_are_stale() {
+    let hub = Hub::start(&[("HUB_HEARTBEAT_SECS", "1"), ("HUB_STALE_AFTER_SECS", "3")]).await;
+    let ch = prefix("ping");
+    let mut reader = ws(&hub).await;
+    subscribe(&mut reader, &ch).await;
+    // A socket that never reads never answers a ping.
+    let _silent = ws(&hub).await;
+    hub.wait_metric(r#"hub_connections{transport="ws"}"#, 2.0, WAIT)
+        .await;
+    let mut pings = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(Some(Ok(Message::Ping(_)))) =
+            tokio::time::timeout_at(deadline, reader.next()).await
+        {
+            pings += 1;
+        }
+    }
+    assert!(pings >= 3, "one ping per heartbeat, got {pings}");
+    hub.wait_metric(
+        r#"hub_connections_closed_total{transport="ws",reason="stale"}"#,
+        1.0,
+        WAIT,
+    )
+    .await;
+    assert_eq!(
+        hub.metric(r#"hub_connections{transport="ws"}"#).await,
+        1.0,
+        "the reader answered and stays"
+    );
+    hub.publish(&ch, None, json!("still"), true).await;
+    assert_eq!(next(&mut reader).await["data"], "still");
+}
+
+#[tokio::test]
+async fn an_expired_token_ends_the_socket_with_an_error_frame() {
+    let hub = Hub::start(&[("HUB_JWT_SECRET", SECRET)]).await;
+    let t = token("u9", &["room:*"], 2);
+    let mut w = try_ws(&hub, &format!("?token={t}"), &[]).await.unwrap();
+    subscribe(&mut w, "room:9").await;
+    let e = next(&mut w).await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_u64()),
+        (Some("error"), Some(401))
+    );
+    let end = tokio::time::timeout(WAIT, w.next()).await.unwrap();
+    assert!(matches!(end, Some(Ok(Message::Close(_))) | None), "{end:?}");
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="ws",reason="token_expired"}"#)
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn sigterm_closes_websockets_as_a_restart() {
+    let mut hub = Hub::start(&[("HUB_DRAIN_SECS", "1")]).await;
+    let mut w = ws(&hub).await;
+    subscribe(&mut w, &prefix("drain")).await;
+    hub.terminate();
+    let end = loop {
+        match tokio::time::timeout(WAIT, w.next()).await.unwrap() {
+            Some(Ok(Message::Ping(_))) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(u16::from(frame.code), 1012),
+        other => panic!("expected a close frame with 1012, got {other:?}"),
+    }
+    assert_eq!(hub.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+}
