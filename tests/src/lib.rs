@@ -237,6 +237,21 @@ impl Hub {
         (s, first)
     }
 
+    /// Whether `/readyz` on the public port answers 200.
+    pub async fn is_ready(&self) -> bool {
+        self.http
+            .get(self.url("/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+    }
+
+    /// Waits until `/readyz` answers 200 (in Redis mode: the subscription is up).
+    pub async fn wait_ready(&self, timeout: Duration) {
+        wait_until("readyz 200", timeout, || self.is_ready()).await;
+    }
+
     /// Sends SIGTERM.
     pub fn terminate(&self) {
         signal(self.child.id(), "TERM");

@@ -22,15 +22,7 @@ async fn two_nodes_on_a_three_master_cluster() {
     let mut hubs = Vec::new();
     for node in ["c0", "c1"] {
         let hub = Hub::start(&[("HUB_REDIS_URL", url.as_str()), ("HUB_NODE_ID", node)]).await;
-        hub_tests::wait_until("readyz 200", WAIT, || async {
-            hub.http
-                .get(hub.url("/readyz"))
-                .send()
-                .await
-                .map(|r| r.status() == 200)
-                .unwrap_or(false)
-        })
-        .await;
+        hub.wait_ready(WAIT).await;
         hubs.push(hub);
     }
     // Enough channels that every shard owns some.

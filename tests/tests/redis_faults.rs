@@ -20,21 +20,8 @@ async fn redis_hub(redis: &Redis) -> Hub {
         ("HUB_STALE_AFTER_SECS", "30"),
     ])
     .await;
-    wait_ready(&hub, WAIT).await;
+    hub.wait_ready(WAIT).await;
     hub
-}
-
-async fn ready(hub: &Hub) -> bool {
-    hub.http
-        .get(hub.url("/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() == 200)
-        .unwrap_or(false)
-}
-
-async fn wait_ready(hub: &Hub, t: Duration) {
-    hub_tests::wait_until("readyz 200", t, || ready(hub)).await;
 }
 
 /// What a publisher that retries through faults got acknowledged, in order. Every attempt has
@@ -154,7 +141,7 @@ async fn killing_the_pubsub_connection_loses_nothing() {
         hub.metric("hub_history_replayed_total").await > 0.0,
         "the backfill ran"
     );
-    wait_ready(&hub, WAIT).await;
+    hub.wait_ready(WAIT).await;
     assert_eq!(hub.metric("hub_redis_up").await, 1.0);
 }
 
@@ -172,13 +159,13 @@ async fn a_full_redis_restart_loses_nothing_and_readiness_follows() {
         r.stop();
         // While Redis is away the node is not ready, and says so in its metrics.
         hub_tests::wait_until("readyz 503 while Redis is down", WAIT, || async {
-            !ready(&hub).await
+            !hub.is_ready().await
         })
         .await;
         assert_eq!(hub.metric("hub_redis_up").await, 0.0);
         r.restart();
     }
-    wait_ready(&hub, Duration::from_secs(20)).await;
+    hub.wait_ready(Duration::from_secs(20)).await;
     let published = publisher.await.unwrap();
     assert!(
         published.attempts.len() > published.acked.len(),
@@ -205,11 +192,11 @@ async fn a_frozen_redis_is_noticed_through_pubsub_and_recovered() {
     hub_tests::wait_until(
         "readyz 503 while Redis is frozen",
         Duration::from_secs(12),
-        || async { !ready(&hub).await },
+        || async { !hub.is_ready().await },
     )
     .await;
     hub_tests::signal(pid, "CONT");
-    wait_ready(&hub, Duration::from_secs(20)).await;
+    hub.wait_ready(Duration::from_secs(20)).await;
     let mut conn = redis.conn().await;
     let env = Envelope {
         event: None,

@@ -21,22 +21,10 @@ async fn redis_hubs(redis: &Redis, n: usize, extra: &[(&str, &str)]) -> Vec<Hub>
         ];
         env.extend_from_slice(extra);
         let hub = Hub::start(&env).await;
-        wait_ready(&hub).await;
+        hub.wait_ready(WAIT).await;
         hubs.push(hub);
     }
     hubs
-}
-
-async fn wait_ready(hub: &Hub) {
-    hub_tests::wait_until("readyz 200", WAIT, || async {
-        hub.http
-            .get(hub.url("/readyz"))
-            .send()
-            .await
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-    })
-    .await;
 }
 
 fn env(data: serde_json::Value) -> Envelope {

@@ -7,7 +7,6 @@ use crate::http::error::ApiError;
 use crate::http::{error, get_only, healthz, readyz};
 use crate::metrics::{DropReason, Source};
 use crate::node::Node;
-use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use protocol::envelope::PublishResponse;
@@ -42,13 +41,7 @@ async fn publish(
     mut body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     if let Some(key) = &node.config.publish_key {
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, k)| k.trim());
+        let given = super::bearer(&req);
         if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
             return Err(ApiError::unauthorized(
                 "publishing needs Authorization: Bearer <HUB_PUBLISH_KEY>",

@@ -9,7 +9,15 @@ pub mod error;
 pub mod public;
 
 use crate::node::Node;
-use actix_web::{web, HttpResponse};
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+
+/// The credential of an `Authorization: Bearer <credential>` header, if there is one.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, rest) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+}
 
 /// `GET /healthz`: the process is alive.
 pub async fn healthz() -> HttpResponse {

@@ -4,8 +4,8 @@
 //! taken, then hands a session to actix as a streaming body. The body only pulls from the
 //! session's outbox; it never waits on other streams, and dropping it closes the session.
 
-use crate::http::cors;
 use crate::http::error::ApiError;
+use crate::http::{bearer, cors};
 use crate::metrics::{CloseReason, RejectReason, Transport};
 use crate::node::{Node, OpenRequest};
 use crate::session::Session;
@@ -128,12 +128,6 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
 /// `OPTIONS /v1/sse` (CORS preflight).
 pub async fn preflight(req: HttpRequest, node: web::Data<Node>) -> Result<HttpResponse, ApiError> {
     cors::preflight(&req, &node.origins)
-}
-
-fn bearer(req: &HttpRequest) -> Option<&str> {
-    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 #[derive(serde::Serialize)]

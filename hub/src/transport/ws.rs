@@ -6,12 +6,11 @@
 //! grants as SSE. A bad frame gets an error frame and the socket stays open.
 
 use crate::auth::{Claims, PUBLIC_PREFIX};
-use crate::http::cors;
 use crate::http::error::ApiError;
+use crate::http::{bearer, cors};
 use crate::metrics::{CloseReason, RejectReason, Transport};
 use crate::node::{Node, OpenRequest};
 use crate::session::{Offer, Session, Start};
-use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, Message as WsMessage};
 use bytes::Bytes;
@@ -71,12 +70,6 @@ fn close_code(reason: Option<CloseReason>) -> CloseCode {
         Some(CloseReason::Error) => CloseCode::Error,
         Some(CloseReason::Client) | None => CloseCode::Normal,
     }
-}
-
-fn bearer(req: &HttpRequest) -> Option<&str> {
-    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 /// `GET /v1/ws`.
