@@ -1,0 +1,62 @@
+//! `loadgen`: holds many SSE streams against a server, publishes to it, and measures.
+//!
+//! - `loadgen hold`: one process holding up to a few thousand streams from one source address,
+//!   counting every delivery per stream and timing it from the send timestamp in the data.
+//! - `loadgen publish`: publishes `<seq> <unix micros>` messages over HTTP or Redis at a fixed
+//!   rate or as fast as replies come, bounded in count.
+//! - `loadgen run`: starts several `hold` processes on 127.0.0.2, .3, ... (so 18,000+ streams
+//!   fit under the per-process file limit), publishes, merges their reports, reads the
+//!   server's CPU time and memory from /proc, prints a summary and writes JSON.
+//!
+//! Every mode is bounded in count and time and stops by itself; traffic goes to loopback only.
+
+mod hold;
+mod publish;
+mod report;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Load generator for the hub")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    Hold(hold::HoldArgs),
+    Publish(publish::PublishArgs),
+    Run(run::RunArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: cannot start a runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Hold(a) => hold::main(a).await,
+            Cmd::Publish(a) => publish::main(a)
+                .await
+                .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default())),
+            Cmd::Run(a) => run::main(a).await,
+        }
+    });
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

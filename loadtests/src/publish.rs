@@ -1,0 +1,105 @@
+//! `loadgen publish`: sends `<seq> <unix micros>` messages over HTTP (`POST /v1/publish`) or
+//! Redis (`FCALL hub_publish` / `PUBLISH`), at a fixed rate or as fast as replies come.
+
+use crate::hold::now_us;
+use protocol::{publish, Envelope};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PublishArgs {
+    /// Admin URL of a hub (http://127.0.0.1:9090), or any URL accepting the same POST body.
+    #[arg(long, conflicts_with = "redis")]
+    pub http: Option<String>,
+    /// Redis URL: publish with FCALL hub_publish (durable) or PUBLISH (ephemeral).
+    #[arg(long)]
+    pub redis: Option<String>,
+    /// Channel(s) to publish to, taken in turn.
+    #[arg(long = "channel", required = true)]
+    pub channels: Vec<String>,
+    /// Messages to send.
+    #[arg(long, default_value_t = 10)]
+    pub count: u64,
+    /// Messages per second; 0 sends the next one as soon as the previous one is answered.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Ephemeral instead of durable.
+    #[arg(long)]
+    pub ephemeral: bool,
+    /// Padding bytes added to each message's data.
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct PublishReport {
+    pub sent: u64,
+    pub errors: u64,
+    pub secs: f64,
+}
+
+fn data(seq: u64, pad: usize) -> String {
+    let mut s = format!("{seq} {}", now_us());
+    if pad > 0 {
+        s.push(' ');
+        s.extend(std::iter::repeat_n('x', pad));
+    }
+    s
+}
+
+pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
+    let mut report = PublishReport::default();
+    let started = Instant::now();
+    let mut tick = (args.rate > 0.0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let http = reqwest::Client::new();
+    let mut redis_conn = match &args.redis {
+        Some(url) => Some(
+            redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await?,
+        ),
+        None => None,
+    };
+    for seq in 0..args.count {
+        if let Some(t) = tick.as_mut() {
+            t.tick().await;
+        }
+        let channel = &args.channels[(seq as usize) % args.channels.len()];
+        let d = data(seq, args.pad);
+        let ok = if let Some(conn) = redis_conn.as_mut() {
+            let env = Envelope {
+                event: None,
+                data: d.into(),
+            };
+            if args.ephemeral {
+                publish::publish_ephemeral(conn, channel, &env, false)
+                    .await
+                    .is_ok()
+            } else {
+                publish::publish_durable(conn, channel, &env).await.is_ok()
+            }
+        } else if let Some(url) = &args.http {
+            let body =
+                serde_json::json!({"channel": channel, "data": d, "durable": !args.ephemeral});
+            http.post(format!("{}/v1/publish", url.trim_end_matches('/')))
+                .json(&body)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
+        } else {
+            anyhow::bail!("give --http or --redis");
+        };
+        if ok {
+            report.sent += 1;
+        } else {
+            report.errors += 1;
+        }
+    }
+    report.secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}

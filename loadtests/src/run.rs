@@ -1,0 +1,191 @@
+//! `loadgen run`: several `hold` processes (one source address each), one publisher, one
+//! merged report with the server's CPU time and memory read from /proc.
+
+use crate::publish::{self, PublishReport};
+use crate::report::{HoldReport, Latency};
+use anyhow::Context as _;
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub target: SocketAddr,
+    /// Request path and query of each stream.
+    #[arg(long)]
+    pub path: String,
+    /// Streams in all.
+    #[arg(long)]
+    pub streams: u64,
+    /// Holder processes; process i binds 127.0.0.(2+i).
+    #[arg(long, default_value_t = 1)]
+    pub processes: u64,
+    /// Messages each stream should receive (defaults to the publish count).
+    #[arg(long)]
+    pub expect: Option<u64>,
+    /// Longest run, in seconds.
+    #[arg(long, default_value_t = 120)]
+    pub duration: u64,
+    /// PID of the server, for CPU time and memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Write the JSON report here too.
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub publish: publish::PublishArgs,
+}
+
+/// CPU seconds (user + system) and resident memory of a process.
+#[derive(Debug, Default, Clone, Copy, Serialize)]
+pub struct ProcSample {
+    pub cpu_secs: f64,
+    pub rss_kb: u64,
+}
+
+pub fn sample(pid: u32) -> Option<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // Linux reports in USER_HZ, 100 on every mainstream configuration.
+    Some(ProcSample {
+        cpu_secs: ticks / 100.0,
+        rss_kb,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct RunReport {
+    pub streams: u64,
+    pub opened: u64,
+    pub failed: u64,
+    pub connect_secs: f64,
+    pub expected_deliveries: u64,
+    pub deliveries: u64,
+    pub missing: i64,
+    pub duplicates: u64,
+    pub latency: Latency,
+    pub publish: PublishReport,
+    pub server_before: Option<ProcSample>,
+    pub server_after: Option<ProcSample>,
+    pub server_rss_kb_per_stream: Option<f64>,
+    pub server_cpu_secs_per_million_deliveries: Option<f64>,
+    pub holds: HoldReport,
+}
+
+pub async fn main(args: RunArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("own path")?;
+    let expect = args.expect.unwrap_or(args.publish.count);
+    let idle = args.server_pid.and_then(sample);
+    let mut children = Vec::new();
+    let per = args.streams.div_ceil(args.processes.max(1));
+    let mut left = args.streams;
+    for i in 0..args.processes.max(1) {
+        let n = per.min(left);
+        left -= n;
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8));
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.arg("hold")
+            .arg("--target")
+            .arg(args.target.to_string())
+            .arg("--path")
+            .arg(&args.path)
+            .arg("--streams")
+            .arg(n.to_string())
+            .arg("--source")
+            .arg(ip.to_string())
+            .arg("--expect")
+            .arg(expect.to_string())
+            .arg("--duration")
+            .arg(args.duration.to_string())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().context("spawn hold")?;
+        let stdout = child.stdout.take().context("hold stdout")?;
+        children.push((child, BufReader::new(stdout).lines()));
+    }
+    let started = Instant::now();
+    let (mut opened, mut failed) = (0, 0);
+    for (_, lines) in children.iter_mut() {
+        let line = tokio::time::timeout(Duration::from_secs(args.duration), lines.next_line())
+            .await
+            .context("a holder did not get ready in time")??
+            .context("a holder exited before READY")?;
+        let mut it = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse::<u64>().unwrap_or(0));
+        opened += it.next().unwrap_or(0);
+        failed += it.next().unwrap_or(0);
+    }
+    eprintln!(
+        "loadgen: {opened} streams open ({failed} failed) in {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+    let before = args.server_pid.and_then(sample);
+    let publish = publish::main(args.publish.clone()).await?;
+    let mut holds = HoldReport::default();
+    for (mut child, mut lines) in children {
+        let mut last = None;
+        while let Ok(Some(l)) = lines.next_line().await {
+            last = Some(l);
+        }
+        let _ = child.wait().await;
+        let r: HoldReport =
+            serde_json::from_str(last.as_deref().unwrap_or("")).context("a holder's report")?;
+        holds.merge(&r);
+    }
+    let after = args.server_pid.and_then(sample);
+    let expected = opened * expect;
+    let cpu = match (before, after) {
+        (Some(b), Some(a)) if holds.deliveries > 0 => {
+            Some((a.cpu_secs - b.cpu_secs) / holds.deliveries as f64 * 1e6)
+        }
+        _ => None,
+    };
+    let per_stream = match (idle, before) {
+        (Some(i), Some(b)) if opened > 0 => {
+            Some((b.rss_kb as f64 - i.rss_kb as f64) / opened as f64)
+        }
+        _ => None,
+    };
+    let report = RunReport {
+        streams: args.streams,
+        opened,
+        failed,
+        connect_secs: holds.connect_secs,
+        expected_deliveries: expected,
+        deliveries: holds.deliveries,
+        missing: expected as i64 - holds.deliveries as i64,
+        duplicates: holds.duplicates,
+        latency: Latency::of(&holds.histogram()),
+        publish,
+        server_before: before,
+        server_after: after,
+        server_rss_kb_per_stream: per_stream,
+        server_cpu_secs_per_million_deliveries: cpu,
+        holds: HoldReport {
+            latency_us: Vec::new(),
+            ..holds
+        },
+    };
+    let text = serde_json::to_string_pretty(&report)?;
+    if let Some(path) = &args.report {
+        std::fs::write(path, &text).with_context(|| format!("write {}", path.display()))?;
+    }
+    println!("{text}");
+    Ok(())
+}
