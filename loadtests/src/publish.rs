@@ -14,6 +14,10 @@ pub struct PublishArgs {
     /// Redis URL: publish with FCALL hub_publish (durable) or PUBLISH (ephemeral).
     #[arg(long)]
     pub redis: Option<String>,
+    /// POST the bare data to this URL, `{channel}` replaced (a peer such as Nchan:
+    /// http://127.0.0.1:8090/pub?id={channel}).
+    #[arg(long = "raw-post")]
+    pub raw_post: Option<String>,
     /// Channel(s) to publish to, taken in turn.
     #[arg(long = "channel", required = true)]
     pub channels: Vec<String>,
@@ -82,6 +86,13 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
             } else {
                 publish::publish_durable(conn, channel, &env).await.is_ok()
             }
+        } else if let Some(url) = &args.raw_post {
+            http.post(url.replace("{channel}", channel))
+                .body(d)
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false)
         } else if let Some(url) = &args.http {
             let body =
                 serde_json::json!({"channel": channel, "data": d, "durable": !args.ephemeral});
@@ -92,7 +103,7 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
                 .map(|r| r.status().is_success())
                 .unwrap_or(false)
         } else {
-            anyhow::bail!("give --http or --redis");
+            anyhow::bail!("give --http, --redis or --raw-post");
         };
         if ok {
             report.sent += 1;

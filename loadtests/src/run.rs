@@ -46,11 +46,12 @@ pub struct ProcSample {
     pub rss_kb: u64,
 }
 
-pub fn sample(pid: u32) -> Option<ProcSample> {
+fn sample_one(pid: u32) -> Option<(u32, ProcSample)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may contain spaces) start after the last ')'.
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
+    let ppid: u32 = f.get(1)?.parse().ok()?;
     let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let rss_kb = status
@@ -61,10 +62,32 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
         .parse()
         .ok()?;
     // Linux reports in USER_HZ, 100 on every mainstream configuration.
-    Some(ProcSample {
-        cpu_secs: ticks / 100.0,
-        rss_kb,
-    })
+    Some((
+        ppid,
+        ProcSample {
+            cpu_secs: ticks / 100.0,
+            rss_kb,
+        },
+    ))
+}
+
+/// CPU time and RSS of a server process plus its direct children (nginx's workers, say).
+pub fn sample(pid: u32) -> Option<ProcSample> {
+    let (_, mut total) = sample_one(pid)?;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if let Some((_, s)) = sample_one(child).filter(|(ppid, _)| *ppid == pid) {
+            total.cpu_secs += s.cpu_secs;
+            total.rss_kb += s.rss_kb;
+        }
+    }
+    Some(total)
 }
 
 #[derive(Debug, Serialize)]
