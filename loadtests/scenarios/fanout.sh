@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Scenarios 1 and 2 of issue 5, side by side in one run: STREAMS streams on one channel (idle
-# memory per stream, time to connect all), then COUNT messages at 1/s (delivered vs expected,
-# latency p50/p99/max, server CPU-seconds per million deliveries). Hub (embedded broker) and
-# Nchan (nginx, memory store, 2 workers) alternate, RUNS times each; prints medians and ratios.
-# Loopback only; every server is stopped by its PID.
+# Scenarios 1-3 of issue 5, side by side in one run: STREAMS streams on one channel (idle
+# memory per stream, time to connect all), then COUNT messages at RATE per second (delivered vs
+# expected, deliveries/s, latency p50/p99/max, server CPU-seconds per million deliveries).
+# RATE=0 publishes each message as soon as the previous publish is answered (throughput).
+# Hub (embedded broker) and Nchan (nginx, memory store, 2 workers) alternate, RUNS times each;
+# prints medians and ratios. Loopback only; every server is stopped by its PID.
+#   fan-out:    RUNS=3 STREAMS=10000 PROCS=5 COUNT=20 RATE=1 bash loadtests/scenarios/fanout.sh
+#   throughput: RUNS=3 STREAMS=1000 PROCS=1 COUNT=5000 RATE=0 bash loadtests/scenarios/fanout.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3}
+STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} RATE=${RATE:-1}
+# Longest a run may take (seconds), whatever happens.
+LIMIT=${LIMIT:-120}
 command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
     echo "needs nginx and libnginx-mod-nchan (apt-get install nginx libnginx-mod-nchan)" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
@@ -22,8 +27,8 @@ run_hub() {
     pub=$(grep -o 'public=[^ ]*' "$OUT/hub.out" | cut -d= -f2)
     adm=$(grep -o 'admin=[^ ]*' "$OUT/hub.out" | cut -d= -f2)
     $LOADGEN run --target "$pub" --path '/v1/sse?channel=public:bench' --streams "$STREAMS" --processes "$PROCS" \
-        --http "http://$adm" --channel public:bench --count "$COUNT" --rate 1 --server-pid "$pid" \
-        --duration $((COUNT + 60)) --report "$OUT/hub-$1.json" > /dev/null
+        --http "http://$adm" --channel public:bench --count "$COUNT" --rate "$RATE" --server-pid "$pid" \
+        --duration "$LIMIT" --report "$OUT/hub-$1.json" > /dev/null
     kill -TERM "$pid"; wait "$pid" || true
 }
 
@@ -37,8 +42,8 @@ run_nchan() {
     for _ in $(seq 100); do [ -s "$dir/nginx.pid" ] && break; sleep 0.05; done
     sleep 0.3
     $LOADGEN run --target "127.0.0.1:$port" --path /sub/bench --streams "$STREAMS" --processes "$PROCS" \
-        --raw-post "http://127.0.0.1:$port/pub?id={channel}" --channel bench --count "$COUNT" --rate 1 \
-        --server-pid "$pid" --duration $((COUNT + 60)) --report "$OUT/nchan-$1.json" > /dev/null
+        --raw-post "http://127.0.0.1:$port/pub?id={channel}" --channel bench --count "$COUNT" --rate "$RATE" \
+        --server-pid "$pid" --duration "$LIMIT" --report "$OUT/nchan-$1.json" > /dev/null
     kill -TERM "$pid"; wait "$pid" || true
 }
 
@@ -47,9 +52,9 @@ for r in $(seq "$RUNS"); do
     echo "run $r/$RUNS: nchan" >&2; run_nchan "$r"
 done
 
-python3 - "$OUT" "$RUNS" "$STREAMS" "$COUNT" <<'PY'
+python3 - "$OUT" "$RUNS" "$STREAMS" "$COUNT" "$RATE" <<'PY'
 import json, statistics, sys
-out, runs, streams, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+out, runs, streams, count, rate = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 def load(name): return [json.load(open(f"{out}/{name}-{r}.json")) for r in range(1, runs + 1)]
 rows = [
     ("streams opened", lambda r: r["opened"]),
@@ -57,13 +62,15 @@ rows = [
     ("server RSS per idle stream (KB)", lambda r: r["server_rss_kb_per_stream"]),
     ("delivered / expected (%)", lambda r: 100.0 * r["deliveries"] / max(1, r["expected_deliveries"])),
     ("duplicates", lambda r: r["duplicates"]),
+    ("streams ended by the server", lambda r: r["holds"]["streams_ended"]),
+    ("deliveries per second", lambda r: r["deliveries_per_sec"]),
     ("latency p50 (ms)", lambda r: r["latency"]["p50_ms"]),
     ("latency p99 (ms)", lambda r: r["latency"]["p99_ms"]),
     ("latency max (ms)", lambda r: r["latency"]["max_ms"]),
     ("server CPU-s per million deliveries", lambda r: r["server_cpu_secs_per_million_deliveries"]),
 ]
 hub, nchan = load("hub"), load("nchan")
-print(f"fan-out: {streams} streams, {count} messages at 1/s; medians of {runs} runs")
+print(f"{streams} streams, {count} messages at rate {rate}/s (0 = closed loop); medians of {runs} runs")
 print(f"{'':38} {'hub':>10} {'nchan':>10} {'hub/nchan':>10}")
 for name, f in rows:
     h = statistics.median(f(r) for r in hub); n = statistics.median(f(r) for r in nchan)

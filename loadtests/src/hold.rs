@@ -66,6 +66,8 @@ struct Chunked {
     remaining: usize,
     /// CR LF still to skip after a chunk's data.
     skip: usize,
+    /// The last chunk (size 0) was seen: the response, and so the stream, is over.
+    done: bool,
 }
 
 impl Chunked {
@@ -90,7 +92,12 @@ impl Chunked {
                     let line = String::from_utf8_lossy(&self.size_line);
                     let hex = line.trim().split(';').next().unwrap_or("");
                     self.remaining = usize::from_str_radix(hex, 16).unwrap_or(0);
+                    let last = self.remaining == 0 && !hex.is_empty();
                     self.size_line.clear();
+                    if last {
+                        self.done = true;
+                        return;
+                    }
                 } else {
                     self.size_line.push(b);
                 }
@@ -209,6 +216,7 @@ async fn one(
             c.feed(data, &mut body);
         }
         st.feed(&body, &shared, &mut lat);
+        let over = chunked.as_ref().is_some_and(|c| c.done);
         body.clear();
         if !lat.is_empty() {
             if let Ok(mut h) = shared.hist.lock() {
@@ -220,6 +228,11 @@ async fn one(
         if !reached && shared.expect.is_some_and(|e| st.count >= e) {
             reached = true;
             shared.done.fetch_add(1, Ordering::Relaxed);
+        }
+        if over {
+            // The server ended the response (a keep-alive connection stays open after it).
+            shared.ended.fetch_add(1, Ordering::Relaxed);
+            break;
         }
     }
     if let Ok(mut c) = shared.counts.lock() {
@@ -326,6 +339,7 @@ mod tests {
             c.feed(&wire[..split], &mut out);
             c.feed(&wire[split..], &mut out);
             assert_eq!(out, b"hello world, ok.", "split at {split}");
+            assert!(c.done, "the last chunk ends the body");
         }
     }
 }

@@ -98,6 +98,8 @@ pub struct RunReport {
     pub connect_secs: f64,
     pub expected_deliveries: u64,
     pub deliveries: u64,
+    /// Deliveries per second, from the first publish to the last holder's end.
+    pub deliveries_per_sec: f64,
     pub missing: i64,
     pub duplicates: u64,
     pub latency: Latency,
@@ -159,6 +161,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     );
     let before = args.server_pid.and_then(sample);
+    let publish_started = Instant::now();
     let publish = publish::main(args.publish.clone()).await?;
     let mut holds = HoldReport::default();
     for (mut child, mut lines) in children {
@@ -172,6 +175,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         holds.merge(&r);
     }
     let after = args.server_pid.and_then(sample);
+    let busy_secs = publish_started.elapsed().as_secs_f64();
     let expected = opened * expect;
     let cpu = match (before, after) {
         (Some(b), Some(a)) if holds.deliveries > 0 => {
@@ -192,6 +196,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         connect_secs: holds.connect_secs,
         expected_deliveries: expected,
         deliveries: holds.deliveries,
+        deliveries_per_sec: holds.deliveries as f64 / busy_secs.max(1e-9),
         missing: expected as i64 - holds.deliveries as i64,
         duplicates: holds.duplicates,
         latency: Latency::of(&holds.histogram()),
