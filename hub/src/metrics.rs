@@ -3,10 +3,10 @@
 //! Handles are resolved once at start-up so that hot paths do an atomic add, never a map lookup.
 //! This module does not decide when things happen; callers record them.
 
-use metrics::{
-    Counter, Gauge, Histogram, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit,
-};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub const CONNECTIONS: &str = "hub_connections";
 pub const CONNECTIONS_MAX: &str = "hub_connections_max";
@@ -28,6 +28,57 @@ pub const HISTORY_REPLAYED: &str = "hub_history_replayed_total";
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+
+/// The delivery-latency histogram: fixed buckets of atomic counters.
+///
+/// Recorded once per delivery, so it must cost an atomic add and no memory: the exporter's own
+/// histograms keep every raw sample until the next upkeep, which at 2 million deliveries per
+/// second held tens of MB between upkeeps (seen in the slow-readers benchmark).
+pub struct LatencyHistogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_ns: AtomicU64,
+}
+
+impl LatencyHistogram {
+    fn new() -> Self {
+        LatencyHistogram {
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_ns: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one latency, in seconds.
+    pub fn record(&self, secs: f64) {
+        let i = LATENCY_BUCKETS.partition_point(|le| *le < secs);
+        if let Some(b) = self.buckets.get(i) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ns
+            .fetch_add((secs.max(0.0) * 1e9) as u64, Ordering::Relaxed);
+    }
+
+    /// Prometheus text for the histogram (cumulative buckets, `+Inf`, sum, count).
+    fn render(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "# HELP {DELIVERY_LATENCY} Time from publish to write on a stream."
+        );
+        let _ = writeln!(out, "# TYPE {DELIVERY_LATENCY} histogram");
+        let mut cumulative = 0;
+        for (le, b) in LATENCY_BUCKETS.iter().zip(&self.buckets) {
+            cumulative += b.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{DELIVERY_LATENCY}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{DELIVERY_LATENCY}_bucket{{le=\"+Inf\"}} {count}");
+        let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{DELIVERY_LATENCY}_sum {sum}");
+        let _ = writeln!(out, "{DELIVERY_LATENCY}_count {count}");
+    }
+}
 
 /// Stream transports; the index into per-transport handles.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,7 +222,7 @@ pub struct Metrics {
     received: [Counter; 3],
     pub delivered: Counter,
     dropped: [Counter; 3],
-    pub latency: Histogram,
+    pub latency: LatencyHistogram,
     pub heartbeats: Counter,
     pub stale_closed: Counter,
     pub redis_up: Gauge,
@@ -185,10 +236,7 @@ impl Metrics {
     /// Builds a private Prometheus recorder (no global state, so tests may build several) and
     /// registers every metric so that each appears in `/metrics` from the start.
     pub fn new() -> Metrics {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Full(DELIVERY_LATENCY.into()), LATENCY_BUCKETS)
-            .unwrap_or_else(|_| PrometheusBuilder::new());
-        let rec = builder.build_recorder();
+        let rec = PrometheusBuilder::new().build_recorder();
         let describe = |name: &'static str, unit: Option<Unit>, help: &'static str| {
             let key = KeyName::from_const_str(name);
             let help = SharedString::const_str(help);
@@ -196,7 +244,6 @@ impl Metrics {
                 CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP => {
                     rec.describe_gauge(key, unit, help)
                 }
-                DELIVERY_LATENCY => rec.describe_histogram(key, unit, help),
                 _ => rec.describe_counter(key, unit, help),
             }
         };
@@ -229,11 +276,6 @@ impl Metrics {
             "Messages written to a stream (one per stream).",
         );
         describe(MESSAGES_DROPPED, None, "Messages not delivered, by reason.");
-        describe(
-            DELIVERY_LATENCY,
-            Some(Unit::Seconds),
-            "Time from publish to write on a stream.",
-        );
         describe(HEARTBEATS_SENT, None, "Heartbeats queued to streams.");
         describe(STALE_CLOSED, None, "Streams closed by the stale sweep.");
         describe(
@@ -276,7 +318,7 @@ impl Metrics {
             delivered: counter(MESSAGES_DELIVERED, vec![]),
             dropped: DropReason::ALL
                 .map(|r| counter(MESSAGES_DROPPED, vec![Label::new("reason", r.as_str())])),
-            latency: rec.register_histogram(&Key::from_name(DELIVERY_LATENCY), &META),
+            latency: LatencyHistogram::new(),
             heartbeats: counter(HEARTBEATS_SENT, vec![]),
             stale_closed: counter(STALE_CLOSED, vec![]),
             redis_up: gauge(REDIS_UP, vec![]),
@@ -325,10 +367,13 @@ impl Metrics {
 
     /// Prometheus text exposition.
     pub fn render(&self) -> String {
-        self.handle.render()
+        let mut text = self.handle.render();
+        text.push('\n');
+        self.latency.render(&mut text);
+        text
     }
 
-    /// Drains histogram samples into their buckets; call every few seconds.
+    /// Housekeeping of the exporter; call every few seconds.
     pub fn upkeep(&self) {
         self.handle.run_upkeep();
     }

@@ -7,11 +7,13 @@
 # prints medians and ratios. Loopback only; every server is stopped by its PID.
 #   fan-out:    RUNS=3 STREAMS=10000 PROCS=5 COUNT=20 RATE=1 bash loadtests/scenarios/fanout.sh
 #   throughput: RUNS=3 STREAMS=1000 PROCS=1 COUNT=5000 RATE=0 bash loadtests/scenarios/fanout.sh
+#   slow readers: STALL=100 of the STREAMS stop reading once open; PAD adds bytes per message:
+#               RUNS=3 STREAMS=1100 STALL=100 PROCS=1 COUNT=3000 RATE=0 PAD=1000 bash loadtests/scenarios/fanout.sh
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} RATE=${RATE:-1}
 # Longest a run may take (seconds), whatever happens.
-LIMIT=${LIMIT:-120}
+LIMIT=${LIMIT:-120} STALL=${STALL:-0} PAD=${PAD:-0}
 command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
     echo "needs nginx and libnginx-mod-nchan (apt-get install nginx libnginx-mod-nchan)" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
@@ -27,7 +29,7 @@ run_hub() {
     pub=$(grep -o 'public=[^ ]*' "$OUT/hub.out" | cut -d= -f2)
     adm=$(grep -o 'admin=[^ ]*' "$OUT/hub.out" | cut -d= -f2)
     $LOADGEN run --target "$pub" --path '/v1/sse?channel=public:bench' --streams "$STREAMS" --processes "$PROCS" \
-        --http "http://$adm" --channel public:bench --count "$COUNT" --rate "$RATE" --server-pid "$pid" \
+        --http "http://$adm" --channel public:bench --count "$COUNT" --rate "$RATE" --stall "$STALL" --pad "$PAD" --server-pid "$pid" \
         --duration "$LIMIT" --report "$OUT/hub-$1.json" > /dev/null
     kill -TERM "$pid"; wait "$pid" || true
 }
@@ -42,7 +44,7 @@ run_nchan() {
     for _ in $(seq 100); do [ -s "$dir/nginx.pid" ] && break; sleep 0.05; done
     sleep 0.3
     $LOADGEN run --target "127.0.0.1:$port" --path /sub/bench --streams "$STREAMS" --processes "$PROCS" \
-        --raw-post "http://127.0.0.1:$port/pub?id={channel}" --channel bench --count "$COUNT" --rate "$RATE" \
+        --raw-post "http://127.0.0.1:$port/pub?id={channel}" --channel bench --count "$COUNT" --rate "$RATE" --stall "$STALL" --pad "$PAD" \
         --server-pid "$pid" --duration "$LIMIT" --report "$OUT/nchan-$1.json" > /dev/null
     kill -TERM "$pid"; wait "$pid" || true
 }
@@ -68,9 +70,11 @@ rows = [
     ("latency p99 (ms)", lambda r: r["latency"]["p99_ms"]),
     ("latency max (ms)", lambda r: r["latency"]["max_ms"]),
     ("server CPU-s per million deliveries", lambda r: r["server_cpu_secs_per_million_deliveries"]),
+    ("server RSS at the end (MB)", lambda r: r["server_after"]["rss_kb"] / 1024),
 ]
 hub, nchan = load("hub"), load("nchan")
-print(f"{streams} streams, {count} messages at rate {rate}/s (0 = closed loop); medians of {runs} runs")
+stalled = json.load(open(f"{out}/hub-1.json"))["holds"].get("streams_stalled", 0)
+print(f"{streams} streams ({stalled} stop reading), {count} messages at rate {rate}/s (0 = closed loop); medians of {runs} runs")
 print(f"{'':38} {'hub':>10} {'nchan':>10} {'hub/nchan':>10}")
 for name, f in rows:
     h = statistics.median(f(r) for r in hub); n = statistics.median(f(r) for r in nchan)

@@ -37,6 +37,10 @@ pub struct HoldArgs {
     /// Longest hold, in seconds, whatever happens.
     #[arg(long, default_value_t = 60)]
     pub duration: u64,
+    /// This many of the streams stop reading once they are open (slow readers); they are not
+    /// expected to receive anything.
+    #[arg(long, default_value_t = 0)]
+    pub stall: u64,
 }
 
 pub fn now_us() -> u64 {
@@ -54,6 +58,7 @@ struct Shared {
     done: AtomicU64,
     deliveries: AtomicU64,
     duplicates: AtomicU64,
+    stalled: AtomicU64,
     counts: Mutex<Vec<u64>>,
     last_connect: Mutex<Option<Instant>>,
     expect: Option<u64>,
@@ -148,6 +153,7 @@ async fn one(
     shared: Arc<Shared>,
     permit: tokio::sync::OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
+    stall: bool,
 ) {
     let conn = async {
         let sock = tokio::net::TcpSocket::new_v4()?;
@@ -211,6 +217,12 @@ async fn one(
                 c.feed(&rest, &mut body);
             }
             data = &[];
+            if stall {
+                // A reader that stopped: keep the socket open, never read again.
+                shared.stalled.fetch_add(1, Ordering::Relaxed);
+                let _ = stop.changed().await;
+                return;
+            }
         }
         if let Some(c) = chunked.as_mut() {
             c.feed(data, &mut body);
@@ -253,6 +265,7 @@ pub async fn hold(
         done: AtomicU64::new(0),
         deliveries: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
+        stalled: AtomicU64::new(0),
         counts: Mutex::new(Vec::new()),
         last_connect: Mutex::new(None),
         expect: args.expect,
@@ -262,13 +275,15 @@ pub async fn hold(
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.duration);
     let mut tasks = Vec::with_capacity(args.streams as usize);
-    for _ in 0..args.streams {
+    for i in 0..args.streams {
         let permit = sem.clone().acquire_owned().await.context("semaphore")?;
+        let stall = i < args.stall;
         tasks.push(tokio::spawn(one(
             args.clone(),
             shared.clone(),
             permit,
             stop_rx.clone(),
+            stall,
         )));
     }
     // Every stream is connected or failed once all permits are back.
@@ -289,9 +304,11 @@ pub async fn hold(
         .unwrap_or(0.0);
     loop {
         let open = shared.opened.load(Ordering::Relaxed);
-        if Instant::now() >= deadline
-            || (args.expect.is_some() && shared.done.load(Ordering::Relaxed) >= open)
-        {
+        // Every stream is either done, ended by the server, or stalled on purpose.
+        let finished = shared.done.load(Ordering::Relaxed)
+            + shared.ended.load(Ordering::Relaxed)
+            + shared.stalled.load(Ordering::Relaxed);
+        if Instant::now() >= deadline || (args.expect.is_some() && finished >= open) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -314,6 +331,7 @@ pub async fn hold(
         connect_secs,
         deliveries: shared.deliveries.load(Ordering::Relaxed),
         duplicates: shared.duplicates.load(Ordering::Relaxed),
+        streams_stalled: shared.stalled.load(Ordering::Relaxed),
         min_per_stream: counts.iter().copied().min().unwrap_or(0),
         max_per_stream: counts.iter().copied().max().unwrap_or(0),
         latency_us: report::pairs(&hist),

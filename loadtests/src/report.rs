@@ -23,6 +23,9 @@ pub struct HoldReport {
     /// Seconds from the first connect attempt to the last `200` answer.
     pub connect_secs: f64,
     pub deliveries: u64,
+    /// Streams that stopped reading on purpose (`--stall`).
+    #[serde(default)]
+    pub streams_stalled: u64,
     /// Messages a stream saw twice (seq at or below one it already had).
     pub duplicates: u64,
     /// Fewest and most messages any stream received.
@@ -42,6 +45,7 @@ impl HoldReport {
         self.connect_secs = self.connect_secs.max(o.connect_secs);
         self.deliveries += o.deliveries;
         self.duplicates += o.duplicates;
+        self.streams_stalled += o.streams_stalled;
         self.min_per_stream = if first {
             o.min_per_stream
         } else {

@@ -23,6 +23,9 @@ pub struct RunArgs {
     /// Holder processes; process i binds 127.0.0.(2+i).
     #[arg(long, default_value_t = 1)]
     pub processes: u64,
+    /// Streams (in all, spread over the processes) that stop reading once open.
+    #[arg(long, default_value_t = 0)]
+    pub stall: u64,
     /// Messages each stream should receive (defaults to the publish count).
     #[arg(long)]
     pub expect: Option<u64>,
@@ -118,9 +121,13 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let mut children = Vec::new();
     let per = args.streams.div_ceil(args.processes.max(1));
     let mut left = args.streams;
+    let stall_per = args.stall.div_ceil(args.processes.max(1));
+    let mut stall_left = args.stall;
     for i in 0..args.processes.max(1) {
         let n = per.min(left);
         left -= n;
+        let stall = stall_per.min(stall_left).min(n);
+        stall_left -= stall;
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8));
         let mut cmd = tokio::process::Command::new(&exe);
         cmd.arg("hold")
@@ -136,6 +143,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             .arg(expect.to_string())
             .arg("--duration")
             .arg(args.duration.to_string())
+            .arg("--stall")
+            .arg(stall.to_string())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         let mut child = cmd.spawn().context("spawn hold")?;
@@ -176,7 +185,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let after = args.server_pid.and_then(sample);
     let busy_secs = publish_started.elapsed().as_secs_f64();
-    let expected = opened * expect;
+    // Stalled streams are not expected to receive anything.
+    let expected = opened.saturating_sub(holds.streams_stalled) * expect;
     let cpu = match (before, after) {
         (Some(b), Some(a)) if holds.deliveries > 0 => {
             Some((a.cpu_secs - b.cpu_secs) / holds.deliveries as f64 * 1e6)

@@ -18,10 +18,11 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
-fn check(r: &serde_json::Value, streams: u64, messages: u64) {
+fn check(r: &serde_json::Value, streams: u64, stalled: u64, messages: u64) {
     assert_eq!(r["opened"], streams, "{r}");
     assert_eq!(r["failed"], 0);
-    assert_eq!(r["deliveries"], streams * messages, "{r}");
+    assert_eq!(r["holds"]["streams_stalled"], stalled, "{r}");
+    assert_eq!(r["deliveries"], (streams - stalled) * messages, "{r}");
     assert_eq!(r["missing"], 0);
     assert_eq!(r["duplicates"], 0);
     assert_eq!(r["holds"]["min_per_stream"], messages);
@@ -49,6 +50,8 @@ async fn two_processes_over_http() {
         "/v1/sse?channel=public:smoke",
         "--streams",
         "300",
+        "--stall",
+        "20",
         "--processes",
         "2",
         "--http",
@@ -64,7 +67,8 @@ async fn two_processes_over_http() {
         "--duration",
         "30",
     ]);
-    check(&r, 300, 5);
+    // 20 streams stop reading once open: they are not expected to receive anything.
+    check(&r, 300, 20, 5);
 }
 
 #[tokio::test]
@@ -97,5 +101,5 @@ async fn publishing_over_redis_as_fast_as_replies_come() {
         "--duration",
         "30",
     ]);
-    check(&r, 100, 50);
+    check(&r, 100, 0, 50);
 }
