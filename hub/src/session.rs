@@ -296,8 +296,9 @@ impl Session {
         let pending: Vec<usize> = (0..ob.chans.len())
             .filter(|&i| ob.chans[i].pending)
             .collect();
-        self.start_locked(ob_mut(&mut ob), &pending, start)
-            .inspect(|_| Self::wake(ob))
+        let started = self.start_locked(&mut ob, &pending, start);
+        Self::wake(ob);
+        started
     }
 
     /// Adds a channel to a started stream (WebSocket subscribe), pending until
@@ -329,8 +330,9 @@ impl Session {
         let Some(idx) = ob.index(name).filter(|&i| ob.chans[i].pending) else {
             return Ok(0);
         };
-        self.start_locked(ob_mut(&mut ob), &[idx], start)
-            .inspect(|_| Self::wake(ob))
+        let started = self.start_locked(&mut ob, &[idx], start);
+        Self::wake(ob);
+        started
     }
 
     fn start_locked(
@@ -480,16 +482,6 @@ impl Session {
     pub fn last_write(&self) -> u64 {
         self.last_write.load(Ordering::Relaxed)
     }
-
-    /// Not started yet (for SSE: no `hub.connected` written).
-    pub fn is_starting(&self) -> bool {
-        !self.outbox.lock().started
-    }
-}
-
-/// Reborrows a guard as `&mut Outbox` (keeps call sites short).
-fn ob_mut<'a>(g: &'a mut parking_lot::MutexGuard<'_, Outbox>) -> &'a mut Outbox {
-    &mut *g
 }
 
 #[cfg(test)]
