@@ -1,9 +1,11 @@
-//! `loadgen hold`: holds N SSE streams from one source address and counts what arrives.
+//! `loadgen hold`: holds N SSE (or WebSocket) streams from one source address and counts what
+//! arrives.
 //!
 //! Each stream is a raw TCP connection with its own small chunked-encoding decoder and SSE line
-//! parser (no HTTP client per stream), so one process holds thousands cheaply. Message data is
-//! `<seq> <unix micros>`; latency is now minus the send time. Prints `READY <opened> <failed>`
-//! once every stream was tried, then the JSON report as its last line.
+//! parser, or WebSocket frame parser (no HTTP client per stream), so one process holds thousands
+//! cheaply. Message data is `<seq> <unix micros>`; latency is now minus the send time. With
+//! `--reconnect` an ended stream comes back with `Last-Event-ID`, as `EventSource` does. Prints
+//! `READY <opened> <failed>` once every stream was tried, then the JSON report as its last line.
 
 use crate::report::{self, HoldReport};
 use anyhow::Context as _;
@@ -13,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio::sync::{watch, Semaphore};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -20,11 +23,20 @@ pub struct HoldArgs {
     /// Server address, e.g. 127.0.0.1:8080.
     #[arg(long)]
     pub target: SocketAddr,
-    /// Request path and query, e.g. /v1/sse?channel=public:bench
+    /// Request path and query, e.g. /v1/sse?channel=public:bench; `{ch}` is replaced by the
+    /// stream's channel number (its global index modulo `--channels`).
     #[arg(long)]
     pub path: String,
     #[arg(long)]
     pub streams: u64,
+    /// Global index of this process's first stream (so channel numbers spread across processes).
+    #[arg(long, default_value_t = 0)]
+    pub first_index: u64,
+    /// Channels the streams are spread over (`{ch}` in the path runs over 0..channels). The
+    /// publisher takes the same channels in turn, so a stream on channel c expects the sequence
+    /// numbers c, c + channels, c + 2 * channels, ...
+    #[arg(long, default_value_t = 1)]
+    pub channels: u64,
     /// Source address of this process's connections (127.0.0.2, ...).
     #[arg(long, default_value = "127.0.0.1")]
     pub source: IpAddr,
@@ -41,6 +53,20 @@ pub struct HoldArgs {
     /// expected to receive anything.
     #[arg(long, default_value_t = 0)]
     pub stall: u64,
+    /// WebSocket instead of SSE: the path is upgraded, then `--subscribe` is sent (if given).
+    #[arg(long)]
+    pub ws: bool,
+    /// Text frame sent after a WebSocket upgrade, `{ch}` replaced as in the path, e.g.
+    /// {"op":"subscribe","channel":"public:c{ch}"}
+    #[arg(long)]
+    pub subscribe: Option<String>,
+    /// Reconnect an SSE stream that ended, with `Last-Event-ID` set to the last `id:` seen.
+    #[arg(long)]
+    pub reconnect: bool,
+    /// Reconnect delay: a stream waits a random time below this before its first attempt, and
+    /// this long between failed attempts.
+    #[arg(long, default_value_t = 1000)]
+    pub reconnect_ms: u64,
 }
 
 pub fn now_us() -> u64 {
@@ -58,7 +84,17 @@ struct Shared {
     done: AtomicU64,
     deliveries: AtomicU64,
     duplicates: AtomicU64,
+    gaps: AtomicU64,
     stalled: AtomicU64,
+    reconnects: AtomicU64,
+    /// Reconnect attempts that failed (refused, not 200, broken before the head).
+    retries: AtomicU64,
+    /// Per stream, microseconds from its drop to its return.
+    resume_hist: Mutex<Histogram<u64>>,
+    /// Streams dropped and not (yet) back.
+    down: AtomicU64,
+    first_drop_us: AtomicU64,
+    last_reopen_us: AtomicU64,
     counts: Mutex<Vec<u64>>,
     last_connect: Mutex<Option<Instant>>,
     expect: Option<u64>,
@@ -111,95 +147,266 @@ impl Chunked {
     }
 }
 
-/// One stream's SSE parsing state.
+/// WebSocket frames from a server (unmasked), fed byte slices.
+#[derive(Default)]
+struct WsFrames {
+    buf: Vec<u8>,
+}
+
+enum WsFrame {
+    Text(Vec<u8>),
+    Ping(Vec<u8>),
+    Close,
+}
+
+impl WsFrames {
+    fn feed(&mut self, input: &[u8], out: &mut Vec<WsFrame>) {
+        self.buf.extend_from_slice(input);
+        loop {
+            let b = &self.buf;
+            if b.len() < 2 {
+                return;
+            }
+            let opcode = b[0] & 0x0f;
+            let masked = b[1] & 0x80 != 0;
+            let (len, mut at) = match b[1] & 0x7f {
+                126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
+                127 if b.len() >= 10 => {
+                    let mut n = [0u8; 8];
+                    n.copy_from_slice(&b[2..10]);
+                    (u64::from_be_bytes(n) as usize, 10)
+                }
+                126 | 127 => return,
+                n => (n as usize, 2),
+            };
+            let mask = if masked {
+                if b.len() < at + 4 {
+                    return;
+                }
+                at += 4;
+                Some([b[at - 4], b[at - 3], b[at - 2], b[at - 1]])
+            } else {
+                None
+            };
+            if b.len() < at + len {
+                return;
+            }
+            let mut payload = b[at..at + len].to_vec();
+            if let Some(m) = mask {
+                payload
+                    .iter_mut()
+                    .enumerate()
+                    .for_each(|(i, x)| *x ^= m[i % 4]);
+            }
+            self.buf.drain(..at + len);
+            match opcode {
+                0..=2 => out.push(WsFrame::Text(payload)),
+                8 => out.push(WsFrame::Close),
+                9 => out.push(WsFrame::Ping(payload)),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// A client frame (masked, as clients must).
+fn ws_client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let n = payload.len();
+    if n < 126 {
+        f.push(0x80 | n as u8);
+    } else {
+        f.push(0x80 | 126);
+        f.extend_from_slice(&(n as u16).to_be_bytes());
+    }
+    let mask = [0x1b, 0x2c, 0x3d, 0x4e];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// One stream's parsing and counting state; it outlives reconnects.
 struct Stream {
     line: Vec<u8>,
     count: u64,
     last_seq: Option<u64>,
+    /// The first sequence number this stream's channel gets, and the step between its messages.
+    first_seq: u64,
+    stride: u64,
+    last_id: Option<String>,
+    /// When the current drop began (while reconnecting).
+    dropped_at: Option<Instant>,
+    /// The stream has had the messages it expects.
+    reached: bool,
 }
 
 impl Stream {
-    /// Processes decoded body bytes: every `data: <seq> <sent micros>` line is a delivery.
-    fn feed(&mut self, bytes: &[u8], shared: &Shared, hist: &mut Vec<u64>) {
+    /// One message's data, `<seq> <sent micros> [padding]`.
+    fn message(&mut self, data: &[u8], shared: &Shared, hist: &mut Vec<u64>) {
+        let text = String::from_utf8_lossy(data);
+        let mut parts = text.split(' ');
+        let (Some(Ok(seq)), Some(Ok(sent))) = (
+            parts.next().map(str::parse::<u64>),
+            parts.next().map(str::parse::<u64>),
+        ) else {
+            return;
+        };
+        if self.last_seq.is_some_and(|l| seq <= l) {
+            shared.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let expected = self.last_seq.map_or(self.first_seq, |l| l + self.stride);
+        if seq > expected {
+            shared
+                .gaps
+                .fetch_add((seq - expected) / self.stride.max(1), Ordering::Relaxed);
+        }
+        self.last_seq = Some(seq);
+        self.count += 1;
+        shared.deliveries.fetch_add(1, Ordering::Relaxed);
+        hist.push(now_us().saturating_sub(sent).max(1));
+    }
+
+    /// Processes decoded SSE body bytes: every `data: <seq> <sent micros>` line is a delivery.
+    fn feed_sse(&mut self, bytes: &[u8], shared: &Shared, hist: &mut Vec<u64>) {
         for &b in bytes {
             if b != b'\n' {
                 self.line.push(b);
                 continue;
             }
-            if let Some(data) = self.line.strip_prefix(b"data: ") {
-                let text = String::from_utf8_lossy(data);
-                let mut parts = text.split(' ');
-                if let (Some(Ok(seq)), Some(Ok(sent))) = (
-                    parts.next().map(str::parse::<u64>),
-                    parts.next().map(str::parse::<u64>),
-                ) {
-                    if self.last_seq.is_some_and(|l| seq <= l) {
-                        shared.duplicates.fetch_add(1, Ordering::Relaxed);
-                    } else {
-                        self.last_seq = Some(seq);
-                        self.count += 1;
-                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                        hist.push(now_us().saturating_sub(sent).max(1));
-                    }
-                }
+            let line = std::mem::take(&mut self.line);
+            if let Some(data) = line.strip_prefix(b"data: ") {
+                self.message(data, shared, hist);
+            } else if let Some(id) = line.strip_prefix(b"id: ") {
+                self.last_id = Some(String::from_utf8_lossy(id).into_owned());
             }
+            self.line = line;
             self.line.clear();
+        }
+    }
+
+    /// A WebSocket text frame: the hub's JSON `{"type":"message",...,"data":"<seq> <us>"}`,
+    /// or the bare data (Nchan).
+    fn feed_ws(&mut self, payload: &[u8], shared: &Shared, hist: &mut Vec<u64>) {
+        if payload.first() == Some(&b'{') {
+            let key = b"\"data\":\"";
+            if let Some(at) = payload.windows(key.len()).position(|w| w == key) {
+                let rest = &payload[at + key.len()..];
+                let end = rest.iter().position(|&c| c == b'"').unwrap_or(rest.len());
+                self.message(&rest[..end], shared, hist);
+            }
+        } else {
+            self.message(payload, shared, hist);
         }
     }
 }
 
-async fn one(
-    args: Arc<HoldArgs>,
-    shared: Arc<Shared>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    mut stop: watch::Receiver<bool>,
-    stall: bool,
-) {
-    let conn = async {
-        let sock = tokio::net::TcpSocket::new_v4()?;
-        sock.bind(SocketAddr::new(args.source, 0))?;
-        let mut s = sock.connect(args.target).await?;
-        let req = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-            args.path, args.target
-        );
-        s.write_all(req.as_bytes()).await?;
-        anyhow::Ok(s)
+fn fill(template: &str, ch: u64) -> String {
+    template.replace("{ch}", &ch.to_string())
+}
+
+async fn connect(args: &HoldArgs, ch: u64, last_id: Option<&str>) -> anyhow::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(args.source, 0))?;
+    let mut s = sock.connect(args.target).await?;
+    let path = fill(&args.path, ch);
+    let req = if args.ws {
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            args.target
+        )
+    } else {
+        let resume = last_id
+            .map(|id| format!("Last-Event-ID: {id}\r\n"))
+            .unwrap_or_default();
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
+            args.target
+        )
     };
-    let mut s = match tokio::time::timeout(Duration::from_secs(30), conn).await {
-        Ok(Ok(s)) => s,
-        _ => {
-            shared.failed.fetch_add(1, Ordering::Relaxed);
-            return;
+    s.write_all(req.as_bytes()).await?;
+    Ok(s)
+}
+
+/// Counts a stream as open (its first time) or back (after a drop at `dropped_at`).
+fn opened(
+    shared: &Shared,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    dropped_at: Option<Instant>,
+) {
+    if let Ok(mut t) = shared.last_connect.lock() {
+        *t = Some(Instant::now());
+    }
+    if permit.take().is_some() {
+        shared.opened.fetch_add(1, Ordering::Relaxed);
+    } else {
+        shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        shared.down.fetch_sub(1, Ordering::Relaxed);
+        shared.last_reopen_us.fetch_max(now_us(), Ordering::Relaxed);
+        if let (Some(t), Ok(mut h)) = (dropped_at, shared.resume_hist.lock()) {
+            let _ = h.record((t.elapsed().as_micros() as u64).clamp(1, report::MAX_LATENCY_US));
         }
+    }
+}
+
+/// How one connection of a stream ended.
+enum End {
+    /// The hold is over.
+    Stop,
+    /// The connection failed before the stream opened.
+    Failed,
+    /// The stream was open and the server ended it (or the socket broke).
+    Dropped,
+}
+
+async fn connection(
+    args: &HoldArgs,
+    shared: &Shared,
+    st: &mut Stream,
+    ch: u64,
+    permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    stop: &mut watch::Receiver<bool>,
+    stall: bool,
+) -> End {
+    let conn = connect(args, ch, st.last_id.as_deref());
+    let mut s = tokio::select! {
+        r = tokio::time::timeout(Duration::from_secs(30), conn) => match r {
+            Ok(Ok(s)) => s,
+            _ => return End::Failed,
+        },
+        _ = stop.changed() => return End::Stop,
     };
     let mut buf = vec![0u8; 16 * 1024];
     let mut head = Vec::new();
     let mut body = Vec::new();
     let mut chunked: Option<Chunked> = None;
-    let mut st = Stream {
-        line: Vec::new(),
-        count: 0,
-        last_seq: None,
-    };
-    let mut permit = Some(permit);
+    let mut ws = WsFrames::default();
+    let mut frames = Vec::new();
     let mut lat = Vec::new();
-    let mut reached = false;
+    let mut open = false;
     loop {
         let n = tokio::select! {
-            r = s.read(&mut buf) => match r { Ok(0) | Err(_) => { shared.ended.fetch_add(1, Ordering::Relaxed); break } Ok(n) => n },
-            _ = stop.changed() => break,
+            r = s.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return if open { End::Dropped } else { End::Failed },
+                Ok(n) => n,
+            },
+            _ = stop.changed() => return End::Stop,
         };
         let mut data = &buf[..n];
-        if chunked.is_none() {
+        if !open {
             head.extend_from_slice(data);
             let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
                 continue;
             };
             let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
-            if !text.starts_with("http/1.1 200") {
-                shared.failed.fetch_add(1, Ordering::Relaxed);
-                return;
+            let want = if args.ws {
+                "http/1.1 101"
+            } else {
+                "http/1.1 200"
+            };
+            if !text.starts_with(want) {
+                return End::Failed;
             }
             let mut c = Chunked::default();
             if !text.contains("transfer-encoding: chunked") {
@@ -207,13 +414,20 @@ async fn one(
             }
             let rest = head.split_off(end + 4);
             chunked = Some(c);
-            shared.opened.fetch_add(1, Ordering::Relaxed);
-            if let Ok(mut t) = shared.last_connect.lock() {
-                *t = Some(Instant::now());
+            open = true;
+            // A WebSocket that subscribes is open once the server confirms the subscription.
+            if !(args.ws && args.subscribe.is_some()) {
+                opened(shared, permit, st.dropped_at.take());
             }
-            permit.take();
-            body.clear();
-            if let Some(c) = chunked.as_mut() {
+            if args.ws {
+                if let Some(sub) = &args.subscribe {
+                    let f = ws_client_frame(1, fill(sub, ch).as_bytes());
+                    if s.write_all(&f).await.is_err() {
+                        return End::Dropped;
+                    }
+                }
+                ws.feed(&rest, &mut frames);
+            } else if let Some(c) = chunked.as_mut() {
                 c.feed(&rest, &mut body);
             }
             data = &[];
@@ -221,15 +435,36 @@ async fn one(
                 // A reader that stopped: keep the socket open, never read again.
                 shared.stalled.fetch_add(1, Ordering::Relaxed);
                 let _ = stop.changed().await;
-                return;
+                return End::Stop;
             }
         }
-        if let Some(c) = chunked.as_mut() {
-            c.feed(data, &mut body);
+        let mut over = false;
+        if args.ws {
+            ws.feed(data, &mut frames);
+            for f in frames.drain(..) {
+                match f {
+                    WsFrame::Text(p) => {
+                        if permit.is_some() && p.starts_with(br#"{"type":"subscribed""#) {
+                            opened(shared, permit, st.dropped_at.take());
+                        }
+                        st.feed_ws(&p, shared, &mut lat)
+                    }
+                    WsFrame::Ping(p) => {
+                        if s.write_all(&ws_client_frame(10, &p)).await.is_err() {
+                            over = true;
+                        }
+                    }
+                    WsFrame::Close => over = true,
+                }
+            }
+        } else {
+            if let Some(c) = chunked.as_mut() {
+                c.feed(data, &mut body);
+            }
+            st.feed_sse(&body, shared, &mut lat);
+            over = chunked.as_ref().is_some_and(|c| c.done);
+            body.clear();
         }
-        st.feed(&body, &shared, &mut lat);
-        let over = chunked.as_ref().is_some_and(|c| c.done);
-        body.clear();
         if !lat.is_empty() {
             if let Ok(mut h) = shared.hist.lock() {
                 for v in lat.drain(..) {
@@ -237,14 +472,79 @@ async fn one(
                 }
             }
         }
-        if !reached && shared.expect.is_some_and(|e| st.count >= e) {
-            reached = true;
+        if !st.reached && shared.expect.is_some_and(|e| st.count >= e) {
+            st.reached = true;
             shared.done.fetch_add(1, Ordering::Relaxed);
         }
         if over {
             // The server ended the response (a keep-alive connection stays open after it).
-            shared.ended.fetch_add(1, Ordering::Relaxed);
-            break;
+            return End::Dropped;
+        }
+    }
+}
+
+/// A small per-stream pseudo-random number (reconnect jitter), no shared state.
+fn jitter(seed: u64, below: u64) -> u64 {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ now_us();
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x % below.max(1)
+}
+
+async fn one(
+    args: Arc<HoldArgs>,
+    shared: Arc<Shared>,
+    index: u64,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    mut stop: watch::Receiver<bool>,
+    stall: bool,
+) {
+    let channels = args.channels.max(1);
+    let ch = index % channels;
+    let mut st = Stream {
+        line: Vec::new(),
+        count: 0,
+        last_seq: None,
+        first_seq: ch,
+        stride: channels,
+        last_id: None,
+        dropped_at: None,
+        reached: false,
+    };
+    let mut permit = Some(permit);
+    loop {
+        let end = connection(&args, &shared, &mut st, ch, &mut permit, &mut stop, stall).await;
+        // The permit goes when the stream first opens.
+        let never_opened = permit.is_some();
+        match end {
+            End::Stop => break,
+            End::Failed | End::Dropped if never_opened => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            End::Dropped if !args.reconnect || args.ws => {
+                shared.ended.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            End::Dropped => {
+                st.dropped_at = Some(Instant::now());
+                shared.down.fetch_add(1, Ordering::Relaxed);
+                shared.first_drop_us.fetch_min(now_us(), Ordering::Relaxed);
+                let wait = jitter(index, args.reconnect_ms);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = stop.changed() => break,
+                }
+            }
+            End::Failed => {
+                // Down and not back yet: try again after the reconnect delay.
+                shared.retries.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(args.reconnect_ms)) => {}
+                    _ = stop.changed() => break,
+                }
+            }
         }
     }
     if let Ok(mut c) = shared.counts.lock() {
@@ -265,7 +565,14 @@ pub async fn hold(
         done: AtomicU64::new(0),
         deliveries: AtomicU64::new(0),
         duplicates: AtomicU64::new(0),
+        gaps: AtomicU64::new(0),
         stalled: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        retries: AtomicU64::new(0),
+        resume_hist: Mutex::new(report::histogram()),
+        down: AtomicU64::new(0),
+        first_drop_us: AtomicU64::new(u64::MAX),
+        last_reopen_us: AtomicU64::new(0),
         counts: Mutex::new(Vec::new()),
         last_connect: Mutex::new(None),
         expect: args.expect,
@@ -281,6 +588,7 @@ pub async fn hold(
         tasks.push(tokio::spawn(one(
             args.clone(),
             shared.clone(),
+            args.first_index + i,
             permit,
             stop_rx.clone(),
             stall,
@@ -308,7 +616,11 @@ pub async fn hold(
         let finished = shared.done.load(Ordering::Relaxed)
             + shared.ended.load(Ordering::Relaxed)
             + shared.stalled.load(Ordering::Relaxed);
-        if Instant::now() >= deadline || (args.expect.is_some() && finished >= open) {
+        // `--expect 0` holds the streams idle: done as soon as they are open.
+        if Instant::now() >= deadline
+            || args.expect == Some(0)
+            || (args.expect.is_some() && finished >= open)
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -323,6 +635,7 @@ pub async fn hold(
         .lock()
         .map(|h| h.clone())
         .unwrap_or_else(|_| report::histogram());
+    let first_drop = shared.first_drop_us.load(Ordering::Relaxed);
     Ok(HoldReport {
         streams_wanted: args.streams,
         streams_opened: shared.opened.load(Ordering::Relaxed),
@@ -331,7 +644,18 @@ pub async fn hold(
         connect_secs,
         deliveries: shared.deliveries.load(Ordering::Relaxed),
         duplicates: shared.duplicates.load(Ordering::Relaxed),
+        gaps: shared.gaps.load(Ordering::Relaxed),
         streams_stalled: shared.stalled.load(Ordering::Relaxed),
+        reconnects: shared.reconnects.load(Ordering::Relaxed),
+        reconnect_retries: shared.retries.load(Ordering::Relaxed),
+        resume_us: shared
+            .resume_hist
+            .lock()
+            .map(|h| report::pairs(&h))
+            .unwrap_or_default(),
+        still_down: shared.down.load(Ordering::Relaxed),
+        first_drop_us: (first_drop != u64::MAX).then_some(first_drop),
+        last_reopen_us: Some(shared.last_reopen_us.load(Ordering::Relaxed)).filter(|&t| t > 0),
         min_per_stream: counts.iter().copied().min().unwrap_or(0),
         max_per_stream: counts.iter().copied().max().unwrap_or(0),
         latency_us: report::pairs(&hist),
@@ -359,5 +683,86 @@ mod tests {
             assert_eq!(out, b"hello world, ok.", "split at {split}");
             assert!(c.done, "the last chunk ends the body");
         }
+    }
+
+    #[test]
+    fn websocket_frames_across_splits() {
+        let mut wire = vec![0x81, 5];
+        wire.extend_from_slice(b"1 200");
+        wire.extend_from_slice(&[0x89, 2, b'h', b'i']);
+        let long = vec![b'x'; 300];
+        wire.extend_from_slice(&[0x81, 126, 1, 44]);
+        wire.extend_from_slice(&long);
+        wire.extend_from_slice(&[0x88, 0]);
+        for split in 1..wire.len() {
+            let mut f = WsFrames::default();
+            let mut out = Vec::new();
+            f.feed(&wire[..split], &mut out);
+            f.feed(&wire[split..], &mut out);
+            assert_eq!(out.len(), 4, "split at {split}");
+            assert!(matches!(&out[0], WsFrame::Text(p) if p == b"1 200"));
+            assert!(matches!(&out[1], WsFrame::Ping(p) if p == b"hi"));
+            assert!(matches!(&out[2], WsFrame::Text(p) if p.len() == 300));
+            assert!(matches!(&out[3], WsFrame::Close));
+        }
+    }
+
+    #[test]
+    fn client_frames_are_masked_and_parse_back() {
+        let payload = br#"{"op":"subscribe","channel":"public:c7"}"#;
+        let wire = ws_client_frame(1, payload);
+        assert_ne!(&wire[6..], &payload[..], "masked");
+        let mut f = WsFrames::default();
+        let mut out = Vec::new();
+        f.feed(&wire, &mut out);
+        assert!(matches!(&out[0], WsFrame::Text(p) if p == payload));
+    }
+
+    #[test]
+    fn gaps_follow_the_channel_stride() {
+        let shared = Shared {
+            hist: Mutex::new(report::histogram()),
+            opened: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            resume_hist: Mutex::new(report::histogram()),
+            down: AtomicU64::new(0),
+            first_drop_us: AtomicU64::new(u64::MAX),
+            last_reopen_us: AtomicU64::new(0),
+            counts: Mutex::new(Vec::new()),
+            last_connect: Mutex::new(None),
+            expect: None,
+        };
+        let mut st = Stream {
+            line: Vec::new(),
+            count: 0,
+            last_seq: None,
+            first_seq: 3,
+            stride: 10,
+            last_id: None,
+            dropped_at: None,
+            reached: false,
+        };
+        let mut lat = Vec::new();
+        // 3 and 13 arrive, 23 and 33 are missed, 43 arrives, then 13 again.
+        let body = b"id: 1-0\ndata: 3 1\n\ndata: 13 1\n\nid: 9-0\ndata: 43 1\n\ndata: 13 1\n\n";
+        st.feed_sse(body, &shared, &mut lat);
+        assert_eq!(st.count, 3);
+        assert_eq!(shared.gaps.load(Ordering::Relaxed), 2);
+        assert_eq!(shared.duplicates.load(Ordering::Relaxed), 1);
+        assert_eq!(st.last_id.as_deref(), Some("9-0"));
+        st.feed_ws(
+            br#"{"type":"message","channel":"c","id":"1-0","event":"message","data":"53 1"}"#,
+            &shared,
+            &mut lat,
+        );
+        assert_eq!(st.count, 4);
     }
 }

@@ -18,9 +18,12 @@ pub struct PublishArgs {
     /// http://127.0.0.1:8090/pub?id={channel}).
     #[arg(long = "raw-post")]
     pub raw_post: Option<String>,
-    /// Channel(s) to publish to, taken in turn.
+    /// Channel(s) to publish to, taken in turn. `{n}` in a channel runs over
+    /// 0..`--channel-count` (message seq goes to channel seq mod count).
     #[arg(long = "channel", required = true)]
     pub channels: Vec<String>,
+    #[arg(long, default_value_t = 1)]
+    pub channel_count: u64,
     /// Messages to send.
     #[arg(long, default_value_t = 10)]
     pub count: u64,
@@ -72,7 +75,8 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
         }
-        let channel = &args.channels[(seq as usize) % args.channels.len()];
+        let channel = &args.channels[(seq as usize) % args.channels.len()]
+            .replace("{n}", &(seq % args.channel_count.max(1)).to_string());
         let d = data(seq, args.pad);
         let ok = if let Some(conn) = redis_conn.as_mut() {
             let env = Envelope {

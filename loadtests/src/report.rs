@@ -28,6 +28,26 @@ pub struct HoldReport {
     pub streams_stalled: u64,
     /// Messages a stream saw twice (seq at or below one it already had).
     pub duplicates: u64,
+    /// Messages a stream should have had (by its channel's sequence numbers) but never saw.
+    #[serde(default)]
+    pub gaps: u64,
+    /// Streams that came back after the server ended them (`--reconnect`).
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Streams that were dropped and had not come back when the hold ended.
+    #[serde(default)]
+    pub still_down: u64,
+    /// Reconnect attempts that failed and were tried again.
+    #[serde(default)]
+    pub reconnect_retries: u64,
+    /// Per stream, time from its drop to its return, as (microseconds, count).
+    #[serde(default)]
+    pub resume_us: Vec<(u64, u64)>,
+    /// Unix micros of the first drop and of the last reopen after a drop.
+    #[serde(default)]
+    pub first_drop_us: Option<u64>,
+    #[serde(default)]
+    pub last_reopen_us: Option<u64>,
     /// Fewest and most messages any stream received.
     pub min_per_stream: u64,
     pub max_per_stream: u64,
@@ -45,6 +65,16 @@ impl HoldReport {
         self.connect_secs = self.connect_secs.max(o.connect_secs);
         self.deliveries += o.deliveries;
         self.duplicates += o.duplicates;
+        self.gaps += o.gaps;
+        self.reconnects += o.reconnects;
+        self.still_down += o.still_down;
+        self.reconnect_retries += o.reconnect_retries;
+        self.resume_us = merge_pairs(&self.resume_us, &o.resume_us);
+        self.first_drop_us = match (self.first_drop_us, o.first_drop_us) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        self.last_reopen_us = self.last_reopen_us.max(o.last_reopen_us);
         self.streams_stalled += o.streams_stalled;
         self.min_per_stream = if first {
             o.min_per_stream
@@ -52,11 +82,7 @@ impl HoldReport {
             self.min_per_stream.min(o.min_per_stream)
         };
         self.max_per_stream = self.max_per_stream.max(o.max_per_stream);
-        let mut h = self.histogram();
-        for &(v, c) in &o.latency_us {
-            let _ = h.record_n(v.clamp(1, MAX_LATENCY_US), c);
-        }
-        self.latency_us = pairs(&h);
+        self.latency_us = merge_pairs(&self.latency_us, &o.latency_us);
     }
 
     pub fn histogram(&self) -> Histogram<u64> {
@@ -66,6 +92,15 @@ impl HoldReport {
         }
         h
     }
+}
+
+/// Two histograms given as pairs, merged.
+pub fn merge_pairs(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut h = histogram();
+    for &(v, c) in a.iter().chain(b) {
+        let _ = h.record_n(v.clamp(1, MAX_LATENCY_US), c);
+    }
+    pairs(&h)
 }
 
 pub fn pairs(h: &Histogram<u64>) -> Vec<(u64, u64)> {

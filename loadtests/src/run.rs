@@ -12,11 +12,26 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct RunArgs {
-    #[arg(long)]
-    pub target: SocketAddr,
-    /// Request path and query of each stream.
+    /// Server address; repeat for several nodes (holder process i uses target i mod n).
+    #[arg(long = "target", required = true)]
+    pub targets: Vec<SocketAddr>,
+    /// Request path and query of each stream (`{ch}`: see `hold --path`).
     #[arg(long)]
     pub path: String,
+    /// WebSocket streams instead of SSE (see `hold --ws`).
+    #[arg(long)]
+    pub ws: bool,
+    /// Frame sent after each WebSocket upgrade (see `hold --subscribe`).
+    #[arg(long)]
+    pub subscribe: Option<String>,
+    /// Reconnect ended SSE streams with `Last-Event-ID` (see `hold --reconnect`).
+    #[arg(long)]
+    pub reconnect: bool,
+    #[arg(long, default_value_t = 1000)]
+    pub reconnect_ms: u64,
+    /// Create this file once every stream is open (scenario scripts wait on it).
+    #[arg(long)]
+    pub ready_file: Option<std::path::PathBuf>,
     /// Streams in all.
     #[arg(long)]
     pub streams: u64,
@@ -32,9 +47,9 @@ pub struct RunArgs {
     /// Longest run, in seconds.
     #[arg(long, default_value_t = 120)]
     pub duration: u64,
-    /// PID of the server, for CPU time and memory.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// PID of the server, for CPU time and memory; repeat for several nodes (summed).
+    #[arg(long = "server-pid")]
+    pub server_pids: Vec<u32>,
     /// Write the JSON report here too.
     #[arg(long)]
     pub report: Option<std::path::PathBuf>,
@@ -74,6 +89,19 @@ fn sample_one(pid: u32) -> Option<(u32, ProcSample)> {
     ))
 }
 
+/// CPU time and RSS of several servers, summed; `None` when there are none or one is gone.
+pub fn sample_all(pids: &[u32]) -> Option<ProcSample> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold(ProcSample::default(), |acc, &pid| {
+        sample(pid).map(|s| ProcSample {
+            cpu_secs: acc.cpu_secs + s.cpu_secs,
+            rss_kb: acc.rss_kb + s.rss_kb,
+        })
+    })
+}
+
 /// CPU time and RSS of a server process plus its direct children (nginx's workers, say).
 pub fn sample(pid: u32) -> Option<ProcSample> {
     let (_, mut total) = sample_one(pid)?;
@@ -105,6 +133,15 @@ pub struct RunReport {
     pub deliveries_per_sec: f64,
     pub missing: i64,
     pub duplicates: u64,
+    /// Messages some stream never saw although later ones of its channel arrived.
+    pub gaps: u64,
+    /// Streams that came back after a drop, and seconds from the first drop to the last return.
+    pub reconnects: u64,
+    pub still_down: u64,
+    pub resume_secs: Option<f64>,
+    /// Per stream, drop to return; and reconnect attempts that failed.
+    pub resume: Latency,
+    pub reconnect_retries: u64,
     pub latency: Latency,
     pub publish: PublishReport,
     pub server_before: Option<ProcSample>,
@@ -116,13 +153,15 @@ pub struct RunReport {
 
 pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("own path")?;
-    let expect = args.expect.unwrap_or(args.publish.count);
-    let idle = args.server_pid.and_then(sample);
+    let channels = args.publish.channel_count.max(1);
+    let expect = args.expect.unwrap_or(args.publish.count / channels);
+    let idle = sample_all(&args.server_pids);
     let mut children = Vec::new();
     let per = args.streams.div_ceil(args.processes.max(1));
     let mut left = args.streams;
     let stall_per = args.stall.div_ceil(args.processes.max(1));
     let mut stall_left = args.stall;
+    let mut first_index = 0;
     for i in 0..args.processes.max(1) {
         let n = per.min(left);
         left -= n;
@@ -130,9 +169,16 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         stall_left -= stall;
         let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8));
         let mut cmd = tokio::process::Command::new(&exe);
+        let target = args.targets[i as usize % args.targets.len()];
         cmd.arg("hold")
             .arg("--target")
-            .arg(args.target.to_string())
+            .arg(target.to_string())
+            .arg("--first-index")
+            .arg(first_index.to_string())
+            .arg("--channels")
+            .arg(channels.to_string())
+            .arg("--reconnect-ms")
+            .arg(args.reconnect_ms.to_string())
             .arg("--path")
             .arg(&args.path)
             .arg("--streams")
@@ -147,6 +193,16 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             .arg(stall.to_string())
             .stdout(Stdio::piped())
             .kill_on_drop(true);
+        first_index += n;
+        if args.ws {
+            cmd.arg("--ws");
+        }
+        if let Some(sub) = &args.subscribe {
+            cmd.arg("--subscribe").arg(sub);
+        }
+        if args.reconnect {
+            cmd.arg("--reconnect");
+        }
         let mut child = cmd.spawn().context("spawn hold")?;
         let stdout = child.stdout.take().context("hold stdout")?;
         children.push((child, BufReader::new(stdout).lines()));
@@ -169,7 +225,11 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         "loadgen: {opened} streams open ({failed} failed) in {:.2} s",
         started.elapsed().as_secs_f64()
     );
-    let before = args.server_pid.and_then(sample);
+    if let Some(path) = &args.ready_file {
+        std::fs::write(path, format!("{opened} {failed}\n"))
+            .with_context(|| format!("write {}", path.display()))?;
+    }
+    let before = sample_all(&args.server_pids);
     let publish_started = Instant::now();
     let publish = publish::main(args.publish.clone()).await?;
     let mut holds = HoldReport::default();
@@ -183,7 +243,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             serde_json::from_str(last.as_deref().unwrap_or("")).context("a holder's report")?;
         holds.merge(&r);
     }
-    let after = args.server_pid.and_then(sample);
+    let after = sample_all(&args.server_pids);
     let busy_secs = publish_started.elapsed().as_secs_f64();
     // Stalled streams are not expected to receive anything.
     let expected = opened.saturating_sub(holds.streams_stalled) * expect;
@@ -209,7 +269,22 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         deliveries_per_sec: holds.deliveries as f64 / busy_secs.max(1e-9),
         missing: expected as i64 - holds.deliveries as i64,
         duplicates: holds.duplicates,
+        gaps: holds.gaps,
+        reconnects: holds.reconnects,
+        still_down: holds.still_down,
+        resume_secs: match (holds.first_drop_us, holds.last_reopen_us) {
+            (Some(d), Some(r)) if r >= d => Some((r - d) as f64 / 1e6),
+            _ => None,
+        },
         latency: Latency::of(&holds.histogram()),
+        resume: Latency::of(&{
+            let mut h = crate::report::histogram();
+            for &(v, c) in &holds.resume_us {
+                let _ = h.record_n(v, c);
+            }
+            h
+        }),
+        reconnect_retries: holds.reconnect_retries,
         publish,
         server_before: before,
         server_after: after,
@@ -217,6 +292,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         server_cpu_secs_per_million_deliveries: cpu,
         holds: HoldReport {
             latency_us: Vec::new(),
+            resume_us: Vec::new(),
             ..holds
         },
     };

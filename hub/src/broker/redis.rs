@@ -354,6 +354,9 @@ impl RedisBroker {
         if live == self.ping_channel {
             self.last_ping
                 .store(self.started.elapsed().as_millis() as u64, Ordering::Release);
+            // A ping that came back proves the subscription now, not only at the next tick
+            // (a starting node is ready as soon as its first ping returns).
+            self.set_up(self.sub.is_connected());
             return;
         }
         let Some(channel) = self.channel_of(live) else {

@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# One workload against the hub and Nchan, side by side in the same run (issue 5's scenarios are
+# this script with different settings: see the wrappers next to it and ../../BENCHMARKS.md).
+# Servers alternate, RUNS times each; one table of medians and hub/Nchan ratios is printed.
+# Everything it starts (redis-server, hubs, nginx) listens on loopback and is stopped by PID.
+#
+#   STREAMS PROCS   streams in all, held by PROCS loadgen processes (127.0.0.2, .3, ...)
+#   CHANNELS        streams spread over this many channels; messages go to them in turn
+#   COUNT RATE      messages, per second (RATE=0: each as soon as the previous one is answered;
+#                   COUNT=0: idle streams only)
+#   NODES MODE      server processes; MODE=memory (embedded broker / Nchan memory store) or
+#                   MODE=redis (one redis-server shared by all nodes; forced when NODES > 1)
+#   TRANSPORT       sse or ws
+#   STALL PAD       streams that stop reading once open; padding bytes per message
+#   STORM=1         every node is restarted (SIGTERM, started again on the same port) STORM_AFTER
+#                   seconds into publishing; streams come back with Last-Event-ID after a random
+#                   delay below RECONNECT_MS (EventSource waits the hub's `retry:` 2000 ms)
+#   PEERS           which servers to measure ("hub nchan")
+#   LIMIT           longest a run may take, seconds
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} RATE=${RATE:-1}
+CHANNELS=${CHANNELS:-1} NODES=${NODES:-1} MODE=${MODE:-memory} TRANSPORT=${TRANSPORT:-sse}
+STALL=${STALL:-0} PAD=${PAD:-0} STORM=${STORM:-0} STORM_AFTER=${STORM_AFTER:-3}
+RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120}
+[ "$NODES" -gt 1 ] && MODE=redis
+[ $((COUNT % CHANNELS)) -eq 0 ] || { echo "COUNT must be a multiple of CHANNELS (each stream expects COUNT/CHANNELS)" >&2; exit 1; }
+[ "$STORM" = 1 ] && [ "$MODE" != redis ] && { echo "STORM=1 needs MODE=redis (history must outlive the node)" >&2; exit 1; }
+if [[ " $PEERS " == *" nchan "* ]]; then
+    command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
+        echo "needs nginx and libnginx-mod-nchan (apt-get install nginx libnginx-mod-nchan)" >&2; exit 1; }
+fi
+[ "$MODE" = redis ] && ! command -v redis-server >/dev/null && { echo "needs redis-server" >&2; exit 1; }
+cargo build -q --release -p hub -p loadtests
+OUT=$(mktemp -d /tmp/scenario.XXXX)
+LOADGEN=target/release/loadgen
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # wait_for <tries of 0.05 s> <command...>
+    local n=$1; shift
+    for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
+    echo "timed out waiting for: $*" >&2; return 1
+}
+
+REDIS_PID="" REDIS_URL=""
+start_redis() {
+    local port; port=$(free_port)
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no > "$OUT/redis.log" 2>&1 &
+    REDIS_PID=$!; PIDS+=("$REDIS_PID"); REDIS_URL="redis://127.0.0.1:$port"
+    wait_for 100 redis-cli -p "$port" ping
+}
+stop_redis() {
+    if [ -n "$REDIS_PID" ]; then kill -TERM "$REDIS_PID"; wait "$REDIS_PID" || true; REDIS_PID=""; fi
+}
+
+# Node i of the current server: its pid, public address, and (hub) admin address.
+declare -a NPID NPUB NADM NDIR
+start_hub() { # start_hub <i>
+    local i=$1
+    [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
+    [ -n "${NADM[$i]:-}" ] || NADM[$i]=127.0.0.1:$(free_port)
+    local env=(HUB_BIND="${NPUB[$i]}" HUB_ADMIN_BIND="${NADM[$i]}" HUB_DRAIN_SECS=0 HUB_LOG=warn
+               HUB_MAX_CONNECTIONS=20000 HUB_NODE_ID="node$i")
+    if [ "$MODE" = redis ]; then env+=(HUB_REDIS_URL="$REDIS_URL"); fi
+    env "${env[@]}" target/release/hub >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
+    NPID[$i]=$!; PIDS+=("${NPID[$i]}")
+    wait_for 200 curl -sf "http://${NADM[$i]}/readyz"
+}
+start_nchan() { # start_nchan <i>
+    local i=$1 dir="$OUT/nchan$i" redis=""
+    mkdir -p "$dir"
+    [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
+    if [ "$MODE" = redis ]; then redis="nchan_redis_url \"$REDIS_URL\"; nchan_use_redis on;"; fi
+    sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__DIR__#$dir#g; s#__REDIS__#$redis#" loadtests/nchan.conf > "$dir/nginx.conf"
+    rm -f "$dir/nginx.pid"
+    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
+    NPID[$i]=$!; PIDS+=("${NPID[$i]}")
+    wait_for 200 curl -s -o /dev/null "http://${NPUB[$i]}/pub?id=probe"
+}
+stop_node() { kill -TERM "${NPID[$1]}"; wait "${NPID[$1]}" || true; }
+
+run_one() { # run_one <hub|nchan> <run number>
+    local server=$1 r=$2 args=()
+    NPID=() NPUB=() NADM=()
+    if [ "$MODE" = redis ]; then start_redis; fi
+    for i in $(seq 0 $((NODES - 1))); do "start_$server" "$i"; done
+    for i in $(seq 0 $((NODES - 1))); do args+=(--target "${NPUB[$i]}" --server-pid "${NPID[$i]}"); done
+    if [ -n "$REDIS_PID" ]; then args+=(--server-pid "$REDIS_PID"); fi
+    if [ "$server" = hub ]; then
+        if [ "$TRANSPORT" = ws ]; then
+            args+=(--ws --path /v1/ws --subscribe '{"op":"subscribe","channel":"public:c{ch}"}')
+        else
+            args+=(--path '/v1/sse?channel=public:c{ch}')
+        fi
+        if [ "$MODE" = redis ]; then args+=(--redis "$REDIS_URL"); else args+=(--http "http://${NADM[0]}"); fi
+        args+=(--channel 'public:c{n}')
+    else
+        if [ "$TRANSPORT" = ws ]; then args+=(--ws --path '/ws/c{ch}'); else args+=(--path '/sub/c{ch}'); fi
+        args+=(--raw-post "http://${NPUB[0]}/pub?id={channel}" --channel 'c{n}')
+    fi
+    if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS"); fi
+    rm -f "$OUT/ready"
+    $LOADGEN run "${args[@]}" --streams "$STREAMS" --processes "$PROCS" --channel-count "$CHANNELS" \
+        --count "$COUNT" --rate "$RATE" --stall "$STALL" --pad "$PAD" --duration "$LIMIT" \
+        --ready-file "$OUT/ready" --report "$OUT/$server-$r.json" > /dev/null 2> "$OUT/$server-$r.err" &
+    local lg=$!
+    if [ "$STORM" = 1 ]; then
+        wait_for $((LIMIT * 20)) test -f "$OUT/ready"
+        sleep "$STORM_AFTER"  # publishing is under way: restart every node now
+        for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; "start_$server" "$i"; done
+    fi
+    wait "$lg"
+    for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; done
+    stop_redis
+}
+
+for r in $(seq "$RUNS"); do
+    for s in $PEERS; do echo "run $r/$RUNS: $s" >&2; run_one "$s" "$r"; done
+done
+
+python3 loadtests/scenarios/table.py "$OUT" "$RUNS" "$PEERS" \
+    "$STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading; storm=$STORM"

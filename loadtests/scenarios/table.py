@@ -1,0 +1,51 @@
+"""Medians of each server's reports and the hub/Nchan ratio: table.py <dir> <runs> "<peers>" <title>."""
+import json
+import statistics
+import sys
+
+out, runs, peers, title = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(), sys.argv[4]
+
+
+def load(name):
+    return [json.load(open(f"{out}/{name}-{r}.json")) for r in range(1, runs + 1)]
+
+
+def rss_end(r):
+    return r["server_after"]["rss_kb"] / 1024 if r.get("server_after") else None
+
+
+rows = [
+    ("streams opened", lambda r: r["opened"]),
+    ("connect all (s)", lambda r: r["connect_secs"]),
+    ("server RSS per idle stream (KB)", lambda r: r["server_rss_kb_per_stream"]),
+    ("delivered / expected (%)", lambda r: 100.0 * r["deliveries"] / max(1, r["expected_deliveries"])),
+    ("missed (gaps)", lambda r: r["gaps"]),
+    ("duplicates", lambda r: r["duplicates"]),
+    ("streams ended by the server", lambda r: r["holds"]["streams_ended"]),
+    ("streams resumed after a drop", lambda r: r["reconnects"]),
+    ("streams still down at the end", lambda r: r["still_down"]),
+    ("first drop to last resume (s)", lambda r: r["resume_secs"]),
+    ("per-stream drop to resume p50 (s)", lambda r: r["resume"]["p50_ms"] / 1000 if r["reconnects"] else None),
+    ("per-stream drop to resume max (s)", lambda r: r["resume"]["max_ms"] / 1000 if r["reconnects"] else None),
+    ("failed reconnect attempts", lambda r: r["reconnect_retries"]),
+    ("deliveries per second", lambda r: r["deliveries_per_sec"]),
+    ("latency p50 (ms)", lambda r: r["latency"]["p50_ms"]),
+    ("latency p99 (ms)", lambda r: r["latency"]["p99_ms"]),
+    ("latency max (ms)", lambda r: r["latency"]["max_ms"]),
+    ("server CPU-s per million deliveries", lambda r: r["server_cpu_secs_per_million_deliveries"]),
+    ("server RSS at the end (MB)", rss_end),
+]
+reports = {p: load(p) for p in peers}
+print(f"{title}; medians of {runs} runs")
+print(f"{'':38}" + "".join(f"{p:>10}" for p in peers) + ("   hub/nchan" if len(peers) == 2 else ""))
+for name, f in rows:
+    meds = []
+    for p in peers:
+        vals = [v for v in (f(r) for r in reports[p]) if v is not None]
+        meds.append(statistics.median(vals) if vals else None)
+    cells = "".join(f"{m:10.2f}" if m is not None else f"{'-':>10}" for m in meds)
+    ratio = ""
+    if len(meds) == 2 and meds[0] is not None and meds[1]:
+        ratio = f"{meds[0] / meds[1]:13.2f}"
+    print(f"{name:38}{cells}{ratio}")
+print(f"reports: {out}")
