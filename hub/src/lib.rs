@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod healthcheck;
 pub mod history;
 pub mod http;
 pub mod message;
@@ -61,9 +62,29 @@ fn listen(addr: SocketAddr, user_timeout: Duration) -> anyhow::Result<TcpListene
     Ok(socket.into())
 }
 
+/// File descriptors a node needs beyond its streams (listeners, Redis, the admin port's clients).
+const SPARE_FDS: u64 = 256;
+
+/// Raises the soft open-files limit to the hard limit (many systems start processes at 1024)
+/// and warns when `HUB_MAX_CONNECTIONS` streams still would not fit.
+fn raise_fd_limit(max_connections: u64) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections + SPARE_FDS => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-files limit is below HUB_MAX_CONNECTIONS + {SPARE_FDS}: streams will be \
+             refused by the kernel before the hub's limit; raise it (ulimit -n, LimitNOFILE, \
+             the container runtime's nofile)"
+        ),
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-files limit"),
+    }
+}
+
 /// Runs a node until SIGTERM/SIGINT, then drains and returns. Must run inside an actix system.
 /// Prints `hub listening public=ADDR admin=ADDR node=NAME` on stdout once both ports are bound.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    raise_fd_limit(config.max_connections);
     let user_timeout = Duration::from_secs(config.stale_after_secs);
     let public_l = listen(config.bind, user_timeout)
         .with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?;

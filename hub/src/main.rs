@@ -1,8 +1,13 @@
-//! The `hub` binary: check the configuration, set up logging, run the node.
+//! The `hub` binary: check the configuration, set up logging, run the node (or, as
+//! `hub healthcheck`, ask a running node's `/healthz`).
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // `hub healthcheck`: the container health check (asks this host's /healthz).
+    if std::env::args().nth(1).as_deref() == Some("healthcheck") {
+        return hub::healthcheck::main();
+    }
     let config = match hub::Config::from_env_and_args() {
         Ok(c) => c,
         Err(line) => {

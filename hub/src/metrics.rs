@@ -23,6 +23,8 @@ pub const STALE_CLOSED: &str = "hub_stale_closed_total";
 pub const REDIS_UP: &str = "hub_redis_up";
 pub const REDIS_RECONNECTS: &str = "hub_redis_reconnects_total";
 pub const HISTORY_REPLAYED: &str = "hub_history_replayed_total";
+/// Beyond the contract's list: 1 while `/readyz` would answer 200 (set at every scrape).
+pub const READY: &str = "hub_ready";
 
 /// Delivery latency buckets (seconds): fine below 50 ms, where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -228,6 +230,7 @@ pub struct Metrics {
     pub redis_up: Gauge,
     pub redis_reconnects: Counter,
     pub history_replayed: Counter,
+    pub ready: Gauge,
 }
 
 static META: Metadata<'static> = Metadata::new("hub", metrics::Level::INFO, Some("hub::metrics"));
@@ -241,7 +244,7 @@ impl Metrics {
             let key = KeyName::from_const_str(name);
             let help = SharedString::const_str(help);
             match name {
-                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP => {
+                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP | READY => {
                     rec.describe_gauge(key, unit, help)
                 }
                 _ => rec.describe_counter(key, unit, help),
@@ -285,6 +288,11 @@ impl Metrics {
         );
         describe(REDIS_RECONNECTS, None, "Reconnections to Redis.");
         describe(
+            READY,
+            None,
+            "1 while the node accepts streams (/readyz answers 200): not draining, broker up.",
+        );
+        describe(
             HISTORY_REPLAYED,
             None,
             "Messages replayed from history (resume and backfill).",
@@ -324,6 +332,7 @@ impl Metrics {
             redis_up: gauge(REDIS_UP, vec![]),
             redis_reconnects: counter(REDIS_RECONNECTS, vec![]),
             history_replayed: counter(HISTORY_REPLAYED, vec![]),
+            ready: gauge(READY, vec![]),
             handle: rec.handle(),
         };
         // Counters appear in the output only once touched.
@@ -346,7 +355,11 @@ impl Metrics {
         ] {
             c.increment(0);
         }
-        for g in m.connections.iter().chain([&m.channels, &m.redis_up]) {
+        for g in m
+            .connections
+            .iter()
+            .chain([&m.channels, &m.redis_up, &m.ready])
+        {
             g.set(0.0);
         }
         m

@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+pub mod nginx;
 pub mod redis_server;
 
 use bytes::{Buf, BytesMut};
@@ -20,7 +21,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-pub use redis_server::{Cluster, Redis};
+pub use nginx::Nginx;
+pub use redis_server::{free_port, Cluster, Redis};
 pub use reqwest;
 
 /// Default deadline for conditions that should hold almost at once.
@@ -332,6 +334,15 @@ pub struct SseStream {
 }
 
 impl SseStream {
+    /// Opens `GET url` as an SSE stream (through a proxy, say) with extra headers.
+    pub async fn open(http: &reqwest::Client, url: &str, headers: &[(&str, &str)]) -> SseStream {
+        let mut req = http.get(url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        SseStream::new(req.send().await.expect("sse request"))
+    }
+
     fn new(res: reqwest::Response) -> SseStream {
         SseStream {
             status: res.status().as_u16(),

@@ -210,3 +210,35 @@ async fn sigterm_drains_streams_spread_over_the_drain_time_then_exits_zero() {
         "drain finished within HUB_DRAIN_SECS: {arrivals:?}"
     );
 }
+
+/// `hub healthcheck` (the container's HEALTHCHECK) answers for a running node and fails for none.
+#[tokio::test]
+async fn healthcheck_command_asks_the_running_node() {
+    let hub = Hub::start(&[]).await;
+    let run = |bind: String| {
+        std::process::Command::new(hub_tests::binary("hub"))
+            .arg("healthcheck")
+            .env_clear()
+            .env("HUB_ADMIN_BIND", bind)
+            .output()
+            .unwrap()
+    };
+    let ok = run(hub.admin.to_string());
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // As in the container: bound to every interface, asked on loopback.
+    let any = run(format!("0.0.0.0:{}", hub.admin.port()));
+    assert!(
+        any.status.success(),
+        "{}",
+        String::from_utf8_lossy(&any.stderr)
+    );
+    let gone = run(format!("127.0.0.1:{}", hub_tests::free_port()));
+    assert_eq!(gone.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("/healthz"));
+    let bad = run("nowhere".into());
+    assert_eq!(bad.status.code(), Some(2));
+}
