@@ -16,13 +16,17 @@
 #                   seconds into publishing; streams come back with Last-Event-ID after a random
 #                   delay below RECONNECT_MS (EventSource waits the hub's `retry:` 2000 ms)
 #   PEERS           which servers to measure ("hub nchan")
+#   PIN=1           servers (and Redis) on CPU 0, the load generator on CPU 1 (taskset), so
+#                   that a server is measured on a core of its own rather than sharing both
 #   LIMIT           longest a run may take, seconds
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} RATE=${RATE:-1}
 CHANNELS=${CHANNELS:-1} NODES=${NODES:-1} MODE=${MODE:-memory} TRANSPORT=${TRANSPORT:-sse}
 STALL=${STALL:-0} PAD=${PAD:-0} STORM=${STORM:-0} STORM_AFTER=${STORM_AFTER:-3}
-RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120}
+RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120} PIN=${PIN:-0}
+SRV=() GEN=()
+if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
 [ "$NODES" -gt 1 ] && MODE=redis
 [ $((COUNT % CHANNELS)) -eq 0 ] || { echo "COUNT must be a multiple of CHANNELS (each stream expects COUNT/CHANNELS)" >&2; exit 1; }
 [ "$STORM" = 1 ] && [ "$MODE" != redis ] && { echo "STORM=1 needs MODE=redis (history must outlive the node)" >&2; exit 1; }
@@ -48,7 +52,7 @@ wait_for() { # wait_for <tries of 0.05 s> <command...>
 REDIS_PID="" REDIS_URL=""
 start_redis() {
     local port; port=$(free_port)
-    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no > "$OUT/redis.log" 2>&1 &
+    "${SRV[@]}" redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no > "$OUT/redis.log" 2>&1 &
     REDIS_PID=$!; PIDS+=("$REDIS_PID"); REDIS_URL="redis://127.0.0.1:$port"
     wait_for 100 redis-cli -p "$port" ping
 }
@@ -65,7 +69,7 @@ start_hub() { # start_hub <i>
     local env=(HUB_BIND="${NPUB[$i]}" HUB_ADMIN_BIND="${NADM[$i]}" HUB_DRAIN_SECS=0 HUB_LOG=warn
                HUB_MAX_CONNECTIONS=20000 HUB_NODE_ID="node$i")
     if [ "$MODE" = redis ]; then env+=(HUB_REDIS_URL="$REDIS_URL"); fi
-    env "${env[@]}" target/release/hub >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
+    env "${env[@]}" "${SRV[@]}" target/release/hub >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
     wait_for 200 curl -sf "http://${NADM[$i]}/readyz"
 }
@@ -76,7 +80,7 @@ start_nchan() { # start_nchan <i>
     if [ "$MODE" = redis ]; then redis="nchan_redis_url \"$REDIS_URL\"; nchan_use_redis on;"; fi
     sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__DIR__#$dir#g; s#__REDIS__#$redis#" loadtests/nchan.conf > "$dir/nginx.conf"
     rm -f "$dir/nginx.pid"
-    nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
+    "${SRV[@]}" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
     wait_for 200 curl -s -o /dev/null "http://${NPUB[$i]}/pub?id=probe"
 }
@@ -103,7 +107,7 @@ run_one() { # run_one <hub|nchan> <run number>
     fi
     if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS"); fi
     rm -f "$OUT/ready"
-    $LOADGEN run "${args[@]}" --streams "$STREAMS" --processes "$PROCS" --channel-count "$CHANNELS" \
+    "${GEN[@]}" $LOADGEN run "${args[@]}" --streams "$STREAMS" --processes "$PROCS" --channel-count "$CHANNELS" \
         --count "$COUNT" --rate "$RATE" --stall "$STALL" --pad "$PAD" --duration "$LIMIT" \
         --ready-file "$OUT/ready" --report "$OUT/$server-$r.json" > /dev/null 2> "$OUT/$server-$r.err" &
     local lg=$!
@@ -122,4 +126,4 @@ for r in $(seq "$RUNS"); do
 done
 
 python3 loadtests/scenarios/table.py "$OUT" "$RUNS" "$PEERS" \
-    "$STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading; storm=$STORM"
+    "$STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode, pinned=$PIN; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading; storm=$STORM"

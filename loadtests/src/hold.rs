@@ -547,8 +547,11 @@ async fn one(
             }
         }
     }
-    if let Ok(mut c) = shared.counts.lock() {
-        c.push(st.count);
+    // Streams that stopped reading on purpose are not expected to receive anything.
+    if !stall {
+        if let Ok(mut c) = shared.counts.lock() {
+            c.push(st.count);
+        }
     }
 }
 

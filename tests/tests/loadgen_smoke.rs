@@ -103,3 +103,109 @@ async fn publishing_over_redis_as_fast_as_replies_come() {
     ]);
     check(&r, 100, 0, 50);
 }
+
+#[tokio::test]
+async fn websocket_streams_over_many_channels() {
+    let hub = Hub::start(&[]).await;
+    let (target, admin, pid) = (
+        hub.public.to_string(),
+        hub.admin_url(""),
+        hub.pid().to_string(),
+    );
+    // 200 WebSockets over 20 channels; 60 messages go to the channels in turn, 3 each.
+    let r = loadgen(&[
+        "run",
+        "--target",
+        &target,
+        "--ws",
+        "--path",
+        "/v1/ws",
+        "--subscribe",
+        r#"{"op":"subscribe","channel":"public:ws{ch}"}"#,
+        "--streams",
+        "200",
+        "--processes",
+        "2",
+        "--http",
+        &admin,
+        "--channel",
+        "public:ws{n}",
+        "--channel-count",
+        "20",
+        "--count",
+        "60",
+        "--rate",
+        "100",
+        "--server-pid",
+        &pid,
+        "--duration",
+        "30",
+    ]);
+    check(&r, 200, 0, 3);
+    assert_eq!(r["gaps"], 0);
+    assert_eq!(
+        hub.metric(r#"hub_connections_opened_total{transport="ws"}"#)
+            .await,
+        200.0
+    );
+}
+
+#[tokio::test]
+async fn streams_resume_after_their_node_restarts() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let port = hub_tests::free_port();
+    let bind = format!("127.0.0.1:{port}");
+    let env = [
+        ("HUB_REDIS_URL", url.as_str()),
+        ("HUB_BIND", bind.as_str()),
+        ("HUB_DRAIN_SECS", "0"),
+    ];
+    let mut hub = Hub::start(&env).await;
+    hub.wait_ready(hub_tests::WAIT).await;
+    let ready = std::env::temp_dir().join(format!("loadgen-ready-{}", std::process::id()));
+    let _ = std::fs::remove_file(&ready);
+    let mut run = tokio::process::Command::new(binary("loadgen"));
+    run.args([
+        "run",
+        "--target",
+        &bind,
+        "--path",
+        "/v1/sse?channel=public:storm",
+        "--streams",
+        "200",
+        "--reconnect",
+        "--reconnect-ms",
+        "300",
+        "--redis",
+        &url,
+        "--channel",
+        "public:storm",
+        "--count",
+        "40",
+        "--rate",
+        "20",
+        "--duration",
+        "30",
+        "--ready-file",
+    ])
+    .arg(&ready)
+    .stdout(std::process::Stdio::piped());
+    let child = run.spawn().unwrap();
+    hub_tests::wait_until("streams open", hub_tests::WAIT, || async { ready.exists() }).await;
+    // Publishing is under way (2 s in all): restart the node under the streams.
+    hub.terminate();
+    assert!(hub.wait_exit(hub_tests::WAIT).await.success());
+    let hub = Hub::start(&env).await;
+    hub.wait_ready(hub_tests::WAIT).await;
+    let out = child.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["opened"], 200, "{r}");
+    assert_eq!(r["reconnects"], 200, "every stream came back: {r}");
+    assert_eq!(r["still_down"], 0);
+    assert_eq!(r["deliveries"], 200 * 40, "nothing missed: {r}");
+    assert_eq!(r["gaps"], 0);
+    assert_eq!(r["duplicates"], 0);
+    assert!(r["resume_secs"].as_f64().unwrap() > 0.0, "{r}");
+}
