@@ -34,7 +34,7 @@ pub mod transport;
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub use config::Config;
 pub use node::Node;
@@ -141,8 +141,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     tracing::info!(reason = why, "shutting down");
     shutdown::drain(&node).await;
-    public_h.stop(true).await;
-    admin_h.stop(true).await;
+    // Let the closed streams hand their last bytes to the HTTP server, then stop the public
+    // port at once: actix's graceful stop re-checks busy workers only once a second, and a
+    // restarting node's clients would find the port refusing for all that time. (Bytes still
+    // in a socket's buffer then are lost, and those clients reconnect as they would anyway.)
+    let flushed_by = Instant::now() + Duration::from_secs(SERVER_STOP_SECS);
+    while node.live_transports() > 0 && Instant::now() < flushed_by {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::join!(public_h.stop(false), admin_h.stop(true));
     ticker.abort();
     tracing::info!("stopped");
     Ok(())

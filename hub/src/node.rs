@@ -13,7 +13,7 @@ use crate::registry::Registry;
 use crate::session::{Session, Start};
 use crate::transport;
 use protocol::{ChannelName, Envelope, StreamId};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,6 +47,8 @@ pub struct Node {
     pub registry: Arc<Registry>,
     pub broker: Broker,
     draining: AtomicBool,
+    /// SSE bodies and WebSocket tasks still alive: a stopping node lets them flush first.
+    transports: AtomicUsize,
     pub started: Instant,
 }
 
@@ -94,6 +96,7 @@ impl Node {
             registry,
             broker,
             draining: AtomicBool::new(false),
+            transports: AtomicUsize::new(0),
             started: Instant::now(),
             config,
         }))
@@ -101,6 +104,20 @@ impl Node {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    /// A transport (SSE body, WebSocket task) started; pair with `transport_ended`.
+    pub fn transport_started(&self) {
+        self.transports.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn transport_ended(&self) {
+        self.transports.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Transports still alive (still writing, or not yet dropped by the HTTP server).
+    pub fn live_transports(&self) -> usize {
+        self.transports.load(Ordering::Acquire)
     }
 
     /// Turns `/readyz` to 503 and refuses new streams from now on.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every scenario of issue 5, one after the other, hub and Nchan side by side (about 30 minutes).
+# Every scenario of issue 5, one after the other, hub and Nchan side by side (about 40 minutes).
 # Output goes to the terminal and to $OUT (default /tmp/scenarios-<time>.txt).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -10,6 +10,7 @@ run STREAMS=18000 PROCS=6 ./idle.sh
 run ./fanout.sh
 run MODE=redis ./fanout.sh
 run TRANSPORT=ws ./fanout.sh
+run PIN=1 ./fanout.sh
 run ./throughput.sh
 run ./channels.sh
 run ./multinode.sh

@@ -117,6 +117,11 @@ run_one() { # run_one <hub|nchan> <run number>
         for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; "start_$server" "$i"; done
     fi
     wait "$lg"
+    if [ "$server" = hub ]; then  # the hub's own publish-to-write histogram, for the table
+        for i in $(seq 0 $((NODES - 1))); do
+            curl -sf "http://${NADM[$i]}/metrics" > "$OUT/hub-$r-node$i.metrics" || true
+        done
+    fi
     for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; done
     stop_redis
 }

@@ -1,5 +1,7 @@
 """Medians of each server's reports and the hub/Nchan ratio: table.py <dir> <runs> "<peers>" <title>."""
+import glob
 import json
+import re
 import statistics
 import sys
 
@@ -32,10 +34,36 @@ rows = [
     ("latency p50 (ms)", lambda r: r["latency"]["p50_ms"]),
     ("latency p99 (ms)", lambda r: r["latency"]["p99_ms"]),
     ("latency max (ms)", lambda r: r["latency"]["max_ms"]),
+    ("hub-side publish-to-write p50 (ms, <=)", lambda r: r["hub_side"].get(0.5)),
+    ("hub-side publish-to-write p99 (ms, <=)", lambda r: r["hub_side"].get(0.99)),
     ("server CPU-s per million deliveries", lambda r: r["server_cpu_secs_per_million_deliveries"]),
     ("server RSS at the end (MB)", rss_end),
 ]
+
+
+def hub_side(r, q):
+    """Quantile q of the hub's own publish-to-write histogram (all nodes of run r), in ms: the
+    upper bound of the bucket it falls in; None for servers without it."""
+    counts = {}
+    for path in glob.glob(f"{out}/hub-{r}-node*.metrics"):
+        for line in open(path):
+            m = re.match(r'hub_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\d+)', line)
+            if m:
+                le = float("inf") if m.group(1) == "+Inf" else float(m.group(1))
+                counts[le] = counts.get(le, 0) + int(m.group(2))
+    if not counts or max(counts.values()) == 0:
+        return None
+    total = counts[max(counts)]
+    for le in sorted(counts):
+        if counts[le] >= q * total:
+            return le * 1000
+    return None
+
+
 reports = {p: load(p) for p in peers}
+for p in peers:
+    for i, r in enumerate(reports[p], start=1):
+        r["hub_side"] = {q: hub_side(i, q) for q in (0.5, 0.99)} if p == "hub" else {}
 print(f"{title}; medians of {runs} runs")
 print(f"{'':38}" + "".join(f"{p:>10}" for p in peers) + ("   hub/nchan" if len(peers) == 2 else ""))
 for name, f in rows:

@@ -93,11 +93,21 @@ struct Shared {
     resume_hist: Mutex<Histogram<u64>>,
     /// Streams dropped and not (yet) back.
     down: AtomicU64,
+    /// Failed connection attempts by reason (refused, status 503, ...).
+    failures: Mutex<std::collections::BTreeMap<String, u64>>,
     first_drop_us: AtomicU64,
     last_reopen_us: AtomicU64,
     counts: Mutex<Vec<u64>>,
     last_connect: Mutex<Option<Instant>>,
     expect: Option<u64>,
+}
+
+impl Shared {
+    fn count_failure(&self, why: String) {
+        if let Ok(mut f) = self.failures.lock() {
+            *f.entry(why).or_default() += 1;
+        }
+    }
 }
 
 /// Chunked transfer decoding, fed byte slices.
@@ -354,8 +364,8 @@ fn opened(
 enum End {
     /// The hold is over.
     Stop,
-    /// The connection failed before the stream opened.
-    Failed,
+    /// The connection failed before the stream opened, and why.
+    Failed(String),
     /// The stream was open and the server ended it (or the socket broke).
     Dropped,
 }
@@ -373,7 +383,14 @@ async fn connection(
     let mut s = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(30), conn) => match r {
             Ok(Ok(s)) => s,
-            _ => return End::Failed,
+            Ok(Err(e)) => {
+                let kind = e
+                    .downcast_ref::<std::io::Error>()
+                    .map(|e| format!("connect: {:?}", e.kind()))
+                    .unwrap_or_else(|| "connect".into());
+                return End::Failed(kind);
+            }
+            Err(_) => return End::Failed("connect: timed out".into()),
         },
         _ = stop.changed() => return End::Stop,
     };
@@ -388,7 +405,13 @@ async fn connection(
     loop {
         let n = tokio::select! {
             r = s.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return if open { End::Dropped } else { End::Failed },
+                Ok(0) | Err(_) => {
+                    return if open {
+                        End::Dropped
+                    } else {
+                        End::Failed("closed before the response head".into())
+                    }
+                }
                 Ok(n) => n,
             },
             _ = stop.changed() => return End::Stop,
@@ -406,7 +429,8 @@ async fn connection(
                 "http/1.1 200"
             };
             if !text.starts_with(want) {
-                return End::Failed;
+                let status = text.split(' ').nth(1).unwrap_or("?").to_string();
+                return End::Failed(format!("status {status}"));
             }
             let mut c = Chunked::default();
             if !text.contains("transfer-encoding: chunked") {
@@ -519,8 +543,14 @@ async fn one(
         let never_opened = permit.is_some();
         match end {
             End::Stop => break,
-            End::Failed | End::Dropped if never_opened => {
+            End::Failed(why) if never_opened => {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
+                shared.count_failure(why);
+                break;
+            }
+            End::Dropped if never_opened => {
+                shared.failed.fetch_add(1, Ordering::Relaxed);
+                shared.count_failure("closed before it opened".into());
                 break;
             }
             End::Dropped if !args.reconnect || args.ws => {
@@ -537,9 +567,10 @@ async fn one(
                     _ = stop.changed() => break,
                 }
             }
-            End::Failed => {
+            End::Failed(why) => {
                 // Down and not back yet: try again after the reconnect delay.
                 shared.retries.fetch_add(1, Ordering::Relaxed);
+                shared.count_failure(why);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(args.reconnect_ms)) => {}
                     _ = stop.changed() => break,
@@ -574,6 +605,7 @@ pub async fn hold(
         retries: AtomicU64::new(0),
         resume_hist: Mutex::new(report::histogram()),
         down: AtomicU64::new(0),
+        failures: Mutex::default(),
         first_drop_us: AtomicU64::new(u64::MAX),
         last_reopen_us: AtomicU64::new(0),
         counts: Mutex::new(Vec::new()),
@@ -651,6 +683,11 @@ pub async fn hold(
         streams_stalled: shared.stalled.load(Ordering::Relaxed),
         reconnects: shared.reconnects.load(Ordering::Relaxed),
         reconnect_retries: shared.retries.load(Ordering::Relaxed),
+        failures: shared
+            .failures
+            .lock()
+            .map(|f| f.clone())
+            .unwrap_or_default(),
         resume_us: shared
             .resume_hist
             .lock()
@@ -737,6 +774,7 @@ mod tests {
             retries: AtomicU64::new(0),
             resume_hist: Mutex::new(report::histogram()),
             down: AtomicU64::new(0),
+            failures: Mutex::default(),
             first_drop_us: AtomicU64::new(u64::MAX),
             last_reopen_us: AtomicU64::new(0),
             counts: Mutex::new(Vec::new()),

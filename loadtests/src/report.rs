@@ -40,6 +40,9 @@ pub struct HoldReport {
     /// Reconnect attempts that failed and were tried again.
     #[serde(default)]
     pub reconnect_retries: u64,
+    /// Failed connection attempts by reason.
+    #[serde(default)]
+    pub failures: std::collections::BTreeMap<String, u64>,
     /// Per stream, time from its drop to its return, as (microseconds, count).
     #[serde(default)]
     pub resume_us: Vec<(u64, u64)>,
@@ -69,6 +72,9 @@ impl HoldReport {
         self.reconnects += o.reconnects;
         self.still_down += o.still_down;
         self.reconnect_retries += o.reconnect_retries;
+        for (k, v) in &o.failures {
+            *self.failures.entry(k.clone()).or_default() += v;
+        }
         self.resume_us = merge_pairs(&self.resume_us, &o.resume_us);
         self.first_drop_us = match (self.first_drop_us, o.first_drop_us) {
             (Some(a), Some(b)) => Some(a.min(b)),

@@ -121,7 +121,12 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
     res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header(("X-Accel-Buffering", "no"));
+    // A stream is never followed by another request on its connection (EventSource opens a
+    // new one): close it when the stream ends, rather than holding an idle keep-alive socket
+    // that a stopping node would have to wait for.
+    res.force_close();
     cors::apply(&mut res, allow);
+    node.transport_started();
     Ok(res.body(SseBody { node, session }))
 }
 
@@ -240,6 +245,7 @@ impl MessageBody for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         self.node.close(&self.session, CloseReason::Client);
+        self.node.transport_ended();
     }
 }
 

@@ -119,6 +119,7 @@ pub async fn upgrade(
         .await
         .map_err(|r| r.error)?;
     let stream = stream.max_frame_size(MAX_CLIENT_FRAME);
+    node.transport_started();
     actix_web::rt::spawn(
         Conn {
             node,
@@ -135,6 +136,12 @@ struct Conn {
     node: Arc<Node>,
     session: Arc<Session>,
     claims: Option<Arc<Claims>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.node.transport_ended();
+    }
 }
 
 impl Conn {
