@@ -212,3 +212,33 @@ fn metric_names_are_found_whole() {
         vec!["hub_a_total".to_string(), "hub_c".to_string()]
     );
 }
+
+/// The runtime image (distroless `cc`) carries glibc, libm and libgcc_s and nothing else: the
+/// binary must need no other shared library (no OpenSSL, say).
+#[test]
+fn the_binary_needs_only_what_the_runtime_image_has() {
+    let out = Command::new("ldd")
+        .arg(hub_tests::binary("hub"))
+        .output()
+        .expect("ldd");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let allowed = [
+        "linux-vdso",
+        "libgcc_s.so",
+        "libm.so",
+        "libc.so",
+        "ld-linux",
+    ];
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            allowed.iter().any(|a| line.contains(a)),
+            "the image would lack: {line}"
+        );
+    }
+    let df = read("Dockerfile");
+    assert!(
+        df.contains("gcr.io/distroless/cc-debian12"),
+        "runtime base as checked above"
+    );
+}
