@@ -103,6 +103,30 @@ struct Shared {
 }
 
 impl Shared {
+    fn new(expect: Option<u64>) -> Shared {
+        Shared {
+            hist: Mutex::new(report::histogram()),
+            opened: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            ended: AtomicU64::new(0),
+            done: AtomicU64::new(0),
+            deliveries: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            stalled: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            resume_hist: Mutex::new(report::histogram()),
+            down: AtomicU64::new(0),
+            failures: Mutex::default(),
+            first_drop_us: AtomicU64::new(u64::MAX),
+            last_reopen_us: AtomicU64::new(0),
+            counts: Mutex::new(Vec::new()),
+            last_connect: Mutex::new(None),
+            expect,
+        }
+    }
+
     fn count_failure(&self, why: String) {
         if let Ok(mut f) = self.failures.lock() {
             *f.entry(why).or_default() += 1;
@@ -591,27 +615,7 @@ pub async fn hold(
     mut on_ready: impl FnMut(u64, u64),
 ) -> anyhow::Result<HoldReport> {
     let args = Arc::new(args);
-    let shared = Arc::new(Shared {
-        hist: Mutex::new(report::histogram()),
-        opened: AtomicU64::new(0),
-        failed: AtomicU64::new(0),
-        ended: AtomicU64::new(0),
-        done: AtomicU64::new(0),
-        deliveries: AtomicU64::new(0),
-        duplicates: AtomicU64::new(0),
-        gaps: AtomicU64::new(0),
-        stalled: AtomicU64::new(0),
-        reconnects: AtomicU64::new(0),
-        retries: AtomicU64::new(0),
-        resume_hist: Mutex::new(report::histogram()),
-        down: AtomicU64::new(0),
-        failures: Mutex::default(),
-        first_drop_us: AtomicU64::new(u64::MAX),
-        last_reopen_us: AtomicU64::new(0),
-        counts: Mutex::new(Vec::new()),
-        last_connect: Mutex::new(None),
-        expect: args.expect,
-    });
+    let shared = Arc::new(Shared::new(args.expect));
     let (stop_tx, stop_rx) = watch::channel(false);
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
     let started = Instant::now();
@@ -760,27 +764,7 @@ mod tests {
 
     #[test]
     fn gaps_follow_the_channel_stride() {
-        let shared = Shared {
-            hist: Mutex::new(report::histogram()),
-            opened: AtomicU64::new(0),
-            failed: AtomicU64::new(0),
-            ended: AtomicU64::new(0),
-            done: AtomicU64::new(0),
-            deliveries: AtomicU64::new(0),
-            duplicates: AtomicU64::new(0),
-            gaps: AtomicU64::new(0),
-            stalled: AtomicU64::new(0),
-            reconnects: AtomicU64::new(0),
-            retries: AtomicU64::new(0),
-            resume_hist: Mutex::new(report::histogram()),
-            down: AtomicU64::new(0),
-            failures: Mutex::default(),
-            first_drop_us: AtomicU64::new(u64::MAX),
-            last_reopen_us: AtomicU64::new(0),
-            counts: Mutex::new(Vec::new()),
-            last_connect: Mutex::new(None),
-            expect: None,
-        };
+        let shared = Shared::new(None);
         let mut st = Stream {
             line: Vec::new(),
             count: 0,

@@ -162,6 +162,21 @@ async fn wait_messages(reports: &Reports, n: usize, timeout: Duration) {
     }
 }
 
+/// Publishes `m<k>` for every k in `range`, durably, straight to Redis.
+async fn publish_range(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    range: std::ops::Range<usize>,
+) {
+    for k in range {
+        let env = Envelope {
+            event: None,
+            data: json!(format!("m{k}")),
+        };
+        publish::publish_durable(conn, channel, &env).await.unwrap();
+    }
+}
+
 #[tokio::test]
 async fn eventsource_in_chromium_survives_node_restarts_and_misses_nothing() {
     let redis = Redis::start();
@@ -219,21 +234,7 @@ async fn eventsource_in_chromium_survives_node_restarts_and_misses_nothing() {
     }
 
     let mut conn = redis.conn().await;
-    let mut next = 0;
-    let mut publish_n = |n: usize| {
-        let from = next;
-        next += n;
-        from..next
-    };
-    for i in publish_n(10) {
-        let env = Envelope {
-            event: None,
-            data: json!(format!("m{i}")),
-        };
-        publish::publish_durable(&mut conn, &ch, &env)
-            .await
-            .unwrap();
-    }
+    publish_range(&mut conn, &ch, 0..10).await;
     wait_messages(&reports, 10, WAIT).await;
 
     // Twice: stop the node that holds the browser's stream, publish while it is gone, start it
@@ -248,15 +249,8 @@ async fn eventsource_in_chromium_survives_node_restarts_and_misses_nothing() {
         let i = holder.expect("one node holds the browser's stream");
         hubs[i].terminate();
         assert!(hubs[i].wait_exit(WAIT).await.success());
-        for k in publish_n(10) {
-            let env = Envelope {
-                event: None,
-                data: json!(format!("m{k}")),
-            };
-            publish::publish_durable(&mut conn, &ch, &env)
-                .await
-                .unwrap();
-        }
+        let from = 10 + 10 * round;
+        publish_range(&mut conn, &ch, from..from + 10).await;
         hubs[i] = start(i).await;
         wait_messages(&reports, 20 + 10 * round, Duration::from_secs(30)).await;
     }
