@@ -7,6 +7,9 @@
 use clap::Parser;
 use std::net::SocketAddr;
 
+/// `HUB_ADMIN_BIND` when unset (also what `hub healthcheck` asks then).
+pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9090";
+
 /// Command-line flags; each falls back to its `HUB_*` environment variable.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -29,7 +32,7 @@ pub struct Config {
         long,
         env = "HUB_ADMIN_BIND",
         value_name = "HUB_ADMIN_BIND",
-        default_value = "127.0.0.1:9090"
+        default_value = DEFAULT_ADMIN_BIND
     )]
     pub admin_bind: SocketAddr,
 

@@ -2,6 +2,7 @@
 //! on a 200, for container health checks in images without curl. It does not start a node and
 //! reads nothing but `HUB_ADMIN_BIND`.
 
+use crate::config::DEFAULT_ADMIN_BIND;
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 /// The address to ask: `HUB_ADMIN_BIND` (default 127.0.0.1:9090), with an unspecified address
 /// (0.0.0.0, ::) replaced by the loopback address of its family.
 pub fn target(admin_bind: Option<&str>) -> Result<SocketAddr, String> {
-    let text = admin_bind.unwrap_or("127.0.0.1:9090");
+    let text = admin_bind.unwrap_or(DEFAULT_ADMIN_BIND);
     let mut addr: SocketAddr = text
         .parse()
         .map_err(|e| format!("HUB_ADMIN_BIND {text:?}: {e}"))?;

@@ -48,8 +48,17 @@ pub struct Node {
     pub broker: Broker,
     draining: AtomicBool,
     /// SSE bodies and WebSocket tasks still alive: a stopping node lets them flush first.
-    transports: AtomicUsize,
+    transports: Arc<AtomicUsize>,
     pub started: Instant,
+}
+
+/// Keeps one transport counted in `Node::live_transports` while it lives.
+pub struct TransportGuard(Arc<AtomicUsize>);
+
+impl Drop for TransportGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Node {
@@ -96,7 +105,7 @@ impl Node {
             registry,
             broker,
             draining: AtomicBool::new(false),
-            transports: AtomicUsize::new(0),
+            transports: Arc::new(AtomicUsize::new(0)),
             started: Instant::now(),
             config,
         }))
@@ -106,13 +115,10 @@ impl Node {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// A transport (SSE body, WebSocket task) started; pair with `transport_ended`.
-    pub fn transport_started(&self) {
+    /// Counts a transport (SSE body, WebSocket task) as alive until the guard is dropped.
+    pub fn track_transport(&self) -> TransportGuard {
         self.transports.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub fn transport_ended(&self) {
-        self.transports.fetch_sub(1, Ordering::AcqRel);
+        TransportGuard(self.transports.clone())
     }
 
     /// Transports still alive (still writing, or not yet dropped by the HTTP server).

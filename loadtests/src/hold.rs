@@ -23,10 +23,8 @@ pub struct HoldArgs {
     /// Server address, e.g. 127.0.0.1:8080.
     #[arg(long)]
     pub target: SocketAddr,
-    /// Request path and query, e.g. /v1/sse?channel=public:bench; `{ch}` is replaced by the
-    /// stream's channel number (its global index modulo `--channels`).
-    #[arg(long)]
-    pub path: String,
+    #[command(flatten)]
+    pub stream: StreamOpts,
     #[arg(long)]
     pub streams: u64,
     /// Global index of this process's first stream (so channel numbers spread across processes).
@@ -53,6 +51,15 @@ pub struct HoldArgs {
     /// expected to receive anything.
     #[arg(long, default_value_t = 0)]
     pub stall: u64,
+}
+
+/// How each stream is opened and kept: the same for `hold` and `run` (which hands them on).
+#[derive(clap::Args, Debug, Clone)]
+pub struct StreamOpts {
+    /// Request path and query, e.g. /v1/sse?channel=public:bench; `{ch}` is replaced by the
+    /// stream's channel number (its global index modulo `--channels`).
+    #[arg(long)]
+    pub path: String,
     /// WebSocket instead of SSE: the path is upgraded, then `--subscribe` is sent (if given).
     #[arg(long)]
     pub ws: bool,
@@ -67,6 +74,28 @@ pub struct HoldArgs {
     /// this long between failed attempts.
     #[arg(long, default_value_t = 1000)]
     pub reconnect_ms: u64,
+}
+
+impl StreamOpts {
+    /// The same options as command-line arguments, for a `hold` child process.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--path".into(),
+            self.path.clone(),
+            "--reconnect-ms".into(),
+            self.reconnect_ms.to_string(),
+        ];
+        if self.ws {
+            a.push("--ws".into());
+        }
+        if let Some(sub) = &self.subscribe {
+            a.extend(["--subscribe".into(), sub.clone()]);
+        }
+        if self.reconnect {
+            a.push("--reconnect".into());
+        }
+        a
+    }
 }
 
 pub fn now_us() -> u64 {
@@ -343,8 +372,8 @@ async fn connect(args: &HoldArgs, ch: u64, last_id: Option<&str>) -> anyhow::Res
     let sock = tokio::net::TcpSocket::new_v4()?;
     sock.bind(SocketAddr::new(args.source, 0))?;
     let mut s = sock.connect(args.target).await?;
-    let path = fill(&args.path, ch);
-    let req = if args.ws {
+    let path = fill(&args.stream.path, ch);
+    let req = if args.stream.ws {
         format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
@@ -447,7 +476,7 @@ async fn connection(
                 continue;
             };
             let text = String::from_utf8_lossy(&head[..end]).to_ascii_lowercase();
-            let want = if args.ws {
+            let want = if args.stream.ws {
                 "http/1.1 101"
             } else {
                 "http/1.1 200"
@@ -464,11 +493,11 @@ async fn connection(
             chunked = Some(c);
             open = true;
             // A WebSocket that subscribes is open once the server confirms the subscription.
-            if !(args.ws && args.subscribe.is_some()) {
+            if !(args.stream.ws && args.stream.subscribe.is_some()) {
                 opened(shared, permit, st.dropped_at.take());
             }
-            if args.ws {
-                if let Some(sub) = &args.subscribe {
+            if args.stream.ws {
+                if let Some(sub) = &args.stream.subscribe {
                     let f = ws_client_frame(1, fill(sub, ch).as_bytes());
                     if s.write_all(&f).await.is_err() {
                         return End::Dropped;
@@ -487,7 +516,7 @@ async fn connection(
             }
         }
         let mut over = false;
-        if args.ws {
+        if args.stream.ws {
             ws.feed(data, &mut frames);
             for f in frames.drain(..) {
                 match f {
@@ -577,7 +606,7 @@ async fn one(
                 shared.count_failure("closed before it opened".into());
                 break;
             }
-            End::Dropped if !args.reconnect || args.ws => {
+            End::Dropped if !args.stream.reconnect || args.stream.ws => {
                 shared.ended.fetch_add(1, Ordering::Relaxed);
                 break;
             }
@@ -585,7 +614,7 @@ async fn one(
                 st.dropped_at = Some(Instant::now());
                 shared.down.fetch_add(1, Ordering::Relaxed);
                 shared.first_drop_us.fetch_min(now_us(), Ordering::Relaxed);
-                let wait = jitter(index, args.reconnect_ms);
+                let wait = jitter(index, args.stream.reconnect_ms);
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
                     _ = stop.changed() => break,
@@ -596,7 +625,7 @@ async fn one(
                 shared.retries.fetch_add(1, Ordering::Relaxed);
                 shared.count_failure(why);
                 tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_millis(args.reconnect_ms)) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(args.stream.reconnect_ms)) => {}
                     _ = stop.changed() => break,
                 }
             }

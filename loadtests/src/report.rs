@@ -92,20 +92,23 @@ impl HoldReport {
     }
 
     pub fn histogram(&self) -> Histogram<u64> {
-        let mut h = histogram();
-        for &(v, c) in &self.latency_us {
-            let _ = h.record_n(v.clamp(1, MAX_LATENCY_US), c);
-        }
-        h
+        from_pairs(&self.latency_us)
     }
+}
+
+/// A histogram given as (microseconds, count) pairs.
+pub fn from_pairs(p: &[(u64, u64)]) -> Histogram<u64> {
+    let mut h = histogram();
+    for &(v, c) in p {
+        let _ = h.record_n(v.clamp(1, MAX_LATENCY_US), c);
+    }
+    h
 }
 
 /// Two histograms given as pairs, merged.
 pub fn merge_pairs(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut h = histogram();
-    for &(v, c) in a.iter().chain(b) {
-        let _ = h.record_n(v.clamp(1, MAX_LATENCY_US), c);
-    }
+    let mut h = from_pairs(a);
+    let _ = h.add(from_pairs(b));
     pairs(&h)
 }
 

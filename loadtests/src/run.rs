@@ -1,6 +1,7 @@
 //! `loadgen run`: several `hold` processes (one source address each), one publisher, one
 //! merged report with the server's CPU time and memory read from /proc.
 
+use crate::hold::StreamOpts;
 use crate::publish::{self, PublishReport};
 use crate::report::{HoldReport, Latency};
 use anyhow::Context as _;
@@ -15,20 +16,8 @@ pub struct RunArgs {
     /// Server address; repeat for several nodes (holder process i uses target i mod n).
     #[arg(long = "target", required = true)]
     pub targets: Vec<SocketAddr>,
-    /// Request path and query of each stream (`{ch}`: see `hold --path`).
-    #[arg(long)]
-    pub path: String,
-    /// WebSocket streams instead of SSE (see `hold --ws`).
-    #[arg(long)]
-    pub ws: bool,
-    /// Frame sent after each WebSocket upgrade (see `hold --subscribe`).
-    #[arg(long)]
-    pub subscribe: Option<String>,
-    /// Reconnect ended SSE streams with `Last-Event-ID` (see `hold --reconnect`).
-    #[arg(long)]
-    pub reconnect: bool,
-    #[arg(long, default_value_t = 1000)]
-    pub reconnect_ms: u64,
+    #[command(flatten)]
+    pub stream: StreamOpts,
     /// Create this file once every stream is open (scenario scripts wait on it).
     #[arg(long)]
     pub ready_file: Option<std::path::PathBuf>,
@@ -177,10 +166,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             .arg(first_index.to_string())
             .arg("--channels")
             .arg(channels.to_string())
-            .arg("--reconnect-ms")
-            .arg(args.reconnect_ms.to_string())
-            .arg("--path")
-            .arg(&args.path)
+            .args(args.stream.to_args())
             .arg("--streams")
             .arg(n.to_string())
             .arg("--source")
@@ -194,15 +180,6 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             .stdout(Stdio::piped())
             .kill_on_drop(true);
         first_index += n;
-        if args.ws {
-            cmd.arg("--ws");
-        }
-        if let Some(sub) = &args.subscribe {
-            cmd.arg("--subscribe").arg(sub);
-        }
-        if args.reconnect {
-            cmd.arg("--reconnect");
-        }
         let mut child = cmd.spawn().context("spawn hold")?;
         let stdout = child.stdout.take().context("hold stdout")?;
         children.push((child, BufReader::new(stdout).lines()));
@@ -277,13 +254,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
             _ => None,
         },
         latency: Latency::of(&holds.histogram()),
-        resume: Latency::of(&{
-            let mut h = crate::report::histogram();
-            for &(v, c) in &holds.resume_us {
-                let _ = h.record_n(v, c);
-            }
-            h
-        }),
+        resume: Latency::of(&crate::report::from_pairs(&holds.resume_us)),
         reconnect_retries: holds.reconnect_retries,
         publish,
         server_before: before,

@@ -1,7 +1,7 @@
 //! A real nginx for the tests, running `deploy/nginx/hub.conf` with its upstreams and listen
 //! address moved to loopback ports; stopped by PID when dropped.
 
-use crate::redis_server::free_port;
+use crate::redis_server::{free_port, scratch};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -40,13 +40,7 @@ impl Nginx {
 
     /// Runs nginx with `http_conf` inside its `http {}` block; it must listen on `port`.
     pub fn start(http_conf: &str, port: u16) -> Nginx {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "hub-nginx-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).expect("nginx dir");
+        let dir = scratch("nginx");
         let d = dir.display();
         std::fs::write(dir.join("hub.conf"), http_conf).expect("write hub.conf");
         let main = format!(

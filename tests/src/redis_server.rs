@@ -14,7 +14,8 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
-fn scratch(name: &str) -> PathBuf {
+/// A fresh scratch folder for one server process of this test run.
+pub(crate) fn scratch(name: &str) -> PathBuf {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("hub-test-{}/{name}-{n}", std::process::id()));

@@ -85,8 +85,9 @@ async fn publish(
 
 /// `GET /metrics`: Prometheus text.
 async fn metrics(node: web::Data<Node>) -> HttpResponse {
-    let ready = !node.is_draining() && node.broker.is_up();
-    node.metrics.ready.set(if ready { 1.0 } else { 0.0 });
+    node.metrics
+        .ready
+        .set(if node.is_ready() { 1.0 } else { 0.0 });
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(node.metrics.render())

@@ -7,7 +7,7 @@
 use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
 use crate::metrics::{CloseReason, RejectReason, Transport};
-use crate::node::{Node, OpenRequest};
+use crate::node::{Node, OpenRequest, TransportGuard};
 use crate::session::Session;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header;
@@ -126,8 +126,12 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
     // that a stopping node would have to wait for.
     res.force_close();
     cors::apply(&mut res, allow);
-    node.transport_started();
-    Ok(res.body(SseBody { node, session }))
+    let _live = node.track_transport();
+    Ok(res.body(SseBody {
+        node,
+        session,
+        _live,
+    }))
 }
 
 /// `OPTIONS /v1/sse` (CORS preflight).
@@ -214,6 +218,8 @@ fn spread(seq: u64, range: u64) -> u64 {
 pub struct SseBody {
     node: Arc<Node>,
     session: Arc<Session>,
+    /// Counts this stream as alive until the HTTP server drops the body.
+    _live: TransportGuard,
 }
 
 impl MessageBody for SseBody {
@@ -245,7 +251,6 @@ impl MessageBody for SseBody {
 impl Drop for SseBody {
     fn drop(&mut self) {
         self.node.close(&self.session, CloseReason::Client);
-        self.node.transport_ended();
     }
 }
 

@@ -9,7 +9,7 @@ use crate::auth::{Claims, PUBLIC_PREFIX};
 use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
 use crate::metrics::{CloseReason, RejectReason, Transport};
-use crate::node::{Node, OpenRequest};
+use crate::node::{Node, OpenRequest, TransportGuard};
 use crate::session::{Offer, Session, Start};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, Message as WsMessage};
@@ -119,9 +119,9 @@ pub async fn upgrade(
         .await
         .map_err(|r| r.error)?;
     let stream = stream.max_frame_size(MAX_CLIENT_FRAME);
-    node.transport_started();
     actix_web::rt::spawn(
         Conn {
+            _live: node.track_transport(),
             node,
             session,
             claims,
@@ -136,12 +136,8 @@ struct Conn {
     node: Arc<Node>,
     session: Arc<Session>,
     claims: Option<Arc<Claims>>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.node.transport_ended();
-    }
+    /// Counts this socket as alive until its task ends.
+    _live: TransportGuard,
 }
 
 impl Conn {
