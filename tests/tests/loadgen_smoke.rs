@@ -18,6 +18,15 @@ fn loadgen(args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("report ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
 
+/// A hub's public address, admin URL and PID, as loadgen arguments.
+fn addresses(hub: &Hub) -> (String, String, String) {
+    (
+        hub.public.to_string(),
+        hub.admin_url(""),
+        hub.pid().to_string(),
+    )
+}
+
 fn check(r: &serde_json::Value, streams: u64, stalled: u64, messages: u64) {
     assert_eq!(r["opened"], streams, "{r}");
     assert_eq!(r["failed"], 0);
@@ -37,11 +46,7 @@ fn check(r: &serde_json::Value, streams: u64, stalled: u64, messages: u64) {
 #[tokio::test]
 async fn two_processes_over_http() {
     let hub = Hub::start(&[]).await;
-    let (target, admin, pid) = (
-        hub.public.to_string(),
-        hub.admin_url(""),
-        hub.pid().to_string(),
-    );
+    let (target, admin, pid) = addresses(&hub);
     let r = loadgen(&[
         "run",
         "--target",
@@ -107,11 +112,7 @@ async fn publishing_over_redis_as_fast_as_replies_come() {
 #[tokio::test]
 async fn websocket_streams_over_many_channels() {
     let hub = Hub::start(&[]).await;
-    let (target, admin, pid) = (
-        hub.public.to_string(),
-        hub.admin_url(""),
-        hub.pid().to_string(),
-    );
+    let (target, admin, pid) = addresses(&hub);
     // 200 WebSockets over 20 channels; 60 messages go to the channels in turn, 3 each.
     let r = loadgen(&[
         "run",
