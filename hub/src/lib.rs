@@ -105,6 +105,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             .configure(http::public::configure)
     })
     .workers(workers)
+    // An EventSource never half-closes on purpose: a FIN means the client left, and its
+    // stream (slot, counts, per-user place) is released at once instead of at the next write.
+    .h1_allow_half_closed(false)
     .max_connections(per_worker)
     .backlog(BACKLOG as u32)
     .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))

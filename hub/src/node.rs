@@ -61,6 +61,35 @@ impl Drop for TransportGuard {
     }
 }
 
+/// Closes a stream that is being opened if the opening is abandoned (error or cancellation).
+struct OpenGuard<'a> {
+    registry: &'a Registry,
+    session: Option<Arc<Session>>,
+}
+
+impl OpenGuard<'_> {
+    /// The stream is started: its transport owns it from now on.
+    fn disarm(mut self) {
+        self.session = None;
+    }
+
+    /// The opening failed on the hub's side.
+    fn fail(mut self) {
+        if let Some(s) = self.session.take() {
+            self.registry.close(&s, CloseReason::Error);
+        }
+    }
+}
+
+impl Drop for OpenGuard<'_> {
+    /// Dropped while armed: the client went away during the opening.
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.registry.close(&s, CloseReason::Client);
+        }
+    }
+}
+
 impl Node {
     /// Builds the node for an already checked configuration; in Redis mode connects to Redis
     /// and starts the broker's background tasks (so it must run inside the runtime).
@@ -205,11 +234,17 @@ impl Node {
         );
         session.expires_at = req.expires_at;
         let session = Arc::new(session);
+        // From here until the stream is handed to its transport, a client that goes away (actix
+        // drops this future) must not leave the stream admitted or registered.
+        let guard = OpenGuard {
+            registry: &self.registry,
+            session: Some(session.clone()),
+        };
         self.registry.register(&session);
         let channels = session.channels();
         if let Err(e) = self.broker.subscribe(&channels).await {
             tracing::warn!(error = %e, "subscribe failed; refusing stream");
-            self.registry.close(&session, CloseReason::Error);
+            guard.fail();
             return Err(self.reject(
                 RejectReason::Capacity,
                 ApiError::unavailable("broker_unavailable", e.to_string(), 2),
@@ -231,7 +266,7 @@ impl Node {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(error = %e, channel = %ch, "history unavailable; refusing stream");
-                    self.registry.close(&session, CloseReason::Error);
+                    guard.fail();
                     return Err(self.reject(
                         RejectReason::Capacity,
                         ApiError::unavailable("broker_unavailable", e.to_string(), 2),
@@ -247,6 +282,7 @@ impl Node {
                 replay.extend(rec.replay);
             }
         }
+        guard.disarm();
         let head = transport::opening_frames(self, &session, &positions, &reset);
         match session.start(Start {
             head,

@@ -5,30 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use hub_tests::client::{hs256, now, SECRET};
 use hub_tests::{Hub, WAIT};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-const SECRET: &str = "a-test-secret-of-enough-length";
-
-fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-}
-
-fn hs256(claims: Value) -> String {
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
+use std::time::Duration;
 
 /// Makes a key pair with openssl; returns (private PEM, public PEM path).
 fn keypair(kind: &str) -> (Vec<u8>, PathBuf) {

@@ -77,16 +77,16 @@ async fn events_and_heartbeats_pass_through_unbuffered() {
 }
 
 /// One client that behaves like EventSource: on end of stream it reconnects through nginx with
-/// `Last-Event-ID`. Returns the data of every message in arrival order and how often it
-/// reconnected.
-async fn follow(url: String, want: usize) -> (Vec<String>, usize) {
+/// `Last-Event-ID`. Returns the data of every message in arrival order, how often it
+/// reconnected, and the stream it holds at the end (still open).
+async fn follow(url: String, want: usize) -> (Vec<String>, usize, SseStream) {
     let http = client();
     let mut got = Vec::new();
     let mut last_id: Option<String> = None;
     let mut reconnects = 0;
     let mut first = true;
     let deadline = Instant::now() + Duration::from_secs(30);
-    while got.len() < want {
+    loop {
         assert!(Instant::now() < deadline, "gave up after {got:?}");
         let headers: Vec<(&str, &str)> = last_id
             .as_deref()
@@ -111,12 +111,11 @@ async fn follow(url: String, want: usize) -> (Vec<String>, usize) {
             if ev.event == "message" && !ev.comment {
                 got.push(ev.data);
                 if got.len() == want {
-                    break;
+                    return (got, reconnects, s);
                 }
             }
         }
     }
-    (got, reconnects)
 }
 
 #[tokio::test]
@@ -158,10 +157,12 @@ async fn sigterm_moves_streams_to_the_other_node_and_they_miss_nothing() {
     assert!(a.wait_exit(WAIT).await.success());
     let want: Vec<String> = (0..MESSAGES).map(|i| format!("m{i}")).collect();
     let mut moved = 0;
+    let mut open = Vec::new();
     for c in clients {
-        let (got, reconnects) = c.await.unwrap();
+        let (got, reconnects, stream) = c.await.unwrap();
         assert_eq!(got, want, "every message once, in order");
         moved += usize::from(reconnects > 0);
+        open.push(stream);
     }
     assert_eq!(moved as f64, on_a, "the streams of node a moved");
     assert_eq!(connections(&b).await, STREAMS as f64);

@@ -122,13 +122,13 @@ async fn a_reader_that_stops_is_closed_as_slow_and_others_get_everything() {
                 .expect("fast reader's stream ended");
             got.push(m.id.unwrap());
         }
-        got
+        (got, fast)
     });
     let mut ids = Vec::new();
     for _ in 0..total {
         ids.push(hub.publish(&ch, None, json!(payload), true).await);
     }
-    let got = reader.await.unwrap();
+    let (got, _fast) = reader.await.unwrap();
     assert_eq!(got, ids, "the fast reader got every message, in order");
     hub.wait_metric(
         r#"hub_connections_closed_total{transport="sse",reason="slow"}"#,

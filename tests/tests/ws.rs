@@ -6,73 +6,14 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use futures_util::{SinkExt, StreamExt};
+use hub_tests::client::{next, send, subscribe, token, try_ws, Ws, SECRET};
 use hub_tests::{prefix, Hub, WAIT};
-use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-use serde_json::{json, Value};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{connect_async, MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
-const SECRET: &str = "a-test-secret-of-enough-length";
-
-fn token(sub: &str, channels: &[&str], ttl: i64) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-        + ttl;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp, "channels": channels}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
-}
-
-async fn try_ws(hub: &Hub, query: &str, headers: &[(&str, &str)]) -> Result<Ws, u16> {
-    let mut req = format!("ws://{}/v1/ws{query}", hub.public)
-        .into_client_request()
-        .unwrap();
-    for (k, v) in headers {
-        let name: tokio_tungstenite::tungstenite::http::HeaderName = k.parse().unwrap();
-        req.headers_mut().insert(name, v.parse().unwrap());
-    }
-    match connect_async(req).await {
-        Ok((ws, _)) => Ok(ws),
-        Err(WsError::Http(res)) => Err(res.status().as_u16()),
-        Err(e) => panic!("websocket connect: {e}"),
-    }
-}
+use serde_json::json;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
 
 async fn ws(hub: &Hub) -> Ws {
-    try_ws(hub, "", &[]).await.unwrap()
-}
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::text(v.to_string())).await.unwrap();
-}
-
-/// The next text frame as JSON (pings are answered by the client library and skipped).
-async fn next(ws: &mut Ws) -> Value {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a frame in time")
-            .expect("socket open")
-            .unwrap();
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected frame {other:?}"),
-        }
-    }
-}
-
-async fn subscribe(ws: &mut Ws, ch: &str) {
-    send(ws, json!({"op": "subscribe", "channel": ch})).await;
-    assert_eq!(next(ws).await, json!({"type": "subscribed", "channel": ch}));
+    try_ws(hub.public, "", &[]).await.unwrap()
 }
 
 #[tokio::test]
@@ -225,7 +166,9 @@ async fn tokens_origin_and_limits() {
     subscribe(&mut anon, "public:x").await;
     // With a token (query or header): its grants.
     let t = token("u1", &["room:*"], 600);
-    let mut w = try_ws(&hub, &format!("?token={t}"), &[]).await.unwrap();
+    let mut w = try_ws(hub.public, &format!("?token={t}"), &[])
+        .await
+        .unwrap();
     subscribe(&mut w, "room:1").await;
     subscribe(&mut w, "user:u1").await;
     send(&mut w, json!({"op": "subscribe", "channel": "secret"})).await;
@@ -233,22 +176,27 @@ async fn tokens_origin_and_limits() {
     // Per-user limit: a second socket of u1 is 429; another user is fine.
     let bearer = format!("Bearer {t}");
     assert_eq!(
-        try_ws(&hub, "", &[("Authorization", bearer.as_str())])
+        try_ws(hub.public, "", &[("Authorization", bearer.as_str())])
             .await
             .err(),
         Some(429)
     );
     let t2 = token("u2", &[], 600);
-    assert!(try_ws(&hub, &format!("?token={t2}"), &[]).await.is_ok());
+    assert!(try_ws(hub.public, &format!("?token={t2}"), &[])
+        .await
+        .is_ok());
     // Bad token at the upgrade: 401. Origin: another one 403, the allowed one and none fine.
-    assert_eq!(try_ws(&hub, "?token=junk", &[]).await.err(), Some(401));
     assert_eq!(
-        try_ws(&hub, "", &[("Origin", "https://evil.example")])
+        try_ws(hub.public, "?token=junk", &[]).await.err(),
+        Some(401)
+    );
+    assert_eq!(
+        try_ws(hub.public, "", &[("Origin", "https://evil.example")])
             .await
             .err(),
         Some(403)
     );
-    assert!(try_ws(&hub, "", &[("Origin", "https://app.example")])
+    assert!(try_ws(hub.public, "", &[("Origin", "https://app.example")])
         .await
         .is_ok());
 }
@@ -260,7 +208,7 @@ async fn the_node_limit_counts_websockets() {
     let (_s, _) = hub
         .connect(&format!("channel={}", prefix("lim")), &[])
         .await;
-    assert_eq!(try_ws(&hub, "", &[]).await.err(), Some(503));
+    assert_eq!(try_ws(hub.public, "", &[]).await.err(), Some(503));
     assert_eq!(
         hub.sse(&format!("channel={}", prefix("lim")), &[])
             .await
@@ -308,7 +256,9 @@ async fn pings_every_heartbeat_and_silent_sockets_are_stale() {
 async fn an_expired_token_ends_the_socket_with_an_error_frame() {
     let hub = Hub::start(&[("HUB_JWT_SECRET", SECRET)]).await;
     let t = token("u9", &["room:*"], 2);
-    let mut w = try_ws(&hub, &format!("?token={t}"), &[]).await.unwrap();
+    let mut w = try_ws(hub.public, &format!("?token={t}"), &[])
+        .await
+        .unwrap();
     subscribe(&mut w, "room:9").await;
     let e = next(&mut w).await;
     assert_eq!(

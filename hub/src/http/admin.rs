@@ -102,7 +102,14 @@ async fn stats(node: web::Data<Node>) -> HttpResponse {
         "uptime_secs": node.started.elapsed().as_secs(),
         "ready": node.is_ready(),
         "draining": node.is_draining(),
-        "connections": { "sse": c.sse, "ws": c.ws, "total": c.sse + c.ws, "max": node.config.max_connections },
+        "connections": {
+            "sse": c.sse,
+            "ws": c.ws,
+            "total": c.sse + c.ws,
+            // Streams holding a place, including those still being opened.
+            "admitted": node.registry.admitted(),
+            "max": node.config.max_connections,
+        },
         "channels": c.channels,
     }))
 }
