@@ -6,8 +6,7 @@
 //! `alg: none`, no algorithm confusion). Tokens never reach a log line or an error message.
 
 use crate::config::Config;
-use crate::http::error::ApiError;
-use crate::metrics::RejectReason;
+use crate::refusal::Refusal;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use protocol::ChannelName;
 use std::sync::Arc;
@@ -126,13 +125,31 @@ impl Auth {
         }
     }
 
+    /// Whether a stream holding `claims` (or no token) may read `channel` (WebSocket
+    /// subscribe): 401 without a token for a protected channel, 403 when the token does not
+    /// grant it.
+    pub fn check(claims: Option<&Claims>, channel: &str) -> Result<(), Refusal> {
+        if channel.starts_with(PUBLIC_PREFIX) {
+            return Ok(());
+        }
+        match claims {
+            None => Err(Refusal::unauthorized(
+                "this channel needs a token, given at the upgrade",
+            )),
+            Some(c) if !c.grants(channel) => {
+                Err(Refusal::forbidden("the token does not grant this channel"))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Decides a request for `channels` with an optional bearer token: 401 when a protected
     /// channel is asked without a valid token, 403 when a valid token does not grant one.
     pub fn authorize(
         &self,
         channels: &[ChannelName],
         token: Option<&str>,
-    ) -> Result<Grant, (RejectReason, ApiError)> {
+    ) -> Result<Grant, Refusal> {
         let verified = token.map(|t| self.verify(t));
         let protected: Vec<&str> = channels
             .iter()
@@ -144,29 +161,22 @@ impl Auth {
             // Public channels need nothing: a bad token there is ignored, not refused.
             _ if protected.is_empty() => return Ok(Grant::default()),
             None => {
-                return Err((
-                    RejectReason::Unauthorized,
-                    ApiError::unauthorized(format!(
-                        "channel {} needs a token (Authorization: Bearer or ?token=)",
-                        protected[0]
-                    )),
-                ))
+                return Err(Refusal::unauthorized(format!(
+                    "channel {} needs a token (Authorization: Bearer or ?token=)",
+                    protected[0]
+                )))
             }
             Some(Err(why)) => {
-                return Err((
-                    RejectReason::Unauthorized,
-                    ApiError::unauthorized(format!(
-                        "channel {} needs a valid token: {why}",
-                        protected[0]
-                    )),
-                ))
+                return Err(Refusal::unauthorized(format!(
+                    "channel {} needs a valid token: {why}",
+                    protected[0]
+                )))
             }
         };
         if let Some(refused) = protected.iter().find(|c| !claims.grants(c)) {
-            return Err((
-                RejectReason::Forbidden,
-                ApiError::forbidden(format!("the token does not grant channel {refused}")),
-            ));
+            return Err(Refusal::forbidden(format!(
+                "the token does not grant channel {refused}"
+            )));
         }
         Ok(Grant {
             user: Some(Arc::from(claims.sub.as_str())),

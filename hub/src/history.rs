@@ -1,9 +1,12 @@
 //! In-memory channel history for the embedded broker: the last `HUB_HISTORY_LEN` durable
 //! messages per channel, none older than `HUB_HISTORY_TTL_SECS`.
 //!
-//! Assigns positions and answers "what follows position P, or was something lost?". It knows
-//! nothing of subscribers; the caller delivers inside `append`'s lock to keep per-channel order.
+//! Assigns positions and answers "what follows position P (at most N of it), and from where on
+//! is history whole?". It knows nothing of readers; the caller delivers inside `append`'s lock
+//! to keep per-channel order, and a read takes the same lock, so a read and a delivery never
+//! interleave.
 
+use crate::broker::Page;
 use crate::message::Message;
 use parking_lot::Mutex;
 use protocol::{ChannelName, StreamId};
@@ -13,18 +16,6 @@ use std::sync::Arc;
 const SHARDS: usize = 64;
 
 type Shard = Mutex<HashMap<Arc<str>, Log>>;
-
-/// The answer to a resume or a fresh subscribe.
-#[derive(Debug, Default)]
-pub struct Recovery {
-    /// The channel's latest position (where a fresh or reset stream starts).
-    pub tail: StreamId,
-    /// Messages after the asked position, in order.
-    pub replay: Vec<Arc<Message>>,
-    /// The asked position is older than what history still holds, or unreadable: the client
-    /// must be told (`hub.reset`) and starts from `tail`.
-    pub reset: bool,
-}
 
 struct Log {
     /// Every message after `floor` that was ever published here is still in `entries`.
@@ -111,44 +102,37 @@ impl MemoryHistory {
         (id, r)
     }
 
-    /// What a stream starting at `since` (or fresh, with `None`) must be sent.
-    pub fn recover(&self, channel: &ChannelName, since: Option<StreamId>, now_ms: u64) -> Recovery {
+    /// The channel's latest position: where a fresh reader starts.
+    pub fn tail(&self, channel: &ChannelName, now_ms: u64) -> StreamId {
+        self.read(channel, StreamId::ZERO, 0, now_ms).tail
+    }
+
+    /// At most `count` messages after `after`, with the channel's tail and floor. A channel
+    /// without a log vouches for positions from `base` to now (nothing was published there
+    /// since, or a log would exist).
+    pub fn read(&self, channel: &ChannelName, after: StreamId, count: usize, now_ms: u64) -> Page {
         let mut shard = self.shards[shard_of(channel)].lock();
         let Some(log) = shard.get_mut(channel.as_str()) else {
-            // No log: nothing was published since `base` (a log would exist), so a position
-            // at or after it misses nothing; an older one may have missed expired messages,
-            // and one from the future is not ours.
-            let tail = StreamId::new(now_ms, 0);
-            let reset = since.is_some_and(|p| p < self.base(now_ms) || p.ms > now_ms);
-            return Recovery {
-                tail,
-                replay: Vec::new(),
-                reset,
+            return Page {
+                entries: Vec::new(),
+                tail: StreamId::new(now_ms, 0),
+                floor: self.base(now_ms),
+                more: false,
+                last: None,
             };
         };
         self.trim_expired(log, now_ms);
-        let tail = log.last;
-        match since {
-            None => Recovery {
-                tail,
-                replay: Vec::new(),
-                reset: false,
-            },
-            Some(p) if p < log.floor || p > log.last => Recovery {
-                tail,
-                replay: Vec::new(),
-                reset: true,
-            },
-            Some(p) => {
-                let start = log
-                    .entries
-                    .partition_point(|m| m.position.is_some_and(|q| q <= p));
-                Recovery {
-                    tail,
-                    replay: log.entries.range(start..).cloned().collect(),
-                    reset: false,
-                }
-            }
+        let start = log
+            .entries
+            .partition_point(|m| m.position.is_some_and(|q| q <= after));
+        let end = (start + count).min(log.entries.len());
+        let entries: Vec<Arc<Message>> = log.entries.range(start..end).cloned().collect();
+        Page {
+            last: entries.last().and_then(|m| m.position),
+            entries,
+            tail: log.last,
+            floor: log.floor,
+            more: end < log.entries.len(),
         }
     }
 
@@ -193,34 +177,43 @@ mod tests {
         .0
     }
 
-    fn ids(r: &Recovery) -> Vec<StreamId> {
-        r.replay.iter().filter_map(|m| m.position).collect()
+    fn ids(p: &Page) -> Vec<StreamId> {
+        p.entries.iter().filter_map(|m| m.position).collect()
+    }
+
+    /// Whether a reader at `pos` lost something (the rule readers apply to a page).
+    fn lost(p: &Page, pos: StreamId) -> bool {
+        pos < p.floor || pos > p.tail
     }
 
     #[test]
-    fn replays_what_follows_and_resets_what_fell_out() {
+    fn pages_follow_the_position_and_the_floor_marks_what_fell_out() {
         let h = MemoryHistory::new(3, 3600, 1_000);
-        let fresh = h.recover(&ch(), None, 1_000);
-        assert_eq!(fresh.tail, StreamId::new(1_000, 0));
+        let fresh = h.tail(&ch(), 1_000);
+        assert_eq!(fresh, StreamId::new(1_000, 0));
         let a = add(&h, 1_000);
         let b = add(&h, 1_000);
         assert_eq!((a, b), (StreamId::new(1_000, 1), StreamId::new(1_000, 2)));
         // A quiet channel: a position handed out earlier stays good while within the TTL.
         let quiet = ChannelName::new("quiet").unwrap();
-        let p = h.recover(&quiet, None, 1_500).tail;
-        assert!(!h.recover(&quiet, Some(p), 3_000).reset);
-        // A stream that started before anything was published gets everything.
-        assert_eq!(ids(&h.recover(&ch(), Some(fresh.tail), 1_001)), [a, b]);
-        assert_eq!(ids(&h.recover(&ch(), Some(a), 1_001)), [b]);
-        assert!(ids(&h.recover(&ch(), Some(b), 1_001)).is_empty());
+        let p = h.tail(&quiet, 1_500);
+        assert!(!lost(&h.read(&quiet, p, 10, 3_000), p));
+        // A reader that started before anything was published gets everything, in pages.
+        let page = h.read(&ch(), fresh, 1, 1_001);
+        assert_eq!((ids(&page), page.more), (vec![a], true));
+        let page = h.read(&ch(), a, 10, 1_001);
+        assert_eq!((ids(&page), page.more), (vec![b], false));
+        assert!(ids(&h.read(&ch(), b, 10, 1_001)).is_empty());
         let c = add(&h, 2_000);
         let d = add(&h, 2_000);
-        // Only 3 kept: b, c, d. From a, b is still there: fine. From the start, a is gone: reset.
-        assert_eq!(ids(&h.recover(&ch(), Some(a), 2_001)), [b, c, d]);
-        let r = h.recover(&ch(), Some(fresh.tail), 2_001);
-        assert!(r.reset && r.replay.is_empty() && r.tail == d);
-        // A position from the future (another process, junk) is unreadable: reset.
-        assert!(h.recover(&ch(), Some(StreamId::new(9_999, 0)), 2_001).reset);
+        // Only 3 kept: b, c, d. From a, b is still there: fine. From the start, a is gone.
+        let page = h.read(&ch(), a, 10, 2_001);
+        assert_eq!(ids(&page), [b, c, d]);
+        assert!(!lost(&page, a) && lost(&page, fresh));
+        assert_eq!(page.tail, d);
+        // A position from the future (another process, junk) is not ours.
+        let future = StreamId::new(9_999, 0);
+        assert!(lost(&h.read(&ch(), future, 10, 2_001), future));
     }
 
     #[test]
@@ -228,22 +221,20 @@ mod tests {
         let h = MemoryHistory::new(100, 10, 1_000);
         let a = add(&h, 1_000);
         let b = add(&h, 5_000);
-        // At 12_000 the first is older than 10 s: resuming from before it is a reset.
-        let r = h.recover(&ch(), Some(StreamId::new(1_000, 0)), 12_000);
-        assert!(r.reset);
-        assert_eq!(ids(&h.recover(&ch(), Some(a), 12_000)), [b]);
+        // At 12_000 the first is older than 10 s: a reader from before it lost it.
+        let before = StreamId::new(1_000, 0);
+        assert!(lost(&h.read(&ch(), before, 10, 12_000), before));
+        assert_eq!(ids(&h.read(&ch(), a, 10, 12_000)), [b]);
         h.expire(16_000);
         assert_eq!(h.channels(), 0);
-        // Positions from before the expiry are now a reset, not a silent gap.
-        assert!(h.recover(&ch(), Some(b), 16_000).reset);
+        // Positions from before the expiry are lost now, not a silent gap.
+        assert!(lost(&h.read(&ch(), b, 10, 16_000), b));
     }
 
     #[test]
-    fn a_restarted_process_resets_old_positions() {
+    fn a_restarted_process_does_not_vouch_for_old_positions() {
         let h = MemoryHistory::new(100, 3600, 50_000);
-        assert!(
-            h.recover(&ch(), Some(StreamId::new(40_000, 3)), 50_001)
-                .reset
-        );
+        let old = StreamId::new(40_000, 3);
+        assert!(lost(&h.read(&ch(), old, 10, 50_001), old));
     }
 }

@@ -1,23 +1,29 @@
-//! hub: a real-time connection hub. Browsers hold SSE streams here; services publish to
-//! channels (over HTTP now, over Redis in Redis mode); the hub fans each message out.
+//! hub: a real-time connection hub. Browsers hold SSE or WebSocket streams here; services
+//! publish to channels (over HTTP, or over Redis in Redis mode); the hub fans each message out.
 //!
 //! The map:
 //! - [`config`]: `HUB_*` settings, checked before anything binds.
-//! - [`node`]: composes the parts below and owns the open/publish/close flows.
-//! - [`registry`]: local streams and their channels; fan-out, exact counts, sweeps (no I/O).
-//! - [`session`]: one stream's bounded outbox and resume positions.
-//! - [`message`]: a message framed once, shared by every subscriber.
-//! - [`broker`]: where messages are published and recovered from (embedded or Redis).
+//! - [`node`]: owns the registry, the broker and the catch-up as siblings, and the flows that
+//!   need them together: open a stream, start a channel, close, publish, drain.
+//! - [`registry`]: local streams and their channels; admission, fan-out, exact counts (no I/O).
+//! - [`session`]: one stream's channels, read positions and bounded queue of typed items.
+//! - [`catchup`]: bounded, shared history reads for readers that are behind.
+//! - [`message`]: a message framed once, shared by every reader.
+//! - [`broker`]: where messages are published and read back from (embedded or Redis).
 //! - [`history`]: the embedded broker's in-memory channel history.
-//! - [`transport`]: SSE (WebSocket later): frames and response bodies.
-//! - [`auth`]: who may read which channel.
+//! - [`transport`]: SSE and WebSocket: check the request, render the items.
+//! - [`auth`]: who may read which channel. [`refusal`]: why a request is refused.
 //! - [`http`]: the public and admin route tables, CORS, JSON errors.
-//! - [`ticker`]: heartbeats, sweeps and metric upkeep on one shared tick.
+//! - [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
 //! - [`shutdown`]: signal handling and the drain.
 //! - [`metrics`]: metric names and pre-resolved handles.
+//!
+//! [`run`] serves a node on listeners the caller bound until a shutdown future resolves, so a
+//! test or benchmark can start one in-process; [`serve`] is what the binary runs.
 
 pub mod auth;
 pub mod broker;
+pub mod catchup;
 pub mod config;
 pub mod healthcheck;
 pub mod history;
@@ -25,6 +31,7 @@ pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod node;
+pub mod refusal;
 pub mod registry;
 pub mod session;
 pub mod shutdown;
@@ -33,6 +40,7 @@ pub mod transport;
 
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
+use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
@@ -81,17 +89,52 @@ fn raise_fd_limit(max_connections: u64) {
     }
 }
 
-/// Runs a node until SIGTERM/SIGINT, then drains and returns. Must run inside an actix system.
-/// Prints `hub listening public=ADDR admin=ADDR node=NAME` on stdout once both ports are bound.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+/// The two listening sockets of a node.
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds `HUB_BIND` and `HUB_ADMIN_BIND`. Accepted sockets carry `TCP_USER_TIMEOUT` of
+    /// `HUB_STALE_AFTER_SECS` + one heartbeat: a peer that vanished without a FIN or RST never
+    /// acknowledges its next heartbeat, and the kernel drops the connection then. Not shorter:
+    /// Linux applies the same timeout to a reader that keeps its window closed (seen here on
+    /// 6.18), and such a reader is the hub's to close as stale, at `HUB_STALE_AFTER_SECS`.
+    pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let user_timeout = Duration::from_secs(config.stale_after_secs + config.heartbeat_secs);
+        Ok(Listeners {
+            public: listen(config.bind, user_timeout)
+                .with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?,
+            admin: listen(config.admin_bind, user_timeout)
+                .with_context(|| format!("HUB_ADMIN_BIND {}: cannot listen", config.admin_bind))?,
+        })
+    }
+}
+
+/// Binds the configured ports and runs a node until SIGTERM/SIGINT, then drains and returns.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config)?;
+    run(config, listeners, async {
+        match shutdown::signal().await {
+            Ok(s) => tracing::info!(signal = s, "shutting down"),
+            Err(e) => tracing::error!(error = %e, "cannot listen for signals; shutting down"),
+        }
+    })
+    .await
+}
+
+/// Runs a node on `listeners` until `shutdown` resolves (or a server fails), then drains its
+/// streams, stops both servers and every background task, and returns. Must run inside an actix
+/// system. Prints `hub listening public=ADDR admin=ADDR node=NAME` on stdout once serving.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     raise_fd_limit(config.max_connections);
-    let user_timeout = Duration::from_secs(config.stale_after_secs);
-    let public_l = listen(config.bind, user_timeout)
-        .with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?;
-    let admin_l = listen(config.admin_bind, user_timeout)
-        .with_context(|| format!("HUB_ADMIN_BIND {}: cannot listen", config.admin_bind))?;
-    let public_addr = public_l.local_addr()?;
-    let admin_addr = admin_l.local_addr()?;
+    let public_addr = listeners.public.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
 
     let node = Node::new(config).await?;
     let data = web::Data::from(node.clone());
@@ -113,7 +156,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
     .disable_signals()
     .shutdown_timeout(SERVER_STOP_SECS)
-    .listen(public_l)?
+    .listen(listeners.public)?
     .run();
     let d = data.clone();
     let admin = HttpServer::new(move || {
@@ -124,12 +167,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     .workers(1)
     .disable_signals()
     .shutdown_timeout(SERVER_STOP_SECS)
-    .listen(admin_l)?
+    .listen(listeners.admin)?
     .run();
     let (public_h, admin_h) = (public.handle(), admin.handle());
     let mut public_task = actix_web::rt::spawn(public);
     let mut admin_task = actix_web::rt::spawn(admin);
-    let ticker = actix_web::rt::spawn(ticker::run(node.clone()));
+    node.spawn(ticker::run(node.clone()));
 
     println!(
         "hub listening public={public_addr} admin={admin_addr} node={}",
@@ -137,12 +180,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     tracing::info!(%public_addr, %admin_addr, node = %node.name, broker = node.broker.kind(), workers, "hub started");
 
-    let why = tokio::select! {
-        s = shutdown::signal() => s.context("cannot listen for signals")?,
-        r = &mut public_task => { r.context("public server task")?.context("public server")?; "public server ended" }
-        r = &mut admin_task => { r.context("admin server task")?.context("admin server")?; "admin server ended" }
+    let ended = tokio::select! {
+        () = shutdown => Ok(()),
+        r = &mut public_task => r.context("public server task").and_then(|r| r.context("public server")),
+        r = &mut admin_task => r.context("admin server task").and_then(|r| r.context("admin server")),
     };
-    tracing::info!(reason = why, "shutting down");
     shutdown::drain(&node).await;
     // Let the closed streams hand their last bytes to the HTTP server, then stop the public
     // port at once: actix's graceful stop re-checks busy workers only once a second, and a
@@ -153,7 +195,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::join!(public_h.stop(false), admin_h.stop(true));
-    ticker.abort();
+    node.stop();
     tracing::info!("stopped");
-    Ok(())
+    ended
 }

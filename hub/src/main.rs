@@ -28,7 +28,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match actix_web::rt::System::new().block_on(hub::run(config)) {
+    match actix_web::rt::System::new().block_on(hub::serve(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("hub: {e:#}");

@@ -25,6 +25,9 @@ pub const REDIS_RECONNECTS: &str = "hub_redis_reconnects_total";
 pub const HISTORY_REPLAYED: &str = "hub_history_replayed_total";
 /// Beyond the contract's list: 1 while `/readyz` would answer 200 (set at every scrape).
 pub const READY: &str = "hub_ready";
+/// Beyond the contract's list: history reads made for streams (resume, lag, backfill); with
+/// `hub_history_replayed_total` it shows how well reads are shared.
+pub const HISTORY_READS: &str = "hub_history_reads_total";
 
 /// Delivery latency buckets (seconds): fine below 50 ms, where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -147,16 +150,19 @@ pub enum RejectReason {
     Forbidden = 3,
     BadRequest = 4,
     Draining = 5,
+    /// Beyond the contract's labels: the broker cannot serve streams now (Redis down).
+    Unavailable = 6,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         RejectReason::Capacity,
         RejectReason::UserLimit,
         RejectReason::Unauthorized,
         RejectReason::Forbidden,
         RejectReason::BadRequest,
         RejectReason::Draining,
+        RejectReason::Unavailable,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -166,6 +172,7 @@ impl RejectReason {
             RejectReason::Forbidden => "forbidden",
             RejectReason::BadRequest => "bad_request",
             RejectReason::Draining => "draining",
+            RejectReason::Unavailable => "unavailable",
         }
     }
 }
@@ -195,19 +202,23 @@ pub enum DropReason {
     Malformed = 0,
     TooLarge = 1,
     Slow = 2,
+    /// An ephemeral message a reader had fallen behind on.
+    Lagged = 3,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 4] = [
         DropReason::Malformed,
         DropReason::TooLarge,
         DropReason::Slow,
+        DropReason::Lagged,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Malformed => "malformed",
             DropReason::TooLarge => "too_large",
             DropReason::Slow => "slow",
+            DropReason::Lagged => "lagged",
         }
     }
 }
@@ -219,17 +230,18 @@ pub struct Metrics {
     pub connections_max: Gauge,
     pub opened: [Counter; 2],
     closed: [[Counter; 6]; 2],
-    rejected: [Counter; 6],
+    rejected: [Counter; 7],
     pub channels: Gauge,
     received: [Counter; 3],
     pub delivered: Counter,
-    dropped: [Counter; 3],
+    dropped: [Counter; 4],
     pub latency: LatencyHistogram,
     pub heartbeats: Counter,
     pub stale_closed: Counter,
     pub redis_up: Gauge,
     pub redis_reconnects: Counter,
     pub history_replayed: Counter,
+    pub history_reads: Counter,
     pub ready: Gauge,
 }
 
@@ -295,7 +307,12 @@ impl Metrics {
         describe(
             HISTORY_REPLAYED,
             None,
-            "Messages replayed from history (resume and backfill).",
+            "Messages replayed from history (resume, readers catching up, backfill).",
+        );
+        describe(
+            HISTORY_READS,
+            None,
+            "History reads made for streams (each bounded, shared by every reader of a page).",
         );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
@@ -332,6 +349,7 @@ impl Metrics {
             redis_up: gauge(REDIS_UP, vec![]),
             redis_reconnects: counter(REDIS_RECONNECTS, vec![]),
             history_replayed: counter(HISTORY_REPLAYED, vec![]),
+            history_reads: counter(HISTORY_READS, vec![]),
             ready: gauge(READY, vec![]),
             handle: rec.handle(),
         };
@@ -352,6 +370,7 @@ impl Metrics {
             &m.stale_closed,
             &m.redis_reconnects,
             &m.history_replayed,
+            &m.history_reads,
         ] {
             c.increment(0);
         }

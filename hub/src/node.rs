@@ -1,33 +1,34 @@
-//! The node: one hub process's configuration, registry, broker and metrics, composed.
+//! The node: one hub process's configuration, registry, broker, catch-up and metrics.
 //!
-//! It owns the flows that need several parts at once: opening a stream (admit, register,
-//! subscribe, recover, start), publishing, closing, draining. Transports and HTTP handlers call
-//! it; it never parses HTTP.
+//! It owns the registry and the broker as siblings and the flows that need both: opening a
+//! stream (admit, register, start its channels), starting a channel (subscribe if it is the
+//! first local reader, read its position, resume or reset, go live), closing (unsubscribe the
+//! channels that lost their last reader), publishing and draining. Transports call it; it never
+//! parses HTTP or renders a frame.
 
 use crate::auth::Auth;
-use crate::broker::{Broker, LocalBroker, RedisBroker};
+use crate::broker::{Broker, LocalBroker, RedisBroker, Sink};
+use crate::catchup;
 use crate::config::{Config, Origins};
-use crate::http::error::ApiError;
 use crate::metrics::{CloseReason, Metrics, RejectReason, Source, Transport};
+use crate::refusal::Refusal;
 use crate::registry::Registry;
-use crate::session::{Session, Start};
-use crate::transport;
+use crate::session::{Item, Session, SessionInit, StartAt};
 use protocol::{ChannelName, Envelope, StreamId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::task::AbortHandle;
 
-/// A refused stream: the answer, and the reason it is counted under.
-#[derive(Debug)]
-pub struct Rejection {
-    pub reason: RejectReason,
-    pub error: ApiError,
-}
+/// Locks that order a channel's subscribe and unsubscribe at the broker: enough stripes that
+/// unrelated channels rarely wait on each other.
+const STRIPES: usize = 64;
 
 /// What a transport asks for when a stream opens.
 pub struct OpenRequest {
     pub transport: Transport,
-    /// Validated, sorted, deduplicated.
+    /// Validated, sorted, deduplicated (empty for a WebSocket, which subscribes later).
     pub channels: Vec<ChannelName>,
     pub envelope: bool,
     /// `Last-Event-ID` (or its query-parameter forms), as sent.
@@ -35,6 +36,17 @@ pub struct OpenRequest {
     pub user: Option<Arc<str>>,
     /// The token's `exp`, when a token was used.
     pub expires_at: Option<u64>,
+}
+
+/// Where a channel of a stream should start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// From now on.
+    Fresh,
+    /// After this position (a resume): everything history still has after it, then live.
+    After(StreamId),
+    /// The client's position cannot be read: `hub.reset`, then from now on.
+    Reset,
 }
 
 /// Shared by `Arc` (actix `web::Data`) with every handler and background task.
@@ -46,9 +58,15 @@ pub struct Node {
     pub auth: Auth,
     pub registry: Arc<Registry>,
     pub broker: Broker,
+    /// Where streams that are behind ask the catch-up for history (by sequence number).
+    pub(crate) refill: UnboundedSender<u64>,
+    /// Channels that lost their last local reader, for the unsubscriber.
+    emptied: UnboundedSender<ChannelName>,
+    stripes: Box<[tokio::sync::Mutex<()>]>,
     draining: AtomicBool,
     /// SSE bodies and WebSocket tasks still alive: a stopping node lets them flush first.
     transports: Arc<AtomicUsize>,
+    tasks: parking_lot::Mutex<Vec<AbortHandle>>,
     pub started: Instant,
 }
 
@@ -61,83 +79,109 @@ impl Drop for TransportGuard {
     }
 }
 
-/// Closes a stream that is being opened if the opening is abandoned (error or cancellation).
-struct OpenGuard<'a> {
-    registry: &'a Registry,
-    session: Option<Arc<Session>>,
+/// An admitted stream. Whoever holds it (the opening, then the transport) holds the stream:
+/// dropping it closes the stream (reason `client`, unless it was closed for another reason), so
+/// a client that goes away at any point releases everything it held.
+pub struct StreamGuard {
+    node: Arc<Node>,
+    pub session: Arc<Session>,
 }
 
-impl OpenGuard<'_> {
-    /// The stream is started: its transport owns it from now on.
-    fn disarm(mut self) {
-        self.session = None;
+impl StreamGuard {
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
     }
 
-    /// The opening failed on the hub's side.
-    fn fail(mut self) {
-        if let Some(s) = self.session.take() {
-            self.registry.close(&s, CloseReason::Error);
-        }
+    /// Closes the stream for `reason` now (the guard's drop is then a no-op).
+    pub fn close(&self, reason: CloseReason) {
+        self.node.close(&self.session, reason);
     }
 }
 
-impl Drop for OpenGuard<'_> {
-    /// Dropped while armed: the client went away during the opening.
+impl Drop for StreamGuard {
     fn drop(&mut self) {
-        if let Some(s) = self.session.take() {
-            self.registry.close(&s, CloseReason::Client);
-        }
+        self.node.close(&self.session, CloseReason::Client);
     }
+}
+
+fn stripe_of(channel: &str) -> usize {
+    channel
+        .bytes()
+        .fold(0usize, |h, b| h.wrapping_mul(31).wrapping_add(b as usize))
+        % STRIPES
 }
 
 impl Node {
-    /// Builds the node for an already checked configuration; in Redis mode connects to Redis
-    /// and starts the broker's background tasks (so it must run inside the runtime).
+    /// Builds the node for an already checked configuration; in Redis mode connects to Redis.
+    /// Starts the background tasks (catch-up, unsubscriber, broker), so it must run inside the
+    /// runtime; [`Node::stop`] ends them.
     pub async fn new(config: Config) -> anyhow::Result<Arc<Node>> {
         let origins = config.origins().map_err(anyhow::Error::msg)?;
         let auth = Auth::from_config(&config).map_err(anyhow::Error::msg)?;
         let name = config.node_name();
         let metrics = Arc::new(Metrics::new());
         metrics.connections_max.set(config.max_connections as f64);
+        let registry = Arc::new(Registry::new(metrics.clone()));
+        let sink: Arc<dyn Sink> = registry.clone();
         let broker = match &config.redis_url {
             None => {
                 metrics.redis_up.set(1.0);
-                let registry = Arc::new(Registry::new(metrics.clone(), config.retry_ms, None));
                 Broker::Local(LocalBroker::new(
-                    registry,
+                    sink,
+                    metrics.clone(),
                     config.history_len as usize,
                     config.history_ttl_secs,
                 ))
             }
             Some(url) => {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                let registry = Arc::new(Registry::new(metrics.clone(), config.retry_ms, Some(tx)));
                 let redis = RedisBroker::connect(
                     url,
                     &name,
-                    registry,
+                    sink,
+                    metrics.clone(),
                     config.history_len,
                     config.history_ttl_secs,
                     config.max_message_bytes,
                 )
                 .await?;
-                redis.spawn(rx);
+                redis.spawn();
                 Broker::Redis(redis)
             }
         };
-        let registry = broker.registry().clone();
-        Ok(Arc::new(Node {
+        let (refill, refill_rx) = catchup::channel();
+        let (emptied, emptied_rx) = tokio::sync::mpsc::unbounded_channel();
+        let node = Arc::new(Node {
             name,
             origins,
             metrics,
             auth,
             registry,
             broker,
+            refill,
+            emptied,
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             draining: AtomicBool::new(false),
             transports: Arc::new(AtomicUsize::new(0)),
+            tasks: parking_lot::Mutex::new(Vec::new()),
             started: Instant::now(),
             config,
-        }))
+        });
+        node.spawn(catchup::run(node.clone(), refill_rx));
+        node.spawn(unsubscriber(node.clone(), emptied_rx));
+        Ok(node)
+    }
+
+    /// Runs a background task until [`Node::stop`].
+    pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.lock().push(tokio::spawn(task).abort_handle());
+    }
+
+    /// Stops the node's background tasks and the broker's.
+    pub fn stop(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+        self.broker.shutdown();
     }
 
     pub fn is_draining(&self) -> bool {
@@ -165,36 +209,24 @@ impl Node {
         !self.is_draining() && self.broker.is_up()
     }
 
-    /// Counts and returns a refusal.
-    pub fn reject(&self, reason: RejectReason, error: ApiError) -> Rejection {
-        self.metrics.rejected(reason).increment(1);
-        Rejection { reason, error }
+    /// Counts a refused stream under its reason and returns the refusal.
+    pub fn refuse(&self, refusal: Refusal) -> Refusal {
+        if let Some(reason) = refusal.reason() {
+            self.metrics.rejected(reason).increment(1);
+        }
+        refusal
     }
 
-    /// Opens a stream: admits it, registers it (so nothing published from now on is missed),
-    /// recovers history for `Last-Event-ID`, and queues `hub.connected`, any `hub.reset`, the
-    /// replay, then what arrived meanwhile.
-    pub async fn open(&self, req: OpenRequest) -> Result<Arc<Session>, Rejection> {
+    /// Opens a stream: admits it, registers it and starts its channels (subscribed before
+    /// anything is read, so nothing published from then on is missed). `hub.connected` (or, for
+    /// a WebSocket, nothing) is queued first, then any `hub.reset`; a resume continues through
+    /// the catch-up at the client's pace.
+    pub async fn open(self: &Arc<Self>, req: OpenRequest) -> Result<StreamGuard, Refusal> {
         if self.is_draining() {
-            return Err(self.reject(
-                RejectReason::Draining,
-                ApiError::unavailable(
-                    "draining",
-                    "this node is shutting down; connect to another",
-                    1,
-                ),
-            ));
+            return Err(self.refuse(Refusal::draining()));
         }
         if !self.broker.is_up() {
-            // Counted as capacity: the node cannot take streams now; /readyz says the same.
-            return Err(self.reject(
-                RejectReason::Capacity,
-                ApiError::unavailable(
-                    "broker_unavailable",
-                    "this node has lost its broker; connect to another",
-                    2,
-                ),
-            ));
+            return Err(self.refuse(Refusal::unavailable()));
         }
         let admitted = self.registry.try_admit(
             self.config.max_connections as usize,
@@ -204,98 +236,147 @@ impl Node {
         match admitted {
             Ok(()) => {}
             Err(RejectReason::UserLimit) => {
-                return Err(self.reject(
-                    RejectReason::UserLimit,
-                    ApiError::new(
-                        actix_web::http::StatusCode::TOO_MANY_REQUESTS,
-                        "user_limit",
-                        format!(
-                            "this user already holds {} streams on this node (HUB_MAX_CONNECTIONS_PER_USER)",
-                            self.config.max_connections_per_user
-                        ),
+                return Err(self.refuse(Refusal::new(
+                    crate::refusal::Kind::UserLimit,
+                    format!(
+                        "this user already holds {} streams on this node (HUB_MAX_CONNECTIONS_PER_USER)",
+                        self.config.max_connections_per_user
                     ),
-                ))
+                )))
             }
-            Err(reason) => {
-                return Err(self.reject(
-                    reason,
-                    ApiError::unavailable("capacity", "this node holds its maximum number of streams", 5),
-                ))
-            }
+            Err(_) => return Err(self.refuse(Refusal::capacity())),
         }
-        let mut session = Session::new(
-            self.registry.next_seq(),
-            req.transport,
-            req.channels,
-            req.envelope,
-            req.user,
-            self.config.outbox_len as usize,
-            self.registry.clock.now(),
-        );
-        session.expires_at = req.expires_at;
-        let session = Arc::new(session);
-        // From here until the stream is handed to its transport, a client that goes away (actix
-        // drops this future) must not leave the stream admitted or registered.
-        let guard = OpenGuard {
-            registry: &self.registry,
-            session: Some(session.clone()),
+        let session = Arc::new(Session::new(
+            SessionInit {
+                seq: self.registry.next_seq(),
+                transport: req.transport,
+                envelope: req.envelope,
+                user: req.user,
+                expires_at: req.expires_at,
+                capacity: self.config.outbox_len as usize,
+                now: self.registry.clock.now(),
+                refill: Some(self.refill.clone()),
+            },
+            req.channels.clone(),
+        ));
+        // From here on the guard holds the stream: an error or a client that goes away while
+        // the channels start releases it.
+        let stream = StreamGuard {
+            node: self.clone(),
+            session,
         };
-        self.registry.register(&session);
-        let channels = session.channels();
-        if let Err(e) = self.broker.subscribe(&channels).await {
-            tracing::warn!(error = %e, "subscribe failed; refusing stream");
-            guard.fail();
-            return Err(self.reject(
-                RejectReason::Capacity,
-                ApiError::unavailable("broker_unavailable", e.to_string(), 2),
-            ));
+        self.registry.register(&stream.session);
+        let want: Vec<(ChannelName, Want)> = match &req.last_event_id {
+            None => req
+                .channels
+                .iter()
+                .map(|c| (c.clone(), Want::Fresh))
+                .collect(),
+            Some(id) => match stream.session.decode_cursor(id) {
+                Some(positions) => req
+                    .channels
+                    .iter()
+                    .cloned()
+                    .zip(positions.into_iter().map(Want::After))
+                    .collect(),
+                None => req
+                    .channels
+                    .iter()
+                    .map(|c| (c.clone(), Want::Reset))
+                    .collect(),
+            },
+        };
+        let head = |positions: &[StreamId]| match req.transport {
+            Transport::Sse => vec![Item::Opened(positions.into())],
+            Transport::Ws => Vec::new(),
+        };
+        if let Err(r) = self.start_channels(&stream.session, want, head).await {
+            stream.close(CloseReason::Error);
+            return Err(self.refuse(r));
         }
+        Ok(stream)
+    }
 
-        // An id that cannot be read for these channels resets every channel.
-        let asked = req
-            .last_event_id
-            .as_deref()
-            .map(|id| session.decode_cursor(id));
-        let n = channels.len();
-        let mut positions = Vec::with_capacity(n);
-        let mut replay = Vec::new();
-        let mut reset = Vec::new();
-        for (i, ch) in channels.iter().enumerate() {
-            let since: Option<StreamId> = asked.as_ref().and_then(|a| a.as_ref().map(|p| p[i]));
-            let rec = match self.broker.recover(ch, since).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(error = %e, channel = %ch, "history unavailable; refusing stream");
-                    guard.fail();
-                    return Err(self.reject(
-                        RejectReason::Capacity,
-                        ApiError::unavailable("broker_unavailable", e.to_string(), 2),
-                    ));
+    /// The one routine that starts channels on a stream (SSE opening, WebSocket subscribe):
+    /// makes the stream a reader of each (subscribing at the broker, under the channel's stripe
+    /// lock, those that had no local reader), reads the latest position of those that start
+    /// fresh or reset, then queues `head` and starts them in one step (see `Session::start`).
+    /// On error the caller closes the stream or drops the channel. Cancel-safe: the registry
+    /// holds nothing the stream's close does not release.
+    pub async fn start_channels(
+        &self,
+        session: &Arc<Session>,
+        want: Vec<(ChannelName, Want)>,
+        head: impl FnOnce(&[StreamId]) -> Vec<Item>,
+    ) -> Result<(), Refusal> {
+        let names: Vec<ChannelName> = want.iter().map(|(c, _)| c.clone()).collect();
+        {
+            let _order = self.lock_stripes(&names).await;
+            let first = self.registry.add_channels(session, &names);
+            if !first.is_empty() {
+                if let Err(e) = self.broker.subscribe(&first).await {
+                    tracing::warn!(error = %e, "subscribe failed; refusing");
+                    return Err(Refusal::unavailable());
+                }
+            }
+        }
+        let mut starts = Vec::with_capacity(want.len());
+        for (channel, w) in want {
+            let at = match w {
+                Want::After(p) => StartAt::Resume(p),
+                Want::Fresh | Want::Reset => {
+                    let tail = self.broker.tail(&channel).await.map_err(|e| {
+                        tracing::warn!(channel = %channel, error = %e, "reading the channel's position failed; refusing");
+                        Refusal::unavailable()
+                    })?;
+                    if w == Want::Reset {
+                        StartAt::Reset(tail)
+                    } else {
+                        StartAt::Live(tail)
+                    }
                 }
             };
-            let unreadable = matches!(asked, Some(None));
-            if rec.reset || unreadable {
-                reset.push(ch.clone());
-                positions.push(rec.tail);
-            } else {
-                positions.push(since.unwrap_or(rec.tail));
-                replay.extend(rec.replay);
+            starts.push((channel, at));
+        }
+        let fed = session.start(&starts, head);
+        if fed.lagged > 0 {
+            self.metrics
+                .dropped(crate::metrics::DropReason::Lagged)
+                .increment(fed.lagged as u64);
+        }
+        Ok(())
+    }
+
+    /// Takes a stream off a channel (WebSocket unsubscribe, or a channel that failed to start).
+    pub fn drop_channel(&self, session: &Session, channel: &ChannelName) {
+        if self.registry.remove_channel(session, channel) {
+            self.forget(vec![channel.clone()]);
+        }
+    }
+
+    /// The stripe locks of these channels, taken in order (no deadlock between two openers).
+    /// Only a broker that subscribes needs them.
+    async fn lock_stripes(&self, channels: &[ChannelName]) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        if !self.broker.subscribes() {
+            return Vec::new();
+        }
+        let mut idx: Vec<usize> = channels.iter().map(|c| stripe_of(c)).collect();
+        idx.sort_unstable();
+        idx.dedup();
+        let mut guards = Vec::with_capacity(idx.len());
+        for i in idx {
+            guards.push(self.stripes[i].lock().await);
+        }
+        guards
+    }
+
+    /// Channels that lost their last local reader: the broker stops receiving them.
+    fn forget(&self, channels: Vec<ChannelName>) {
+        if self.broker.subscribes() {
+            for ch in channels {
+                let _ = self.emptied.send(ch);
             }
         }
-        guard.disarm();
-        let head = transport::opening_frames(self, &session, &positions, &reset);
-        match session.start(Start {
-            head,
-            positions,
-            replay,
-        }) {
-            Ok(replayed) => self.metrics.history_replayed.increment(replayed as u64),
-            Err(_) => {
-                tracing::info!(connection_id = %session.id, "closing stream: replay overflowed its outbox");
-                self.registry.close(&session, CloseReason::Slow);
-            }
-        }
-        Ok(session)
     }
 
     /// Publishes through the broker.
@@ -305,15 +386,32 @@ impl Node {
         env: &Envelope,
         durable: bool,
         source: Source,
-    ) -> Result<String, ApiError> {
+    ) -> Result<String, Refusal> {
         self.broker
             .publish(channel, env, durable, source)
             .await
-            .map_err(|e| ApiError::unavailable("broker_unavailable", e.to_string(), 2))
+            .map_err(|e| {
+                tracing::warn!(error = %e, "publish failed");
+                Refusal::unavailable()
+            })
     }
 
     /// Closes a stream (no-op if already closed).
     pub fn close(&self, session: &Arc<Session>, reason: CloseReason) {
-        self.registry.close(session, reason);
+        if let Some(emptied) = self.registry.close(session, reason) {
+            self.forget(emptied);
+        }
+    }
+}
+
+/// Unsubscribes channels that lost their last local reader, unless one came back meanwhile:
+/// the check and the unsubscribe happen under the channel's stripe lock, the same lock a first
+/// reader subscribes under, so the two never cross.
+async fn unsubscriber(node: Arc<Node>, mut emptied: UnboundedReceiver<ChannelName>) {
+    while let Some(ch) = emptied.recv().await {
+        let _order = node.stripes[stripe_of(&ch)].lock().await;
+        if !node.registry.has_readers(&ch) {
+            node.broker.unsubscribe(&ch).await;
+        }
     }
 }

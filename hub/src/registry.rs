@@ -1,15 +1,17 @@
 //! The node's local registry: which streams are open and which channels each one reads.
 //!
-//! It admits streams against the node limit, fans a message out to the local subscribers of its
-//! channel, closes streams exactly once (keeping every count exact), and sweeps. It does no I/O
-//! and never talks to a broker: it reports which channels gained or lost their last subscriber.
+//! It admits streams against the node and per-user limits, fans a message out to the local
+//! readers of its channel, closes streams exactly once (keeping every count exact), and finds
+//! the streams whose heartbeat, token or silence is due. It does no I/O and never talks to a
+//! broker or a transport: it reports which channels gained their first or lost their last local
+//! reader, and the node acts on that.
 
+use crate::broker::Sink;
 use crate::message::Message;
 use crate::metrics::{CloseReason, DropReason, Metrics, RejectReason, Transport};
 use crate::session::{Offer, Session};
-use crate::transport;
 use parking_lot::Mutex;
-use protocol::{ChannelName, StreamId};
+use protocol::ChannelName;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,9 +20,9 @@ use std::time::Instant;
 /// Lock shards: enough that two cores rarely meet on one, few enough to sweep cheaply.
 const SHARDS: usize = 64;
 
-/// A channel's local subscribers, by session sequence number.
-type Subscribers = HashMap<u64, Arc<Session>>;
-type ChannelShard = Mutex<HashMap<Arc<str>, Subscribers>>;
+/// A channel's local readers, by session sequence number.
+type Readers = HashMap<u64, Arc<Session>>;
+type ChannelShard = Mutex<HashMap<Arc<str>, Readers>>;
 type SessionShard = Mutex<HashMap<u64, Arc<Session>>>;
 
 /// A clock in whole seconds since start, advanced by the node's tick; reading it costs a load.
@@ -55,11 +57,11 @@ pub struct Counts {
     pub channels: usize,
 }
 
-/// Shared by `Arc` between the node, the transports' bodies and the background tasks.
+/// Shared by `Arc` between the node, the transports and the broker (as its [`Sink`]).
 pub struct Registry {
     channels: Box<[ChannelShard]>,
     sessions: Box<[SessionShard]>,
-    /// Streams admitted (open or being set up); the limit applies to it.
+    /// Streams admitted (open or being opened); the node limit applies to it.
     admitted: AtomicUsize,
     /// Streams admitted per token `sub`.
     users: Mutex<HashMap<Arc<str>, usize>>,
@@ -68,10 +70,6 @@ pub struct Registry {
     next_seq: AtomicU64,
     pub metrics: Arc<Metrics>,
     pub clock: CoarseClock,
-    retry_ms: u64,
-    /// Where channels that lost their last local subscriber are announced (the Redis broker
-    /// unsubscribes them, after checking they are still empty). `None`: nobody needs to know.
-    emptied_tx: Option<tokio::sync::mpsc::UnboundedSender<ChannelName>>,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -84,12 +82,15 @@ fn shard_of(key: &str) -> usize {
     (h % SHARDS as u64) as usize
 }
 
+fn session_shard(seq: u64) -> usize {
+    (seq % SHARDS as u64) as usize
+}
+
+/// Streams the tick found due for closing, with the reason.
+pub type Due = Vec<(Arc<Session>, CloseReason)>;
+
 impl Registry {
-    pub fn new(
-        metrics: Arc<Metrics>,
-        retry_ms: u64,
-        emptied_tx: Option<tokio::sync::mpsc::UnboundedSender<ChannelName>>,
-    ) -> Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Registry {
         Registry {
             channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -100,8 +101,6 @@ impl Registry {
             next_seq: AtomicU64::new(1),
             metrics,
             clock: CoarseClock::new(),
-            retry_ms,
-            emptied_tx,
         }
     }
 
@@ -110,7 +109,8 @@ impl Registry {
     }
 
     /// Reserves a place for a new stream of `user`: refused with `Capacity` when `max` streams
-    /// are admitted, with `UserLimit` when `user` already has `per_user`. Released by `close`.
+    /// are admitted, with `UserLimit` when `user` already has `per_user`. Released by `close`
+    /// (the session carries the user).
     pub fn try_admit(
         &self,
         max: usize,
@@ -152,45 +152,89 @@ impl Registry {
         self.users.lock().get(user).copied().unwrap_or(0)
     }
 
-    /// Registers an admitted session under each of its channels. Returns the channels that had
-    /// no local subscriber before (the broker must start receiving them).
-    pub fn register(&self, session: &Arc<Session>) -> Vec<ChannelName> {
-        self.sessions[(session.seq % SHARDS as u64) as usize]
+    /// Registers an admitted session (it counts as open from now on; its channels are added
+    /// with [`Registry::add_channels`]).
+    pub fn register(&self, session: &Arc<Session>) {
+        self.sessions[session_shard(session.seq)]
             .lock()
             .insert(session.seq, session.clone());
+        let t = session.transport;
+        self.open[t as usize].fetch_add(1, Ordering::Relaxed);
+        self.metrics.connections[t as usize].increment(1.0);
+        self.metrics.opened[t as usize].increment(1);
+    }
+
+    /// Makes `session` a reader of `channels`. Returns those that had no local reader before
+    /// (the broker must start receiving them). Nothing is added to a closed session.
+    pub fn add_channels(
+        &self,
+        session: &Arc<Session>,
+        channels: &[ChannelName],
+    ) -> Vec<ChannelName> {
         let mut first = Vec::new();
-        for ch in session.channels().iter() {
+        for ch in channels {
             let mut shard = self.channels[shard_of(ch)].lock();
-            let subs = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
+            let readers = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
                 first.push(ch.clone());
                 HashMap::new()
             });
-            subs.insert(session.seq, session.clone());
+            readers.insert(session.seq, session.clone());
         }
         if !first.is_empty() {
             self.channel_count.fetch_add(first.len(), Ordering::Relaxed);
             self.metrics.channels.increment(first.len() as f64);
         }
-        let t = session.transport;
-        self.open[t as usize].fetch_add(1, Ordering::Relaxed);
-        self.metrics.connections[t as usize].increment(1.0);
-        self.metrics.opened[t as usize].increment(1);
+        if session.close_reason().is_some() {
+            // Closed meanwhile: its close may have unlinked before these were added.
+            for ch in channels {
+                self.unlink(session.seq, ch);
+            }
+        }
         first
     }
 
-    /// Closes a session once: unregisters it, counts it, ends its outbox with the reason's last
-    /// frame, announces channels left without subscribers. `false` if it was already closed.
-    pub fn close(&self, session: &Arc<Session>, reason: CloseReason) -> bool {
-        if !session.mark_closed(reason) {
-            return false;
+    /// Takes `session` off `channel`'s readers (WebSocket unsubscribe, or a failed start).
+    /// Returns whether the channel lost its last local reader.
+    pub fn remove_channel(&self, session: &Session, channel: &ChannelName) -> bool {
+        session.remove_channel(channel);
+        self.unlink(session.seq, channel)
+    }
+
+    /// Removes one reader; returns whether the channel was left without readers.
+    fn unlink(&self, seq: u64, channel: &ChannelName) -> bool {
+        let emptied = {
+            let mut shard = self.channels[shard_of(channel)].lock();
+            match shard.get_mut(channel.as_str()) {
+                Some(readers) => {
+                    readers.remove(&seq).is_some()
+                        && readers.is_empty()
+                        && shard.remove(channel.as_str()).is_some()
+                }
+                None => false,
+            }
+        };
+        if emptied {
+            self.channel_count.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.channels.decrement(1.0);
         }
-        let registered = self.sessions[(session.seq % SHARDS as u64) as usize]
+        emptied
+    }
+
+    /// Closes a session once: unregisters it, releases its place, counts it, ends its queue.
+    /// Returns the channels left without local readers, or `None` if it was already closed.
+    pub fn close(&self, session: &Arc<Session>, reason: CloseReason) -> Option<Vec<ChannelName>> {
+        if !session.mark_closed(reason) {
+            return None;
+        }
+        let registered = self.sessions[session_shard(session.seq)]
             .lock()
             .remove(&session.seq)
             .is_some();
-        for ch in session.channels() {
-            self.unlink(session, &ch);
-        }
+        let emptied: Vec<ChannelName> = session
+            .channels()
+            .into_iter()
+            .filter(|ch| self.unlink(session.seq, ch))
+            .collect();
         let t = session.transport;
         if registered {
             self.open[t as usize].fetch_sub(1, Ordering::Relaxed);
@@ -201,105 +245,50 @@ impl Registry {
         if reason == CloseReason::Stale {
             self.metrics.stale_closed.increment(1);
         }
-        let last = transport::last_frame(session, reason, self.retry_ms);
+        // A stream that cannot be written (stale, error) or is dropped for misbehaving (slow)
+        // gets nothing more; the others get what is queued, then their last item.
         let discard = matches!(
             reason,
             CloseReason::Slow | CloseReason::Stale | CloseReason::Error
         );
-        let dropped = session.finish(last, discard);
+        let dropped = session.finish(reason, discard);
         if dropped > 0 {
             self.metrics
                 .dropped(DropReason::Slow)
                 .increment(dropped as u64);
         }
-        true
+        Some(emptied)
     }
 
-    /// Takes `session` off `channel`'s subscribers; announces the channel if it is left empty.
-    fn unlink(&self, session: &Session, channel: &ChannelName) {
-        let emptied = {
-            let mut shard = self.channels[shard_of(channel)].lock();
-            match shard.get_mut(channel.as_str()) {
-                Some(subs) => {
-                    subs.remove(&session.seq);
-                    subs.is_empty() && shard.remove(channel.as_str()).is_some()
-                }
-                None => false,
-            }
-        };
-        if emptied {
-            self.channel_count.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.channels.decrement(1.0);
-            if let Some(tx) = &self.emptied_tx {
-                let _ = tx.send(channel.clone());
-            }
-        }
-    }
-
-    /// Subscribes an open stream to one more channel (WebSocket). The session must already
-    /// hold the channel (pending). `false` if the stream was closed meanwhile.
-    pub fn add_channel(&self, session: &Arc<Session>, channel: &ChannelName) -> bool {
-        let created = {
-            let mut shard = self.channels[shard_of(channel)].lock();
-            let mut created = false;
-            let subs = shard.entry(channel.as_arc().clone()).or_insert_with(|| {
-                created = true;
-                HashMap::new()
-            });
-            subs.insert(session.seq, session.clone());
-            created
-        };
-        if created {
-            self.channel_count.fetch_add(1, Ordering::Relaxed);
-            self.metrics.channels.increment(1.0);
-        }
-        if session.close_reason().is_some() {
-            // Closed between the session taking the channel and this: undo.
-            self.unlink(session, channel);
-            return false;
-        }
-        true
-    }
-
-    /// Unsubscribes a stream from one channel (WebSocket).
-    pub fn remove_channel(&self, session: &Arc<Session>, channel: &ChannelName) {
-        if session.remove_channel(channel) {
-            self.unlink(session, channel);
-        }
-    }
-
-    /// Offers `msg` to every local subscriber of its channel; closes those that are too slow.
-    /// Returns how many streams it was queued for.
+    /// Offers `msg` to every local reader of its channel. Returns how many queued it.
     pub fn fanout(&self, msg: &Arc<Message>) -> usize {
         let mut queued = 0;
-        let mut slow = Vec::new();
+        let mut lagged = 0;
         {
             let shard = self.channels[shard_of(&msg.channel)].lock();
-            if let Some(subs) = shard.get(msg.channel.as_str()) {
-                for s in subs.values() {
+            if let Some(readers) = shard.get(msg.channel.as_str()) {
+                for s in readers.values() {
                     match s.offer(msg) {
                         Offer::Queued => queued += 1,
-                        Offer::Full => slow.push(s.clone()),
+                        Offer::Lagged => lagged += 1,
                         Offer::Skipped => {}
                     }
                 }
             }
         }
-        for s in slow {
-            tracing::info!(connection_id = %s.id, channel = %msg.channel, "closing slow stream: outbox full");
-            self.metrics.dropped(DropReason::Slow).increment(1);
-            self.close(&s, CloseReason::Slow);
+        if lagged > 0 {
+            self.metrics.dropped(DropReason::Lagged).increment(lagged);
         }
         queued
     }
 
-    /// Queues a heartbeat to the streams whose turn it is at `tick` (each stream gets one every
-    /// `every` ticks, spread by its sequence number), closes streams whose token expired by
-    /// `now_unix`, and WebSockets that answered no ping for `stale_after` seconds.
-    pub fn heartbeat(&self, tick: u64, every: u64, now_unix: u64, stale_after: u64) {
-        let mut slow = Vec::new();
-        let mut expired = Vec::new();
-        let mut stale = Vec::new();
+    /// One tick of the node's clock: queues a heartbeat to the idle streams whose turn it is
+    /// (each gets one every `every` ticks, spread by its sequence number) and returns the
+    /// streams to close: tokens expired by `now_unix`, and streams that took nothing for
+    /// `stale_after` seconds (SSE: no item written; WebSocket: no frame from the client,
+    /// pongs included).
+    pub fn tick(&self, tick: u64, every: u64, now_unix: u64, stale_after: u64) -> Due {
+        let mut due = Vec::new();
         let now = self.clock.now();
         let mut sent = 0;
         let turn = tick % every;
@@ -307,50 +296,26 @@ impl Registry {
             let shard = shard.lock();
             for s in shard.values() {
                 if s.expires_at.is_some_and(|e| e <= now_unix) {
-                    expired.push(s.clone());
-                } else if s.transport == Transport::Ws
-                    && now.saturating_sub(s.last_write()) >= stale_after
-                {
-                    stale.push(s.clone());
-                } else if s.seq % every == turn {
-                    match s.push_heartbeat() {
-                        Offer::Queued => sent += 1,
-                        Offer::Full => slow.push(s.clone()),
-                        Offer::Skipped => {}
-                    }
+                    due.push((s.clone(), CloseReason::TokenExpired));
+                } else if now.saturating_sub(s.last_write()) >= stale_after {
+                    due.push((s.clone(), CloseReason::Stale));
+                } else if s.seq % every == turn && s.push_heartbeat() {
+                    sent += 1;
                 }
             }
         }
         self.metrics.heartbeats.increment(sent);
-        for s in &expired {
-            tracing::info!(connection_id = %s.id, "closing stream: its token expired");
-            self.close(s, CloseReason::TokenExpired);
-        }
-        for s in &stale {
-            tracing::info!(connection_id = %s.id, "closing WebSocket: no answer to pings");
-            self.close(s, CloseReason::Stale);
-        }
-        for s in &slow {
-            tracing::info!(connection_id = %s.id, "closing slow stream: no room for a heartbeat");
-            self.close(s, CloseReason::Slow);
-        }
+        due
     }
 
-    /// Closes streams that accepted no write for `stale_after` seconds, then sets every gauge
-    /// from the registry's own contents. Returns how many were closed.
-    pub fn sweep(&self, stale_after: u64) -> usize {
+    /// Streams that took nothing for `stale_after` seconds (the periodic sweep's check).
+    pub fn stale(&self, stale_after: u64) -> Due {
         let now = self.clock.now();
-        let stale: Vec<Arc<Session>> = self
-            .snapshot()
+        self.snapshot()
             .into_iter()
             .filter(|s| now.saturating_sub(s.last_write()) >= stale_after)
-            .collect();
-        for s in &stale {
-            tracing::info!(connection_id = %s.id, idle_secs = now - s.last_write(), "closing stale stream");
-            self.close(s, CloseReason::Stale);
-        }
-        self.reconcile();
-        stale.len()
+            .map(|s| (s, CloseReason::Stale))
+            .collect()
     }
 
     /// Recounts streams and channels and sets the gauges to the truth.
@@ -391,110 +356,113 @@ impl Registry {
         self.admitted.load(Ordering::Acquire)
     }
 
-    /// Every open session (for sweeps and drains; allocation proportional to streams).
+    /// Every open session (for drains; allocation proportional to streams).
     pub fn snapshot(&self) -> Vec<Arc<Session>> {
-        let mut all = Vec::with_capacity(self.counts().sse + self.counts().ws);
+        let c = self.counts();
+        let mut all = Vec::with_capacity(c.sse + c.ws);
         for shard in self.sessions.iter() {
             all.extend(shard.lock().values().cloned());
         }
         all
     }
 
-    /// The oldest position any open stream holds for `channel` (where a backfill starts).
-    pub fn min_position(&self, channel: &str) -> Option<StreamId> {
-        let shard = self.channels[shard_of(channel)].lock();
-        shard
-            .get(channel)?
-            .values()
-            .filter_map(|s| s.position_of(channel))
-            .min()
+    /// An open session by its sequence number.
+    pub fn get(&self, seq: u64) -> Option<Arc<Session>> {
+        self.sessions[session_shard(seq)].lock().get(&seq).cloned()
     }
 
-    /// Tells every stream of `channel` that history lost what it needed (`hub.reset`), and
-    /// moves it to `tail`.
-    pub fn reset_channel(&self, channel: &ChannelName, tail: StreamId) {
-        let mut slow = Vec::new();
-        {
-            let shard = self.channels[shard_of(channel)].lock();
-            if let Some(subs) = shard.get(channel.as_str()) {
-                for s in subs.values() {
-                    let offer = s.reset_to(channel, tail, |positions| {
-                        transport::reset_frame(s, positions, std::slice::from_ref(channel))
-                    });
-                    if offer == Offer::Full {
-                        slow.push(s.clone());
-                    }
-                }
-            }
-        }
-        for s in &slow {
-            self.close(s, CloseReason::Slow);
-        }
-    }
-
-    /// Whether a channel has local subscribers.
-    pub fn has_subscribers(&self, channel: &str) -> bool {
+    /// Whether a channel has local readers.
+    pub fn has_readers(&self, channel: &str) -> bool {
         self.channels[shard_of(channel)]
             .lock()
             .contains_key(channel)
+    }
+
+    /// Every channel with a local reader.
+    pub fn channel_names(&self) -> Vec<ChannelName> {
+        let mut out = Vec::new();
+        for shard in self.channels.iter() {
+            out.extend(shard.lock().keys().filter_map(|k| ChannelName::new(k).ok()));
+        }
+        out
+    }
+}
+
+impl Sink for Registry {
+    fn deliver(&self, msg: &Arc<Message>) -> usize {
+        self.fanout(msg)
+    }
+
+    fn fall_behind(&self) {
+        for s in self.snapshot() {
+            s.fall_behind();
+        }
+    }
+
+    fn channels(&self) -> Vec<ChannelName> {
+        self.channel_names()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::Start;
-    use protocol::Envelope;
+    use crate::session::{Item, SessionInit, StartAt};
+    use protocol::{Envelope, StreamId};
     use std::task::{Context, Poll, Waker};
 
     fn reg() -> Registry {
-        Registry::new(Arc::new(Metrics::new()), 1000, None)
+        Registry::new(Arc::new(Metrics::new()))
     }
 
-    type Opened = (Arc<Session>, Vec<ChannelName>);
-
-    fn open(r: &Registry, chans: &[&str], cap: usize) -> Opened {
+    fn open(r: &Registry, chans: &[&str], cap: usize) -> (Arc<Session>, Vec<ChannelName>) {
         assert!(r.try_admit(100, None, 1).is_ok());
         let chans: Vec<ChannelName> = chans.iter().map(|c| ChannelName::new(c).unwrap()).collect();
-        let n = chans.len();
         let s = Arc::new(Session::new(
-            r.next_seq(),
-            Transport::Sse,
-            chans,
-            false,
-            None,
-            cap,
-            0,
+            SessionInit {
+                seq: r.next_seq(),
+                transport: Transport::Sse,
+                envelope: false,
+                user: None,
+                expires_at: None,
+                capacity: cap,
+                now: 0,
+                refill: None,
+            },
+            chans.clone(),
         ));
-        let first = r.register(&s);
-        s.start(Start {
-            head: vec![],
-            positions: vec![StreamId::ZERO; n],
-            replay: vec![],
-        })
-        .unwrap();
+        r.register(&s);
+        let first = r.add_channels(&s, &chans);
+        let starts: Vec<_> = chans
+            .iter()
+            .map(|c| (c.clone(), StartAt::Live(StreamId::ZERO)))
+            .collect();
+        s.start(&starts, |_| Vec::new());
         (s, first)
     }
 
-    fn msg(c: &str, i: u64) -> Arc<Message> {
+    fn msg(c: &str, pos: Option<u64>) -> Arc<Message> {
         let env = Envelope {
             event: None,
             data: "x".into(),
         };
         Arc::new(Message::new(
             ChannelName::new(c).unwrap(),
-            Some(StreamId::new(i, 0)),
+            pos.map(|i| StreamId::new(i, 0)),
             &env,
             Instant::now(),
         ))
     }
 
+    fn names(v: &[ChannelName]) -> Vec<&str> {
+        v.iter().map(|c| c.as_str()).collect()
+    }
+
     #[test]
-    fn first_and_last_subscriber_are_reported() {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let r = Registry::new(Arc::new(Metrics::new()), 1000, Some(tx));
+    fn first_and_last_readers_are_reported() {
+        let r = reg();
         let (a, first) = open(&r, &["c1", "c2"], 8);
-        assert_eq!(first.len(), 2);
+        assert_eq!(names(&first), ["c1", "c2"]);
         let (b, first) = open(&r, &["c1"], 8);
         assert!(first.is_empty());
         assert_eq!(
@@ -505,33 +473,40 @@ mod tests {
                 channels: 2
             }
         );
-        assert!(r.close(&a, CloseReason::Client));
-        assert_eq!(rx.try_recv().map(|c| c.to_string()), Ok("c2".to_string()));
-        assert!(rx.try_recv().is_err());
-        assert!(!r.close(&a, CloseReason::Client), "second close is a no-op");
-        assert!(r.close(&b, CloseReason::Client));
-        assert_eq!(rx.try_recv().map(|c| c.to_string()), Ok("c1".to_string()));
+        assert_eq!(names(&r.close(&a, CloseReason::Client).unwrap()), ["c2"]);
+        assert!(
+            r.close(&a, CloseReason::Client).is_none(),
+            "second close is a no-op"
+        );
+        assert_eq!(names(&r.close(&b, CloseReason::Client).unwrap()), ["c1"]);
         assert_eq!(r.counts(), Counts::default());
         assert_eq!(r.admitted(), 0);
         assert_eq!(r.reconcile(), Counts::default());
     }
 
     #[test]
-    fn slow_subscriber_is_closed_and_fast_one_keeps_everything() {
+    fn a_slow_reader_falls_behind_without_costing_the_fast_one_anything() {
         let r = reg();
         let (fast, _) = open(&r, &["c"], 4);
         let (slow, _) = open(&r, &["c"], 4);
         let mut cx = Context::from_waker(Waker::noop());
         let mut got = 0;
         for i in 1..=10 {
-            r.fanout(&msg("c", i));
-            while let Poll::Ready(Some(_)) = fast.poll_chunk(&mut cx) {
+            r.fanout(&msg("c", Some(i)));
+            r.fanout(&msg("c", None));
+            while let Poll::Ready(Some(Item::Message(_))) = fast.poll_item(&mut cx) {
                 got += 1;
             }
         }
-        assert_eq!(got, 10);
-        assert_eq!(slow.close_reason(), Some(CloseReason::Slow));
-        assert_eq!(r.counts().sse, 1);
+        assert_eq!(got, 20);
+        assert_eq!(slow.close_reason(), None, "never closed for being slow");
+        assert_eq!(slow.queued(), 4, "its queue stays at its capacity");
+        assert!(
+            r.metrics
+                .render()
+                .contains(r#"hub_messages_dropped_total{reason="lagged"} 8"#),
+            "the ephemeral messages it fell behind on are counted"
+        );
     }
 
     #[test]
@@ -557,12 +532,13 @@ mod tests {
     }
 
     #[test]
-    fn sweep_closes_streams_without_writes() {
+    fn the_tick_finds_streams_without_writes() {
         let r = reg();
         let (s, _) = open(&r, &["c"], 4);
         r.clock.secs.store(100, Ordering::Relaxed);
-        r.sweep(90);
-        assert_eq!(s.close_reason(), Some(CloseReason::Stale));
-        assert_eq!(r.counts(), Counts::default());
+        let due = r.tick(100, 30, 0, 90);
+        assert_eq!(due.len(), 1);
+        assert!(Arc::ptr_eq(&due[0].0, &s) && due[0].1 == CloseReason::Stale);
+        assert_eq!(r.stale(90).len(), 1);
     }
 }

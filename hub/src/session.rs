@@ -1,173 +1,275 @@
-//! One stream's state: its channels, its resume positions and its bounded outbox.
+//! One stream's state: its channels with their read positions, and its bounded queue of items.
 //!
-//! Fan-out pushes shared frames into the outbox without waiting; a full outbox is reported to the
-//! caller, which closes the stream as slow. The transport's body pulls from it. Owned by the
-//! registry and the transport body through `Arc`; this module never touches sockets or metrics.
+//! Each channel of a stream is read in one of three ways. **Live**: fan-out queues the shared
+//! message. **Behind**: the reader fell more than the queue's capacity behind; live durable
+//! messages are left to history and ephemeral ones are lost (counted `lagged` by the caller).
+//! **Reading**: a history read is in flight; live messages wait in a bounded buffer and are
+//! merged, deduplicated by position, when the read lands. A reader that is behind is fed from
+//! history by the catch-up at its own pace, so nothing here grows with how far behind it is.
+//! Owned by the registry and the transport through `Arc`; this module never touches sockets,
+//! wire frames or metrics: the transport renders [`Item`]s.
 
 use crate::message::Message;
-use crate::metrics::{CloseReason, Transport};
-use bytes::{Bytes, BytesMut};
+use crate::metrics::CloseReason;
 use parking_lot::Mutex;
 use protocol::{ChannelName, Cursor, StreamId};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
+use tokio::sync::mpsc::UnboundedSender;
 
-/// What the transport body writes next.
+/// Items beyond the capacity that a stream may hold for replies and hub events (a WebSocket
+/// client's answers, `hub.reset`): enough for a burst of subscribe frames, small enough that a
+/// client sending frames but never reading is closed as slow instead of growing.
+pub const CONTROL_SLACK: usize = 32;
+
+/// Something a transport writes; the transport decides how it looks on the wire.
 #[derive(Debug, Clone)]
-pub struct Chunk {
-    pub bytes: Bytes,
-    /// Set on the chunk that completes a message: it counts as a delivery and its latency is
-    /// measured from this instant when it is written.
-    pub published: Option<Instant>,
-    /// A WebSocket ping rather than data.
-    pub ping: bool,
+pub enum Item {
+    /// The stream started; the position of each channel, in the stream's channel order.
+    Opened(Box<[StreamId]>),
+    /// A message (shared by every stream that gets it).
+    Message(Arc<Message>),
+    /// History no longer reached these channels' positions: each continues from the new one.
+    Reset(Box<[(ChannelName, StreamId)]>),
+    /// Keep-alive (SSE comment, WebSocket ping).
+    Heartbeat,
+    /// An answer to the client (WebSocket).
+    Reply(Reply),
+    /// The last item: why the stream ends.
+    End(CloseReason),
 }
 
-impl Chunk {
-    fn data(bytes: Bytes, published: Option<Instant>) -> Chunk {
-        Chunk {
-            bytes,
-            published,
-            ping: false,
-        }
-    }
+/// Answers to a WebSocket client's frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Subscribed(ChannelName),
+    Unsubscribed(ChannelName),
+    Error {
+        code: u16,
+        message: String,
+        channel: Option<String>,
+    },
 }
 
-/// Result of offering something to a stream.
+/// What happened to a live message offered to a stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Queued,
-    /// Already delivered (an older position), not subscribed, or the stream is ending.
+    /// Not for this stream now: already delivered (an older position), not subscribed, left to
+    /// history because the reader is behind, or the stream is ending.
     Skipped,
-    /// The outbox is full: the reader is too slow; the caller closes the stream.
-    Full,
+    /// An ephemeral message this reader fell behind on: lost to it (counted `lagged`).
+    Lagged,
 }
 
-/// The outbox overflowed while channels were being started (their replay and what arrived
-/// meanwhile did not fit): the caller closes the stream as slow.
+/// A reply or hub event did not fit even in the control slack: the client sends but does not
+/// read. The caller closes the stream as slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Overflow;
+pub struct Full;
 
-/// What a stream (or one newly subscribed channel) is told when it starts.
-pub struct Start {
-    /// Frames written first, in order (`hub.connected`, `hub.reset`, `subscribed`...).
-    pub head: Vec<Bytes>,
-    /// The position each started channel starts from, in the order of `channels`.
-    pub positions: Vec<StreamId>,
-    /// History to replay, in order per channel.
-    pub replay: Vec<Arc<Message>>,
+/// Where a channel starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartAt {
+    /// Live from this position (the channel's latest, read after subscribing).
+    Live(StreamId),
+    /// From this position through history (a resume): the catch-up reads what follows.
+    Resume(StreamId),
+    /// History lost this stream's position: `hub.reset`, then live from this position.
+    Reset(StreamId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    Live,
+    /// More than the queue holds behind; waits for the catch-up.
+    Behind,
+    /// A history read (or the start) is in flight; live messages are buffered in `waiting`.
+    Reading {
+        token: u64,
+    },
 }
 
 /// One channel of a stream.
 struct Chan {
     name: ChannelName,
-    /// Last position delivered (or started from); older messages are skipped, which makes
-    /// replay + live exactly-once.
+    /// Last position queued (or started from); older messages are skipped, which makes history
+    /// + live exactly-once.
     pos: StreamId,
-    /// Being started: live messages wait in `Outbox::waiting` until its replay is queued.
-    pending: bool,
+    read: Read,
+    /// A live message for this channel was lost while Reading (the buffer was full): the read
+    /// that lands cannot take the reader live.
+    lost: bool,
+    /// Subscribed but not started yet (see [`Session::start`]).
+    fresh: bool,
 }
 
-struct Outbox {
-    queue: VecDeque<Chunk>,
+struct State {
+    queue: VecDeque<Item>,
     /// Sorted by name.
     chans: Vec<Chan>,
-    /// Live messages of pending channels (bounded like the queue).
-    waiting: Vec<Arc<Message>>,
-    /// Frames other than messages may be written (after `hub.connected` for SSE).
+    /// Live messages of channels in `Reading`, bounded by `capacity`.
+    waiting: VecDeque<Arc<Message>>,
+    /// Items other than messages may be queued (after the opening item).
     started: bool,
-    waker: Option<Waker>,
-    /// No more pushes; the body ends once the queue is drained.
+    /// No more items; the transport ends once the queue is drained.
     ending: bool,
+    /// Already waiting in the catch-up's queue.
+    refill_requested: bool,
+    next_token: u64,
+    waker: Option<Waker>,
 }
 
-impl Outbox {
+impl State {
     fn index(&self, channel: &str) -> Option<usize> {
         self.chans
             .binary_search_by(|c| c.name.as_str().cmp(channel))
             .ok()
     }
+
+    fn take_token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// Removes `channel`'s buffered live messages; returns how many ephemeral ones that lost.
+    fn drop_waiting(&mut self, channel: &str) -> usize {
+        let mut lost = 0;
+        self.waiting.retain(|m| {
+            let mine = m.channel.as_str() == channel;
+            lost += usize::from(mine && m.position.is_none());
+            !mine
+        });
+        lost
+    }
 }
 
-/// A stream. Cloning the `Arc` is the only sharing; the outbox has its own small lock that is
-/// never held while taking another lock.
+/// A history read a stream needs (see [`Session::begin_reads`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRequest {
+    pub channel: ChannelName,
+    /// The reader's position: the read starts after it.
+    pub after: StreamId,
+    /// Identifies this read to [`Session::feed`].
+    pub token: u64,
+    /// Messages the stream's queue can take now.
+    pub room: usize,
+}
+
+/// How one history page is fed to one reader (see [`Session::feed`]).
+pub struct PageView<'a> {
+    /// Messages in position order, contiguous in the channel's history.
+    pub entries: &'a [Arc<Message>],
+    /// The position of the last message read (some may have been dropped as malformed).
+    pub last: Option<StreamId>,
+    /// The channel's latest position when the page was read.
+    pub tail: StreamId,
+    /// Every message after this position is still in history; a reader before it lost some.
+    pub floor: StreamId,
+    /// The page stopped at its size: more may follow `entries`.
+    pub more: bool,
+    /// The read began after the reader started buffering live messages and the broker's
+    /// subscription stayed whole meanwhile, so a reader that reaches the end can go live.
+    pub live_ok: bool,
+}
+
+/// What feeding a page did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fed {
+    /// Messages queued from history.
+    pub replayed: usize,
+    /// Ephemeral messages lost (buffered live ones dropped because the reader stays behind).
+    pub lagged: usize,
+    /// The reader still needs history and has room now: request another read.
+    pub again: bool,
+    /// The reader's position had left history: it got `hub.reset`.
+    pub reset: bool,
+}
+
+/// A stream. Cloning the `Arc` is the only sharing; the state has its own small lock that is
+/// never held while taking another lock or waking a task.
 pub struct Session {
     /// Node-local key (also spreads heartbeats over the interval).
     pub seq: u64,
     /// The `connection_id` clients see.
     pub id: uuid::Uuid,
-    pub transport: Transport,
+    pub transport: crate::metrics::Transport,
     /// Fingerprint of the channel list an SSE stream opened with (for its cursor).
-    fingerprint: u32,
+    pub fingerprint: u32,
     /// `envelope=true`: each data is the JSON envelope with the channel.
     pub envelope: bool,
     /// The token's `sub`, when there is one.
     pub user: Option<Arc<str>>,
     /// The token's `exp` (Unix seconds): the stream is closed then.
     pub expires_at: Option<u64>,
-    /// Chunks the outbox may hold: a multi-channel SSE stream uses two per message.
+    /// Items the queue holds before a live channel falls behind.
     capacity: usize,
-    /// Coarse clock reading (seconds) of the last sign of life: a chunk the transport accepted
+    /// Coarse clock reading (seconds) of the last sign of life: an item the transport took
     /// (SSE) or a frame from the client, pongs included (WebSocket).
     last_write: AtomicU64,
     /// 0 while open, else the `CloseReason` that ended it (first one wins).
     closed: AtomicU8,
-    outbox: Mutex<Outbox>,
+    /// Where this stream asks for history reads (its `seq`); `None` in unit tests.
+    refill: Option<UnboundedSender<u64>>,
+    state: Mutex<State>,
+}
+
+/// What a new session needs besides its channels.
+pub struct SessionInit {
+    pub seq: u64,
+    pub transport: crate::metrics::Transport,
+    pub envelope: bool,
+    pub user: Option<Arc<str>>,
+    pub expires_at: Option<u64>,
+    pub capacity: usize,
+    pub now: u64,
+    pub refill: Option<UnboundedSender<u64>>,
 }
 
 impl Session {
-    /// A stream whose `channels` (sorted, deduplicated) all start pending: call `start`.
-    pub fn new(
-        seq: u64,
-        transport: Transport,
-        channels: Vec<ChannelName>,
-        envelope: bool,
-        user: Option<Arc<str>>,
-        outbox_len: usize,
-        now: u64,
-    ) -> Session {
-        let per_message = if channels.len() > 1 && transport == Transport::Sse {
-            2
-        } else {
-            1
-        };
+    /// A stream with `channels` (sorted, deduplicated), each `Reading` until [`Session::start`].
+    pub fn new(init: SessionInit, channels: Vec<ChannelName>) -> Session {
         let fingerprint = Cursor::fingerprint(&channels);
-        let chans = channels
-            .into_iter()
-            .map(|name| Chan {
+        let mut state = State {
+            queue: VecDeque::new(),
+            chans: Vec::with_capacity(channels.len()),
+            waiting: VecDeque::new(),
+            started: false,
+            ending: false,
+            refill_requested: false,
+            next_token: 0,
+            waker: None,
+        };
+        for name in channels {
+            let token = state.take_token();
+            state.chans.push(Chan {
                 name,
                 pos: StreamId::ZERO,
-                pending: true,
-            })
-            .collect();
+                read: Read::Reading { token },
+                lost: false,
+                fresh: true,
+            });
+        }
         Session {
-            seq,
+            seq: init.seq,
             id: uuid::Uuid::new_v4(),
-            transport,
+            transport: init.transport,
             fingerprint,
-            envelope,
-            user,
-            expires_at: None,
-            capacity: outbox_len * per_message,
-            last_write: AtomicU64::new(now),
+            envelope: init.envelope,
+            user: init.user,
+            expires_at: init.expires_at,
+            capacity: init.capacity.max(1),
+            last_write: AtomicU64::new(init.now),
             closed: AtomicU8::new(0),
-            outbox: Mutex::new(Outbox {
-                queue: VecDeque::new(),
-                chans,
-                waiting: Vec::new(),
-                started: false,
-                waker: None,
-                ending: false,
-            }),
+            refill: init.refill,
+            state: Mutex::new(state),
         }
     }
 
     /// The channels this stream reads now.
     pub fn channels(&self) -> Vec<ChannelName> {
-        self.outbox
+        self.state
             .lock()
             .chans
             .iter()
@@ -176,147 +278,152 @@ impl Session {
     }
 
     pub fn channel_count(&self) -> usize {
-        self.outbox.lock().chans.len()
+        self.state.lock().chans.len()
     }
 
-    /// The SSE `id:` for these positions (see [`Cursor`]).
-    pub fn cursor(&self, positions: &[StreamId]) -> String {
-        Cursor::encode(self.fingerprint, positions)
-    }
-
-    /// Reads a `Last-Event-ID` for this stream's channels.
+    /// Reads a `Last-Event-ID` for this stream's channels (see [`Cursor`]).
     pub fn decode_cursor(&self, id: &str) -> Option<Vec<StreamId>> {
         Cursor::decode(id, self.channel_count(), self.fingerprint)
     }
 
-    fn wake(mut ob: parking_lot::MutexGuard<'_, Outbox>) {
-        let waker = ob.waker.take();
-        drop(ob);
+    fn wake(mut st: parking_lot::MutexGuard<'_, State>) {
+        let waker = st.waker.take();
+        drop(st);
         if let Some(w) = waker {
             w.wake();
         }
     }
 
-    /// Offers a live message. Never blocks on the reader.
+    /// Asks the catch-up for a read (once until it answers), outside the lock.
+    fn request_refill(&self) {
+        if let Some(tx) = &self.refill {
+            let _ = tx.send(self.seq);
+        }
+    }
+
+    /// Marks a refill as requested if one is due now: a channel is behind and the queue has
+    /// room for at least half its capacity.
+    fn refill_due(&self, st: &mut State) -> bool {
+        let due = !st.refill_requested
+            && !st.ending
+            && st.queue.len() <= self.capacity / 2
+            && st.chans.iter().any(|c| c.read == Read::Behind);
+        if due {
+            st.refill_requested = true;
+        }
+        due
+    }
+
+    /// Offers a live message. Never blocks on the reader and never grows past the capacity:
+    /// a live channel whose queue is full falls behind instead.
     pub fn offer(&self, msg: &Arc<Message>) -> Offer {
-        let mut ob = self.outbox.lock();
-        if ob.ending {
+        let mut st = self.state.lock();
+        if st.ending {
             return Offer::Skipped;
         }
-        let Some(idx) = ob.index(&msg.channel) else {
+        let Some(idx) = st.index(&msg.channel) else {
             return Offer::Skipped;
         };
-        if ob.chans[idx].pending {
-            if ob.waiting.len() >= self.capacity {
-                return Offer::Full;
-            }
-            ob.waiting.push(msg.clone());
-            return Offer::Queued;
-        }
-        let offer = self.push_message(&mut ob, idx, msg);
-        if offer == Offer::Queued {
-            Self::wake(ob);
-        }
-        offer
-    }
-
-    fn push_message(&self, ob: &mut Outbox, idx: usize, msg: &Arc<Message>) -> Offer {
-        if let Some(pos) = msg.position {
-            if pos <= ob.chans[idx].pos {
-                return Offer::Skipped;
-            }
-        }
-        let multi =
-            self.transport == Transport::Sse && ob.chans.len() > 1 && msg.position.is_some();
-        if ob.queue.len() + if multi { 2 } else { 1 } > self.capacity {
-            return Offer::Full;
-        }
-        if let Some(pos) = msg.position {
-            ob.chans[idx].pos = pos;
-        }
-        let published = Some(msg.received);
-        match self.transport {
-            Transport::Ws => ob.queue.push_back(Chunk::data(msg.ws_frame(), published)),
-            Transport::Sse if multi => {
-                let positions: Vec<StreamId> = ob.chans.iter().map(|c| c.pos).collect();
-                let cursor = self.cursor(&positions);
-                let mut line = BytesMut::with_capacity(cursor.len() + 5);
-                protocol::sse::write_id(&mut line, &cursor);
-                ob.queue.push_back(Chunk::data(line.freeze(), None));
-                ob.queue
-                    .push_back(Chunk::data(msg.frame_body(self.envelope), published));
-            }
-            Transport::Sse if msg.position.is_some() => ob
-                .queue
-                .push_back(Chunk::data(msg.frame(self.envelope), published)),
-            Transport::Sse => ob
-                .queue
-                .push_back(Chunk::data(msg.frame_body(self.envelope), published)),
-        }
-        Offer::Queued
-    }
-
-    /// Queues the transport's heartbeat (SSE comment, WebSocket ping). Skipped until the
-    /// stream has started, so that `hub.connected` stays the first frame.
-    pub fn push_heartbeat(&self) -> Offer {
-        let chunk = match self.transport {
-            Transport::Sse => Chunk::data(Bytes::from_static(protocol::sse::HEARTBEAT), None),
-            Transport::Ws => Chunk {
-                bytes: Bytes::new(),
-                published: None,
-                ping: true,
-            },
-        };
-        self.push_chunk(chunk)
-    }
-
-    /// Queues a frame that is not a message (a WebSocket reply).
-    pub fn push_frame(&self, bytes: Bytes) -> Offer {
-        self.push_chunk(Chunk::data(bytes, None))
-    }
-
-    fn push_chunk(&self, chunk: Chunk) -> Offer {
-        let mut ob = self.outbox.lock();
-        if ob.ending || !ob.started {
+        let chan = &st.chans[idx];
+        if msg.position.is_some_and(|p| p <= chan.pos) {
             return Offer::Skipped;
         }
-        if ob.queue.len() >= self.capacity {
-            return Offer::Full;
+        let lost = || {
+            if msg.position.is_none() {
+                Offer::Lagged
+            } else {
+                Offer::Skipped
+            }
+        };
+        match chan.read {
+            Read::Behind => lost(),
+            Read::Reading { .. } => {
+                if st.waiting.len() < self.capacity {
+                    st.waiting.push_back(msg.clone());
+                    Offer::Queued
+                } else {
+                    st.chans[idx].lost = true;
+                    lost()
+                }
+            }
+            Read::Live if st.queue.len() < self.capacity => {
+                if let Some(p) = msg.position {
+                    st.chans[idx].pos = p;
+                }
+                st.queue.push_back(Item::Message(msg.clone()));
+                Self::wake(st);
+                Offer::Queued
+            }
+            Read::Live => {
+                // Fell behind: history carries it from its position on (the catch-up is asked
+                // when the transport has drained half the queue).
+                st.chans[idx].read = Read::Behind;
+                lost()
+            }
         }
-        ob.queue.push_back(chunk);
-        Self::wake(ob);
-        Offer::Queued
     }
 
-    /// Starts every pending channel: writes the head frames, replays history, then what
-    /// arrived live meanwhile, skipping what replay covered. `positions` are in the order of
-    /// the pending channels. Returns how many messages were replayed, or [`Overflow`].
-    pub fn start(&self, start: Start) -> Result<usize, Overflow> {
-        let mut ob = self.outbox.lock();
-        let pending: Vec<usize> = (0..ob.chans.len())
-            .filter(|&i| ob.chans[i].pending)
-            .collect();
-        let started = self.start_locked(&mut ob, &pending, start);
-        Self::wake(ob);
-        started
+    /// Moves every live channel behind (the broker may have lost messages, e.g. across a
+    /// reconnection): the catch-up checks each against history before it goes live again.
+    pub fn fall_behind(&self) {
+        let mut st = self.state.lock();
+        for c in st.chans.iter_mut() {
+            if c.read == Read::Live {
+                c.read = Read::Behind;
+            }
+        }
+        let due = self.refill_due(&mut st);
+        drop(st);
+        if due {
+            self.request_refill();
+        }
     }
 
-    /// Adds a channel to a started stream (WebSocket subscribe), pending until
-    /// `start_channel`. `false` if the stream is ending or already has it.
-    pub fn add_channel(&self, name: ChannelName) -> bool {
-        let mut ob = self.outbox.lock();
-        if ob.ending || self.closed.load(Ordering::Acquire) != 0 {
+    /// Queues a heartbeat if the stream has started and nothing is waiting to be written
+    /// (queued data keeps the connection busy anyway).
+    pub fn push_heartbeat(&self) -> bool {
+        let mut st = self.state.lock();
+        if st.ending || !st.started || !st.queue.is_empty() {
             return false;
         }
-        match ob.chans.binary_search_by(|c| c.name.cmp(&name)) {
+        st.queue.push_back(Item::Heartbeat);
+        Self::wake(st);
+        true
+    }
+
+    /// Queues a reply to the client.
+    pub fn push_reply(&self, reply: Reply) -> Result<(), Full> {
+        let mut st = self.state.lock();
+        if st.ending {
+            return Ok(());
+        }
+        if st.queue.len() >= self.capacity + CONTROL_SLACK {
+            return Err(Full);
+        }
+        st.queue.push_back(Item::Reply(reply));
+        Self::wake(st);
+        Ok(())
+    }
+
+    /// Adds a channel to a started stream (WebSocket subscribe), `Reading` until started.
+    /// `false` if the stream is ending or already has it.
+    pub fn add_channel(&self, name: ChannelName) -> bool {
+        let mut st = self.state.lock();
+        if st.ending || self.closed.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        match st.chans.binary_search_by(|c| c.name.cmp(&name)) {
             Ok(_) => false,
             Err(at) => {
-                ob.chans.insert(
+                let token = st.take_token();
+                st.chans.insert(
                     at,
                     Chan {
                         name,
                         pos: StreamId::ZERO,
-                        pending: true,
+                        read: Read::Reading { token },
+                        lost: false,
+                        fresh: true,
                     },
                 );
                 true
@@ -324,106 +431,220 @@ impl Session {
         }
     }
 
-    /// Starts one pending channel (see `start`).
-    pub fn start_channel(&self, name: &str, start: Start) -> Result<usize, Overflow> {
-        let mut ob = self.outbox.lock();
-        let Some(idx) = ob.index(name).filter(|&i| ob.chans[i].pending) else {
-            return Ok(0);
-        };
-        let started = self.start_locked(&mut ob, &[idx], start);
-        Self::wake(ob);
-        started
-    }
-
-    fn start_locked(
-        &self,
-        ob: &mut Outbox,
-        idxs: &[usize],
-        start: Start,
-    ) -> Result<usize, Overflow> {
-        if ob.ending {
-            return Ok(0);
-        }
-        for (&i, p) in idxs.iter().zip(&start.positions) {
-            ob.chans[i].pos = *p;
-            ob.chans[i].pending = false;
-        }
-        ob.started = true;
-        for bytes in start.head {
-            ob.queue.push_back(Chunk::data(bytes, None));
-        }
-        let mut replayed = 0;
-        let mut overflow = false;
-        for msg in &start.replay {
-            if let Some(i) = ob.index(&msg.channel) {
-                match self.push_message(ob, i, msg) {
-                    Offer::Queued => replayed += 1,
-                    Offer::Full => overflow = true,
-                    Offer::Skipped => {}
-                }
-            }
-        }
-        let waiting = std::mem::take(&mut ob.waiting);
-        for msg in waiting {
-            match ob.index(&msg.channel) {
-                Some(i) if !ob.chans[i].pending => {
-                    overflow |= self.push_message(ob, i, &msg) == Offer::Full
-                }
-                Some(_) => ob.waiting.push(msg),
-                None => {}
-            }
-        }
-        if overflow {
-            Err(Overflow)
-        } else {
-            Ok(replayed)
-        }
-    }
-
     /// Removes a channel (WebSocket unsubscribe); `false` if it was not there.
     pub fn remove_channel(&self, name: &str) -> bool {
-        let mut ob = self.outbox.lock();
-        let Some(idx) = ob.index(name) else {
+        let mut st = self.state.lock();
+        let Some(idx) = st.index(name) else {
             return false;
         };
-        ob.chans.remove(idx);
-        ob.waiting.retain(|m| m.channel.as_str() != name);
+        st.chans.remove(idx);
+        st.drop_waiting(name);
         true
     }
 
-    /// The position this stream holds for `channel`; `None` while that channel is being
-    /// started (its own recovery covers it) or the stream is ending.
-    pub fn position_of(&self, channel: &str) -> Option<StreamId> {
-        let ob = self.outbox.lock();
-        let idx = ob.index(channel)?;
-        (!ob.chans[idx].pending && !ob.ending).then(|| ob.chans[idx].pos)
+    /// Starts channels that are still being started: queues `head` (made from the position of
+    /// every channel of the stream, e.g. `hub.connected`), then `hub.reset` for those that
+    /// start with one, then takes the `Live` ones live (with what arrived meanwhile) and
+    /// leaves the `Resume` ones behind for the catch-up.
+    pub fn start(
+        &self,
+        starts: &[(ChannelName, StartAt)],
+        head: impl FnOnce(&[StreamId]) -> Vec<Item>,
+    ) -> Fed {
+        let mut st = self.state.lock();
+        if st.ending {
+            return Fed::default();
+        }
+        let mut resets = Vec::new();
+        let mut lagged = 0;
+        for (name, at) in starts {
+            let Some(i) = st.index(name) else { continue };
+            let c = &mut st.chans[i];
+            if !c.fresh {
+                continue;
+            }
+            c.fresh = false;
+            match *at {
+                StartAt::Live(p) => c.pos = p,
+                StartAt::Resume(p) => {
+                    c.pos = p;
+                    c.read = Read::Behind;
+                    c.lost = false;
+                    lagged += st.drop_waiting(name);
+                }
+                StartAt::Reset(p) => {
+                    c.pos = p;
+                    resets.push((name.clone(), p));
+                }
+            }
+        }
+        let positions: Vec<StreamId> = st.chans.iter().map(|c| c.pos).collect();
+        st.queue.extend(head(&positions));
+        st.started = true;
+        if !resets.is_empty() {
+            st.queue.push_back(Item::Reset(resets.into_boxed_slice()));
+        }
+        let mut fed = Fed {
+            lagged,
+            ..Fed::default()
+        };
+        for (name, at) in starts {
+            if matches!(at, StartAt::Live(_) | StartAt::Reset(_)) {
+                if let Some(i) = st.index(name) {
+                    if matches!(st.chans[i].read, Read::Reading { .. }) {
+                        self.go_live(&mut st, i, &mut fed);
+                    }
+                }
+            }
+        }
+        let due = self.refill_due(&mut st);
+        Self::wake(st);
+        if due {
+            self.request_refill();
+        }
+        fed
     }
 
-    /// Moves `channel` to `tail` after history lost what the stream would have needed, and
-    /// queues the frame `build` makes from the new positions (`hub.reset`). A full outbox
-    /// means the caller closes the stream as slow.
-    pub fn reset_to(
-        &self,
-        channel: &str,
-        tail: StreamId,
-        build: impl FnOnce(&[StreamId]) -> Bytes,
-    ) -> Offer {
-        let mut ob = self.outbox.lock();
-        let Some(idx) = ob.index(channel) else {
-            return Offer::Skipped;
+    /// Takes a `Reading` channel live: queues its buffered live messages after its position.
+    /// A lost buffered message, or a queue that fills up, leaves it behind instead.
+    fn go_live(&self, st: &mut State, i: usize, fed: &mut Fed) {
+        let name = st.chans[i].name.clone();
+        if st.chans[i].lost {
+            st.chans[i].lost = false;
+            st.chans[i].read = Read::Behind;
+            fed.lagged += st.drop_waiting(&name);
+            return;
+        }
+        st.chans[i].read = Read::Live;
+        let mine: Vec<Arc<Message>> = st
+            .waiting
+            .iter()
+            .filter(|m| m.channel == name)
+            .cloned()
+            .collect();
+        st.drop_waiting(&name);
+        for (n, m) in mine.iter().enumerate() {
+            if m.position.is_some_and(|p| p <= st.chans[i].pos) {
+                continue;
+            }
+            if st.queue.len() >= self.capacity {
+                st.chans[i].read = Read::Behind;
+                fed.lagged += mine[n..].iter().filter(|m| m.position.is_none()).count();
+                return;
+            }
+            if let Some(p) = m.position {
+                st.chans[i].pos = p;
+            }
+            st.queue.push_back(Item::Message(m.clone()));
+        }
+    }
+
+    /// Starts history reads for the channels that are behind, if the queue has room: each
+    /// becomes `Reading` (live messages buffered from now on). Returns one [`ReadRequest`] per
+    /// channel; the answer goes to [`Session::feed`].
+    pub fn begin_reads(&self) -> Vec<ReadRequest> {
+        let mut st = self.state.lock();
+        st.refill_requested = false;
+        if st.ending || st.queue.len() >= self.capacity {
+            return Vec::new();
+        }
+        let room = self.capacity - st.queue.len();
+        let mut reads = Vec::new();
+        for i in 0..st.chans.len() {
+            if st.chans[i].read == Read::Behind {
+                let token = st.take_token();
+                let c = &mut st.chans[i];
+                c.read = Read::Reading { token };
+                c.lost = false;
+                reads.push(ReadRequest {
+                    channel: c.name.clone(),
+                    after: c.pos,
+                    token,
+                    room,
+                });
+            }
+        }
+        reads
+    }
+
+    /// Gives up a read that failed: the channel is behind again (the caller retries later).
+    pub fn abort_read(&self, channel: &str, token: u64) -> usize {
+        let mut st = self.state.lock();
+        let Some(i) = st.index(channel) else { return 0 };
+        if st.chans[i].read != (Read::Reading { token }) {
+            return 0;
+        }
+        st.chans[i].read = Read::Behind;
+        st.drop_waiting(channel)
+    }
+
+    /// Feeds one history page to the read `token` of `channel`: queues what follows the
+    /// reader's position while there is room; a reader before the page's floor gets
+    /// `hub.reset` and continues from the tail; a reader that reached the end of a fresh read
+    /// goes live. Ignored if the channel changed meanwhile (unsubscribed, another read).
+    pub fn feed(&self, channel: &str, token: u64, page: &PageView<'_>) -> Fed {
+        let mut fed = Fed::default();
+        let mut st = self.state.lock();
+        let Some(i) = st.index(channel) else {
+            return fed;
         };
-        if ob.ending || ob.chans[idx].pending || ob.chans[idx].pos >= tail {
-            return Offer::Skipped;
+        if st.ending || st.chans[i].read != (Read::Reading { token }) {
+            return fed;
         }
-        if ob.queue.len() >= self.capacity {
-            return Offer::Full;
+        let pos = st.chans[i].pos;
+        let mut at_end = !page.more;
+        if pos < page.floor || pos > page.tail {
+            if st.queue.len() >= self.capacity + CONTROL_SLACK {
+                st.chans[i].read = Read::Behind;
+                fed.lagged += st.drop_waiting(channel);
+                return fed;
+            }
+            st.chans[i].pos = page.tail;
+            let name = st.chans[i].name.clone();
+            st.queue
+                .push_back(Item::Reset(Box::new([(name, page.tail)])));
+            fed.reset = true;
+            at_end = true;
+        } else {
+            let start = page
+                .entries
+                .partition_point(|m| m.position.is_some_and(|p| p <= pos));
+            let mut whole = true;
+            for m in &page.entries[start..] {
+                if st.queue.len() >= self.capacity {
+                    whole = false;
+                    break;
+                }
+                if let Some(p) = m.position {
+                    st.chans[i].pos = p;
+                }
+                st.queue.push_back(Item::Message(m.clone()));
+                fed.replayed += 1;
+            }
+            if whole {
+                // Past what was dropped as malformed at the end of the page, too.
+                if let Some(last) = page.last.filter(|l| *l > st.chans[i].pos) {
+                    st.chans[i].pos = last;
+                }
+            } else {
+                at_end = false;
+            }
         }
-        ob.chans[idx].pos = tail;
-        let positions: Vec<StreamId> = ob.chans.iter().map(|c| c.pos).collect();
-        let frame = build(&positions);
-        ob.queue.push_back(Chunk::data(frame, None));
-        Self::wake(ob);
-        Offer::Queued
+        if at_end && page.live_ok {
+            self.go_live(&mut st, i, &mut fed);
+        } else {
+            st.chans[i].read = Read::Behind;
+            fed.lagged += st.drop_waiting(channel);
+        }
+        fed.again = self.refill_due(&mut st);
+        Self::wake(st);
+        fed
+    }
+
+    /// The position each channel holds, by name (for tests and stats).
+    pub fn position_of(&self, channel: &str) -> Option<StreamId> {
+        let st = self.state.lock();
+        st.index(channel).map(|i| st.chans[i].pos)
     }
 
     /// Records the close reason; `true` for the first caller only.
@@ -437,42 +658,60 @@ impl Session {
         CloseReason::from_u8(self.closed.load(Ordering::Acquire))
     }
 
-    /// Stops the outbox: optionally drops what is queued (returning how many messages that
-    /// was), appends a last frame, and lets the body end after it.
-    pub fn finish(&self, last: Option<Bytes>, discard_queued: bool) -> usize {
-        let mut ob = self.outbox.lock();
+    /// Ends the queue: optionally drops what is queued (returning how many messages that was),
+    /// then queues [`Item::End`]; the transport ends after it.
+    pub fn finish(&self, reason: CloseReason, discard_queued: bool) -> usize {
+        let mut st = self.state.lock();
         let mut dropped = 0;
         if discard_queued {
-            dropped = ob.queue.iter().filter(|c| c.published.is_some()).count() + ob.waiting.len();
-            ob.queue = VecDeque::new();
+            dropped = st
+                .queue
+                .iter()
+                .filter(|i| matches!(i, Item::Message(_)))
+                .count();
+            st.queue = VecDeque::new();
         }
-        ob.waiting = Vec::new();
-        if let Some(bytes) = last {
-            ob.queue.push_back(Chunk::data(bytes, None));
-        }
-        ob.ending = true;
-        Self::wake(ob);
+        st.waiting = VecDeque::new();
+        st.queue.push_back(Item::End(reason));
+        st.ending = true;
+        Self::wake(st);
         dropped
     }
 
-    /// The next chunk for the transport; `Ready(None)` once finished and drained.
-    pub fn poll_chunk(&self, cx: &mut Context<'_>) -> Poll<Option<Chunk>> {
-        let mut ob = self.outbox.lock();
-        if let Some(c) = ob.queue.pop_front() {
-            if ob.queue.is_empty() && ob.queue.capacity() > 16 {
+    /// The next item for the transport; `Ready(None)` once ended and drained. Asks the
+    /// catch-up for history when a channel is behind and half the queue has been written.
+    pub fn poll_item(&self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        let mut st = self.state.lock();
+        if let Some(item) = st.queue.pop_front() {
+            if st.queue.is_empty() && st.queue.capacity() > 16 {
                 // Give back what a burst grew, so idle streams stay small.
-                ob.queue.shrink_to(4);
+                st.queue.shrink_to(4);
             }
-            return Poll::Ready(Some(c));
+            let due = self.refill_due(&mut st);
+            drop(st);
+            if due {
+                self.request_refill();
+            }
+            return Poll::Ready(Some(item));
         }
-        if ob.ending {
+        if st.ending {
             return Poll::Ready(None);
         }
-        match &ob.waker {
+        match &st.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
-            _ => ob.waker = Some(cx.waker().clone()),
+            _ => st.waker = Some(cx.waker().clone()),
+        }
+        let due = self.refill_due(&mut st);
+        drop(st);
+        if due {
+            self.request_refill();
         }
         Poll::Pending
+    }
+
+    /// Items queued now (for tests and stats).
+    pub fn queued(&self) -> usize {
+        self.state.lock().queue.len()
     }
 
     pub fn touch(&self, now: u64) {
@@ -487,141 +726,227 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Transport;
     use protocol::Envelope;
-    use std::task::Waker;
+    use std::time::Instant;
 
     fn chan(s: &str) -> ChannelName {
         ChannelName::new(s).unwrap()
     }
 
-    fn msg(c: &str, pos: Option<StreamId>, data: &str) -> Arc<Message> {
+    fn id(n: u64) -> StreamId {
+        StreamId::new(n, 0)
+    }
+
+    fn msg(c: &str, pos: Option<u64>, data: &str) -> Arc<Message> {
         let env = Envelope {
             event: None,
             data: data.into(),
         };
-        Arc::new(Message::new(chan(c), pos, &env, Instant::now()))
+        Arc::new(Message::new(chan(c), pos.map(id), &env, Instant::now()))
     }
 
+    fn session(channels: &[&str], cap: usize) -> Session {
+        Session::new(
+            SessionInit {
+                seq: 1,
+                transport: Transport::Sse,
+                envelope: false,
+                user: None,
+                expires_at: None,
+                capacity: cap,
+                now: 0,
+                refill: None,
+            },
+            channels.iter().map(|c| chan(c)).collect(),
+        )
+    }
+
+    /// What the transport would get now: data of messages, `reset`, `opened`, `hb`, `end`.
     fn drain(s: &Session) -> Vec<String> {
         let mut cx = Context::from_waker(Waker::noop());
         let mut out = vec![];
-        while let Poll::Ready(Some(c)) = s.poll_chunk(&mut cx) {
-            out.push(String::from_utf8(c.bytes.to_vec()).unwrap());
+        while let Poll::Ready(Some(item)) = s.poll_item(&mut cx) {
+            out.push(match item {
+                Item::Message(m) => m.data_json.trim_matches('"').to_string(),
+                Item::Opened(_) => "opened".into(),
+                Item::Reset(_) => "reset".into(),
+                Item::Heartbeat => "hb".into(),
+                Item::Reply(_) => "reply".into(),
+                Item::End(_) => "end".into(),
+            });
         }
         out
     }
 
-    fn started(channels: &[&str], cap: usize) -> Session {
-        let s = Session::new(
-            1,
-            Transport::Sse,
-            channels.iter().map(|c| chan(c)).collect(),
-            false,
-            None,
-            cap,
-            0,
-        );
-        let n = channels.len();
-        s.start(Start {
-            head: vec![],
-            positions: vec![StreamId::ZERO; n],
-            replay: vec![],
-        })
-        .unwrap();
+    fn live(channels: &[&str], cap: usize) -> Session {
+        let s = session(channels, cap);
+        let starts: Vec<_> = channels
+            .iter()
+            .map(|c| (chan(c), StartAt::Live(StreamId::ZERO)))
+            .collect();
+        s.start(&starts, |_| vec![Item::Opened(Box::new([]))]);
+        assert_eq!(drain(&s), ["opened"]);
         s
     }
 
-    #[test]
-    fn replay_then_buffered_live_is_exactly_once_in_order() {
-        let s = Session::new(1, Transport::Sse, vec![chan("a")], false, None, 16, 0);
-        // Live messages 2 and 3 arrive while history (1, 2) is being read.
-        assert_eq!(
-            s.offer(&msg("a", Some(StreamId::new(2, 0)), "two")),
-            Offer::Queued
-        );
-        assert_eq!(
-            s.offer(&msg("a", Some(StreamId::new(3, 0)), "three")),
-            Offer::Queued
-        );
-        assert!(drain(&s).is_empty(), "nothing before start");
-        let replayed = s
-            .start(Start {
-                head: vec![Bytes::from_static(b"HEAD\n")],
-                positions: vec![StreamId::ZERO],
-                replay: vec![
-                    msg("a", Some(StreamId::new(1, 0)), "one"),
-                    msg("a", Some(StreamId::new(2, 0)), "two"),
-                ],
-            })
-            .unwrap();
-        assert_eq!(replayed, 2);
-        assert_eq!(
-            drain(&s),
-            [
-                "HEAD\n",
-                "id: 1-0\ndata: one\n\n",
-                "id: 2-0\ndata: two\n\n",
-                "id: 3-0\ndata: three\n\n"
-            ]
-        );
-        // An old position offered again is skipped.
-        assert_eq!(
-            s.offer(&msg("a", Some(StreamId::new(3, 0)), "dup")),
-            Offer::Skipped
-        );
-    }
-
-    #[test]
-    fn multi_channel_stream_writes_a_combined_cursor() {
-        // Callers pass channels sorted (the node sorts them).
-        let s = started(&["a", "b"], 8);
-        s.offer(&msg("b", Some(StreamId::new(5, 0)), "x"));
-        let out = drain(&s);
-        let fp = Cursor::fingerprint(&["a", "b"]);
-        assert_eq!(
-            out,
-            [format!("id: {fp:08x}:0-0,5-0\n"), "data: x\n\n".to_string()]
-        );
-        assert_eq!(
-            s.decode_cursor(&format!("{fp:08x}:0-0,5-0")),
-            Some(vec![StreamId::ZERO, StreamId::new(5, 0)])
-        );
-    }
-
-    #[test]
-    fn full_outbox_is_reported_not_grown() {
-        let s = started(&["a"], 4);
-        for i in 1..=4 {
-            assert_eq!(
-                s.offer(&msg("a", Some(StreamId::new(i, 0)), "x")),
-                Offer::Queued
-            );
+    fn page<'a>(entries: &'a [Arc<Message>], tail: u64, more: bool) -> PageView<'a> {
+        PageView {
+            entries,
+            last: entries.last().and_then(|m| m.position),
+            tail: id(tail),
+            floor: StreamId::ZERO,
+            more,
+            live_ok: true,
         }
-        assert_eq!(
-            s.offer(&msg("a", Some(StreamId::new(9, 0)), "x")),
-            Offer::Full
+    }
+
+    #[test]
+    fn live_messages_during_the_start_follow_it_exactly_once() {
+        let s = session(&["a"], 16);
+        // 2 and 3 arrive while the start reads the tail (2).
+        assert_eq!(s.offer(&msg("a", Some(2), "two")), Offer::Queued);
+        assert_eq!(s.offer(&msg("a", Some(3), "three")), Offer::Queued);
+        assert!(drain(&s).is_empty(), "nothing before the start");
+        s.start(&[(chan("a"), StartAt::Live(id(2)))], |p| {
+            assert_eq!(p, [id(2)]);
+            vec![Item::Opened(p.into())]
+        });
+        assert_eq!(drain(&s), ["opened", "three"]);
+        assert_eq!(s.offer(&msg("a", Some(3), "dup")), Offer::Skipped);
+    }
+
+    #[test]
+    fn a_full_queue_falls_behind_and_history_takes_it_back_live() {
+        let s = live(&["a"], 4);
+        for n in 1..=4 {
+            assert_eq!(s.offer(&msg("a", Some(n), "x")), Offer::Queued);
+        }
+        // The fifth does not fit: the reader falls behind; durable left to history, an
+        // ephemeral one lost.
+        assert_eq!(s.offer(&msg("a", Some(5), "x")), Offer::Skipped);
+        assert_eq!(s.offer(&msg("a", None, "e")), Offer::Lagged);
+        assert_eq!(s.offer(&msg("a", Some(6), "x")), Offer::Skipped);
+        assert_eq!(s.queued(), 4, "the queue never grows past its capacity");
+        assert_eq!(drain(&s).len(), 4);
+        // Reading: live 7 arrives during the read and is merged after it.
+        let reads = s.begin_reads();
+        assert_eq!(reads.len(), 1);
+        let (from, token) = (reads[0].after, reads[0].token);
+        assert_eq!((from, reads[0].room), (id(4), 4));
+        assert_eq!(s.offer(&msg("a", Some(7), "seven")), Offer::Queued);
+        let entries = [msg("a", Some(5), "five"), msg("a", Some(6), "six")];
+        let fed = s.feed("a", token, &page(&entries, 6, false));
+        assert_eq!((fed.replayed, fed.again, fed.reset), (2, false, false));
+        assert_eq!(drain(&s), ["five", "six", "seven"]);
+        // Live again.
+        assert_eq!(s.offer(&msg("a", Some(8), "eight")), Offer::Queued);
+    }
+
+    #[test]
+    fn a_reader_takes_only_what_fits_and_asks_again() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut s = session(&["a"], 4);
+        s.refill = Some(tx);
+        s.start(&[(chan("a"), StartAt::Resume(id(0)))], |_| Vec::new());
+        assert_eq!(rx.try_recv(), Ok(1), "a resume asks for history at once");
+        let entries: Vec<_> = (1..=10).map(|n| msg("a", Some(n), "x")).collect();
+        let token = s.begin_reads()[0].token;
+        let fed = s.feed("a", token, &page(&entries, 10, false));
+        assert_eq!((fed.replayed, fed.again), (4, false), "4 fit; no room yet");
+        assert_eq!(drain(&s).len(), 4);
+        assert_eq!(rx.try_recv(), Ok(1), "asked again once drained");
+        let read = s.begin_reads()[0].clone();
+        let token = read.token;
+        assert_eq!(read.after, id(4));
+        let fed = s.feed("a", token, &page(&entries, 10, false));
+        assert_eq!(fed.replayed, 4);
+    }
+
+    #[test]
+    fn a_reader_before_the_floor_is_reset_to_the_tail() {
+        let s = session(&["a"], 8);
+        s.start(&[(chan("a"), StartAt::Resume(id(1)))], |_| Vec::new());
+        let token = s.begin_reads()[0].token;
+        let entries = [msg("a", Some(5), "five")];
+        let fed = s.feed(
+            "a",
+            token,
+            &PageView {
+                entries: &entries,
+                last: Some(id(5)),
+                tail: id(5),
+                floor: id(3),
+                more: false,
+                live_ok: true,
+            },
         );
-        assert_eq!(s.push_heartbeat(), Offer::Full);
-        // Finishing a slow stream drops the queue and leaves only the last frame.
-        assert_eq!(s.finish(Some(Bytes::from_static(b"bye\n\n")), true), 4);
-        assert_eq!(drain(&s), ["bye\n\n"]);
+        assert!(fed.reset);
+        assert_eq!(drain(&s), ["reset"]);
+        assert_eq!(s.position_of("a"), Some(id(5)));
+        assert_eq!(s.offer(&msg("a", Some(6), "six")), Offer::Queued);
+    }
+
+    #[test]
+    fn a_read_that_cannot_vouch_for_live_leaves_the_reader_behind() {
+        let s = session(&["a"], 8);
+        s.start(&[(chan("a"), StartAt::Resume(id(1)))], |_| Vec::new());
+        let token = s.begin_reads()[0].token;
+        assert_eq!(s.offer(&msg("a", None, "e")), Offer::Queued);
+        let fed = s.feed(
+            "a",
+            token,
+            &PageView {
+                live_ok: false,
+                ..page(&[], 1, false)
+            },
+        );
+        assert_eq!(fed.lagged, 1, "the buffered ephemeral message is lost");
+        assert_eq!(s.begin_reads().len(), 1, "still behind");
+    }
+
+    #[test]
+    fn a_stale_token_is_ignored() {
+        let s = session(&["a"], 8);
+        s.start(&[(chan("a"), StartAt::Resume(id(1)))], |_| Vec::new());
+        let token = s.begin_reads()[0].token;
+        assert_eq!(s.abort_read("a", token), 0);
+        let entries = [msg("a", Some(2), "two")];
+        assert_eq!(
+            s.feed("a", token, &page(&entries, 2, false)),
+            Fed::default()
+        );
+        assert!(drain(&s).is_empty());
+    }
+
+    #[test]
+    fn heartbeats_only_on_an_idle_started_stream() {
+        let s = session(&["a"], 4);
+        assert!(!s.push_heartbeat(), "not before the start");
+        s.start(&[(chan("a"), StartAt::Live(id(0)))], |_| Vec::new());
+        assert!(s.push_heartbeat());
+        assert!(!s.push_heartbeat(), "not while something is queued");
+        assert_eq!(drain(&s), ["hb"]);
+    }
+
+    #[test]
+    fn replies_have_a_bounded_slack() {
+        let s = live(&["a"], 2);
+        for _ in 0..2 + CONTROL_SLACK {
+            assert_eq!(s.push_reply(Reply::Subscribed(chan("a"))), Ok(()));
+        }
+        assert_eq!(s.push_reply(Reply::Subscribed(chan("a"))), Err(Full));
+    }
+
+    #[test]
+    fn finish_ends_with_the_reason() {
+        let s = live(&["a"], 4);
+        s.offer(&msg("a", Some(1), "x"));
+        assert_eq!(s.finish(CloseReason::Stale, true), 1);
+        assert_eq!(drain(&s), ["end"]);
         let mut cx = Context::from_waker(Waker::noop());
-        assert!(matches!(s.poll_chunk(&mut cx), Poll::Ready(None)));
-    }
-
-    #[test]
-    fn ephemeral_messages_carry_no_id_and_are_not_deduplicated() {
-        let s = started(&["a"], 4);
-        s.offer(&msg("a", None, "e"));
-        s.offer(&msg("a", None, "e"));
-        assert_eq!(drain(&s), ["data: e\n\n", "data: e\n\n"]);
-    }
-
-    #[test]
-    fn close_reason_first_wins() {
-        let s = started(&["a"], 4);
-        assert!(s.mark_closed(CloseReason::Slow));
-        assert!(!s.mark_closed(CloseReason::Client));
-        assert_eq!(s.close_reason(), Some(CloseReason::Slow));
+        assert!(matches!(s.poll_item(&mut cx), Poll::Ready(None)));
+        assert!(s.mark_closed(CloseReason::Stale));
+        assert!(!s.mark_closed(CloseReason::Client), "first reason wins");
     }
 }

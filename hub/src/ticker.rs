@@ -1,8 +1,12 @@
-//! The node's one background clock: heartbeats, sweeps and metric upkeep.
+//! The node's one background clock: heartbeats, token expiry, stale streams, sweeps and metric
+//! upkeep.
 //!
-//! A single task ticks every second. Each stream gets a heartbeat every `HUB_HEARTBEAT_SECS`,
-//! spread over the interval by its sequence number so 10,000 streams are not woken at once; no
-//! stream owns a timer. This module decides when; the registry does the work.
+//! A single task ticks every second. Each idle stream gets a heartbeat every
+//! `HUB_HEARTBEAT_SECS`, spread over the interval by its sequence number so 10,000 streams are
+//! not woken at once; no stream owns a timer. Streams whose token expired or that took nothing
+//! for `HUB_STALE_AFTER_SECS` are closed on the tick that finds them; every `HUB_SWEEP_SECS` the
+//! gauges are reconciled with the registry. This module decides when; the registry finds, the
+//! node closes.
 
 use crate::node::Node;
 use std::sync::Arc;
@@ -11,7 +15,7 @@ use std::time::Duration;
 /// How often histogram samples are folded into buckets.
 const UPKEEP_EVERY_SECS: u64 = 5;
 
-/// Runs until the node is dropped (the task is aborted at shutdown).
+/// Runs until the node stops (the task is aborted then).
 pub async fn run(node: Arc<Node>) {
     let every = node.config.heartbeat_secs;
     let sweep_every = node.config.sweep_secs;
@@ -25,12 +29,26 @@ pub async fn run(node: Arc<Node>) {
         while done < now {
             done += 1;
             let now_unix = crate::broker::local::now_ms() / 1000;
-            node.registry
-                .heartbeat(done, every, now_unix, node.config.stale_after_secs);
+            let stale_after = node.config.stale_after_secs;
+            for (s, reason) in node.registry.tick(done, every, now_unix, stale_after) {
+                match reason {
+                    crate::metrics::CloseReason::TokenExpired => {
+                        tracing::info!(connection_id = %s.id, "closing stream: its token expired")
+                    }
+                    _ => {
+                        tracing::info!(connection_id = %s.id, "closing stale stream: it took nothing for HUB_STALE_AFTER_SECS")
+                    }
+                }
+                node.close(&s, reason);
+            }
             if done.is_multiple_of(sweep_every) {
-                let closed = node.registry.sweep(node.config.stale_after_secs);
+                let stale = node.registry.stale(stale_after);
+                for (s, reason) in &stale {
+                    node.close(s, *reason);
+                }
+                node.registry.reconcile();
                 node.broker.sweep();
-                tracing::debug!(closed, "sweep done");
+                tracing::debug!(closed = stale.len(), "sweep done");
             }
             if done.is_multiple_of(UPKEEP_EVERY_SECS) {
                 node.metrics.upkeep();

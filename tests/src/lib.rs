@@ -144,6 +144,29 @@ impl Hub {
         self.child.id()
     }
 
+    /// The process's resident memory (VmRSS), in KiB.
+    pub fn rss_kb(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("/proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// Publishes each of `data` as a durable message, one after another; returns the ids.
+    pub async fn publish_many(&self, channel: &str, data: &[String]) -> Vec<String> {
+        let mut ids = Vec::with_capacity(data.len());
+        for d in data {
+            ids.push(
+                self.publish(channel, None, Value::String(d.clone()), true)
+                    .await,
+            );
+        }
+        ids
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.public, path)
     }
@@ -329,7 +352,7 @@ impl SseEvent {
 pub struct SseStream {
     pub status: u16,
     pub headers: reqwest::header::HeaderMap,
-    body: Option<futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>>,
+    body: Option<futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>>>,
     res: Option<reqwest::Response>,
     buf: BytesMut,
 }
@@ -342,6 +365,95 @@ impl SseStream {
             req = req.header(*k, *v);
         }
         SseStream::new(req.send().await.expect("sse request"))
+    }
+
+    /// Opens `GET <path_and_query>` on a raw socket whose receive buffer is `recv_buf` bytes,
+    /// so that a reader that stops reading really stops the hub's writes (no client library
+    /// buffers for it). Reads the response head; the body is read on demand.
+    pub async fn raw(
+        addr: SocketAddr,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        recv_buf: u32,
+    ) -> SseStream {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(recv_buf).expect("SO_RCVBUF");
+        let mut c = sock.connect(addr).await.expect("connect");
+        let mut req = format!("GET {path_and_query} HTTP/1.1\r\nHost: hub\r\n");
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        c.write_all(req.as_bytes()).await.expect("send request");
+        let mut buf = BytesMut::with_capacity(8192);
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = tokio::time::timeout(WAIT, c.read_buf(&mut buf))
+                .await
+                .expect("response head in time")
+                .expect("read head");
+            assert!(n > 0, "connection closed before the response head");
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+        buf.advance(head_end);
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let mut map = reqwest::header::HeaderMap::new();
+        for l in lines.filter(|l| !l.is_empty()) {
+            if let Some((k, v)) = l.split_once(':') {
+                if let (Ok(k), Ok(v)) = (
+                    reqwest::header::HeaderName::from_bytes(k.trim().as_bytes()),
+                    reqwest::header::HeaderValue::from_str(v.trim()),
+                ) {
+                    map.insert(k, v);
+                }
+            }
+        }
+        let chunked = map
+            .get("transfer-encoding")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"));
+        // The body, de-chunked: (socket, raw bytes not yet decoded).
+        let body = futures_util::stream::unfold((c, buf), move |(mut c, mut raw)| async move {
+            loop {
+                if !chunked {
+                    if !raw.is_empty() {
+                        let out = raw.split().freeze();
+                        return Some((Ok(out), (c, raw)));
+                    }
+                } else if let Some(eol) = raw.windows(2).position(|w| w == b"\r\n") {
+                    let size_text = String::from_utf8_lossy(&raw[..eol]).to_string();
+                    let size =
+                        usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+                    if size == 0 {
+                        return None;
+                    }
+                    if raw.len() >= eol + 2 + size + 2 {
+                        raw.advance(eol + 2);
+                        let out = raw.split_to(size).freeze();
+                        raw.advance(2);
+                        return Some((Ok(out), (c, raw)));
+                    }
+                }
+                match c.read_buf(&mut raw).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(_) => {}
+                }
+            }
+        });
+        SseStream {
+            status,
+            headers: map,
+            body: Some(body.boxed()),
+            res: None,
+            buf: BytesMut::new(),
+        }
     }
 
     fn new(res: reqwest::Response) -> SseStream {
@@ -370,7 +482,11 @@ impl SseStream {
     pub async fn next_event(&mut self, timeout: Duration) -> Option<SseEvent> {
         if self.body.is_none() {
             let res = self.res.take()?;
-            self.body = Some(res.bytes_stream().boxed());
+            self.body = Some(
+                res.bytes_stream()
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .boxed(),
+            );
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -3,7 +3,12 @@
 -- after each reconnection, with the __PLACEHOLDERS__ filled from its configuration.
 --
 --   FCALL hub_publish 1 <channel> <envelope>        -> the message id ("<ms>-<seq>")
---   FCALL_RO hub_recover 1 <channel> <since or "">  -> {tail, reset (0|1), id1, env1, id2, env2, ...}
+--   FCALL_RO hub_read 1 <channel> <after or ""> <count>
+--                                                   -> {tail, floor, id1, env1, id2, env2, ...}
+--     at most <count> messages after <after> (none with "" or 0); every message after floor is
+--     still in history, so a reader before floor (or after tail) lost some.
+--   FCALL_RO hub_recover 1 <channel> <since or "">  -> {tail, reset (0|1), id1, env1, ...}
+--     (unbounded; kept for nodes of the previous version during a rolling deploy)
 --
 -- History of a channel is the stream hub:hist:{<channel>}; hub:floor:{<channel>} holds the id of
 -- the newest message that history no longer has (trimmed, expired, or from before the stream
@@ -145,5 +150,45 @@ local function recover(keys, args)
   return out
 end
 
+local function read(keys, args)
+  local ch, after, count = keys[1], args[1] or '', tonumber(args[2] or '0') or 0
+  local key = history_key(ch)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local horizon = now - TTL_MS
+  if redis.call('EXISTS', key) == 0 then
+    -- Nothing was published for a TTL (or ever): positions within the TTL missed nothing. A
+    -- fresh reader starts just before now, so the first message (at now or later) follows it.
+    return {(now - 1) .. '-0', horizon .. '-0'}
+  end
+  local info = redis.call('XINFO', 'STREAM', key)
+  local last = '0-0'
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then last = info[i + 1] end
+  end
+  local floor = redis.call('GET', floor_key(ch)) or '0-0'
+  local f_ms, f_seq = parse_id(floor)
+  -- Older than the TTL counts as lost even where not trimmed yet.
+  local expired = redis.call('XREVRANGE', key, '(' .. horizon .. '-0', '-', 'COUNT', 1)
+  if #expired > 0 then
+    local e_ms, e_seq = parse_id(expired[1][1])
+    if before(f_ms, f_seq, e_ms, e_seq) then floor, f_ms, f_seq = expired[1][1], e_ms, e_seq end
+  end
+  local out = {last, floor}
+  if after == '' or count <= 0 then return out end
+  local a_ms, a_seq = parse_id(after)
+  if not a_ms then return redis.error_reply('ERR after must be <ms>-<seq>') end
+  -- Only what history still holds for certain: after the later of `after` and the floor.
+  local from = after
+  if before(a_ms, a_seq, f_ms, f_seq) then from = floor end
+  local entries = redis.call('XRANGE', key, '(' .. from, '+', 'COUNT', count)
+  for _, e in ipairs(entries) do
+    out[#out + 1] = e[1]
+    out[#out + 1] = e[2][2]
+  end
+  return out
+end
+
 redis.register_function('hub_publish', publish)
+redis.register_function{function_name = 'hub_read', callback = read, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_recover', callback = recover, flags = {'no-writes'}}

@@ -1,12 +1,13 @@
-//! The embedded broker: single-node publish straight into the registry, with in-memory history.
+//! The embedded broker: single-node publish straight into the sink, with in-memory history.
 //!
 //! Durable messages get their position and are delivered under the channel's history lock, so
-//! every stream sees a channel in position order. It keeps nothing per stream.
+//! every stream sees a channel in position order, and a history read never interleaves with a
+//! delivery. It keeps nothing per stream.
 
-use crate::history::{MemoryHistory, Recovery};
+use crate::broker::{Page, Sink};
+use crate::history::MemoryHistory;
 use crate::message::Message;
-use crate::metrics::Source;
-use crate::registry::Registry;
+use crate::metrics::{Metrics, Source};
 use protocol::{ChannelName, Envelope, StreamId};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -20,14 +21,21 @@ pub fn now_ms() -> u64 {
 
 pub struct LocalBroker {
     history: MemoryHistory,
-    registry: Arc<Registry>,
+    sink: Arc<dyn Sink>,
+    metrics: Arc<Metrics>,
 }
 
 impl LocalBroker {
-    pub fn new(registry: Arc<Registry>, history_len: usize, history_ttl_secs: u64) -> LocalBroker {
+    pub fn new(
+        sink: Arc<dyn Sink>,
+        metrics: Arc<Metrics>,
+        history_len: usize,
+        history_ttl_secs: u64,
+    ) -> LocalBroker {
         LocalBroker {
             history: MemoryHistory::new(history_len, history_ttl_secs, now_ms()),
-            registry,
+            sink,
+            metrics,
         }
     }
 
@@ -39,27 +47,27 @@ impl LocalBroker {
         source: Source,
     ) -> String {
         let received = Instant::now();
-        self.registry.metrics.received(source).increment(1);
+        self.metrics.received(source).increment(1);
         if !durable {
             let msg = Arc::new(Message::new(channel, None, env, received));
-            self.registry.fanout(&msg);
+            self.sink.deliver(&msg);
             return msg.id.to_string();
         }
         let (id, _) = self.history.append(
             &channel,
             now_ms(),
             |id| Arc::new(Message::new(channel.clone(), Some(id), env, received)),
-            |msg| self.registry.fanout(msg),
+            |msg| self.sink.deliver(msg),
         );
         id.to_string()
     }
 
-    pub fn recover(&self, channel: &ChannelName, since: Option<StreamId>) -> Recovery {
-        self.history.recover(channel, since, now_ms())
+    pub fn tail(&self, channel: &ChannelName) -> StreamId {
+        self.history.tail(channel, now_ms())
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    pub fn read(&self, channel: &ChannelName, after: StreamId, count: usize) -> Page {
+        self.history.read(channel, after, count, now_ms())
     }
 
     pub fn sweep(&self) {

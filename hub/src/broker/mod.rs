@@ -1,12 +1,14 @@
-//! Brokers: where messages are published, kept and recovered from.
+//! Brokers: where messages are published, kept and read back from.
 //!
-//! The node talks to one [`Broker`]: the embedded in-process one or Redis. A broker never
-//! touches streams directly; it hands messages to the registry's fan-out.
+//! The node talks to one [`Broker`]: the embedded in-process one or Redis. A broker never sees
+//! streams: it hands every message it receives to a [`Sink`] (the node's registry) and answers
+//! bounded history reads. Which channels it receives is decided by the node (first local reader
+//! subscribes, last one unsubscribes).
 
 pub mod local;
 pub mod redis;
 
-use crate::history::Recovery;
+use crate::message::Message;
 use crate::metrics::Source;
 use protocol::{ChannelName, Envelope, StreamId};
 
@@ -14,10 +16,39 @@ pub use local::LocalBroker;
 pub use redis::RedisBroker;
 use std::sync::Arc;
 
-/// A broker failure, reported to the caller as 503.
+/// A broker failure. Logged by whoever gets it; clients only learn that they may retry.
 #[derive(Debug, thiserror::Error)]
 #[error("broker unavailable: {0}")]
 pub struct BrokerError(pub String);
+
+/// Where a broker delivers: the narrow view it has of the node.
+pub trait Sink: Send + Sync + 'static {
+    /// A message arrived for local readers (in position order per channel); returns how many
+    /// streams queued it.
+    fn deliver(&self, msg: &Arc<Message>) -> usize;
+    /// The broker may have lost messages (reconnection, lost burst): every live reader checks
+    /// its position against history before it takes live messages again.
+    fn fall_behind(&self);
+    /// The channels the node has local readers for (what a reconnection subscribes again).
+    fn channels(&self) -> Vec<ChannelName>;
+}
+
+/// One bounded history read: what follows a position, and what history vouches for.
+#[derive(Debug, Default)]
+pub struct Page {
+    /// Messages after the asked position, in order, contiguous in history.
+    pub entries: Vec<Arc<Message>>,
+    /// The channel's latest position at the read.
+    pub tail: StreamId,
+    /// Every message after this position is still in history: a reader at an older position
+    /// (or one after `tail`, from elsewhere) has lost messages and gets `hub.reset`.
+    pub floor: StreamId,
+    /// The read stopped at its size: more messages follow `last`.
+    pub more: bool,
+    /// The position of the last message read, including one dropped as malformed (a reader
+    /// that took the whole page is there).
+    pub last: Option<StreamId>,
+}
 
 /// The node's broker. An enum rather than a trait object: two kinds, static dispatch.
 pub enum Broker {
@@ -47,7 +78,12 @@ impl Broker {
         }
     }
 
-    /// Makes sure the node receives these channels before a stream reads their history.
+    /// Whether subscriptions cost anything (Redis): the node serializes them per channel.
+    pub fn subscribes(&self) -> bool {
+        matches!(self, Broker::Redis(_))
+    }
+
+    /// Starts receiving these channels; returns once the broker delivers them.
     pub async fn subscribe(&self, channels: &[ChannelName]) -> Result<(), BrokerError> {
         match self {
             Broker::Local(_) => Ok(()),
@@ -55,15 +91,41 @@ impl Broker {
         }
     }
 
-    /// What a stream at `since` (or fresh) must be sent for `channel`.
-    pub async fn recover(
+    /// Stops receiving a channel that has no local reader any more.
+    pub async fn unsubscribe(&self, channel: &ChannelName) {
+        if let Broker::Redis(b) = self {
+            b.unsubscribe(channel).await
+        }
+    }
+
+    /// The channel's latest position (where a fresh reader starts).
+    pub async fn tail(&self, channel: &ChannelName) -> Result<StreamId, BrokerError> {
+        match self {
+            Broker::Local(b) => Ok(b.tail(channel)),
+            Broker::Redis(b) => Ok(b.read(channel, None, 0).await?.tail),
+        }
+    }
+
+    /// At most `count` messages after `after` (see [`Page`]).
+    pub async fn read(
         &self,
         channel: &ChannelName,
-        since: Option<StreamId>,
-    ) -> Result<Recovery, BrokerError> {
+        after: StreamId,
+        count: usize,
+    ) -> Result<Page, BrokerError> {
         match self {
-            Broker::Local(b) => Ok(b.recover(channel, since)),
-            Broker::Redis(b) => b.recover(channel, since).await,
+            Broker::Local(b) => Ok(b.read(channel, after, count)),
+            Broker::Redis(b) => b.read(channel, Some(after), count).await,
+        }
+    }
+
+    /// The broker's delivery epoch while its subscriptions are whole, `None` while they may
+    /// be missing messages (reconnecting). A reader may go live after a history read only if
+    /// the epoch was `Some` before the read and unchanged after it.
+    pub fn live_epoch(&self) -> Option<u64> {
+        match self {
+            Broker::Local(_) => Some(0),
+            Broker::Redis(b) => b.live_epoch(),
         }
     }
 
@@ -83,11 +145,10 @@ impl Broker {
         }
     }
 
-    /// The registry the broker delivers into.
-    pub fn registry(&self) -> &Arc<crate::registry::Registry> {
-        match self {
-            Broker::Local(b) => b.registry(),
-            Broker::Redis(b) => b.registry(),
+    /// Stops the broker's background tasks.
+    pub fn shutdown(&self) {
+        if let Broker::Redis(b) = self {
+            b.shutdown()
         }
     }
 

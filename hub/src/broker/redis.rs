@@ -1,26 +1,25 @@
 //! The Redis broker: fan-out across nodes through Redis pub/sub, history in Redis Streams.
 //!
-//! It loads the `hub` function library, subscribes each channel while it has local streams,
-//! turns pub/sub messages into fan-outs, watches its own subscription with a self-ping, and
-//! after every reconnection resubscribes and backfills from history so streams miss no durable
-//! message. It never writes to streams directly; the registry does.
+//! It loads the `hub` function library, subscribes the channels the node asks for, turns
+//! pub/sub messages into deliveries to the node's [`Sink`], watches its own subscription with a
+//! self-ping, and answers bounded history reads. When it may have lost messages (a reconnection,
+//! a burst it could not keep up with) it tells the sink that every reader fell behind, so that
+//! readers check their positions against history; it never reads history itself for them, so
+//! the receive loop (and the self-ping it carries) never waits on a read.
 
-use crate::broker::BrokerError;
-use crate::history::Recovery;
+use crate::broker::{BrokerError, Page, Sink};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics, Source};
-use crate::registry::Registry;
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, FunctionInterface, PubsubInterface};
 use fred::prelude::{Builder, Client, Config as FredConfig, ReconnectPolicy};
 use fred::types::Value;
 use protocol::{ChannelName, Envelope, EnvelopeError, StreamId};
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{mpsc, Mutex};
+use tokio::task::AbortHandle;
 
 /// The function library, with `__PLACEHOLDERS__` for the configuration.
 const LIBRARY: &str = include_str!("hub.lua");
@@ -33,23 +32,24 @@ const PING_DEADLINE: Duration = Duration::from_secs(5);
 /// Longest wait for a Redis command before the caller gets a 503.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pub/sub messages buffered between the connection and the fan-out task. A burst beyond it
-/// is noticed (`Lagged`) and repaired from history.
+/// is noticed (`Lagged`) and readers catch up from history.
 const MESSAGE_BUFFER: usize = 65_536;
 /// Channels per SUBSCRIBE command when resubscribing many.
 const SUBSCRIBE_BATCH: usize = 500;
 /// Cluster mode: shard subscriptions are re-issued this often, since Redis drops them when a
 /// slot migrates and the client does not move them.
 const SHARD_RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
+/// Pause between attempts to resubscribe after a reconnection.
+const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(200);
 
 pub struct RedisBroker {
     client: Client,
     sub: SubscriberClient,
     cluster: bool,
-    registry: Arc<Registry>,
+    sink: Arc<dyn Sink>,
     metrics: Arc<Metrics>,
-    /// Channels subscribed at Redis. The lock also orders SUBSCRIBE and UNSUBSCRIBE of a
-    /// channel, so an unsubscribe decided just before a new stream arrives cannot win.
-    subscribed: Mutex<HashSet<ChannelName>>,
+    /// Serializes resubscribing with the node's own subscribe calls.
+    resubscribing: tokio::sync::Mutex<()>,
     library: String,
     max_bytes: usize,
     ping_channel: String,
@@ -57,6 +57,11 @@ pub struct RedisBroker {
     /// Milliseconds since `started` when the last self-ping arrived.
     last_ping: AtomicU64,
     up: AtomicBool,
+    /// Bumped whenever messages may have been lost (see [`RedisBroker::live_epoch`]).
+    epoch: AtomicU64,
+    /// The subscriptions of the current epoch are all in place.
+    whole: AtomicBool,
+    tasks: parking_lot::Mutex<Vec<AbortHandle>>,
 }
 
 fn timeout_err(what: &str) -> BrokerError {
@@ -77,11 +82,12 @@ async fn within<T>(
 }
 
 impl RedisBroker {
-    /// Connects both clients, loads the function library and starts the pub/sub self-ping.
+    /// Connects both clients, loads the function library and subscribes the self-ping.
     pub async fn connect(
         url: &str,
         node: &str,
-        registry: Arc<Registry>,
+        sink: Arc<dyn Sink>,
+        metrics: Arc<Metrics>,
         history_len: u64,
         history_ttl_secs: u64,
         max_bytes: u64,
@@ -119,15 +125,14 @@ impl RedisBroker {
             .replace("__TTL_MS__", &(history_ttl_secs * 1000).to_string())
             .replace("__MAX_BYTES__", &max_bytes.to_string())
             .replace("__CLUSTER__", if cluster { "true" } else { "false" });
-        let metrics = registry.metrics.clone();
         let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let broker = Arc::new(RedisBroker {
             client,
             sub,
             cluster,
-            registry,
+            sink,
             metrics,
-            subscribed: Mutex::new(HashSet::new()),
+            resubscribing: tokio::sync::Mutex::new(()),
             library,
             max_bytes: max_bytes as usize,
             ping_channel: if cluster {
@@ -138,6 +143,9 @@ impl RedisBroker {
             started: Instant::now(),
             last_ping: AtomicU64::new(0),
             up: AtomicBool::new(false),
+            epoch: AtomicU64::new(1),
+            whole: AtomicBool::new(true),
+            tasks: parking_lot::Mutex::new(Vec::new()),
         });
         broker.load_functions().await.map_err(|e| {
             anyhow::anyhow!("HUB_REDIS_URL: cannot load the hub functions: {}", e.0)
@@ -149,18 +157,30 @@ impl RedisBroker {
         Ok(broker)
     }
 
-    /// Starts the background tasks: fan-out of pub/sub messages (with resubscribe and
-    /// backfill after reconnects), the self-ping, unsubscribing emptied channels, and
-    /// reloading functions when the command connection comes back.
-    pub fn spawn(self: &Arc<Self>, emptied: mpsc::UnboundedReceiver<ChannelName>) {
-        tokio::spawn(self.clone().receive_loop());
-        tokio::spawn(self.clone().ping_loop());
-        tokio::spawn(self.clone().unsubscribe_loop(emptied));
-        tokio::spawn(self.clone().reload_loop());
+    /// Starts the background tasks: delivery of pub/sub messages, the self-ping, reloading the
+    /// functions when the command connection comes back, and (cluster) re-issuing shard
+    /// subscriptions. [`RedisBroker::shutdown`] stops them.
+    pub fn spawn(self: &Arc<Self>) {
+        let mut tasks = self.tasks.lock();
+        tasks.push(tokio::spawn(self.clone().receive_loop()).abort_handle());
+        tasks.push(tokio::spawn(self.clone().ping_loop()).abort_handle());
+        tasks.push(tokio::spawn(self.clone().reload_loop()).abort_handle());
+        if self.cluster {
+            tasks.push(tokio::spawn(self.clone().shard_loop()).abort_handle());
+        }
     }
 
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// Stops the background tasks (the node is stopping).
+    pub fn shutdown(&self) {
+        for t in self.tasks.lock().drain(..) {
+            t.abort();
+        }
+    }
+
+    /// See [`crate::broker::Broker::live_epoch`].
+    pub fn live_epoch(&self) -> Option<u64> {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        self.whole.load(Ordering::Acquire).then_some(epoch)
     }
 
     pub fn count_received(&self, source: Source) {
@@ -238,40 +258,24 @@ impl RedisBroker {
         }
     }
 
-    /// Makes sure every channel is subscribed at Redis before returning, so that a stream's
-    /// history read that follows misses nothing published later.
+    /// Subscribes channels at Redis; returns once Redis confirmed, so that a history read that
+    /// follows misses nothing published later.
     pub async fn subscribe(&self, channels: &[ChannelName]) -> Result<(), BrokerError> {
-        let mut subscribed = self.subscribed.lock().await;
-        let missing: Vec<ChannelName> = channels
-            .iter()
-            .filter(|c| !subscribed.contains(*c))
-            .cloned()
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let names: Vec<String> = missing.iter().map(|c| self.live_name(c)).collect();
-        self.subscribe_raw(&names).await?;
-        subscribed.extend(missing);
-        Ok(())
+        let names: Vec<String> = channels.iter().map(|c| self.live_name(c)).collect();
+        self.subscribe_raw(&names).await
     }
 
-    async fn unsubscribe_loop(self: Arc<Self>, mut emptied: mpsc::UnboundedReceiver<ChannelName>) {
-        while let Some(ch) = emptied.recv().await {
-            let mut subscribed = self.subscribed.lock().await;
-            if self.registry.has_subscribers(&ch) || !subscribed.remove(&ch) {
-                continue;
-            }
-            let name = self.live_name(&ch);
-            let res = if self.cluster {
-                within("SUNSUBSCRIBE", self.sub.sunsubscribe(name)).await
-            } else {
-                within("UNSUBSCRIBE", self.sub.unsubscribe(name)).await
-            };
-            if let Err(e) = res {
-                // Not tracked any more, so a reconnection will not bring it back.
-                tracing::debug!(channel = %ch, error = %e.0, "unsubscribe failed");
-            }
+    /// Unsubscribes a channel that lost its last local reader.
+    pub async fn unsubscribe(&self, channel: &ChannelName) {
+        let name = self.live_name(channel);
+        let res = if self.cluster {
+            within("SUNSUBSCRIBE", self.sub.sunsubscribe(name)).await
+        } else {
+            within("UNSUBSCRIBE", self.sub.unsubscribe(name)).await
+        };
+        if let Err(e) = res {
+            // A reconnection subscribes only the channels that have readers, so nothing stays.
+            tracing::debug!(channel = %channel, error = %e.0, "unsubscribe failed");
         }
     }
 
@@ -302,41 +306,53 @@ impl RedisBroker {
         }
     }
 
-    /// Reads what a stream at `since` (or fresh) must be sent, through `FCALL_RO hub_recover`.
-    pub async fn recover(
+    /// At most `count` messages after `after` (`None`: only the tail and floor), through
+    /// `FCALL_RO hub_read`.
+    pub async fn read(
         &self,
         channel: &ChannelName,
-        since: Option<StreamId>,
-    ) -> Result<Recovery, BrokerError> {
-        let arg = since.map(|s| s.to_string()).unwrap_or_default();
+        after: Option<StreamId>,
+        count: usize,
+    ) -> Result<Page, BrokerError> {
+        let after = after.map(|s| s.to_string()).unwrap_or_default();
         let reply: Vec<Value> = within(
-            "FCALL_RO hub_recover",
-            self.client
-                .fcall_ro("hub_recover", vec![channel.to_string()], vec![arg]),
+            "FCALL_RO hub_read",
+            self.client.fcall_ro(
+                "hub_read",
+                vec![channel.to_string()],
+                vec![after, count.to_string()],
+            ),
         )
         .await?;
-        let bad = || BrokerError("hub_recover answered something unexpected".into());
-        let tail: StreamId = reply
-            .first()
-            .and_then(|v| v.as_str())
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(bad)?;
-        let reset = reply.get(1).and_then(Value::as_i64).ok_or_else(bad)? == 1;
-        let mut replay = Vec::new();
+        let bad = || BrokerError("hub_read answered something unexpected".into());
+        let id_at = |i: usize| -> Result<StreamId, BrokerError> {
+            reply
+                .get(i)
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(bad)
+        };
+        let tail = id_at(0)?;
+        let floor = id_at(1)?;
+        let mut entries = Vec::with_capacity(reply.len().saturating_sub(2) / 2);
+        let mut last = None;
         let now = Instant::now();
         for pair in reply[2..].chunks(2) {
             let [id, env] = pair else { return Err(bad()) };
             let id: StreamId = id.as_str().and_then(|s| s.parse().ok()).ok_or_else(bad)?;
+            last = Some(id);
             let bytes = env.as_bytes().ok_or_else(bad)?;
             match Envelope::parse(bytes, self.max_bytes) {
-                Ok(e) => replay.push(Arc::new(Message::new(channel.clone(), Some(id), &e, now))),
+                Ok(e) => entries.push(Arc::new(Message::new(channel.clone(), Some(id), &e, now))),
                 Err(e) => self.drop_malformed(channel, &e),
             }
         }
-        Ok(Recovery {
+        Ok(Page {
+            entries,
             tail,
-            replay,
-            reset,
+            floor,
+            more: count > 0 && reply.len() - 2 >= 2 * count && last.is_some_and(|l| l < tail),
+            last,
         })
     }
 
@@ -395,31 +411,41 @@ impl RedisBroker {
         match Envelope::parse(body, self.max_bytes) {
             Ok(env) => {
                 let msg = Arc::new(Message::new(channel, position, &env, Instant::now()));
-                self.registry.fanout(&msg);
+                self.sink.deliver(&msg);
             }
             Err(e) => self.drop_malformed(&channel, &e),
         }
     }
 
-    /// Fans pub/sub messages out, and after a reconnection (or a lost burst) resubscribes and
-    /// backfills before handling further messages, so that live ones never overtake history.
+    /// Messages may have been lost: readers must check history before taking live messages
+    /// again, and reads in flight cannot vouch for live delivery.
+    fn lost_messages(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.sink.fall_behind();
+    }
+
+    /// Delivers pub/sub messages in the order they arrive. After a reconnection every reader
+    /// falls behind before any message of the new connection is delivered (so none can jump a
+    /// gap), and the channels are subscribed again beside this loop.
     async fn receive_loop(self: Arc<Self>) {
         let mut messages = self.sub.message_rx();
         let mut reconnects = self.sub.reconnect_rx();
-        let mut shard_tick = tokio::time::interval(SHARD_RESUBSCRIBE_EVERY);
-        shard_tick.tick().await;
         loop {
             tokio::select! {
                 biased;
                 r = reconnects.recv() => {
                     match r {
-                        Ok(server) => tracing::info!(%server, "subscriber reconnected; resubscribing and backfilling"),
+                        Ok(server) => tracing::info!(%server, "subscriber reconnected; resubscribing"),
                         Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => return,
                     }
                     self.metrics.redis_reconnects.increment(1);
                     self.set_up(false);
-                    self.repair(true).await;
+                    self.whole.store(false, Ordering::Release);
+                    self.lost_messages();
+                    let me = self.clone();
+                    let task = tokio::spawn(async move { me.resubscribe().await });
+                    self.tasks.lock().push(task.abort_handle());
                 }
                 m = messages.recv() => match m {
                     Ok(m) => {
@@ -428,69 +454,66 @@ impl RedisBroker {
                         }
                     }
                     Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(lost = n, "pub/sub messages were lost in a burst; backfilling from history");
-                        self.repair(false).await;
+                        tracing::warn!(lost = n, "pub/sub messages were lost in a burst; readers catch up from history");
+                        self.lost_messages();
                     }
                     Err(RecvError::Closed) => return,
                 },
-                _ = shard_tick.tick(), if self.cluster => {
-                    let names: Vec<String> = self.subscribed.lock().await.iter().map(|c| self.live_name(c)).collect();
-                    if let Err(e) = self.subscribe_raw(&names).await {
-                        tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
-                    }
-                }
             }
         }
     }
 
-    /// Resubscribes (after a reconnection) and backfills every subscribed channel from the
-    /// oldest position its local streams hold; streams skip what they already have.
-    async fn repair(&self, resubscribe: bool) {
+    /// Subscribes every channel with local readers (and the self-ping) again after a
+    /// reconnection, retrying until it succeeds or another reconnection takes over; then the
+    /// subscriptions are whole again and readers that fell behind catch up.
+    async fn resubscribe(&self) {
+        let epoch = self.epoch.load(Ordering::Acquire);
         loop {
+            let _one = self.resubscribing.lock().await;
+            if self.epoch.load(Ordering::Acquire) != epoch {
+                return; // a newer reconnection resubscribes
+            }
             let mut names: Vec<String> = self
-                .subscribed
-                .lock()
-                .await
+                .sink
+                .channels()
                 .iter()
                 .map(|c| self.live_name(c))
                 .collect();
-            if resubscribe {
-                names.push(self.ping_channel.clone());
-                if let Err(e) = self.subscribe_raw(&names).await {
-                    tracing::warn!(error = %e.0, "resubscribe failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            }
-            break;
-        }
-        let channels: Vec<ChannelName> = self.subscribed.lock().await.iter().cloned().collect();
-        let mut replayed = 0u64;
-        for ch in channels {
-            let Some(from) = self.registry.min_position(&ch) else {
-                continue;
-            };
-            let rec = loop {
-                match self.recover(&ch, Some(from)).await {
-                    Ok(r) => break r,
-                    Err(e) => {
-                        tracing::warn!(channel = %ch, error = %e.0, "backfill failed; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+            names.push(self.ping_channel.clone());
+            match self.subscribe_raw(&names).await {
+                Ok(()) => {
+                    if self.epoch.load(Ordering::Acquire) == epoch {
+                        self.whole.store(true, Ordering::Release);
+                        // Readers that asked for history meanwhile were left behind: ask again.
+                        self.sink.fall_behind();
+                        tracing::info!(channels = names.len() - 1, "resubscribed");
                     }
+                    return;
                 }
-            };
-            if rec.reset {
-                tracing::warn!(channel = %ch, "history no longer reaches back to what streams hold; resetting them");
-                self.registry.reset_channel(&ch, rec.tail);
-                continue;
+                Err(e) => {
+                    tracing::warn!(error = %e.0, "resubscribe failed; retrying");
+                }
             }
-            for msg in &rec.replay {
-                replayed += self.registry.fanout(msg) as u64;
-            }
+            drop(_one);
+            tokio::time::sleep(RESUBSCRIBE_RETRY).await;
         }
-        self.metrics.history_replayed.increment(replayed);
-        if replayed > 0 {
-            tracing::info!(replayed, "backfilled streams from history");
+    }
+
+    /// Cluster mode: re-issues shard subscriptions (a slot migration drops them silently).
+    async fn shard_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SHARD_RESUBSCRIBE_EVERY);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let names: Vec<String> = self
+                .sink
+                .channels()
+                .iter()
+                .map(|c| self.live_name(c))
+                .collect();
+            if let Err(e) = self.subscribe_raw(&names).await {
+                tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
+            }
         }
     }
 

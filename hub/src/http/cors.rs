@@ -6,6 +6,7 @@
 
 use crate::config::Origins;
 use crate::http::error::ApiError;
+use crate::refusal::Refusal;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpRequest, HttpResponse, HttpResponseBuilder};
 
@@ -16,13 +17,13 @@ const PREFLIGHT_MAX_AGE: &str = "600";
 
 /// The `Access-Control-Allow-Origin` value for this request, `None` when it has no `Origin`,
 /// or 403 when its origin is not allowed.
-pub fn allow_origin(req: &HttpRequest, origins: &Origins) -> Result<Option<HeaderValue>, ApiError> {
+pub fn allow_origin(req: &HttpRequest, origins: &Origins) -> Result<Option<HeaderValue>, Refusal> {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return Ok(None);
     };
     let text = origin.to_str().unwrap_or("");
     if !origins.allows(text) {
-        return Err(ApiError::forbidden(format!(
+        return Err(Refusal::forbidden(format!(
             "origin {text:?} is not allowed (HUB_ALLOWED_ORIGINS)"
         )));
     }

@@ -1,8 +1,10 @@
 //! Error answers: every one is JSON `{"error": "<code>", "message": "<sentence>"}`.
 //!
-//! Handlers return [`ApiError`]; this module only shapes the response (status, body,
-//! `Retry-After`). It does not count rejections; the caller knows why it refused.
+//! Handlers return [`ApiError`], which the core's [`Refusal`] converts into; this module only
+//! shapes the response (status, body, `Retry-After`). It does not count rejections; the caller
+//! knows why it refused.
 
+use crate::refusal::Refusal;
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
 use std::fmt;
@@ -55,6 +57,18 @@ impl ApiError {
             "method_not_allowed",
             "this endpoint does not accept that method",
         )
+    }
+}
+
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> ApiError {
+        let status = StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError {
+            status,
+            code: r.code(),
+            retry_after: r.retry_after(),
+            message: r.message,
+        }
     }
 }
 

@@ -1,21 +1,23 @@
-//! The SSE transport: `GET /v1/sse`, its frames, and the response body that drains a session.
+//! The SSE transport: `GET /v1/sse`, its frames, and the response body that renders a stream.
 //!
 //! It parses and checks the request (channels, limits, origin, token) before any slot is
-//! taken, then hands a session to actix as a streaming body. The body only pulls from the
-//! session's outbox; it never waits on other streams, and dropping it closes the session.
+//! taken, then hands the stream to actix as a streaming body. The body only pulls items from
+//! the session and renders them (messages are framed once and shared; only the multi-channel
+//! `id:` line is written per stream); it never waits on other streams, and dropping it closes
+//! the stream.
 
 use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
-use crate::metrics::{CloseReason, RejectReason, Transport};
-use crate::node::{Node, OpenRequest, TransportGuard};
-use crate::session::Session;
+use crate::metrics::{CloseReason, Transport};
+use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
+use crate::refusal::Refusal;
+use crate::session::Item;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
-use protocol::{sse, ChannelName, StreamId};
+use protocol::{sse, ChannelName, Cursor, StreamId};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// Hub event names (never usable by publishers: `hub.` is reserved).
@@ -34,7 +36,7 @@ pub struct StreamQuery {
 
 /// Parses `channel=A&channel=B&envelope=true&last_event_id=..&lastEventId=..&token=..`.
 /// Unknown parameters (cache busters) are ignored.
-pub fn parse_query(query: &str) -> Result<StreamQuery, ApiError> {
+pub fn parse_query(query: &str) -> Result<StreamQuery, Refusal> {
     let mut q = StreamQuery::default();
     for (k, v) in form_urlencoded::parse(query.as_bytes()) {
         match &*k {
@@ -43,7 +45,7 @@ pub fn parse_query(query: &str) -> Result<StreamQuery, ApiError> {
                 q.envelope = match &*v {
                     "true" | "1" => true,
                     "false" | "0" | "" => false,
-                    _ => return Err(ApiError::bad_request("envelope must be true or false")),
+                    _ => return Err(Refusal::bad_request("envelope must be true or false")),
                 }
             }
             "last_event_id" | "lastEventId" => q.last_event_id = Some(v.into_owned()),
@@ -55,9 +57,9 @@ pub fn parse_query(query: &str) -> Result<StreamQuery, ApiError> {
 }
 
 /// Validates, sorts and deduplicates the channel list against the per-stream limit.
-pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, ApiError> {
+pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, Refusal> {
     if names.is_empty() {
-        return Err(ApiError::bad_request(
+        return Err(Refusal::bad_request(
             "at least one channel is required: ?channel=NAME",
         ));
     }
@@ -65,14 +67,14 @@ pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, 
     for n in names {
         let c = ChannelName::new(n).map_err(|e| {
             let shown: String = n.chars().take(64).collect();
-            ApiError::bad_request(format!("invalid channel {shown:?}: {e}"))
+            Refusal::bad_request(format!("invalid channel {shown:?}: {e}"))
         })?;
         channels.push(c);
     }
     channels.sort();
     channels.dedup();
     if channels.len() > max {
-        return Err(ApiError::bad_request(format!(
+        return Err(Refusal::bad_request(format!(
             "{} channels requested; at most {max} per stream (HUB_MAX_CHANNELS_PER_CONN)",
             channels.len()
         )));
@@ -83,21 +85,16 @@ pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, 
 /// `GET /v1/sse`.
 pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpResponse, ApiError> {
     let node = node.into_inner();
-    let refuse = |reason: RejectReason, e: ApiError| {
-        node.metrics.rejected(reason).increment(1);
-        e
-    };
     // Channel names first: a bad name is 400 before any token is looked at.
-    let q = parse_query(req.query_string()).map_err(|e| refuse(RejectReason::BadRequest, e))?;
+    let q = parse_query(req.query_string()).map_err(|r| node.refuse(r))?;
     let channels = check_channels(&q.channels, node.config.max_channels_per_conn as usize)
-        .map_err(|e| refuse(RejectReason::BadRequest, e))?;
-    let allow =
-        cors::allow_origin(&req, &node.origins).map_err(|e| refuse(RejectReason::Forbidden, e))?;
+        .map_err(|r| node.refuse(r))?;
+    let allow = cors::allow_origin(&req, &node.origins).map_err(|r| node.refuse(r))?;
     let token = bearer(&req).or(q.token.as_deref());
     let grant = node
         .auth
         .authorize(&channels, token)
-        .map_err(|(r, e)| refuse(r, e))?;
+        .map_err(|r| node.refuse(r))?;
     let last_event_id = req
         .headers()
         .get("last-event-id")
@@ -105,17 +102,16 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
         .map(str::to_owned)
         .or(q.last_event_id);
 
-    let session = node
+    let stream = node
         .open(OpenRequest {
             transport: Transport::Sse,
-            channels,
+            channels: channels.clone(),
             envelope: q.envelope,
             last_event_id,
             user: grant.user,
             expires_at: grant.expires_at,
         })
-        .await
-        .map_err(|r| r.error)?;
+        .await?;
 
     let mut res = HttpResponse::Ok();
     res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
@@ -126,11 +122,12 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
     // that a stopping node would have to wait for.
     res.force_close();
     cors::apply(&mut res, allow);
-    let _live = node.track_transport();
     Ok(res.body(SseBody {
-        node,
-        session,
-        _live,
+        _live: node.track_transport(),
+        positions: vec![StreamId::ZERO; channels.len()],
+        channels,
+        next: None,
+        stream,
     }))
 }
 
@@ -147,54 +144,20 @@ struct Connected<'a> {
     heartbeat_secs: u64,
 }
 
-/// `retry:`, `id:` (the starting cursor) and `hub.connected`; then `hub.reset` if any.
-pub fn opening_frames(
-    node: &Node,
-    session: &Session,
-    positions: &[StreamId],
-    reset: &[ChannelName],
-) -> Vec<Bytes> {
-    let mut buf = BytesMut::with_capacity(256);
-    sse::write_retry(&mut buf, node.config.retry_ms);
-    sse::write_id(&mut buf, &session.cursor(positions));
-    let channels = session.channels();
-    let data = serde_json::to_string(&Connected {
-        connection_id: session.id.to_string(),
-        node: &node.name,
-        channels: channels.iter().map(|c| c.as_str()).collect(),
-        heartbeat_secs: node.config.heartbeat_secs,
-    })
-    .unwrap_or_default();
-    sse::write_event(&mut buf, Some(EVENT_CONNECTED), &data);
-    let mut frames = vec![buf.freeze()];
-    if !reset.is_empty() {
-        frames.push(reset_event(None, reset));
-    }
-    frames
-}
-
-/// `hub.reset` sent mid-stream (history lost messages during a broker outage): with the new
-/// cursor, so that a reconnect resumes after it.
-pub fn reset_frame(session: &Session, positions: &[StreamId], reset: &[ChannelName]) -> Bytes {
-    reset_event(Some(&session.cursor(positions)), reset)
-}
-
-fn reset_event(id: Option<&str>, reset: &[ChannelName]) -> Bytes {
-    let data =
-        serde_json::json!({ "channels": reset.iter().map(|c| c.as_str()).collect::<Vec<_>>() });
+/// `hub.reset` naming the channels, with the stream's new cursor as its `id:`.
+fn reset_event(id: &str, reset: &[(ChannelName, StreamId)]) -> Bytes {
+    let data = serde_json::json!({ "channels": reset.iter().map(|(c, _)| c.as_str()).collect::<Vec<_>>() });
     let mut buf = BytesMut::with_capacity(96);
-    if let Some(id) = id {
-        sse::write_id(&mut buf, id);
-    }
+    sse::write_id(&mut buf, id);
     sse::write_event(&mut buf, Some(EVENT_RESET), &data.to_string());
     buf.freeze()
 }
 
 /// `hub.reconnect` for the reasons a client should come back from (with a `retry:` so that a
 /// plain EventSource waits that long). Shutdown spreads clients over one more retry interval.
-pub fn last_frame(session: &Session, reason: CloseReason, retry_ms: u64) -> Option<Bytes> {
+fn last_frame(seq: u64, reason: CloseReason, retry_ms: u64) -> Option<Bytes> {
     let retry = match reason {
-        CloseReason::Shutdown => retry_ms + spread(session.seq, retry_ms),
+        CloseReason::Shutdown => retry_ms + spread(seq, retry_ms),
         CloseReason::Slow | CloseReason::TokenExpired => retry_ms,
         CloseReason::Client | CloseReason::Stale | CloseReason::Error => return None,
     };
@@ -213,13 +176,83 @@ fn spread(seq: u64, range: u64) -> u64 {
     (seq.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % range.max(1)
 }
 
-/// The response body of one stream. Dropping it (client gone, server stopping) closes the
-/// session with reason `client` unless it was already closed for another reason.
+/// The response body of one stream. Dropping it (client gone, server stopping) drops the
+/// stream guard, which closes the stream with reason `client` unless it was already closed.
 pub struct SseBody {
-    node: Arc<Node>,
-    session: Arc<Session>,
+    stream: StreamGuard,
+    /// The stream's channels, sorted (the cursor's order).
+    channels: Vec<ChannelName>,
+    /// Each channel's position as written so far: the cursor of the next `id:`.
+    positions: Vec<StreamId>,
+    /// A message frame whose `id:` line was just returned (multi-channel streams).
+    next: Option<Bytes>,
     /// Counts this stream as alive until the HTTP server drops the body.
     _live: TransportGuard,
+}
+
+impl SseBody {
+    fn cursor(&self) -> String {
+        Cursor::encode(self.stream.session.fingerprint, &self.positions)
+    }
+
+    fn index(&self, channel: &str) -> Option<usize> {
+        self.channels
+            .binary_search_by(|c| c.as_str().cmp(channel))
+            .ok()
+    }
+
+    /// The bytes of one item, or `None` for items SSE does not write.
+    fn render(&mut self, item: Item) -> Option<Bytes> {
+        let node = self.stream.node();
+        match item {
+            Item::Opened(positions) => {
+                self.positions = positions.into_vec();
+                let mut buf = BytesMut::with_capacity(256);
+                sse::write_retry(&mut buf, node.config.retry_ms);
+                sse::write_id(&mut buf, &self.cursor());
+                let data = serde_json::to_string(&Connected {
+                    connection_id: self.stream.session.id.to_string(),
+                    node: &node.name,
+                    channels: self.channels.iter().map(|c| c.as_str()).collect(),
+                    heartbeat_secs: node.config.heartbeat_secs,
+                })
+                .unwrap_or_default();
+                sse::write_event(&mut buf, Some(EVENT_CONNECTED), &data);
+                Some(buf.freeze())
+            }
+            Item::Message(m) => {
+                node.metrics.delivered.increment(1);
+                node.metrics
+                    .latency
+                    .record(m.received.elapsed().as_secs_f64());
+                let envelope = self.stream.session.envelope;
+                match (self.index(&m.channel), m.position) {
+                    (Some(i), Some(p)) => self.positions[i] = p,
+                    _ => return Some(m.frame_body(envelope)),
+                }
+                if self.channels.len() == 1 {
+                    // Its own `id:` line is the single channel's cursor.
+                    return Some(m.frame(envelope));
+                }
+                let cursor = self.cursor();
+                let mut line = BytesMut::with_capacity(cursor.len() + 5);
+                sse::write_id(&mut line, &cursor);
+                self.next = Some(m.frame_body(envelope));
+                Some(line.freeze())
+            }
+            Item::Reset(reset) => {
+                for (c, p) in reset.iter() {
+                    if let Some(i) = self.index(c) {
+                        self.positions[i] = *p;
+                    }
+                }
+                Some(reset_event(&self.cursor(), &reset))
+            }
+            Item::Heartbeat => Some(Bytes::from_static(sse::HEARTBEAT)),
+            Item::Reply(_) => None,
+            Item::End(reason) => last_frame(self.stream.session.seq, reason, node.config.retry_ms),
+        }
+    }
 }
 
 impl MessageBody for SseBody {
@@ -230,27 +263,24 @@ impl MessageBody for SseBody {
     }
 
     fn poll_next(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        match self.session.poll_chunk(cx) {
-            Poll::Ready(Some(chunk)) => {
-                self.session.touch(self.node.registry.clock.now());
-                if let Some(t) = chunk.published {
-                    self.node.metrics.delivered.increment(1);
-                    self.node.metrics.latency.record(t.elapsed().as_secs_f64());
-                }
-                Poll::Ready(Some(Ok(chunk.bytes)))
-            }
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+        if let Some(b) = self.next.take() {
+            return Poll::Ready(Some(Ok(b)));
         }
-    }
-}
-
-impl Drop for SseBody {
-    fn drop(&mut self) {
-        self.node.close(&self.session, CloseReason::Client);
+        loop {
+            let item = match self.stream.session.poll_item(cx) {
+                Poll::Ready(Some(item)) => item,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            };
+            let now = self.stream.node().registry.clock.now();
+            self.stream.session.touch(now);
+            if let Some(bytes) = self.render(item) {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
+        }
     }
 }
 

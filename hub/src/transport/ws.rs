@@ -1,21 +1,21 @@
 //! The WebSocket transport: `GET /v1/ws` and its JSON frames.
 //!
 //! The upgrade checks the origin and the token and takes a stream slot; then one task per
-//! socket moves frames from the session's bounded outbox to the socket and handles the
-//! client's `subscribe`/`unsubscribe` frames against the same registry, broker, history and
-//! grants as SSE. A bad frame gets an error frame and the socket stays open.
+//! socket renders the session's items as frames and handles the client's `subscribe` /
+//! `unsubscribe` frames through the node's channel-start routine, against the same registry,
+//! broker, history and grants as SSE. A bad frame gets an error frame and the socket stays open.
 
-use crate::auth::{Claims, PUBLIC_PREFIX};
+use crate::auth::{Auth, Claims};
 use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
-use crate::metrics::{CloseReason, RejectReason, Transport};
-use crate::node::{Node, OpenRequest, TransportGuard};
-use crate::session::{Offer, Session, Start};
+use crate::metrics::{CloseReason, Transport};
+use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard, Want};
+use crate::refusal::Refusal;
+use crate::session::{Item, Reply};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{CloseCode, Message as WsMessage};
-use bytes::Bytes;
 use bytestring::ByteString;
-use protocol::{ChannelName, StreamId};
+use protocol::ChannelName;
 use serde_json::json;
 use std::sync::Arc;
 
@@ -30,45 +30,38 @@ struct ClientFrame {
     since: Option<String>,
 }
 
-fn frame(v: serde_json::Value) -> Bytes {
-    Bytes::from(v.to_string())
+fn frame(v: serde_json::Value) -> ByteString {
+    ByteString::from(v.to_string())
 }
 
 /// `{"type":"error","code":N,"message":"...","channel":"C"}` (channel omitted when absent).
-pub fn error_frame(code: u16, message: &str, channel: Option<&str>) -> Bytes {
+pub fn error_frame(code: u16, message: &str, channel: Option<&str>) -> ByteString {
     match channel {
         Some(c) => frame(json!({"type": "error", "code": code, "message": message, "channel": c})),
         None => frame(json!({"type": "error", "code": code, "message": message})),
     }
 }
 
-/// `{"type":"reset","channel":"C"}` for each channel whose history no longer reaches back
-/// (a single frame: callers reset one channel at a time).
-pub fn reset_frame(reset: &[ChannelName]) -> Bytes {
-    let c = reset.first().map(|c| c.as_str()).unwrap_or_default();
-    frame(json!({"type": "reset", "channel": c}))
-}
-
-/// The frame before the close, if the reason has one.
-pub fn last_frame(reason: CloseReason) -> Option<Bytes> {
-    match reason {
-        CloseReason::TokenExpired => Some(error_frame(
-            401,
-            "the token has expired; reconnect with a fresh one",
-            None,
-        )),
-        _ => None,
+fn reply_frame(reply: &Reply) -> ByteString {
+    match reply {
+        Reply::Subscribed(c) => frame(json!({"type": "subscribed", "channel": c.as_str()})),
+        Reply::Unsubscribed(c) => frame(json!({"type": "unsubscribed", "channel": c.as_str()})),
+        Reply::Error {
+            code,
+            message,
+            channel,
+        } => error_frame(*code, message, channel.as_deref()),
     }
 }
 
-fn close_code(reason: Option<CloseReason>) -> CloseCode {
+fn close_code(reason: CloseReason) -> CloseCode {
     match reason {
-        Some(CloseReason::Shutdown) => CloseCode::Restart,
-        Some(CloseReason::Slow) => CloseCode::Again,
-        Some(CloseReason::TokenExpired) => CloseCode::Policy,
-        Some(CloseReason::Stale) => CloseCode::Away,
-        Some(CloseReason::Error) => CloseCode::Error,
-        Some(CloseReason::Client) | None => CloseCode::Normal,
+        CloseReason::Shutdown => CloseCode::Restart,
+        CloseReason::Slow => CloseCode::Again,
+        CloseReason::TokenExpired => CloseCode::Policy,
+        CloseReason::Stale => CloseCode::Away,
+        CloseReason::Error => CloseCode::Error,
+        CloseReason::Client => CloseCode::Normal,
     }
 }
 
@@ -79,12 +72,8 @@ pub async fn upgrade(
     node: web::Data<Node>,
 ) -> Result<HttpResponse, ApiError> {
     let node = node.into_inner();
-    let refuse = |reason: RejectReason, e: ApiError| {
-        node.metrics.rejected(reason).increment(1);
-        e
-    };
     // Another origin: 403. No Origin header (a server-side client): allowed.
-    cors::allow_origin(&req, &node.origins).map_err(|e| refuse(RejectReason::Forbidden, e))?;
+    cors::allow_origin(&req, &node.origins).map_err(|r| node.refuse(r))?;
     let query_token = form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned());
@@ -94,20 +83,18 @@ pub async fn upgrade(
         Some(t) => match node.auth.verify(&t) {
             Ok(c) => Some(Arc::new(c)),
             Err(why) => {
-                return Err(refuse(
-                    RejectReason::Unauthorized,
-                    ApiError::unauthorized(format!("invalid token: {why}")),
-                ))
+                return Err(node
+                    .refuse(Refusal::unauthorized(format!("invalid token: {why}")))
+                    .into())
             }
         },
     };
-    let (res, ws, stream) = actix_ws::handle(&req, body).map_err(|e| {
-        refuse(
-            RejectReason::BadRequest,
-            ApiError::bad_request(format!("not a WebSocket upgrade: {e}")),
-        )
+    let (res, ws, messages) = actix_ws::handle(&req, body).map_err(|e| {
+        node.refuse(Refusal::bad_request(format!(
+            "not a WebSocket upgrade: {e}"
+        )))
     })?;
-    let session = node
+    let stream = node
         .open(OpenRequest {
             transport: Transport::Ws,
             channels: Vec::new(),
@@ -116,63 +103,56 @@ pub async fn upgrade(
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             expires_at: claims.as_ref().map(|c| c.exp),
         })
-        .await
-        .map_err(|r| r.error)?;
-    let stream = stream.max_frame_size(MAX_CLIENT_FRAME);
+        .await?;
+    let messages = messages.max_frame_size(MAX_CLIENT_FRAME);
     actix_web::rt::spawn(
         Conn {
             _live: node.track_transport(),
-            node,
-            session,
+            stream,
             claims,
         }
-        .run(ws, stream),
+        .run(ws, messages),
     );
     Ok(res)
 }
 
-/// One socket's state on the hub side.
+/// One socket's state on the hub side. Dropping it (the task ends) closes the stream.
 struct Conn {
-    node: Arc<Node>,
-    session: Arc<Session>,
+    stream: StreamGuard,
     claims: Option<Arc<Claims>>,
     /// Counts this socket as alive until its task ends.
     _live: TransportGuard,
 }
 
 impl Conn {
-    async fn run(self, mut ws: actix_ws::Session, mut stream: actix_ws::MessageStream) {
+    fn node(&self) -> &Arc<Node> {
+        self.stream.node()
+    }
+
+    async fn run(self, mut ws: actix_ws::Session, mut messages: actix_ws::MessageStream) {
+        let session = self.stream.session.clone();
         loop {
             tokio::select! {
-                chunk = std::future::poll_fn(|cx| self.session.poll_chunk(cx)) => match chunk {
-                    Some(c) => {
-                        let sent = if c.ping {
-                            ws.ping(b"").await
-                        } else {
-                            match ByteString::try_from(c.bytes) {
-                                Ok(text) => ws.text(text).await,
-                                Err(_) => Ok(()),
-                            }
-                        };
-                        if sent.is_err() {
-                            break;
-                        }
-                        if let Some(t) = c.published {
-                            self.node.metrics.delivered.increment(1);
-                            self.node.metrics.latency.record(t.elapsed().as_secs_f64());
-                        }
-                    }
-                    None => {
+                item = std::future::poll_fn(|cx| session.poll_item(cx)) => match item {
+                    Some(Item::End(reason)) => {
                         // The hub ended the stream (shutdown, slow, stale, token expired).
-                        let code = close_code(self.session.close_reason());
-                        let _ = ws.close(Some(code.into())).await;
+                        if reason == CloseReason::TokenExpired {
+                            let _ = ws.text(error_frame(401, "the token has expired; reconnect with a fresh one", None)).await;
+                        }
+                        let _ = ws.close(Some(close_code(reason).into())).await;
                         return;
                     }
+                    Some(item) => {
+                        if self.write(&mut ws, item).await.is_err() {
+                            break;
+                        }
+                    }
+                    None => return,
                 },
-                msg = stream.recv() => match msg {
+                msg = messages.recv() => match msg {
                     None => break,
                     Some(Ok(m)) => {
-                        self.session.touch(self.node.registry.clock.now());
+                        session.touch(self.node().registry.clock.now());
                         match m {
                             WsMessage::Text(t) => self.on_frame(&t).await,
                             WsMessage::Binary(_) => self.reply_error(400, "binary frames are not supported; send JSON text frames", None),
@@ -183,24 +163,55 @@ impl Conn {
                     }
                     Some(Err(e)) => {
                         // Oversized or broken framing: the byte stream cannot be trusted further.
-                        let _ = ws.text(ByteString::from(String::from_utf8_lossy(&error_frame(413, &format!("frame refused: {e}"), None)).into_owned())).await;
+                        let _ = ws.text(error_frame(413, &format!("frame refused: {e}"), None)).await;
                         let _ = ws.close(Some(CloseCode::Size.into())).await;
                         break;
                     }
                 },
             }
         }
-        self.node.close(&self.session, CloseReason::Client);
+        self.stream.close(CloseReason::Client);
     }
 
-    fn reply(&self, bytes: Bytes) {
-        if self.session.push_frame(bytes) == Offer::Full {
-            self.node.close(&self.session, CloseReason::Slow);
+    /// Writes one item as frames.
+    async fn write(&self, ws: &mut actix_ws::Session, item: Item) -> Result<(), actix_ws::Closed> {
+        match item {
+            Item::Message(m) => {
+                // The frame is built once per message and shared; the text check is the
+                // WebSocket library's price for a `ByteString`.
+                if let Ok(text) = ByteString::try_from(m.ws_frame()) {
+                    ws.text(text).await?;
+                }
+                let metrics = &self.node().metrics;
+                metrics.delivered.increment(1);
+                metrics.latency.record(m.received.elapsed().as_secs_f64());
+            }
+            Item::Reset(reset) => {
+                for (c, _) in reset.iter() {
+                    ws.text(frame(json!({"type": "reset", "channel": c.as_str()})))
+                        .await?;
+                }
+            }
+            Item::Heartbeat => ws.ping(b"").await?,
+            Item::Reply(r) => ws.text(reply_frame(&r)).await?,
+            Item::Opened(_) | Item::End(_) => {}
+        }
+        Ok(())
+    }
+
+    fn reply(&self, reply: Reply) {
+        if self.stream.session.push_reply(reply).is_err() {
+            // Sends frames but reads none of the answers.
+            self.stream.close(CloseReason::Slow);
         }
     }
 
     fn reply_error(&self, code: u16, message: &str, channel: Option<&str>) {
-        self.reply(error_frame(code, message, channel));
+        self.reply(Reply::Error {
+            code,
+            message: message.to_string(),
+            channel: channel.map(str::to_owned),
+        });
     }
 
     async fn on_frame(&self, text: &str) {
@@ -222,10 +233,8 @@ impl Conn {
         match f.op.as_str() {
             "subscribe" => self.subscribe(channel, f.since).await,
             "unsubscribe" => {
-                self.node.registry.remove_channel(&self.session, &channel);
-                self.reply(frame(
-                    json!({"type": "unsubscribed", "channel": channel.as_str()}),
-                ));
+                self.node().drop_channel(&self.stream.session, &channel);
+                self.reply(Reply::Unsubscribed(channel));
             }
             _ => self.reply_error(400, "op must be subscribe or unsubscribe", Some(name)),
         }
@@ -233,78 +242,38 @@ impl Conn {
 
     async fn subscribe(&self, channel: ChannelName, since: Option<String>) {
         let name = channel.as_str();
-        if !name.starts_with(PUBLIC_PREFIX) {
-            match &self.claims {
-                None => {
-                    return self.reply_error(
-                        401,
-                        "this channel needs a token, given at the upgrade",
-                        Some(name),
-                    )
-                }
-                Some(c) if !c.grants(name) => {
-                    return self.reply_error(
-                        403,
-                        "the token does not grant this channel",
-                        Some(name),
-                    )
-                }
-                Some(_) => {}
-            }
+        if let Err(r) = Auth::check(self.claims.as_deref(), name) {
+            return self.reply_error(r.status(), &r.message, Some(name));
         }
-        let max = self.node.config.max_channels_per_conn as usize;
-        if self.session.channel_count() >= max {
+        let session = &self.stream.session;
+        let max = self.node().config.max_channels_per_conn as usize;
+        if session.channel_count() >= max {
             return self.reply_error(
                 400,
                 &format!("at most {max} channels per connection (HUB_MAX_CHANNELS_PER_CONN)"),
                 Some(name),
             );
         }
-        if !self.session.add_channel(channel.clone()) {
+        if !session.add_channel(channel.clone()) {
             // Already subscribed: say so again.
-            return self.reply(frame(json!({"type": "subscribed", "channel": name})));
+            return self.reply(Reply::Subscribed(channel));
         }
-        if !self.node.registry.add_channel(&self.session, &channel) {
-            return;
-        }
-        let failed = |e: crate::broker::BrokerError| {
-            tracing::warn!(channel = name, error = %e, "subscribe failed");
-            self.node.registry.remove_channel(&self.session, &channel);
-            self.reply_error(503, "the broker is unavailable; try again", Some(name));
+        // An id that cannot be read is a reset, as on SSE.
+        let want = match since.as_deref().map(str::parse) {
+            None => Want::Fresh,
+            Some(Ok(p)) => Want::After(p),
+            Some(Err(_)) => Want::Reset,
         };
-        if let Err(e) = self
-            .node
-            .broker
-            .subscribe(std::slice::from_ref(&channel))
-            .await
-        {
-            return failed(e);
-        }
-        let asked = since.as_deref().map(|s| s.parse::<StreamId>().ok());
-        let rec = match self.node.broker.recover(&channel, asked.flatten()).await {
-            Ok(r) => r,
-            Err(e) => return failed(e),
-        };
-        let unreadable = matches!(asked, Some(None));
-        let mut head = vec![frame(json!({"type": "subscribed", "channel": name}))];
-        let (position, replay) = if rec.reset || unreadable {
-            head.push(reset_frame(std::slice::from_ref(&channel)));
-            (rec.tail, Vec::new())
-        } else {
-            (asked.flatten().unwrap_or(rec.tail), rec.replay)
-        };
-        match self.session.start_channel(
-            name,
-            Start {
-                head,
-                positions: vec![position],
-                replay,
-            },
-        ) {
-            Ok(n) => self.node.metrics.history_replayed.increment(n as u64),
-            Err(_) => {
-                self.node.close(&self.session, CloseReason::Slow);
-            }
+        let subscribed = Reply::Subscribed(channel.clone());
+        let started = self
+            .node()
+            .start_channels(session, vec![(channel.clone(), want)], |_| {
+                vec![Item::Reply(subscribed)]
+            })
+            .await;
+        if let Err(r) = started {
+            self.node().drop_channel(session, &channel);
+            self.reply_error(r.status(), &r.message, Some(name));
         }
     }
 }

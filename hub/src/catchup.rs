@@ -1,0 +1,182 @@
+//! The catch-up: history reads for readers that are behind (a resume, a reader that fell more
+//! than its queue behind, every reader after the broker may have lost messages).
+//!
+//! Streams ask by sequence number when they have room (see `Session::poll_item`); one task
+//! takes every request waiting, groups the readers by channel and serves each group with pages
+//! of at most [`PAGE`] messages (no more than its roomiest reader takes) read from the
+//! group's oldest position: a page serves every
+//! reader whose position lies inside it, and the next read starts at the oldest reader it did
+//! not reach. So one round costs at most `ceil(HUB_HISTORY_LEN / PAGE) + 1` reads per channel,
+//! however many readers the channel has (1,000 readers of one channel that fell behind together
+//! cost one read per page, not 1,000), and a reader takes only what fits in its queue: its
+//! memory does not grow with how far behind it is. It never writes to sockets or holds a lock
+//! across a read.
+
+use crate::node::Node;
+use crate::session::{PageView, Session};
+use futures_util::StreamExt;
+use protocol::{ChannelName, StreamId};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+/// Most messages per history read (the `COUNT`); a read asks for no more than the roomiest
+/// reader of its group can take.
+pub const PAGE: usize = 256;
+/// Channels read at once: bounds the reads in flight at the broker.
+const CONCURRENCY: usize = 16;
+/// Requests taken in one round (the rest wait for the next).
+const BATCH: usize = 4096;
+/// Pause before readers whose read failed (or that waited for the broker) ask again.
+const RETRY: Duration = Duration::from_millis(500);
+
+/// The channel streams ask on. Unbounded but holding at most one entry per open stream: a
+/// stream asks again only after its request was taken (`Session::begin_reads` clears it).
+pub fn channel() -> (UnboundedSender<u64>, UnboundedReceiver<u64>) {
+    tokio::sync::mpsc::unbounded_channel()
+}
+
+/// One reader of one channel in a round.
+struct Reader {
+    session: Arc<Session>,
+    pos: StreamId,
+    token: u64,
+    room: usize,
+}
+
+/// Serves requests until the node stops (the task is aborted then).
+pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        if requests.recv_many(&mut batch, BATCH).await == 0 {
+            return;
+        }
+        // While the broker's subscriptions are not whole, no read could take a reader live:
+        // hold the requests until they are.
+        let Some(epoch) = node.broker.live_epoch() else {
+            tokio::time::sleep(RETRY).await;
+            let refill = node.refill.clone();
+            for seq in batch.drain(..) {
+                let _ = refill.send(seq);
+            }
+            continue;
+        };
+        let mut groups: HashMap<ChannelName, Vec<Reader>> = HashMap::new();
+        for seq in batch.drain(..) {
+            let Some(session) = node.registry.get(seq) else {
+                continue; // closed meanwhile
+            };
+            for r in session.begin_reads() {
+                groups.entry(r.channel).or_default().push(Reader {
+                    session: session.clone(),
+                    pos: r.after,
+                    token: r.token,
+                    room: r.room,
+                });
+            }
+        }
+        futures_util::stream::iter(groups)
+            .for_each_concurrent(CONCURRENCY, |(channel, readers)| {
+                serve(&node, channel, readers, epoch)
+            })
+            .await;
+    }
+}
+
+/// Serves one channel's readers with as few page reads as their positions allow.
+async fn serve(node: &Arc<Node>, channel: ChannelName, mut readers: Vec<Reader>, epoch: u64) {
+    readers.sort_by_key(|r| r.pos);
+    // A page as large as the roomiest reader can take (no reader takes more in one round).
+    let count = readers
+        .iter()
+        .map(|r| r.room)
+        .max()
+        .unwrap_or(1)
+        .clamp(1, PAGE);
+    let mut next = 0;
+    let mut again = Vec::new();
+    while next < readers.len() {
+        let after = readers[next].pos;
+        node.metrics.history_reads.increment(1);
+        let page = match node.broker.read(&channel, after, count).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(channel = %channel, error = %e, "history read failed; readers retry");
+                let mut lagged = 0;
+                for r in &readers[next..] {
+                    lagged += r.session.abort_read(&channel, r.token);
+                }
+                count_lagged(node, lagged);
+                retry_later(
+                    node,
+                    readers[next..].iter().map(|r| r.session.seq).collect(),
+                );
+                return;
+            }
+        };
+        let live_ok = node.broker.live_epoch() == Some(epoch);
+        // The page covers positions up to its last entry (or, for an empty page, the reader
+        // it was read for). Readers before the floor are reset; all of them are served.
+        let end = page.last.unwrap_or(after);
+        let view = PageView {
+            entries: &page.entries,
+            last: page.last,
+            tail: page.tail,
+            floor: page.floor,
+            more: page.more,
+            live_ok,
+        };
+        let (mut replayed, mut lagged) = (0, 0);
+        // Readers inside the page are served; one exactly at the end of a full page is left
+        // for the next read, which starts at its position.
+        let inside = |pos: StreamId| pos < end || (pos == end && !page.more) || pos < page.floor;
+        while next < readers.len() && inside(readers[next].pos) {
+            let r = &readers[next];
+            let fed = r.session.feed(&channel, r.token, &view);
+            replayed += fed.replayed;
+            lagged += fed.lagged;
+            if fed.again {
+                again.push(r.session.seq);
+            }
+            next += 1;
+        }
+        if !page.more {
+            // The page reached the tail: readers after it are at the tail too (or ahead of it,
+            // and reset by the same page).
+            while next < readers.len() {
+                let r = &readers[next];
+                let fed = r.session.feed(&channel, r.token, &view);
+                lagged += fed.lagged;
+                if fed.again {
+                    again.push(r.session.seq);
+                }
+                next += 1;
+            }
+        }
+        node.metrics.history_replayed.increment(replayed as u64);
+        count_lagged(node, lagged);
+    }
+    for seq in again {
+        let _ = node.refill.send(seq);
+    }
+}
+
+fn count_lagged(node: &Node, lagged: usize) {
+    if lagged > 0 {
+        node.metrics
+            .dropped(crate::metrics::DropReason::Lagged)
+            .increment(lagged as u64);
+    }
+}
+
+/// Asks again for these streams after a pause (a failed read must not spin).
+fn retry_later(node: &Arc<Node>, seqs: Vec<u64>) {
+    let refill = node.refill.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(RETRY).await;
+        for seq in seqs {
+            let _ = refill.send(seq);
+        }
+    });
+}
