@@ -54,15 +54,33 @@ const BACKLOG: i32 = 4096;
 const SERVER_STOP_SECS: u64 = 5;
 /// Seconds a client has to send its request head.
 const REQUEST_HEAD_SECS: u64 = 10;
+/// Kernel send buffer of a stream's socket (Linux doubles it for bookkeeping). A reader that
+/// stops reading would otherwise hold up to `tcp_wmem`'s maximum (4 MiB here) of messages in
+/// the kernel per socket before the hub sees it fall behind; 32 KiB still carries a stream at
+/// 2.5 MB/s over a 50 ms round trip, far above what event streams need.
+const STREAM_SNDBUF: usize = 32 * 1024;
+/// Bytes actix gathers from a stream's body before it writes (its default is 32 KiB). With
+/// one more message (up to 4 KiB) it stays within the 8 KiB buffer every connection has
+/// anyway, so a stuck stream holds no more than an idle one; a fast reader still gets many
+/// small messages per write.
+const STREAM_WRITE_BUFFER: usize = 4 * 1024;
 
 /// Binds a listener with a large backlog. Accepted sockets inherit `TCP_USER_TIMEOUT`, so a
 /// peer that stops acknowledging (or keeps a zero window) is dropped by the kernel instead of
 /// holding buffers forever.
-fn listen(addr: SocketAddr, user_timeout: Duration) -> anyhow::Result<TcpListener> {
+fn listen(
+    addr: SocketAddr,
+    user_timeout: Duration,
+    send_buffer: Option<usize>,
+) -> anyhow::Result<TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_tcp_user_timeout(Some(user_timeout))?;
+    if let Some(bytes) = send_buffer {
+        // Inherited by accepted sockets (and it turns the kernel's autotuning off for them).
+        socket.set_send_buffer_size(bytes)?;
+    }
     socket.set_tcp_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(BACKLOG)?;
@@ -104,9 +122,9 @@ impl Listeners {
     pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let user_timeout = Duration::from_secs(config.stale_after_secs + config.heartbeat_secs);
         Ok(Listeners {
-            public: listen(config.bind, user_timeout)
+            public: listen(config.bind, user_timeout, Some(STREAM_SNDBUF))
                 .with_context(|| format!("HUB_BIND {}: cannot listen", config.bind))?,
-            admin: listen(config.admin_bind, user_timeout)
+            admin: listen(config.admin_bind, user_timeout, None)
                 .with_context(|| format!("HUB_ADMIN_BIND {}: cannot listen", config.admin_bind))?,
         })
     }
@@ -151,6 +169,7 @@ pub async fn run(
     // An EventSource never half-closes on purpose: a FIN means the client left, and its
     // stream (slot, counts, per-user place) is released at once instead of at the next write.
     .h1_allow_half_closed(false)
+    .h1_write_buffer_size(STREAM_WRITE_BUFFER)
     .max_connections(per_worker)
     .backlog(BACKLOG as u32)
     .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))

@@ -17,13 +17,20 @@ use crate::session::{Item, Session, SessionInit, StartAt};
 use protocol::{ChannelName, Envelope, StreamId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::task::AbortHandle;
 
 /// Locks that order a channel's subscribe and unsubscribe at the broker: enough stripes that
 /// unrelated channels rarely wait on each other.
 const STRIPES: usize = 64;
+/// At a limit, how long a new stream waits for a place being released before it is refused.
+/// A client that closes a stream and opens another at once (a reload, churn at the cap) can be
+/// faster than the server sees its close; its old place is released within milliseconds.
+const ADMIT_WAIT: Duration = Duration::from_millis(500);
+/// Streams that may wait for a place at once; beyond, refusals are immediate (a flood at the
+/// cap must not hold a thousand requests open).
+const ADMIT_WAITERS: usize = 256;
 
 /// What a transport asks for when a stream opens.
 pub struct OpenRequest {
@@ -64,6 +71,8 @@ pub struct Node {
     emptied: UnboundedSender<ChannelName>,
     stripes: Box<[tokio::sync::Mutex<()>]>,
     draining: AtomicBool,
+    /// Openings waiting for a place (see [`ADMIT_WAIT`]).
+    admit_waiters: AtomicUsize,
     /// SSE bodies and WebSocket tasks still alive: a stopping node lets them flush first.
     transports: Arc<AtomicUsize>,
     tasks: parking_lot::Mutex<Vec<AbortHandle>>,
@@ -161,6 +170,7 @@ impl Node {
             emptied,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             draining: AtomicBool::new(false),
+            admit_waiters: AtomicUsize::new(0),
             transports: Arc::new(AtomicUsize::new(0)),
             tasks: parking_lot::Mutex::new(Vec::new()),
             started: Instant::now(),
@@ -228,12 +238,7 @@ impl Node {
         if !self.broker.is_up() {
             return Err(self.refuse(Refusal::unavailable()));
         }
-        let admitted = self.registry.try_admit(
-            self.config.max_connections as usize,
-            req.user.as_ref(),
-            self.config.max_connections_per_user as usize,
-        );
-        match admitted {
+        match self.admit(req.user.as_ref()).await {
             Ok(()) => {}
             Err(RejectReason::UserLimit) => {
                 return Err(self.refuse(Refusal::new(
@@ -287,7 +292,7 @@ impl Node {
             },
         };
         let head = |positions: &[StreamId]| match req.transport {
-            Transport::Sse => vec![Item::Opened(positions.into())],
+            Transport::Sse => vec![Item::Opened(Box::new(positions.to_vec()))],
             Transport::Ws => Vec::new(),
         };
         if let Err(r) = self.start_channels(&stream.session, want, head).await {
@@ -295,6 +300,43 @@ impl Node {
             return Err(self.refuse(r));
         }
         Ok(stream)
+    }
+
+    /// Takes a place for a stream of `user`; at a limit, waits up to [`ADMIT_WAIT`] for one
+    /// being released (at most [`ADMIT_WAITERS`] openings wait at once). Cancel-safe: a place
+    /// is taken only by `try_admit`, which does not await.
+    async fn admit(&self, user: Option<&Arc<str>>) -> Result<(), RejectReason> {
+        let max = self.config.max_connections as usize;
+        let per_user = self.config.max_connections_per_user as usize;
+        let first = self.registry.try_admit(max, user, per_user);
+        if first.is_ok() {
+            return first;
+        }
+        if self.admit_waiters.fetch_add(1, Ordering::AcqRel) >= ADMIT_WAITERS {
+            self.admit_waiters.fetch_sub(1, Ordering::AcqRel);
+            return first;
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _waiting = Waiting(&self.admit_waiters);
+        let deadline = tokio::time::Instant::now() + ADMIT_WAIT;
+        loop {
+            let released = self.registry.releases().notified();
+            tokio::pin!(released);
+            // Interest first, then the check: a release in between is not missed.
+            released.as_mut().enable();
+            let again = self.registry.try_admit(max, user, per_user);
+            if again.is_ok() {
+                return again;
+            }
+            if tokio::time::timeout_at(deadline, released).await.is_err() {
+                return self.registry.try_admit(max, user, per_user);
+            }
+        }
     }
 
     /// The one routine that starts channels on a stream (SSE opening, WebSocket subscribe):

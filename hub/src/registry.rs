@@ -19,6 +19,10 @@ use std::time::Instant;
 
 /// Lock shards: enough that two cores rarely meet on one, few enough to sweep cheaply.
 const SHARDS: usize = 64;
+/// A stream that fell behind and whose transport took nothing for this long (seconds) gives
+/// back its queued durable messages (see `Session::trim_if_idle`): a reader that sleeps costs
+/// no queued messages.
+const TRIM_AFTER_SECS: u64 = 3;
 
 /// A channel's local readers, by session sequence number.
 type Readers = HashMap<u64, Arc<Session>>;
@@ -68,6 +72,8 @@ pub struct Registry {
     open: [AtomicUsize; 2],
     channel_count: AtomicUsize,
     next_seq: AtomicU64,
+    /// Signalled whenever a place is released (admission waits on it at the limits).
+    released: tokio::sync::Notify,
     pub metrics: Arc<Metrics>,
     pub clock: CoarseClock,
 }
@@ -99,6 +105,7 @@ impl Registry {
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
             channel_count: AtomicUsize::new(0),
             next_seq: AtomicU64::new(1),
+            released: tokio::sync::Notify::new(),
             metrics,
             clock: CoarseClock::new(),
         }
@@ -145,6 +152,12 @@ impl Registry {
                 }
             }
         }
+        self.released.notify_one();
+    }
+
+    /// Notified (one waiter per release) whenever a place is released.
+    pub fn releases(&self) -> &tokio::sync::Notify {
+        &self.released
     }
 
     /// Streams admitted for `user`.
@@ -282,7 +295,8 @@ impl Registry {
         queued
     }
 
-    /// One tick of the node's clock: queues a heartbeat to the idle streams whose turn it is
+    /// One tick of the node's clock: gives back the queued durable messages of streams that
+    /// fell behind and took nothing for `TRIM_AFTER_SECS`, queues a heartbeat to the idle streams whose turn it is
     /// (each gets one every `every` ticks, spread by its sequence number) and returns the
     /// streams to close: tokens expired by `now_unix`, and streams that took nothing for
     /// `stale_after` seconds (SSE: no item written; WebSocket: no frame from the client,
@@ -292,9 +306,11 @@ impl Registry {
         let now = self.clock.now();
         let mut sent = 0;
         let turn = tick % every;
+        let idle_since = now.saturating_sub(TRIM_AFTER_SECS);
         for shard in self.sessions.iter() {
             let shard = shard.lock();
             for s in shard.values() {
+                s.trim_if_idle(idle_since);
                 if s.expires_at.is_some_and(|e| e <= now_unix) {
                     due.push((s.clone(), CloseReason::TokenExpired));
                 } else if now.saturating_sub(s.last_write()) >= stale_after {

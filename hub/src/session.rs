@@ -28,15 +28,15 @@ pub const CONTROL_SLACK: usize = 32;
 #[derive(Debug, Clone)]
 pub enum Item {
     /// The stream started; the position of each channel, in the stream's channel order.
-    Opened(Box<[StreamId]>),
+    Opened(Box<Vec<StreamId>>),
     /// A message (shared by every stream that gets it).
     Message(Arc<Message>),
     /// History no longer reached these channels' positions: each continues from the new one.
-    Reset(Box<[(ChannelName, StreamId)]>),
+    Reset(Box<Vec<(ChannelName, StreamId)>>),
     /// Keep-alive (SSE comment, WebSocket ping).
     Heartbeat,
-    /// An answer to the client (WebSocket).
-    Reply(Reply),
+    /// An answer to the client (WebSocket); boxed, so that every item stays small.
+    Reply(Box<Reply>),
     /// The last item: why the stream ends.
     End(CloseReason),
 }
@@ -97,6 +97,8 @@ struct Chan {
     /// Last position queued (or started from); older messages are skipped, which makes history
     /// + live exactly-once.
     pos: StreamId,
+    /// Last position the transport took (what a trimmed queue rewinds to).
+    taken: StreamId,
     read: Read,
     /// A live message for this channel was lost while Reading (the buffer was full): the read
     /// that lands cannot take the reader live.
@@ -208,6 +210,9 @@ pub struct Session {
     /// Coarse clock reading (seconds) of the last sign of life: an item the transport took
     /// (SSE) or a frame from the client, pongs included (WebSocket).
     last_write: AtomicU64,
+    /// Coarse clock reading of the last item the transport took (a sleeping reader's queue
+    /// is given back after a while, see [`Session::trim_if_idle`]).
+    last_taken: AtomicU64,
     /// 0 while open, else the `CloseReason` that ended it (first one wins).
     closed: AtomicU8,
     /// Where this stream asks for history reads (its `seq`); `None` in unit tests.
@@ -246,6 +251,7 @@ impl Session {
             state.chans.push(Chan {
                 name,
                 pos: StreamId::ZERO,
+                taken: StreamId::ZERO,
                 read: Read::Reading { token },
                 lost: false,
                 fresh: true,
@@ -261,6 +267,7 @@ impl Session {
             expires_at: init.expires_at,
             capacity: init.capacity.max(1),
             last_write: AtomicU64::new(init.now),
+            last_taken: AtomicU64::new(init.now),
             closed: AtomicU8::new(0),
             refill: init.refill,
             state: Mutex::new(state),
@@ -400,7 +407,7 @@ impl Session {
         if st.queue.len() >= self.capacity + CONTROL_SLACK {
             return Err(Full);
         }
-        st.queue.push_back(Item::Reply(reply));
+        st.queue.push_back(Item::Reply(Box::new(reply)));
         Self::wake(st);
         Ok(())
     }
@@ -421,6 +428,7 @@ impl Session {
                     Chan {
                         name,
                         pos: StreamId::ZERO,
+                        taken: StreamId::ZERO,
                         read: Read::Reading { token },
                         lost: false,
                         fresh: true,
@@ -464,6 +472,10 @@ impl Session {
                 continue;
             }
             c.fresh = false;
+            let start = match *at {
+                StartAt::Live(p) | StartAt::Resume(p) | StartAt::Reset(p) => p,
+            };
+            c.taken = start;
             match *at {
                 StartAt::Live(p) => c.pos = p,
                 StartAt::Resume(p) => {
@@ -482,7 +494,7 @@ impl Session {
         st.queue.extend(head(&positions));
         st.started = true;
         if !resets.is_empty() {
-            st.queue.push_back(Item::Reset(resets.into_boxed_slice()));
+            st.queue.push_back(Item::Reset(Box::new(resets)));
         }
         let mut fed = Fed {
             lagged,
@@ -602,7 +614,7 @@ impl Session {
             st.chans[i].pos = page.tail;
             let name = st.chans[i].name.clone();
             st.queue
-                .push_back(Item::Reset(Box::new([(name, page.tail)])));
+                .push_back(Item::Reset(Box::new(vec![(name, page.tail)])));
             fed.reset = true;
             at_end = true;
         } else {
@@ -683,6 +695,26 @@ impl Session {
     pub fn poll_item(&self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
         let mut st = self.state.lock();
         if let Some(item) = st.queue.pop_front() {
+            match &item {
+                Item::Message(m) => {
+                    if let (Some(p), Some(i)) = (m.position, st.index(&m.channel)) {
+                        st.chans[i].taken = p;
+                    }
+                }
+                Item::Opened(positions) => {
+                    for (c, p) in st.chans.iter_mut().zip(positions.iter()) {
+                        c.taken = *p;
+                    }
+                }
+                Item::Reset(reset) => {
+                    for (c, p) in reset.iter() {
+                        if let Some(i) = st.index(c) {
+                            st.chans[i].taken = *p;
+                        }
+                    }
+                }
+                _ => {}
+            }
             if st.queue.is_empty() && st.queue.capacity() > 16 {
                 // Give back what a burst grew, so idle streams stay small.
                 st.queue.shrink_to(4);
@@ -714,8 +746,62 @@ impl Session {
         self.state.lock().queue.len()
     }
 
+    /// A reader that fell behind and whose transport took nothing since `idle_since` (coarse
+    /// seconds) — it sleeps — gives back its queued durable messages: each channel rewinds to
+    /// what was taken and continues from history when the reader reads on, so a sleeping
+    /// stream holds none. Queued ephemeral messages (and replies) stay queued.
+    pub fn trim_if_idle(&self, idle_since: u64) {
+        if self.last_taken.load(Ordering::Relaxed) > idle_since {
+            return;
+        }
+        let mut st = self.state.lock();
+        if st.ending
+            || !st.chans.iter().any(|c| c.read == Read::Behind)
+            || !st
+                .queue
+                .iter()
+                .any(|i| matches!(i, Item::Message(m) if m.position.is_some()))
+        {
+            return;
+        }
+        let mut kept = VecDeque::new();
+        for item in std::mem::take(&mut st.queue) {
+            match item {
+                Item::Message(m) if m.position.is_some() => {}
+                other => kept.push_back(other),
+            }
+        }
+        // Rewind to what the transport took, or to a reset still waiting to be written.
+        let mut rewind: Vec<StreamId> = st.chans.iter().map(|c| c.taken).collect();
+        for item in &kept {
+            if let Item::Reset(reset) = item {
+                for (c, p) in reset.iter() {
+                    if let Some(i) = st.index(c) {
+                        rewind[i] = *p;
+                    }
+                }
+            }
+        }
+        for (c, p) in st.chans.iter_mut().zip(rewind) {
+            if c.fresh || c.pos == p {
+                continue;
+            }
+            c.pos = p;
+            if c.read == Read::Live {
+                c.read = Read::Behind;
+            }
+        }
+        st.queue = kept;
+    }
+
+    /// A sign of life (SSE: an item written; WebSocket: a frame from the client).
     pub fn touch(&self, now: u64) {
         self.last_write.store(now, Ordering::Relaxed);
+    }
+
+    /// The transport took an item.
+    pub fn took(&self, now: u64) {
+        self.last_taken.store(now, Ordering::Relaxed);
     }
 
     pub fn last_write(&self) -> u64 {
@@ -785,7 +871,7 @@ mod tests {
             .iter()
             .map(|c| (chan(c), StartAt::Live(StreamId::ZERO)))
             .collect();
-        s.start(&starts, |_| vec![Item::Opened(Box::new([]))]);
+        s.start(&starts, |_| vec![Item::Opened(Box::default())]);
         assert_eq!(drain(&s), ["opened"]);
         s
     }
@@ -810,7 +896,7 @@ mod tests {
         assert!(drain(&s).is_empty(), "nothing before the start");
         s.start(&[(chan("a"), StartAt::Live(id(2)))], |p| {
             assert_eq!(p, [id(2)]);
-            vec![Item::Opened(p.into())]
+            vec![Item::Opened(Box::new(p.to_vec()))]
         });
         assert_eq!(drain(&s), ["opened", "three"]);
         assert_eq!(s.offer(&msg("a", Some(3), "dup")), Offer::Skipped);
@@ -917,6 +1003,35 @@ mod tests {
             Fed::default()
         );
         assert!(drain(&s).is_empty());
+    }
+
+    #[test]
+    fn a_sleeping_reader_that_fell_behind_gives_back_its_durable_messages() {
+        let s = live(&["a"], 4);
+        s.offer(&msg("a", Some(1), "one"));
+        s.offer(&msg("a", None, "e"));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(matches!(
+            s.poll_item(&mut cx),
+            Poll::Ready(Some(Item::Message(_)))
+        ));
+        s.took(5);
+        for n in 2..=4 {
+            assert_eq!(s.offer(&msg("a", Some(n), "x")), Offer::Queued);
+        }
+        s.trim_if_idle(10);
+        assert_eq!(s.queued(), 4, "not behind yet: nothing given back");
+        assert_eq!(
+            s.offer(&msg("a", Some(5), "five")),
+            Offer::Skipped,
+            "falls behind"
+        );
+        s.trim_if_idle(4);
+        assert_eq!(s.queued(), 4, "took something since: kept");
+        s.trim_if_idle(10);
+        assert_eq!(drain(&s), ["e"], "the ephemeral one stays");
+        let read = s.begin_reads()[0].clone();
+        assert_eq!(read.after, id(1), "rewound to what was taken");
     }
 
     #[test]

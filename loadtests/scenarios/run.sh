@@ -15,6 +15,16 @@
 #   STORM=1         every node is restarted (SIGTERM, started again on the same port) STORM_AFTER
 #                   seconds into publishing; streams come back with Last-Event-ID after a random
 #                   delay below RECONNECT_MS (EventSource waits the hub's `retry:` 2000 ms)
+#   CAP             the server's stream limit (hub: HUB_MAX_CONNECTIONS; Nchan:
+#                   nchan_max_channel_subscribers, per channel), default 20000
+#   CHURN_MS        churn: each stream closes after a random time below this and opens again,
+#                   fresh, until LIMIT; refused attempts are counted (COUNT=0 for no messages)
+#   WAKE_MS         sleepers: the STALL streams read on after this long and must get everything;
+#   STALL_RCVBUF    their socket receive buffer (bytes), so that they really stop the server
+#   LEAVE_AFTER     returners: every stream leaves after this many messages, stays away AWAY_MS,
+#   AWAY_MS         and comes back with Last-Event-ID; catch-up time measured
+#   STEP_RATES      throughput: publish at each of these rates (STEP_SECS seconds each, fresh
+#                   channels) until one is not delivered 100%; the highest that was is reported
 #   PEERS           which servers to measure ("hub nchan")
 #   PIN=1           servers (and Redis) on CPU 0, the load generator on CPU 1 (taskset), so
 #                   that a server is measured on a core of its own rather than sharing both
@@ -25,6 +35,8 @@ STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} R
 CHANNELS=${CHANNELS:-1} NODES=${NODES:-1} MODE=${MODE:-memory} TRANSPORT=${TRANSPORT:-sse}
 STALL=${STALL:-0} PAD=${PAD:-0} STORM=${STORM:-0} STORM_AFTER=${STORM_AFTER:-3}
 RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120} PIN=${PIN:-0}
+CAP=${CAP:-20000} CHURN_MS=${CHURN_MS:-0} WAKE_MS=${WAKE_MS:-0} STALL_RCVBUF=${STALL_RCVBUF:-0}
+LEAVE_AFTER=${LEAVE_AFTER:-0} AWAY_MS=${AWAY_MS:-0} STEP_RATES=${STEP_RATES:-} STEP_SECS=${STEP_SECS:-5}
 SRV=() GEN=()
 if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
 [ "$NODES" -gt 1 ] && MODE=redis
@@ -67,7 +79,7 @@ start_hub() { # start_hub <i>
     [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
     [ -n "${NADM[$i]:-}" ] || NADM[$i]=127.0.0.1:$(free_port)
     local env=(HUB_BIND="${NPUB[$i]}" HUB_ADMIN_BIND="${NADM[$i]}" HUB_DRAIN_SECS=0 HUB_LOG=warn
-               HUB_MAX_CONNECTIONS=20000 HUB_NODE_ID="node$i")
+               HUB_MAX_CONNECTIONS="$CAP" HUB_NODE_ID="node$i")
     if [ "$MODE" = redis ]; then env+=(HUB_REDIS_URL="$REDIS_URL"); fi
     env "${env[@]}" "${SRV[@]}" target/release/hub >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
@@ -78,7 +90,7 @@ start_nchan() { # start_nchan <i>
     mkdir -p "$dir"
     [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
     if [ "$MODE" = redis ]; then redis="nchan_redis_url \"$REDIS_URL\"; nchan_use_redis on;"; fi
-    sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__DIR__#$dir#g; s#__REDIS__#$redis#" loadtests/nchan.conf > "$dir/nginx.conf"
+    sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__DIR__#$dir#g; s#__REDIS__#$redis#; s#__MAXSUBS__#$CAP#" loadtests/nchan.conf > "$dir/nginx.conf"
     rm -f "$dir/nginx.pid"
     "${SRV[@]}" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
@@ -86,37 +98,82 @@ start_nchan() { # start_nchan <i>
 }
 stop_node() { kill -TERM "${NPID[$1]}"; wait "${NPID[$1]}" || true; }
 
-run_one() { # run_one <hub|nchan> <run number>
-    local server=$1 r=$2 args=()
-    NPID=() NPUB=() NADM=()
-    if [ "$MODE" = redis ]; then start_redis; fi
-    for i in $(seq 0 $((NODES - 1))); do "start_$server" "$i"; done
+# One loadgen run against the started nodes: loadgen <server> <report file> <channel prefix>
+#   <count> <rate>.
+loadgen_run() {
+    local server=$1 report=$2 pre=$3 count=$4 rate=$5 args=()
     for i in $(seq 0 $((NODES - 1))); do args+=(--target "${NPUB[$i]}" --server-pid "${NPID[$i]}"); done
     if [ -n "$REDIS_PID" ]; then args+=(--server-pid "$REDIS_PID"); fi
     if [ "$server" = hub ]; then
         if [ "$TRANSPORT" = ws ]; then
-            args+=(--ws --path /v1/ws --subscribe '{"op":"subscribe","channel":"public:c{ch}"}')
+            args+=(--ws --path /v1/ws --subscribe "{\"op\":\"subscribe\",\"channel\":\"public:${pre}c{ch}\"}")
         else
-            args+=(--path '/v1/sse?channel=public:c{ch}')
+            args+=(--path "/v1/sse?channel=public:${pre}c{ch}")
         fi
         if [ "$MODE" = redis ]; then args+=(--redis "$REDIS_URL"); else args+=(--http "http://${NADM[0]}"); fi
-        args+=(--channel 'public:c{n}')
+        args+=(--channel "public:${pre}c{n}")
     else
-        if [ "$TRANSPORT" = ws ]; then args+=(--ws --path '/ws/c{ch}'); else args+=(--path '/sub/c{ch}'); fi
-        args+=(--raw-post "http://${NPUB[0]}/pub?id={channel}" --channel 'c{n}')
+        if [ "$TRANSPORT" = ws ]; then args+=(--ws --path "/ws/${pre}c{ch}"); else args+=(--path "/sub/${pre}c{ch}"); fi
+        args+=(--raw-post "http://${NPUB[0]}/pub?id={channel}" --channel "${pre}c{n}")
     fi
     if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS"); fi
+    args+=(--churn-ms "$CHURN_MS" --wake-ms "$WAKE_MS" --stall-rcvbuf "$STALL_RCVBUF"
+           --leave-after "$LEAVE_AFTER" --away-ms "$AWAY_MS")
     rm -f "$OUT/ready"
     "${GEN[@]}" $LOADGEN run "${args[@]}" --streams "$STREAMS" --processes "$PROCS" --channel-count "$CHANNELS" \
-        --count "$COUNT" --rate "$RATE" --stall "$STALL" --pad "$PAD" --duration "$LIMIT" \
-        --ready-file "$OUT/ready" --report "$OUT/$server-$r.json" > /dev/null 2> "$OUT/$server-$r.err" &
-    local lg=$!
-    if [ "$STORM" = 1 ]; then
-        wait_for $((LIMIT * 20)) test -f "$OUT/ready"
-        sleep "$STORM_AFTER"  # publishing is under way: restart every node now
-        for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; "start_$server" "$i"; done
+        --count "$count" --rate "$rate" --stall "$STALL" --pad "$PAD" --duration "$LIMIT" \
+        --ready-file "$OUT/ready" --report "$report" > /dev/null 2> "${report%.json}.err" &
+    LG=$!
+}
+
+run_one() { # run_one <hub|nchan> <run number>
+    local server=$1 r=$2
+    NPID=() NPUB=() NADM=()
+    if [ "$MODE" = redis ]; then start_redis; fi
+    for i in $(seq 0 $((NODES - 1))); do "start_$server" "$i"; done
+    if [ -n "$STEP_RATES" ]; then
+        # Throughput: step the rate up on fresh channels until delivery is not 100%.
+        local k=0 best=0
+        for rate in $STEP_RATES; do
+            k=$((k + 1))
+            loadgen_run "$server" "$OUT/$server-$r-step$k.json" "s$k" $((rate * STEP_SECS)) "$rate"
+            wait "$LG" || true
+            if ! python3 - "$OUT/$server-$r-step$k.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+ok = r["opened"] > 0 and r["deliveries"] == r["expected_deliveries"] and r["gaps"] == 0 and r["duplicates"] == 0
+sys.exit(0 if ok else 1)
+PY
+            then break; fi
+            best=$k
+        done
+        python3 - "$OUT" "$server" "$r" "$best" <<'PY'
+import json, sys
+out, server, r, best = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+steps = []
+k = 1
+while True:
+    try:
+        steps.append(json.load(open(f"{out}/{server}-{r}-step{k}.json")))
+    except FileNotFoundError:
+        break
+    k += 1
+# The run's report: the last step delivered in full (or the first, if none was), with the
+# publish rate it achieved as the sustained rate.
+rep = dict(steps[best - 1] if best else steps[0])
+rep["sustained_rate"] = (rep["publish"]["sent"] / rep["publish"]["secs"]) if best and rep["publish"]["secs"] else 0
+rep["steps"] = [{"sent": s["publish"]["sent"], "secs": s["publish"]["secs"], "delivered": s["deliveries"], "expected": s["expected_deliveries"]} for s in steps]
+json.dump(rep, open(f"{out}/{server}-{r}.json", "w"), indent=1)
+PY
+    else
+        loadgen_run "$server" "$OUT/$server-$r.json" "" "$COUNT" "$RATE"
+        if [ "$STORM" = 1 ]; then
+            wait_for $((LIMIT * 20)) test -f "$OUT/ready"
+            sleep "$STORM_AFTER"  # publishing is under way: restart every node now
+            for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; "start_$server" "$i"; done
+        fi
+        wait "$LG"
     fi
-    wait "$lg"
     if [ "$server" = hub ]; then  # the hub's own publish-to-write histogram, for the table
         for i in $(seq 0 $((NODES - 1))); do
             curl -sf "http://${NADM[$i]}/metrics" > "$OUT/hub-$r-node$i.metrics" || true
@@ -131,4 +188,4 @@ for r in $(seq "$RUNS"); do
 done
 
 python3 loadtests/scenarios/table.py "$OUT" "$RUNS" "$PEERS" \
-    "$STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode, pinned=$PIN; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading; storm=$STORM"
+    "$STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode, pinned=$PIN; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading (wake after ${WAKE_MS} ms); storm=$STORM; churn=${CHURN_MS} ms; leave after ${LEAVE_AFTER} for ${AWAY_MS} ms; steps=${STEP_RATES:-none}; cap=$CAP"

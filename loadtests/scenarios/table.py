@@ -38,6 +38,16 @@ rows = [
     ("hub-side publish-to-write p99 (ms, <=)", lambda r: r["hub_side"].get(0.99)),
     ("server CPU-s per million deliveries", lambda r: r["server_cpu_secs_per_million_deliveries"]),
     ("server RSS at the end (MB)", rss_end),
+    ("churn: streams closed and reopened", lambda r: r.get("churn_cycles") or None),
+    ("refused attempts (any reason)", lambda r: r.get("refused")),
+    ("sleepers: RSS while they lag (MB)", lambda r: r["server_lagging"]["rss_kb"] / 1024 if r.get("server_lagging") else None),
+    ("sleepers: RSS per lagging stream (KB)", lambda r: r.get("server_rss_kb_per_lagging_stream")),
+    ("returners: catch-up p50 (s)", lambda r: r["catchup"]["p50_ms"] / 1000 if r.get("catchup", {}).get("max_ms") else None),
+    ("returners: catch-up max (s)", lambda r: r["catchup"]["max_ms"] / 1000 if r.get("catchup", {}).get("max_ms") else None),
+    ("throughput: sustained msgs/s (100% delivered)", lambda r: r.get("sustained_rate")),
+    ("hub: history reads", lambda r: r["hub_metrics"].get("hub_history_reads_total")),
+    ("hub: history replayed", lambda r: r["hub_metrics"].get("hub_history_replayed_total")),
+    ("hub: lagged (ephemeral lost)", lambda r: r["hub_metrics"].get('hub_messages_dropped_total{reason="lagged"}')),
 ]
 
 
@@ -60,10 +70,24 @@ def hub_side(r, q):
     return None
 
 
+def hub_metrics(r):
+    """Counters of the hub's own /metrics (all nodes of run r, summed)."""
+    got = {}
+    for path in glob.glob(f"{out}/hub-{r}-node*.metrics"):
+        for line in open(path):
+            if line.startswith("#") or " " not in line:
+                continue
+            name, value = line.rsplit(" ", 1)
+            if name in ("hub_history_reads_total", "hub_history_replayed_total", 'hub_messages_dropped_total{reason="lagged"}'):
+                got[name] = got.get(name, 0) + float(value)
+    return got
+
+
 reports = {p: load(p) for p in peers}
 for p in peers:
     for i, r in enumerate(reports[p], start=1):
         r["hub_side"] = {q: hub_side(i, q) for q in (0.5, 0.99)} if p == "hub" else {}
+        r["hub_metrics"] = hub_metrics(i) if p == "hub" else {}
 print(f"{title}; medians of {runs} runs")
 print(f"{'':38}" + "".join(f"{p:>10}" for p in peers) + ("   hub/nchan" if len(peers) == 2 else ""))
 for name, f in rows:

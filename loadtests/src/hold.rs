@@ -74,6 +74,25 @@ pub struct StreamOpts {
     /// this long between failed attempts.
     #[arg(long, default_value_t = 1000)]
     pub reconnect_ms: u64,
+    /// Stalled streams (`--stall`) read on this many milliseconds after the hold started
+    /// (sleepers, all at once), and are then expected to receive every message like the
+    /// others; 0: they never read again.
+    #[arg(long, default_value_t = 0)]
+    pub wake_ms: u64,
+    /// Receive buffer of stalled streams, in bytes (0: the system's), so that a reader that
+    /// stops really stops the server's writes instead of filling a large socket buffer.
+    #[arg(long, default_value_t = 0)]
+    pub stall_rcvbuf: u32,
+    /// Churn: every stream closes after a random time below this many milliseconds and opens
+    /// again (fresh), until the hold ends; refused attempts are counted by reason (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub churn_ms: u64,
+    /// Returners: a stream leaves after this many messages (0: never), stays away `--away-ms`,
+    /// and comes back with `Last-Event-ID`; the time it takes to catch up is measured.
+    #[arg(long, default_value_t = 0)]
+    pub leave_after: u64,
+    #[arg(long, default_value_t = 0)]
+    pub away_ms: u64,
 }
 
 impl StreamOpts {
@@ -93,6 +112,17 @@ impl StreamOpts {
         }
         if self.reconnect {
             a.push("--reconnect".into());
+        }
+        for (flag, v) in [
+            ("--wake-ms", self.wake_ms),
+            ("--stall-rcvbuf", u64::from(self.stall_rcvbuf)),
+            ("--churn-ms", self.churn_ms),
+            ("--leave-after", self.leave_after),
+            ("--away-ms", self.away_ms),
+        ] {
+            if v > 0 {
+                a.extend([flag.into(), v.to_string()]);
+            }
         }
         a
     }
@@ -120,6 +150,10 @@ struct Shared {
     retries: AtomicU64,
     /// Per stream, microseconds from its drop to its return.
     resume_hist: Mutex<Histogram<u64>>,
+    /// Per returning stream, microseconds from its return to having every message.
+    catchup_hist: Mutex<Histogram<u64>>,
+    /// Churn: streams closed on purpose and opened again.
+    churn_cycles: AtomicU64,
     /// Streams dropped and not (yet) back.
     down: AtomicU64,
     /// Failed connection attempts by reason (refused, status 503, ...).
@@ -129,6 +163,8 @@ struct Shared {
     counts: Mutex<Vec<u64>>,
     last_connect: Mutex<Option<Instant>>,
     expect: Option<u64>,
+    /// When the hold started (sleepers wake relative to it).
+    epoch: Instant,
 }
 
 impl Shared {
@@ -146,6 +182,8 @@ impl Shared {
             reconnects: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             resume_hist: Mutex::new(report::histogram()),
+            catchup_hist: Mutex::new(report::histogram()),
+            churn_cycles: AtomicU64::new(0),
             down: AtomicU64::new(0),
             failures: Mutex::default(),
             first_drop_us: AtomicU64::new(u64::MAX),
@@ -153,6 +191,7 @@ impl Shared {
             counts: Mutex::new(Vec::new()),
             last_connect: Mutex::new(None),
             expect,
+            epoch: Instant::now(),
         }
     }
 
@@ -301,6 +340,9 @@ struct Stream {
     dropped_at: Option<Instant>,
     /// The stream has had the messages it expects.
     reached: bool,
+    /// Returners: it left once already; when it came back.
+    left: bool,
+    returned_at: Option<Instant>,
 }
 
 impl Stream {
@@ -368,8 +410,16 @@ fn fill(template: &str, ch: u64) -> String {
     template.replace("{ch}", &ch.to_string())
 }
 
-async fn connect(args: &HoldArgs, ch: u64, last_id: Option<&str>) -> anyhow::Result<TcpStream> {
+async fn connect(
+    args: &HoldArgs,
+    ch: u64,
+    last_id: Option<&str>,
+    stall: bool,
+) -> anyhow::Result<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
+    if stall && args.stream.stall_rcvbuf > 0 {
+        sock.set_recv_buffer_size(args.stream.stall_rcvbuf)?;
+    }
     sock.bind(SocketAddr::new(args.source, 0))?;
     let mut s = sock.connect(args.target).await?;
     let path = fill(&args.stream.path, ch);
@@ -392,7 +442,8 @@ async fn connect(args: &HoldArgs, ch: u64, last_id: Option<&str>) -> anyhow::Res
     Ok(s)
 }
 
-/// Counts a stream as open (its first time) or back (after a drop at `dropped_at`).
+/// Counts a stream as open (its first time) or back (after a drop at `dropped_at`; a churning
+/// stream that opens again is counted by its cycles instead).
 fn opened(
     shared: &Shared,
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
@@ -403,7 +454,7 @@ fn opened(
     }
     if permit.take().is_some() {
         shared.opened.fetch_add(1, Ordering::Relaxed);
-    } else {
+    } else if dropped_at.is_some() {
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         shared.down.fetch_sub(1, Ordering::Relaxed);
         shared.last_reopen_us.fetch_max(now_us(), Ordering::Relaxed);
@@ -421,6 +472,10 @@ enum End {
     Failed(String),
     /// The stream was open and the server ended it (or the socket broke).
     Dropped,
+    /// Churn: the stream closed itself after its time.
+    Churned,
+    /// Returner: the stream left after its messages.
+    Left,
 }
 
 async fn connection(
@@ -432,7 +487,7 @@ async fn connection(
     stop: &mut watch::Receiver<bool>,
     stall: bool,
 ) -> End {
-    let conn = connect(args, ch, st.last_id.as_deref());
+    let conn = connect(args, ch, st.last_id.as_deref(), stall);
     let mut s = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(30), conn) => match r {
             Ok(Ok(s)) => s,
@@ -455,8 +510,13 @@ async fn connection(
     let mut frames = Vec::new();
     let mut lat = Vec::new();
     let mut open = false;
+    // Churn: when this connection closes itself (set once it opens).
+    let far = tokio::time::Instant::now() + Duration::from_secs(86_400);
+    let churn = tokio::time::sleep_until(far);
+    tokio::pin!(churn);
     loop {
         let n = tokio::select! {
+            () = &mut churn => return End::Churned,
             r = s.read(&mut buf) => match r {
                 Ok(0) | Err(_) => {
                     return if open {
@@ -496,6 +556,15 @@ async fn connection(
             if !(args.stream.ws && args.stream.subscribe.is_some()) {
                 opened(shared, permit, st.dropped_at.take());
             }
+            if st.left && st.returned_at.is_none() {
+                st.returned_at = Some(Instant::now());
+            }
+            if args.stream.churn_ms > 0 {
+                let hold = jitter(ch ^ now_us(), args.stream.churn_ms);
+                churn
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_millis(hold));
+            }
             if args.stream.ws {
                 if let Some(sub) = &args.stream.subscribe {
                     let f = ws_client_frame(1, fill(sub, ch).as_bytes());
@@ -508,11 +577,19 @@ async fn connection(
                 c.feed(&rest, &mut body);
             }
             data = &[];
-            if stall {
+            if stall && args.stream.wake_ms == 0 {
                 // A reader that stopped: keep the socket open, never read again.
                 shared.stalled.fetch_add(1, Ordering::Relaxed);
                 let _ = stop.changed().await;
                 return End::Stop;
+            }
+            if stall {
+                // A sleeper: reads nothing for a while, then reads on.
+                let wake = shared.epoch + Duration::from_millis(args.stream.wake_ms);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake.into()) => {}
+                    _ = stop.changed() => return End::Stop,
+                }
             }
         }
         let mut over = false;
@@ -552,6 +629,13 @@ async fn connection(
         if !st.reached && shared.expect.is_some_and(|e| st.count >= e) {
             st.reached = true;
             shared.done.fetch_add(1, Ordering::Relaxed);
+            if let (Some(t), Ok(mut h)) = (st.returned_at, shared.catchup_hist.lock()) {
+                let _ = h.record((t.elapsed().as_micros() as u64).clamp(1, report::MAX_LATENCY_US));
+            }
+        }
+        if !st.left && args.stream.leave_after > 0 && st.count >= args.stream.leave_after {
+            st.left = true;
+            return End::Left;
         }
         if over {
             // The server ended the response (a keep-alive connection stays open after it).
@@ -588,6 +672,8 @@ async fn one(
         last_id: None,
         dropped_at: None,
         reached: false,
+        left: false,
+        returned_at: None,
     };
     let mut permit = Some(permit);
     loop {
@@ -605,6 +691,20 @@ async fn one(
                 shared.failed.fetch_add(1, Ordering::Relaxed);
                 shared.count_failure("closed before it opened".into());
                 break;
+            }
+            End::Churned => {
+                // Opens again at once, fresh, as a new page would.
+                shared.churn_cycles.fetch_add(1, Ordering::Relaxed);
+                st.last_id = None;
+            }
+            End::Left => {
+                st.dropped_at = Some(Instant::now());
+                shared.down.fetch_add(1, Ordering::Relaxed);
+                shared.first_drop_us.fetch_min(now_us(), Ordering::Relaxed);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(args.stream.away_ms)) => {}
+                    _ = stop.changed() => break,
+                }
             }
             End::Dropped if !args.stream.reconnect || args.stream.ws => {
                 shared.ended.fetch_add(1, Ordering::Relaxed);
@@ -632,7 +732,7 @@ async fn one(
         }
     }
     // Streams that stopped reading on purpose are not expected to receive anything.
-    if !stall {
+    if !stall || args.stream.wake_ms > 0 {
         if let Ok(mut c) = shared.counts.lock() {
             c.push(st.count);
         }
@@ -684,10 +784,11 @@ pub async fn hold(
         let finished = shared.done.load(Ordering::Relaxed)
             + shared.ended.load(Ordering::Relaxed)
             + shared.stalled.load(Ordering::Relaxed);
-        // `--expect 0` holds the streams idle: done as soon as they are open.
+        // `--expect 0` holds the streams idle: done as soon as they are open. Churn runs until
+        // the deadline.
         if Instant::now() >= deadline
-            || args.expect == Some(0)
-            || (args.expect.is_some() && finished >= open)
+            || (args.stream.churn_ms == 0
+                && (args.expect == Some(0) || (args.expect.is_some() && finished >= open)))
         {
             break;
         }
@@ -726,6 +827,12 @@ pub async fn hold(
             .lock()
             .map(|h| report::pairs(&h))
             .unwrap_or_default(),
+        catchup_us: shared
+            .catchup_hist
+            .lock()
+            .map(|h| report::pairs(&h))
+            .unwrap_or_default(),
+        churn_cycles: shared.churn_cycles.load(Ordering::Relaxed),
         still_down: shared.down.load(Ordering::Relaxed),
         first_drop_us: (first_drop != u64::MAX).then_some(first_drop),
         last_reopen_us: Some(shared.last_reopen_us.load(Ordering::Relaxed)).filter(|&t| t > 0),
@@ -803,6 +910,8 @@ mod tests {
             last_id: None,
             dropped_at: None,
             reached: false,
+            left: false,
+            returned_at: None,
         };
         let mut lat = Vec::new();
         // 3 and 13 arrive, 23 and 33 are missed, 43 arrives, then 13 again.

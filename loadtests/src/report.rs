@@ -46,6 +46,12 @@ pub struct HoldReport {
     /// Per stream, time from its drop to its return, as (microseconds, count).
     #[serde(default)]
     pub resume_us: Vec<(u64, u64)>,
+    /// Per returning stream, time from its return to having every message.
+    #[serde(default)]
+    pub catchup_us: Vec<(u64, u64)>,
+    /// Churn: streams closed on purpose and opened again.
+    #[serde(default)]
+    pub churn_cycles: u64,
     /// Unix micros of the first drop and of the last reopen after a drop.
     #[serde(default)]
     pub first_drop_us: Option<u64>,
@@ -76,6 +82,8 @@ impl HoldReport {
             *self.failures.entry(k.clone()).or_default() += v;
         }
         self.resume_us = merge_pairs(&self.resume_us, &o.resume_us);
+        self.catchup_us = merge_pairs(&self.catchup_us, &o.catchup_us);
+        self.churn_cycles += o.churn_cycles;
         self.first_drop_us = match (self.first_drop_us, o.first_drop_us) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

@@ -130,11 +130,20 @@ pub struct RunReport {
     pub resume_secs: Option<f64>,
     /// Per stream, drop to return; and reconnect attempts that failed.
     pub resume: Latency,
+    /// Per returning stream (`--leave-after`), its return to having every message.
+    pub catchup: Latency,
     pub reconnect_retries: u64,
+    /// Churn: streams closed on purpose and opened again, and attempts refused (any reason).
+    pub churn_cycles: u64,
+    pub refused: u64,
     pub latency: Latency,
     pub publish: PublishReport,
     pub server_before: Option<ProcSample>,
+    /// Sleepers (`--wake-ms`): the server just before they read on, while they lag.
+    pub server_lagging: Option<ProcSample>,
     pub server_after: Option<ProcSample>,
+    /// Sleepers: server memory per lagging stream, beyond what it held with every stream idle.
+    pub server_rss_kb_per_lagging_stream: Option<f64>,
     pub server_rss_kb_per_stream: Option<f64>,
     pub server_cpu_secs_per_million_deliveries: Option<f64>,
     pub holds: HoldReport,
@@ -145,6 +154,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     let channels = args.publish.channel_count.max(1);
     let expect = args.expect.unwrap_or(args.publish.count / channels);
     let idle = sample_all(&args.server_pids);
+    // Holders start now; sleepers wake `--wake-ms` after this.
+    let epoch = Instant::now();
     let mut children = Vec::new();
     let per = args.streams.div_ceil(args.processes.max(1));
     let mut left = args.streams;
@@ -208,6 +219,16 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let before = sample_all(&args.server_pids);
     let publish_started = Instant::now();
+    // Sleepers: sample the server just before they read on (while they lag the most); also
+    // without sleepers (a baseline sampled at the same moment).
+    let lagging = (args.stream.wake_ms > 0).then(|| {
+        let pids = args.server_pids.clone();
+        let at = epoch + Duration::from_millis(args.stream.wake_ms.saturating_sub(300));
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            sample_all(&pids)
+        })
+    });
     let publish = publish::main(args.publish.clone()).await?;
     let mut holds = HoldReport::default();
     for (mut child, mut lines) in children {
@@ -221,6 +242,10 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         holds.merge(&r);
     }
     let after = sample_all(&args.server_pids);
+    let server_lagging = match lagging {
+        Some(t) => t.await.ok().flatten(),
+        None => None,
+    };
     let busy_secs = publish_started.elapsed().as_secs_f64();
     // Stalled streams are not expected to receive anything.
     let expected = opened.saturating_sub(holds.streams_stalled) * expect;
@@ -255,15 +280,26 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         },
         latency: Latency::of(&holds.histogram()),
         resume: Latency::of(&crate::report::from_pairs(&holds.resume_us)),
+        catchup: Latency::of(&crate::report::from_pairs(&holds.catchup_us)),
         reconnect_retries: holds.reconnect_retries,
+        churn_cycles: holds.churn_cycles,
+        refused: holds.failures.values().sum(),
         publish,
         server_before: before,
+        server_rss_kb_per_lagging_stream: match (before, server_lagging) {
+            (Some(b), Some(l)) if args.stall > 0 => {
+                Some((l.rss_kb as f64 - b.rss_kb as f64) / args.stall as f64)
+            }
+            _ => None,
+        },
+        server_lagging,
         server_after: after,
         server_rss_kb_per_stream: per_stream,
         server_cpu_secs_per_million_deliveries: cpu,
         holds: HoldReport {
             latency_us: Vec::new(),
             resume_us: Vec::new(),
+            catchup_us: Vec::new(),
             ..holds
         },
     };

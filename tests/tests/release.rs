@@ -210,3 +210,29 @@ async fn a_reset_at_any_await_of_the_opening_leaves_nothing() {
     let (_s, _) = hub.connect(&format!("channel={p}.new"), &[]).await;
     assert_eq!(hub.stats().await["connections"]["admitted"], 2);
 }
+
+#[tokio::test]
+async fn clients_that_close_and_reopen_at_once_at_the_cap_are_never_refused() {
+    // 50 clients at a cap of 50, each closing its stream and opening the next at once: the
+    // node may see a new request before the old connection's close, and must not refuse it.
+    let hub = Hub::start(&[("HUB_MAX_CONNECTIONS", "50")]).await;
+    let ch = prefix("reopen");
+    let q = format!("channel={ch}");
+    let clients = (0..50).map(|_| {
+        let (hub, q) = (&hub, &q);
+        async move {
+            for _ in 0..20 {
+                let s = hub.sse(q, &[]).await;
+                assert_eq!(s.status, 200, "refused while the client held nothing");
+                drop(s);
+            }
+        }
+    });
+    futures_util::future::join_all(clients).await;
+    assert_eq!(
+        hub.metric(r#"hub_connections_rejected_total{reason="capacity"}"#)
+            .await,
+        0.0
+    );
+    wait_open(&hub, 0.0, 0.0, Instant::now() + RELEASE, "all released").await;
+}

@@ -206,7 +206,7 @@ impl SseBody {
         let node = self.stream.node();
         match item {
             Item::Opened(positions) => {
-                self.positions = positions.into_vec();
+                self.positions = *positions;
                 let mut buf = BytesMut::with_capacity(256);
                 sse::write_retry(&mut buf, node.config.retry_ms);
                 sse::write_id(&mut buf, &self.cursor());
@@ -277,6 +277,7 @@ impl MessageBody for SseBody {
             };
             let now = self.stream.node().registry.clock.now();
             self.stream.session.touch(now);
+            self.stream.session.took(now);
             if let Some(bytes) = self.render(item) {
                 return Poll::Ready(Some(Ok(bytes)));
             }

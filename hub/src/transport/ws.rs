@@ -143,6 +143,7 @@ impl Conn {
                         return;
                     }
                     Some(item) => {
+                        session.took(self.node().registry.clock.now());
                         if self.write(&mut ws, item).await.is_err() {
                             break;
                         }
@@ -268,7 +269,7 @@ impl Conn {
         let started = self
             .node()
             .start_channels(session, vec![(channel.clone(), want)], |_| {
-                vec![Item::Reply(subscribed)]
+                vec![Item::Reply(Box::new(subscribed))]
             })
             .await;
         if let Err(r) = started {
