@@ -3,14 +3,14 @@
 //!
 //! Streams ask by sequence number when they have room (see `Session::poll_item`); one task
 //! takes every request waiting, groups the readers by channel and serves each group with pages
-//! of at most [`PAGE`] messages (no more than its roomiest reader takes) read from the
-//! group's oldest position: a page serves every
-//! reader whose position lies inside it, and the next read starts at the oldest reader it did
-//! not reach. So one round costs at most `ceil(HUB_HISTORY_LEN / PAGE) + 1` reads per channel,
-//! however many readers the channel has (1,000 readers of one channel that fell behind together
-//! cost one read per page, not 1,000), and a reader takes only what fits in its queue: its
-//! memory does not grow with how far behind it is. It never writes to sockets or holds a lock
-//! across a read.
+//! read from the group's oldest position, each of `c` = min([`PAGE`], the roomiest reader's
+//! room) messages at most (`XRANGE ... COUNT c` in Redis): a page serves every reader whose
+//! position lies inside it, and the next read starts at the oldest reader it did not reach.
+//! **Cost bound:** one round costs at most `ceil(HUB_HISTORY_LEN / c) + 1` reads of at most `c`
+//! messages per channel, however many readers the channel has: 1,000 readers of one channel
+//! that fell behind together cost one read per page, not 1,000 (measured in the sleepers
+//! scenario, BENCHMARKS.md). A reader takes only what fits in its queue, so its memory does not
+//! grow with how far behind it is. It never writes to sockets or holds a lock across a read.
 
 use crate::node::Node;
 use crate::session::{PageView, Session};

@@ -54,6 +54,21 @@ local function valid_event(ev)
     and not string.find(ev, '%c') and string.sub(ev, 1, 4) ~= 'hub.')
 end
 
+-- Redis's clock in milliseconds.
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- The id of the last entry ever added to an existing stream (trimmed or not).
+local function last_generated(key)
+  local info = redis.call('XINFO', 'STREAM', key)
+  for i = 1, #info, 2 do
+    if info[i] == 'last-generated-id' then return info[i + 1] end
+  end
+  return '0-0'
+end
+
 local function publish(keys, args)
   local ch, env = keys[1], args[1]
   if ch == nil or env == nil then
@@ -110,8 +125,7 @@ end
 local function recover(keys, args)
   local ch, since = keys[1], args[1] or ''
   local key = history_key(ch)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local horizon = now - TTL_MS
   local s_ms, s_seq
   if since ~= '' then
@@ -126,11 +140,7 @@ local function recover(keys, args)
     if s_ms < horizon or s_ms > now then return {tail, 1} end
     return {since, 0}
   end
-  local info = redis.call('XINFO', 'STREAM', key)
-  local last = '0-0'
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-  end
+  local last = last_generated(key)
   if since == '' then return {last, 0} end
   local l_ms, l_seq = parse_id(last)
   local f_ms, f_seq = parse_id(redis.call('GET', floor_key(ch)) or '0-0')
@@ -153,19 +163,14 @@ end
 local function read(keys, args)
   local ch, after, count = keys[1], args[1] or '', tonumber(args[2] or '0') or 0
   local key = history_key(ch)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_ms()
   local horizon = now - TTL_MS
   if redis.call('EXISTS', key) == 0 then
     -- Nothing was published for a TTL (or ever): positions within the TTL missed nothing. A
     -- fresh reader starts just before now, so the first message (at now or later) follows it.
     return {(now - 1) .. '-0', horizon .. '-0'}
   end
-  local info = redis.call('XINFO', 'STREAM', key)
-  local last = '0-0'
-  for i = 1, #info, 2 do
-    if info[i] == 'last-generated-id' then last = info[i + 1] end
-  end
+  local last = last_generated(key)
   local floor = redis.call('GET', floor_key(ch)) or '0-0'
   local f_ms, f_seq = parse_id(floor)
   -- Older than the TTL counts as lost even where not trimmed yet.
