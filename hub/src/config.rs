@@ -49,7 +49,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub heartbeat_secs: u64,
 
-    /// A stream that accepted no write for this long is closed by the sweep.
+    /// A stream that accepted no write (WebSocket: sent no frame, pongs included) for this long
+    /// is closed as stale.
     #[arg(long, env = "HUB_STALE_AFTER_SECS", value_name = "HUB_STALE_AFTER_SECS", default_value_t = 90,
           value_parser = clap::value_parser!(u64).range(1..=86400))]
     pub stale_after_secs: u64,
@@ -130,7 +131,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub retry_ms: u64,
 
-    /// Messages queued per stream before it is closed as slow.
+    /// Messages queued per stream; a reader further behind continues from history.
     #[arg(long, env = "HUB_OUTBOX_LEN", value_name = "HUB_OUTBOX_LEN", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(4..=65_536))]
     pub outbox_len: u64,

@@ -296,8 +296,10 @@ impl Node {
             Transport::Ws => Vec::new(),
         };
         if let Err(r) = self.start_channels(&stream.session, want, head).await {
+            // Closed by the node meanwhile (a drain): already counted as closed, not refused.
+            let closed = stream.session.close_reason().is_some();
             stream.close(CloseReason::Error);
-            return Err(self.refuse(r));
+            return Err(if closed { r } else { self.refuse(r) });
         }
         Ok(stream)
     }
@@ -341,8 +343,9 @@ impl Node {
 
     /// The one routine that starts channels on a stream (SSE opening, WebSocket subscribe):
     /// makes the stream a reader of each (subscribing at the broker, under the channel's stripe
-    /// lock, those that had no local reader), reads the latest position of those that start
-    /// fresh or reset, then queues `head` and starts them in one step (see `Session::start`).
+    /// lock, those whose subscription is not confirmed yet), reads the latest position of those
+    /// that start fresh or reset, then queues `head` and starts them in one step (see
+    /// `Session::start`).
     /// On error the caller closes the stream or drops the channel. Cancel-safe: the registry
     /// holds nothing the stream's close does not release.
     pub async fn start_channels(
@@ -352,13 +355,36 @@ impl Node {
         head: impl FnOnce(&[StreamId]) -> Vec<Item>,
     ) -> Result<(), Refusal> {
         let names: Vec<ChannelName> = want.iter().map(|(c, _)| c.clone()).collect();
-        {
-            let _order = self.lock_stripes(&names).await;
-            let first = self.registry.add_channels(session, &names);
-            if !first.is_empty() {
-                if let Err(e) = self.broker.subscribe(&first).await {
+        let unconfirmed = self.registry.add_channels(session, &names);
+        if session.close_reason().is_some() {
+            // Closed meanwhile: the registry took it off again; channels left without a reader
+            // are unsubscribed.
+            let emptied = names
+                .into_iter()
+                .filter(|c| !self.registry.has_readers(c))
+                .collect();
+            self.forget(emptied);
+            return Err(match session.close_reason() {
+                Some(CloseReason::Shutdown) => Refusal::draining(),
+                _ => Refusal::unavailable(),
+            });
+        }
+        if self.broker.subscribes() && !unconfirmed.is_empty() {
+            // Only a channel's first readers get here (later ones find it confirmed and never
+            // wait): under the stripe locks, so that an unsubscribe cannot cross, the first
+            // subscribes and the others find it done.
+            let _order = self.lock_stripes(&unconfirmed).await;
+            let todo: Vec<ChannelName> = unconfirmed
+                .into_iter()
+                .filter(|c| !self.registry.is_subscribed(c))
+                .collect();
+            if !todo.is_empty() {
+                if let Err(e) = self.broker.subscribe(&todo).await {
                     tracing::warn!(error = %e, "subscribe failed; refusing");
                     return Err(Refusal::unavailable());
+                }
+                for c in &todo {
+                    self.registry.confirm_subscribed(c);
                 }
             }
         }

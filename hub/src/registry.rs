@@ -24,9 +24,16 @@ const SHARDS: usize = 64;
 /// no queued messages.
 const TRIM_AFTER_SECS: u64 = 3;
 
-/// A channel's local readers, by session sequence number.
-type Readers = HashMap<u64, Arc<Session>>;
-type ChannelShard = Mutex<HashMap<Arc<str>, Readers>>;
+/// A channel with local readers.
+#[derive(Default)]
+struct Channel {
+    /// Its readers, by session sequence number.
+    readers: HashMap<u64, Arc<Session>>,
+    /// The broker confirmed it delivers this channel (see [`Registry::confirm_subscribed`]);
+    /// until then every new reader makes sure of it, after that none needs to wait.
+    subscribed: bool,
+}
+type ChannelShard = Mutex<HashMap<Arc<str>, Channel>>;
 type SessionShard = Mutex<HashMap<u64, Arc<Session>>>;
 
 /// A clock in whole seconds since start, advanced by the node's tick; reading it costs a load.
@@ -177,25 +184,31 @@ impl Registry {
         self.metrics.opened[t as usize].increment(1);
     }
 
-    /// Makes `session` a reader of `channels`. Returns those that had no local reader before
-    /// (the broker must start receiving them). Nothing is added to a closed session.
+    /// Makes `session` a reader of `channels`. Returns those whose subscription at the broker
+    /// is not confirmed yet (a channel that had no local reader before, or whose first reader
+    /// is still subscribing it): the caller makes sure of them. Nothing is added to a closed
+    /// session.
     pub fn add_channels(
         &self,
         session: &Arc<Session>,
         channels: &[ChannelName],
     ) -> Vec<ChannelName> {
-        let mut first = Vec::new();
+        let mut created = 0;
+        let mut unconfirmed = Vec::new();
         for ch in channels {
             let mut shard = self.channels[shard_of(ch)].lock();
-            let readers = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
-                first.push(ch.clone());
-                HashMap::new()
+            let entry = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
+                created += 1;
+                Channel::default()
             });
-            readers.insert(session.seq, session.clone());
+            entry.readers.insert(session.seq, session.clone());
+            if !entry.subscribed {
+                unconfirmed.push(ch.clone());
+            }
         }
-        if !first.is_empty() {
-            self.channel_count.fetch_add(first.len(), Ordering::Relaxed);
-            self.metrics.channels.increment(first.len() as f64);
+        if created > 0 {
+            self.channel_count.fetch_add(created, Ordering::Relaxed);
+            self.metrics.channels.increment(created as f64);
         }
         if session.close_reason().is_some() {
             // Closed meanwhile: its close may have unlinked before these were added.
@@ -203,7 +216,24 @@ impl Registry {
                 self.unlink(session.seq, ch);
             }
         }
-        first
+        unconfirmed
+    }
+
+    /// Whether the broker confirmed it delivers `channel` (since its current first reader).
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.channels[shard_of(channel)]
+            .lock()
+            .get(channel)
+            .is_some_and(|c| c.subscribed)
+    }
+
+    /// The broker delivers `channel` now: later readers need not wait for it. A channel that
+    /// lost all its readers meanwhile is left alone (its entry is gone; the next first reader
+    /// subscribes again).
+    pub fn confirm_subscribed(&self, channel: &str) {
+        if let Some(c) = self.channels[shard_of(channel)].lock().get_mut(channel) {
+            c.subscribed = true;
+        }
     }
 
     /// Takes `session` off `channel`'s readers (WebSocket unsubscribe, or a failed start).
@@ -218,9 +248,9 @@ impl Registry {
         let emptied = {
             let mut shard = self.channels[shard_of(channel)].lock();
             match shard.get_mut(channel.as_str()) {
-                Some(readers) => {
-                    readers.remove(&seq).is_some()
-                        && readers.is_empty()
+                Some(c) => {
+                    c.readers.remove(&seq).is_some()
+                        && c.readers.is_empty()
                         && shard.remove(channel.as_str()).is_some()
                 }
                 None => false,
@@ -279,8 +309,8 @@ impl Registry {
         let mut lagged = 0;
         {
             let shard = self.channels[shard_of(&msg.channel)].lock();
-            if let Some(readers) = shard.get(msg.channel.as_str()) {
-                for s in readers.values() {
+            if let Some(c) = shard.get(msg.channel.as_str()) {
+                for s in c.readers.values() {
                     match s.offer(msg) {
                         Offer::Queued => queued += 1,
                         Offer::Lagged => lagged += 1,
@@ -475,16 +505,24 @@ mod tests {
     }
 
     #[test]
-    fn first_and_last_readers_are_reported() {
+    fn unconfirmed_subscriptions_and_last_readers_are_reported() {
         let r = reg();
-        let (a, first) = open(&r, &["c1", "c2"], 8);
-        assert_eq!(names(&first), ["c1", "c2"]);
-        let (b, first) = open(&r, &["c1"], 8);
-        assert!(first.is_empty());
+        let (a, unconfirmed) = open(&r, &["c1", "c2"], 8);
+        assert_eq!(names(&unconfirmed), ["c1", "c2"]);
+        let (b, unconfirmed) = open(&r, &["c1"], 8);
+        assert_eq!(
+            names(&unconfirmed),
+            ["c1"],
+            "its first reader is still subscribing it"
+        );
+        r.confirm_subscribed("c1");
+        assert!(r.is_subscribed("c1") && !r.is_subscribed("c2"));
+        let (c, unconfirmed) = open(&r, &["c1"], 8);
+        assert!(unconfirmed.is_empty(), "later readers need not wait");
         assert_eq!(
             r.counts(),
             Counts {
-                sse: 2,
+                sse: 3,
                 ws: 0,
                 channels: 2
             }
@@ -494,7 +532,12 @@ mod tests {
             r.close(&a, CloseReason::Client).is_none(),
             "second close is a no-op"
         );
-        assert_eq!(names(&r.close(&b, CloseReason::Client).unwrap()), ["c1"]);
+        assert!(r.close(&b, CloseReason::Client).unwrap().is_empty());
+        assert_eq!(names(&r.close(&c, CloseReason::Client).unwrap()), ["c1"]);
+        assert!(
+            !r.is_subscribed("c1"),
+            "an emptied channel starts unconfirmed again"
+        );
         assert_eq!(r.counts(), Counts::default());
         assert_eq!(r.admitted(), 0);
         assert_eq!(r.reconcile(), Counts::default());

@@ -386,11 +386,17 @@ impl Session {
         }
     }
 
-    /// Queues a heartbeat if the stream has started and nothing is waiting to be written
-    /// (queued data keeps the connection busy anyway).
+    /// Queues a heartbeat if the stream has started. SSE: only when nothing is waiting to be
+    /// written (queued data keeps the connection busy anyway). WebSocket: also behind queued
+    /// messages (within the control slack), since its pong is how the client shows it is
+    /// alive.
     pub fn push_heartbeat(&self) -> bool {
         let mut st = self.state.lock();
-        if st.ending || !st.started || !st.queue.is_empty() {
+        let room = match self.transport {
+            crate::metrics::Transport::Sse => st.queue.is_empty(),
+            crate::metrics::Transport::Ws => st.queue.len() < self.capacity + CONTROL_SLACK,
+        };
+        if st.ending || !st.started || !room {
             return false;
         }
         st.queue.push_back(Item::Heartbeat);

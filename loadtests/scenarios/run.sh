@@ -29,6 +29,7 @@
 #   PIN=1           servers (and Redis) on CPU 0, the load generator on CPU 1 (taskset), so
 #                   that a server is measured on a core of its own rather than sharing both
 #   LIMIT           longest a run may take, seconds
+#   HUB_BIN HUB_LOG another hub binary (an older build, to compare); its log level (warn)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} RATE=${RATE:-1}
@@ -78,10 +79,10 @@ start_hub() { # start_hub <i>
     local i=$1
     [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
     [ -n "${NADM[$i]:-}" ] || NADM[$i]=127.0.0.1:$(free_port)
-    local env=(HUB_BIND="${NPUB[$i]}" HUB_ADMIN_BIND="${NADM[$i]}" HUB_DRAIN_SECS=0 HUB_LOG=warn
+    local env=(HUB_BIND="${NPUB[$i]}" HUB_ADMIN_BIND="${NADM[$i]}" HUB_DRAIN_SECS=0 HUB_LOG="${HUB_LOG:-warn}"
                HUB_MAX_CONNECTIONS="$CAP" HUB_NODE_ID="node$i")
     if [ "$MODE" = redis ]; then env+=(HUB_REDIS_URL="$REDIS_URL"); fi
-    env "${env[@]}" "${SRV[@]}" target/release/hub >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
+    env "${env[@]}" "${SRV[@]}" "${HUB_BIN:-target/release/hub}" >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
     wait_for 200 curl -sf "http://${NADM[$i]}/readyz"
 }
