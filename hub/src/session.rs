@@ -703,8 +703,18 @@ impl Session {
         if let Some(item) = st.queue.pop_front() {
             match &item {
                 Item::Message(m) => {
-                    if let (Some(p), Some(i)) = (m.position, st.index(&m.channel)) {
-                        st.chans[i].taken = p;
+                    if let Some(p) = m.position {
+                        // An SSE stream's channels never change: one channel needs no lookup.
+                        let single =
+                            self.transport == crate::metrics::Transport::Sse && st.chans.len() == 1;
+                        let at = if single {
+                            Some(0)
+                        } else {
+                            st.index(&m.channel)
+                        };
+                        if let Some(i) = at {
+                            st.chans[i].taken = p;
+                        }
                     }
                 }
                 Item::Opened(positions) => {

@@ -226,13 +226,16 @@ impl SseBody {
                     .latency
                     .record(m.received.elapsed().as_secs_f64());
                 let envelope = self.stream.session.envelope;
+                if self.channels.len() == 1 {
+                    // Its own `id:` line (if durable) is the single channel's cursor.
+                    if let Some(p) = m.position {
+                        self.positions[0] = p;
+                    }
+                    return Some(m.frame(envelope));
+                }
                 match (self.index(&m.channel), m.position) {
                     (Some(i), Some(p)) => self.positions[i] = p,
                     _ => return Some(m.frame_body(envelope)),
-                }
-                if self.channels.len() == 1 {
-                    // Its own `id:` line is the single channel's cursor.
-                    return Some(m.frame(envelope));
                 }
                 let cursor = self.cursor();
                 let mut line = BytesMut::with_capacity(cursor.len() + 5);
