@@ -14,6 +14,8 @@ need openssl openssl             # key pairs for the RS256/ES256 token tests
 need nginx nginx                 # deploy/nginx/hub.conf in front of two hubs
 need chromium chromium           # the real-browser EventSource test
 need promtool prometheus         # deploy/prometheus: promtool check/test rules
+need ip iproute2                 # a network namespace for the client that vanishes
+need curl curl                   # that client
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing: ${need_pkgs[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -13,6 +13,7 @@
 //! - [`history`]: the embedded broker's in-memory channel history.
 //! - [`transport`]: SSE and WebSocket: check the request, render the items.
 //! - [`auth`]: who may read which channel. [`refusal`]: why a request is refused.
+//! - [`peer`]: whether a stream's client still acknowledges (the kernel's view of its socket).
 //! - [`http`]: the public and admin route tables, CORS, JSON errors.
 //! - [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
 //! - [`shutdown`]: signal handling and the drain.
@@ -31,6 +32,7 @@ pub mod http;
 pub mod message;
 pub mod metrics;
 pub mod node;
+pub mod peer;
 pub mod refusal;
 pub mod registry;
 pub mod session;
@@ -115,10 +117,10 @@ pub struct Listeners {
 
 impl Listeners {
     /// Binds `HUB_BIND` and `HUB_ADMIN_BIND`. Accepted sockets carry `TCP_USER_TIMEOUT` of
-    /// `HUB_STALE_AFTER_SECS` + one heartbeat: a peer that vanished without a FIN or RST never
-    /// acknowledges its next heartbeat, and the kernel drops the connection then. Not shorter:
-    /// Linux applies the same timeout to a reader that keeps its window closed (seen here on
-    /// 6.18), and such a reader is the hub's to close as stale, at `HUB_STALE_AFTER_SECS`.
+    /// `HUB_STALE_AFTER_SECS` + one heartbeat, a backstop behind the hub's own rules (a vanished
+    /// client is found at its second heartbeat, see [`peer`]). Not shorter: Linux applies the
+    /// same timeout to a reader that keeps its window closed (seen here on 6.18), and such a
+    /// reader is the hub's to close as stale, at `HUB_STALE_AFTER_SECS`.
     pub fn bind(config: &Config) -> anyhow::Result<Listeners> {
         let user_timeout = Duration::from_secs(config.stale_after_secs + config.heartbeat_secs);
         Ok(Listeners {
@@ -170,6 +172,7 @@ pub async fn run(
     // stream (slot, counts, per-user place) is released at once instead of at the next write.
     .h1_allow_half_closed(false)
     .h1_write_buffer_size(STREAM_WRITE_BUFFER)
+    .on_connect(peer::on_connect)
     .max_connections(per_worker)
     .backlog(BACKLOG as u32)
     .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))

@@ -43,6 +43,8 @@ pub struct OpenRequest {
     pub user: Option<Arc<str>>,
     /// The token's `exp`, when a token was used.
     pub expires_at: Option<u64>,
+    /// The connection's socket, when actix recorded it.
+    pub socket: Option<crate::peer::PeerSocket>,
 }
 
 /// Where a channel of a stream should start.
@@ -261,6 +263,7 @@ impl Node {
                 capacity: self.config.outbox_len as usize,
                 now: self.registry.clock.now(),
                 refill: Some(self.refill.clone()),
+                socket: req.socket,
             },
             req.channels.clone(),
         ));

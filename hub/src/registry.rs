@@ -328,10 +328,17 @@ impl Registry {
     /// One tick of the node's clock: gives back the queued durable messages of streams that
     /// fell behind and took nothing for `TRIM_AFTER_SECS`, queues a heartbeat to the idle streams whose turn it is
     /// (each gets one every `every` ticks, spread by its sequence number) and returns the
-    /// streams to close: tokens expired by `now_unix`, and streams that took nothing for
-    /// `stale_after` seconds (SSE: no item written; WebSocket: no frame from the client,
+    /// streams to close: tokens expired by `now_unix`, streams whose client `vanished` (asked
+    /// at their heartbeat turn), and streams that took nothing for `stale_after` seconds (SSE: no item written; WebSocket: no frame from the client,
     /// pongs included).
-    pub fn tick(&self, tick: u64, every: u64, now_unix: u64, stale_after: u64) -> Due {
+    pub fn tick(
+        &self,
+        tick: u64,
+        every: u64,
+        now_unix: u64,
+        stale_after: u64,
+        vanished: impl Fn(&Session) -> bool,
+    ) -> Due {
         let mut due = Vec::new();
         let now = self.clock.now();
         let mut sent = 0;
@@ -345,8 +352,14 @@ impl Registry {
                     due.push((s.clone(), CloseReason::TokenExpired));
                 } else if now.saturating_sub(s.last_write()) >= stale_after {
                     due.push((s.clone(), CloseReason::Stale));
-                } else if s.seq % every == turn && s.push_heartbeat() {
-                    sent += 1;
+                } else if s.seq % every == turn {
+                    // At its heartbeat turn: a client that vanished (no FIN, no RST) left the
+                    // last heartbeat unacknowledged; the next one is not written.
+                    if vanished(s) {
+                        due.push((s.clone(), CloseReason::Stale));
+                    } else if s.push_heartbeat() {
+                        sent += 1;
+                    }
                 }
             }
         }
@@ -474,6 +487,7 @@ mod tests {
                 capacity: cap,
                 now: 0,
                 refill: None,
+                socket: None,
             },
             chans.clone(),
         ));
@@ -595,7 +609,7 @@ mod tests {
         let r = reg();
         let (s, _) = open(&r, &["c"], 4);
         r.clock.secs.store(100, Ordering::Relaxed);
-        let due = r.tick(100, 30, 0, 90);
+        let due = r.tick(100, 30, 0, 90, |_| false);
         assert_eq!(due.len(), 1);
         assert!(Arc::ptr_eq(&due[0].0, &s) && due[0].1 == CloseReason::Stale);
         assert_eq!(r.stale(90).len(), 1);

@@ -205,6 +205,8 @@ pub struct Session {
     pub user: Option<Arc<str>>,
     /// The token's `exp` (Unix seconds): the stream is closed then.
     pub expires_at: Option<u64>,
+    /// The connection's socket, to tell a vanished client (see [`crate::peer`]).
+    pub socket: Option<crate::peer::PeerSocket>,
     /// Items the queue holds before a live channel falls behind.
     capacity: usize,
     /// Coarse clock reading (seconds) of the last sign of life: an item the transport took
@@ -230,6 +232,7 @@ pub struct SessionInit {
     pub capacity: usize,
     pub now: u64,
     pub refill: Option<UnboundedSender<u64>>,
+    pub socket: Option<crate::peer::PeerSocket>,
 }
 
 impl Session {
@@ -265,6 +268,7 @@ impl Session {
             envelope: init.envelope,
             user: init.user,
             expires_at: init.expires_at,
+            socket: init.socket,
             capacity: init.capacity.max(1),
             last_write: AtomicU64::new(init.now),
             last_taken: AtomicU64::new(init.now),
@@ -859,6 +863,7 @@ mod tests {
                 capacity: cap,
                 now: 0,
                 refill: None,
+                socket: None,
             },
             channels.iter().map(|c| chan(c)).collect(),
         )

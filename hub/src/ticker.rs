@@ -9,6 +9,7 @@
 //! node closes.
 
 use crate::node::Node;
+use crate::peer;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,13 +31,20 @@ pub async fn run(node: Arc<Node>) {
             done += 1;
             let now_unix = crate::broker::local::now_ms() / 1000;
             let stale_after = node.config.stale_after_secs;
-            for (s, reason) in node.registry.tick(done, every, now_unix, stale_after) {
+            let silent_ms = (every * 1000).min(u64::from(u32::MAX)) as u32;
+            let vanished = |s: &crate::session::Session| {
+                s.socket.is_some_and(|p| peer::vanished(p, silent_ms))
+            };
+            for (s, reason) in node
+                .registry
+                .tick(done, every, now_unix, stale_after, vanished)
+            {
                 match reason {
                     crate::metrics::CloseReason::TokenExpired => {
                         tracing::info!(connection_id = %s.id, "closing stream: its token expired")
                     }
                     _ => {
-                        tracing::info!(connection_id = %s.id, "closing stale stream: it took nothing for HUB_STALE_AFTER_SECS")
+                        tracing::info!(connection_id = %s.id, "closing stale stream: it took nothing for HUB_STALE_AFTER_SECS, or its client stopped acknowledging")
                     }
                 }
                 node.close(&s, reason);

@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 pub mod client;
+pub mod netns;
 pub mod nginx;
 pub mod redis_server;
 

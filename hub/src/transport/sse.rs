@@ -110,6 +110,7 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
             last_event_id,
             user: grant.user,
             expires_at: grant.expires_at,
+            socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
         })
         .await?;
 

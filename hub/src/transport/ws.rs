@@ -102,6 +102,7 @@ pub async fn upgrade(
             last_event_id: None,
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             expires_at: claims.as_ref().map(|c| c.exp),
+            socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
         })
         .await?;
     let messages = messages.max_frame_size(MAX_CLIENT_FRAME);
