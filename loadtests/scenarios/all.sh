@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every scenario of issue 5, one after the other, hub and Nchan side by side (about 40 minutes).
+# Every scenario, one after the other, hub and Nchan side by side (about 80 minutes).
 # Output goes to the terminal and to $OUT (default /tmp/scenarios-<time>.txt).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,4 +16,9 @@ run ./channels.sh
 run ./multinode.sh
 run ./storm.sh
 run ./slow.sh
+run ./churn.sh
+run ./sleepers.sh
+run BASELINE=1 ./sleepers.sh
+run ./returners.sh
+run MODE=redis ./returners.sh
 echo "all results: $OUT"
