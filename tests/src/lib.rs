@@ -329,6 +329,29 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Sends `GET <path_and_query>` on a new raw socket (with a receive buffer of `recv_buf` bytes,
+/// if given) and returns the socket unread: for clients that stop reading, or reset.
+pub async fn raw_get(
+    addr: SocketAddr,
+    path_and_query: &str,
+    headers: &[(&str, &str)],
+    recv_buf: Option<u32>,
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+    if let Some(bytes) = recv_buf {
+        sock.set_recv_buffer_size(bytes).expect("SO_RCVBUF");
+    }
+    let mut c = sock.connect(addr).await.expect("connect");
+    let mut req = format!("GET {path_and_query} HTTP/1.1\r\nHost: hub\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).await.expect("send request");
+    c
+}
+
 /// One SSE event as EventSource would see it, or a comment.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SseEvent {
@@ -377,16 +400,8 @@ impl SseStream {
         headers: &[(&str, &str)],
         recv_buf: u32,
     ) -> SseStream {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-        sock.set_recv_buffer_size(recv_buf).expect("SO_RCVBUF");
-        let mut c = sock.connect(addr).await.expect("connect");
-        let mut req = format!("GET {path_and_query} HTTP/1.1\r\nHost: hub\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        c.write_all(req.as_bytes()).await.expect("send request");
+        use tokio::io::AsyncReadExt;
+        let mut c = raw_get(addr, path_and_query, headers, Some(recv_buf)).await;
         let mut buf = BytesMut::with_capacity(8192);
         let head_end = loop {
             if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {

@@ -7,7 +7,6 @@
 use hub_tests::{prefix, Hub, WAIT};
 use serde_json::json;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
 
 const SSE: &str = r#"hub_connections{transport="sse"}"#;
 
@@ -94,14 +93,14 @@ async fn counts_return_to_zero_after_200_streams_open_and_close() {
 
 /// A client that sends the request and then never reads, with a small receive buffer.
 async fn non_reader(hub: &Hub, ch: &str) -> tokio::net::TcpStream {
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(4096).unwrap();
-    let mut c = sock.connect(hub.public).await.unwrap();
-    let req = format!(
-        "GET /v1/sse?channel={ch} HTTP/1.1\r\nHost: hub\r\nAccept: text/event-stream\r\n\r\n"
-    );
-    c.write_all(req.as_bytes()).await.unwrap();
-    c
+    let path = format!("/v1/sse?channel={ch}");
+    hub_tests::raw_get(
+        hub.public,
+        &path,
+        &[("Accept", "text/event-stream")],
+        Some(4096),
+    )
+    .await
 }
 
 #[tokio::test]

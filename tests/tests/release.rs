@@ -8,7 +8,6 @@
 use hub_tests::client::{token, try_ws, SECRET};
 use hub_tests::{prefix, signal, wait_until, Hub, Redis, WAIT};
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
 
 const SSE: &str = r#"hub_connections{transport="sse"}"#;
 const WS: &str = r#"hub_connections{transport="ws"}"#;
@@ -135,13 +134,11 @@ async fn a_user_who_reloads_ten_times_still_opens_three_streams() {
 
 /// Sends a stream request on a raw socket (so that it can be reset) and returns the socket.
 async fn raw_request(hub: &Hub, query: &str, last_event_id: Option<&str>) -> tokio::net::TcpStream {
-    let mut c = tokio::net::TcpStream::connect(hub.public).await.unwrap();
-    let extra = last_event_id
-        .map(|id| format!("Last-Event-ID: {id}\r\n"))
-        .unwrap_or_default();
-    let req = format!("GET /v1/sse?{query} HTTP/1.1\r\nHost: hub\r\n{extra}\r\n");
-    c.write_all(req.as_bytes()).await.unwrap();
-    c
+    let headers: Vec<(&str, &str)> = last_event_id
+        .map(|id| ("Last-Event-ID", id))
+        .into_iter()
+        .collect();
+    hub_tests::raw_get(hub.public, &format!("/v1/sse?{query}"), &headers, None).await
 }
 
 /// Resets a connection (RST, not FIN): SO_LINGER 0, then close.
