@@ -55,9 +55,12 @@ pub struct Grant {
     pub claims: Option<Arc<Claims>>,
 }
 
-/// The configured keys, each with the one algorithm it verifies.
+/// The configured keys, each with the one algorithm it verifies, and the issuer and audience a
+/// token must name (when configured).
 pub struct Auth {
     keys: Vec<(Algorithm, DecodingKey)>,
+    issuer: Option<String>,
+    audience: Option<String>,
 }
 
 impl Auth {
@@ -87,14 +90,20 @@ impl Auth {
                 ));
             }
         }
-        Ok(Auth { keys })
+        Ok(Auth {
+            keys,
+            issuer: config.jwt_issuer.clone(),
+            audience: config.jwt_audience.clone(),
+        })
     }
 
     pub fn configured(&self) -> bool {
         !self.keys.is_empty()
     }
 
-    /// Verifies a token: signature with the key of its algorithm, `exp` (no leeway), `sub`.
+    /// Verifies a token: signature with the key of its algorithm, `exp` and `nbf` (no leeway),
+    /// `sub`, and `iss` / `aud` when `HUB_JWT_ISSUER` / `HUB_JWT_AUDIENCE` are set. Without an
+    /// audience configured, a token's `aud` is not looked at (identity providers always set one).
     pub fn verify(&self, token: &str) -> Result<Claims, &'static str> {
         if self.keys.is_empty() {
             return Err(
@@ -107,8 +116,19 @@ impl Auth {
         };
         let mut v = Validation::new(*alg);
         v.leeway = 0;
+        v.validate_nbf = true;
         v.validate_aud = false;
-        v.set_required_spec_claims(&["exp", "sub"]);
+        let mut required = vec!["exp", "sub"];
+        if let Some(iss) = &self.issuer {
+            v.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        if let Some(aud) = &self.audience {
+            v.set_audience(&[aud]);
+            v.validate_aud = true;
+            required.push("aud");
+        }
+        v.set_required_spec_claims(&required);
         match jsonwebtoken::decode::<Claims>(token, key, &v) {
             Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims),
             Ok(_) => Err("the token's sub is empty"),
@@ -118,7 +138,14 @@ impl Auth {
                     "the token's signature does not verify"
                 }
                 jsonwebtoken::errors::ErrorKind::MissingRequiredClaim(_) => {
-                    "the token lacks sub or exp"
+                    "the token lacks a required claim (sub, exp, or the iss/aud this hub checks)"
+                }
+                jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                    "the token is not valid yet (nbf)"
+                }
+                jsonwebtoken::errors::ErrorKind::InvalidIssuer => "the token's iss is not accepted",
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                    "the token's aud is not accepted"
                 }
                 _ => "the token is invalid",
             }),

@@ -104,6 +104,12 @@ pub struct Config {
     )]
     pub allowed_origins: String,
 
+    /// The admin port is meant to be reachable from other hosts without `HUB_PUBLISH_KEY`
+    /// (anyone who reaches it can publish); without it such a node refuses to start.
+    #[arg(long, env = "HUB_ADMIN_OPEN", value_name = "HUB_ADMIN_OPEN", default_value_t = false,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub admin_open: bool,
+
     /// When set, `POST /v1/publish` needs `Authorization: Bearer <key>`.
     #[arg(
         long,
@@ -125,6 +131,14 @@ pub struct Config {
     /// Path of a PEM public key (RS256 or ES256) for stream tokens.
     #[arg(long, env = "HUB_JWT_PUBLIC_KEY", value_name = "HUB_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<String>,
+
+    /// When set, a token's `iss` must equal it.
+    #[arg(long, env = "HUB_JWT_ISSUER", value_name = "HUB_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// When set, a token's `aud` must hold it (else `aud` is not checked).
+    #[arg(long, env = "HUB_JWT_AUDIENCE", value_name = "HUB_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
 
     /// Reconnection delay sent to clients in `retry:` (milliseconds).
     #[arg(long, env = "HUB_RETRY_MS", value_name = "HUB_RETRY_MS", default_value_t = 2000,
@@ -207,6 +221,17 @@ impl Config {
                     "HUB_REDIS_URL must start with redis://, rediss:// or redis-cluster://".into(),
                 );
             }
+        }
+        if !self.admin_bind.ip().is_loopback() && self.publish_key.is_none() && !self.admin_open {
+            return Err(format!(
+                "HUB_ADMIN_BIND {} is reachable from other hosts and HUB_PUBLISH_KEY is not set, so anyone who reaches it could publish: set HUB_PUBLISH_KEY (publishers send Authorization: Bearer <key>), bind it to 127.0.0.1, or set HUB_ADMIN_OPEN=true if that is meant",
+                self.admin_bind
+            ));
+        }
+        if matches!(&self.jwt_issuer, Some(s) if s.is_empty())
+            || matches!(&self.jwt_audience, Some(s) if s.is_empty())
+        {
+            return Err("HUB_JWT_ISSUER and HUB_JWT_AUDIENCE must not be empty when set".into());
         }
         if matches!(&self.publish_key, Some(k) if k.is_empty()) {
             return Err(
@@ -321,6 +346,21 @@ mod tests {
         assert!(e.contains("HUB_ALLOWED_ORIGINS"), "{e}");
         let e = parse(&["--redis-url", "http://x"]).unwrap_err();
         assert!(e.contains("HUB_REDIS_URL"), "{e}");
+    }
+
+    #[test]
+    fn an_admin_port_open_to_other_hosts_needs_a_publish_key_or_a_word_that_it_is_meant() {
+        let e = parse(&["--admin-bind", "0.0.0.0:9090"]).unwrap_err();
+        assert!(
+            e.contains("HUB_PUBLISH_KEY") && e.contains("HUB_ADMIN_OPEN"),
+            "{e}"
+        );
+        assert!(parse(&["--admin-bind", "0.0.0.0:9090", "--publish-key", "k"]).is_ok());
+        assert!(parse(&["--admin-bind", "0.0.0.0:9090", "--admin-open", "true"]).is_ok());
+        assert!(
+            parse(&["--admin-bind", "[::1]:9090"]).is_ok(),
+            "loopback needs nothing"
+        );
     }
 
     #[test]

@@ -308,3 +308,57 @@ fn bad_key_configuration_stops_the_hub_with_a_clear_line() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[tokio::test]
+async fn nbf_issuer_and_audience_are_checked() {
+    // Without HUB_JWT_ISSUER / HUB_JWT_AUDIENCE: `nbf` is honoured, `iss` and `aud` are not
+    // looked at (identity providers always set `aud`).
+    let hub = Hub::start(&[("HUB_JWT_SECRET", SECRET)]).await;
+    let exp = now() + 600;
+    let q = |t: &str| format!("channel=room:1&token={t}");
+    let later = hs256(json!({"sub": "1", "exp": exp, "nbf": now() + 300, "channels": ["*"]}));
+    let (st, body) = status(&hub, &q(&later), &[]).await;
+    assert_eq!(st, 401, "{body}");
+    assert!(body["message"].as_str().unwrap().contains("nbf"), "{body}");
+    let began = hs256(json!({"sub": "1", "exp": exp, "nbf": now() - 5, "channels": ["*"]}));
+    assert_eq!(status(&hub, &q(&began), &[]).await.0, 200);
+    let foreign = hs256(json!({"sub": "1", "exp": exp, "iss": "x", "aud": "y", "channels": ["*"]}));
+    assert_eq!(status(&hub, &q(&foreign), &[]).await.0, 200);
+
+    // With both set: a token for another service (or one naming neither) is refused.
+    let hub = Hub::start(&[
+        ("HUB_JWT_SECRET", SECRET),
+        ("HUB_JWT_ISSUER", "https://auth.example"),
+        ("HUB_JWT_AUDIENCE", "hub"),
+    ])
+    .await;
+    let claims = |iss: Option<&str>, aud: Option<&str>| {
+        let mut c = json!({"sub": "1", "exp": exp, "channels": ["*"]});
+        if let Some(i) = iss {
+            c["iss"] = i.into();
+        }
+        if let Some(a) = aud {
+            c["aud"] = a.into();
+        }
+        hs256(c)
+    };
+    let ours = claims(Some("https://auth.example"), Some("hub"));
+    assert_eq!(status(&hub, &q(&ours), &[]).await.0, 200);
+    let several = hs256(
+        json!({"sub": "1", "exp": exp, "iss": "https://auth.example", "aud": ["hub"], "channels": ["*"]}),
+    );
+    assert_eq!(status(&hub, &q(&several), &[]).await.0, 200);
+    for (t, why) in [
+        (claims(Some("https://evil.example"), Some("hub")), "iss"),
+        (claims(Some("https://auth.example"), Some("billing")), "aud"),
+        (claims(None, Some("hub")), "iss"),
+        (claims(Some("https://auth.example"), None), "aud"),
+    ] {
+        let (st, body) = status(&hub, &q(&t), &[]).await;
+        assert_eq!(st, 401, "{why}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains(why),
+            "{why}: {body}"
+        );
+    }
+}

@@ -59,6 +59,28 @@ fn bad_configuration_stops_with_one_line_naming_the_variable() {
     }
 }
 
+#[test]
+fn an_admin_port_open_to_other_hosts_needs_a_publish_key_or_admin_open() {
+    let (code, stderr) = start_with(&[("HUB_ADMIN_BIND", "0.0.0.0:0")]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("HUB_PUBLISH_KEY") && stderr.contains("HUB_ADMIN_OPEN"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_port_open_to_other_hosts_starts_with_a_key_or_when_meant() {
+    for extra in [("HUB_PUBLISH_KEY", "k"), ("HUB_ADMIN_OPEN", "true")] {
+        let hub = Hub::start(&[("HUB_ADMIN_BIND", "0.0.0.0:0"), extra]).await;
+        let health = hub
+            .http
+            .get(format!("http://127.0.0.1:{}/healthz", hub.admin.port()));
+        assert_eq!(health.send().await.unwrap().status(), 200, "{extra:?}");
+    }
+}
+
 #[tokio::test]
 async fn health_readiness_stats_and_metrics() {
     let hub = Hub::start(&[("HUB_MAX_CONNECTIONS", "1234"), ("HUB_NODE_ID", "node-a")]).await;
