@@ -123,9 +123,10 @@ fn stripe_of(channel: &str) -> usize {
 }
 
 impl Node {
-    /// Builds the node for an already checked configuration; in Redis mode connects to Redis.
-    /// Starts the background tasks (catch-up, unsubscriber, broker), so it must run inside the
-    /// runtime; [`Node::stop`] ends them.
+    /// Builds the node for an already checked configuration; in Redis mode starts connecting to
+    /// Redis without waiting for it (the node is not ready until Redis answers). Starts the
+    /// background tasks (catch-up, unsubscriber, broker), so it must run inside the runtime;
+    /// [`Node::stop`] ends them.
     pub async fn new(config: Config) -> anyhow::Result<Arc<Node>> {
         let origins = config.origins().map_err(anyhow::Error::msg)?;
         let auth = Auth::from_config(&config).map_err(anyhow::Error::msg)?;
@@ -144,20 +145,15 @@ impl Node {
                     config.history_ttl_secs,
                 ))
             }
-            Some(url) => {
-                let redis = RedisBroker::connect(
-                    url,
-                    &name,
-                    sink,
-                    metrics.clone(),
-                    config.history_len,
-                    config.history_ttl_secs,
-                    config.max_message_bytes,
-                )
-                .await?;
-                redis.spawn();
-                Broker::Redis(redis)
-            }
+            Some(url) => Broker::Redis(RedisBroker::start(
+                url,
+                &name,
+                sink,
+                metrics.clone(),
+                config.history_len,
+                config.history_ttl_secs,
+                config.max_message_bytes,
+            )?),
         };
         let (refill, refill_rx) = catchup::channel();
         let (emptied, emptied_rx) = tokio::sync::mpsc::unbounded_channel();

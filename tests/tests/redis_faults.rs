@@ -208,3 +208,41 @@ async fn a_frozen_redis_is_noticed_through_pubsub_and_recovered() {
     let m = s.next_message(WAIT).await.unwrap();
     assert_eq!(m.data, "after the freeze");
 }
+
+#[tokio::test]
+async fn a_node_starts_without_redis_and_becomes_ready_when_it_answers() {
+    let mut redis = Redis::start();
+    redis.stop();
+    let url = redis.url();
+    let hub = Hub::start(&[("HUB_REDIS_URL", url.as_str())]).await;
+    // Alive, not ready, refusing streams (with Retry-After), and saying why in its log.
+    let health = hub.http.get(hub.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(!hub.is_ready().await);
+    let ch = prefix("late");
+    let mut refused = hub.sse(&format!("channel={ch}"), &[]).await;
+    assert_eq!(refused.status, 503);
+    assert!(refused.header("retry-after").is_some());
+    let body: serde_json::Value = serde_json::from_str(&refused.error_body().await).unwrap();
+    assert_eq!(body["error"], "broker_unavailable");
+    assert_eq!(
+        hub.metric(r#"hub_connections_rejected_total{reason="unavailable"}"#)
+            .await,
+        1.0
+    );
+    // Redis comes: the node loads its functions, subscribes, and turns ready by itself.
+    redis.restart();
+    hub.wait_ready(Duration::from_secs(15)).await;
+    let (mut s, _) = hub.connect(&format!("channel={ch}"), &[]).await;
+    let id = hub.publish(&ch, None, json!("hello"), true).await;
+    let m = s.next_message(WAIT).await.unwrap();
+    assert_eq!(
+        (m.id.as_deref(), m.data.as_str()),
+        (Some(id.as_str()), "hello")
+    );
+    assert_eq!(
+        hub.metric("hub_redis_reconnects_total").await,
+        0.0,
+        "the first connection is not a reconnection"
+    );
+}

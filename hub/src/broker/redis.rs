@@ -39,6 +39,8 @@ const SUBSCRIBE_BATCH: usize = 500;
 /// Cluster mode: shard subscriptions are re-issued this often, since Redis drops them when a
 /// slot migrates and the client does not move them.
 const SHARD_RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
+/// While not ready, how often that is logged.
+const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause between attempts to resubscribe after a reconnection.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(200);
 
@@ -51,6 +53,10 @@ pub struct RedisBroker {
     /// Serializes resubscribing with the node's own subscribe calls.
     resubscribing: tokio::sync::Mutex<()>,
     library: String,
+    /// The function library is loaded on the current command connection.
+    library_loaded: AtomicBool,
+    /// A subscriber connection came up at least once (the first is not a reconnection).
+    connected_once: AtomicBool,
     max_bytes: usize,
     ping_channel: String,
     started: Instant,
@@ -82,8 +88,12 @@ async fn within<T>(
 }
 
 impl RedisBroker {
-    /// Connects both clients, loads the function library and subscribes the self-ping.
-    pub async fn connect(
+    /// Creates both clients and starts the background tasks, then starts connecting without
+    /// waiting: a Redis that is away at start-up (or later) is retried forever, and every time a
+    /// connection comes up the library is loaded and every channel (with the self-ping)
+    /// subscribed again. The node is ready only once its self-ping comes back with the library
+    /// loaded. Only a malformed URL is an error.
+    pub fn start(
         url: &str,
         node: &str,
         sink: Arc<dyn Sink>,
@@ -92,8 +102,10 @@ impl RedisBroker {
         history_ttl_secs: u64,
         max_bytes: u64,
     ) -> anyhow::Result<Arc<RedisBroker>> {
-        let config =
+        let mut config =
             FredConfig::from_url(url).map_err(|e| anyhow::anyhow!("HUB_REDIS_URL: {e}"))?;
+        // Follow the reconnect policy from the first attempt on, instead of failing start-up.
+        config.fail_fast = false;
         let cluster = config.server.is_clustered();
         let mut builder = Builder::from_config(config);
         builder
@@ -108,18 +120,6 @@ impl RedisBroker {
             });
         let client = builder.build()?;
         let sub = builder.build_subscriber_client()?;
-        for (what, c) in [
-            ("commands", client.clone()),
-            ("subscriber", sub.to_client()),
-        ] {
-            match tokio::time::timeout(Duration::from_secs(10), c.init()).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => anyhow::bail!("HUB_REDIS_URL: cannot connect the {what} client: {e}"),
-                Err(_) => anyhow::bail!(
-                    "HUB_REDIS_URL: no connection to Redis within 10 s ({what} client)"
-                ),
-            }
-        }
         let library = LIBRARY
             .replace("__MAXLEN__", &history_len.to_string())
             .replace("__TTL_MS__", &(history_ttl_secs * 1000).to_string())
@@ -134,6 +134,8 @@ impl RedisBroker {
             metrics,
             resubscribing: tokio::sync::Mutex::new(()),
             library,
+            library_loaded: AtomicBool::new(false),
+            connected_once: AtomicBool::new(false),
             max_bytes: max_bytes as usize,
             ping_channel: if cluster {
                 format!("hub:node:{{{node}.{tag}}}")
@@ -144,30 +146,26 @@ impl RedisBroker {
             last_ping: AtomicU64::new(0),
             up: AtomicBool::new(false),
             epoch: AtomicU64::new(1),
-            whole: AtomicBool::new(true),
+            whole: AtomicBool::new(false),
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
-        broker.load_functions().await.map_err(|e| {
-            anyhow::anyhow!("HUB_REDIS_URL: cannot load the hub functions: {}", e.0)
-        })?;
-        broker
-            .subscribe_raw(std::slice::from_ref(&broker.ping_channel))
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", e.0))?;
-        Ok(broker)
-    }
-
-    /// Starts the background tasks: delivery of pub/sub messages, the self-ping, reloading the
-    /// functions when the command connection comes back, and (cluster) re-issuing shard
-    /// subscriptions. [`RedisBroker::shutdown`] stops them.
-    pub fn spawn(self: &Arc<Self>) {
-        let mut tasks = self.tasks.lock();
-        tasks.push(tokio::spawn(self.clone().receive_loop()).abort_handle());
-        tasks.push(tokio::spawn(self.clone().ping_loop()).abort_handle());
-        tasks.push(tokio::spawn(self.clone().reload_loop()).abort_handle());
-        if self.cluster {
-            tasks.push(tokio::spawn(self.clone().shard_loop()).abort_handle());
+        // The receivers are taken before connecting, so the first connection is seen too.
+        let messages = broker.sub.message_rx();
+        let sub_connected = broker.sub.reconnect_rx();
+        let cmd_connected = broker.client.reconnect_rx();
+        let mut tasks = Vec::new();
+        tasks.push(
+            tokio::spawn(broker.clone().receive_loop(messages, sub_connected)).abort_handle(),
+        );
+        tasks.push(tokio::spawn(broker.clone().ping_loop()).abort_handle());
+        tasks.push(tokio::spawn(broker.clone().reload_loop(cmd_connected)).abort_handle());
+        if cluster {
+            tasks.push(tokio::spawn(broker.clone().shard_loop()).abort_handle());
         }
+        tasks.push(broker.client.connect().abort_handle());
+        tasks.push(broker.sub.connect().abort_handle());
+        broker.tasks.lock().extend(tasks);
+        Ok(broker)
     }
 
     /// Stops the background tasks (the node is stopping).
@@ -187,8 +185,9 @@ impl RedisBroker {
         self.metrics.received(source).increment(1);
     }
 
+    /// The subscription is proven by a self-ping and the library is loaded.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.up.load(Ordering::Acquire) && self.library_loaded.load(Ordering::Acquire)
     }
 
     fn set_up(&self, up: bool) {
@@ -427,19 +426,23 @@ impl RedisBroker {
     /// Delivers pub/sub messages in the order they arrive. After a reconnection every reader
     /// falls behind before any message of the new connection is delivered (so none can jump a
     /// gap), and the channels are subscribed again beside this loop.
-    async fn receive_loop(self: Arc<Self>) {
-        let mut messages = self.sub.message_rx();
-        let mut reconnects = self.sub.reconnect_rx();
+    async fn receive_loop(
+        self: Arc<Self>,
+        mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+        mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    ) {
         loop {
             tokio::select! {
                 biased;
                 r = reconnects.recv() => {
                     match r {
-                        Ok(server) => tracing::info!(%server, "subscriber reconnected; resubscribing"),
+                        Ok(server) => tracing::info!(%server, "subscriber connected; subscribing"),
                         Err(RecvError::Lagged(_)) => {}
                         Err(RecvError::Closed) => return,
                     }
-                    self.metrics.redis_reconnects.increment(1);
+                    if self.connected_once.swap(true, Ordering::AcqRel) {
+                        self.metrics.redis_reconnects.increment(1);
+                    }
                     self.set_up(false);
                     self.whole.store(false, Ordering::Release);
                     self.lost_messages();
@@ -522,6 +525,7 @@ impl RedisBroker {
     async fn ping_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(PING_EVERY);
         let mut forced_at: Option<Instant> = None;
+        let mut waiting_since = Instant::now();
         loop {
             tick.tick().await;
             let ping = if self.cluster {
@@ -542,6 +546,13 @@ impl RedisBroker {
             let age = Duration::from_millis(now.saturating_sub(last));
             let fresh = age < PING_DEADLINE;
             self.set_up(fresh && last > 0 && self.sub.is_connected());
+            if !self.is_up() && waiting_since.elapsed() >= WAITING_LOG_EVERY {
+                waiting_since = Instant::now();
+                tracing::warn!("Redis does not answer (or the hub functions are not loaded): this node is not ready");
+            }
+            if self.is_up() {
+                waiting_since = Instant::now();
+            }
             if !fresh
                 && self.sub.is_connected()
                 && forced_at.is_none_or(|t| t.elapsed() > PING_DEADLINE)
@@ -557,18 +568,22 @@ impl RedisBroker {
 
     /// Reloads the function library whenever the command connection comes back (a restarted
     /// or failed-over Redis may have lost it).
-    async fn reload_loop(self: Arc<Self>) {
-        let mut reconnects = self.client.reconnect_rx();
+    async fn reload_loop(
+        self: Arc<Self>,
+        mut connected: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    ) {
         loop {
-            match reconnects.recv().await {
+            match connected.recv().await {
                 Ok(_) | Err(RecvError::Lagged(_)) => {}
                 Err(RecvError::Closed) => return,
             }
+            self.library_loaded.store(false, Ordering::Release);
             while let Err(e) = self.load_functions().await {
-                tracing::warn!(error = %e.0, "reloading the hub functions failed; retrying");
+                tracing::warn!(error = %e.0, "loading the hub functions failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            tracing::info!("hub functions reloaded");
+            self.library_loaded.store(true, Ordering::Release);
+            tracing::info!("hub functions loaded");
         }
     }
 }
