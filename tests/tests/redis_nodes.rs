@@ -270,17 +270,18 @@ async fn malformed_envelopes_on_redis_are_dropped_and_counted() {
     let ch = prefix("junk");
     let (mut s, _) = hub.connect(&format!("channel={ch}"), &[]).await;
     let live = format!("hub:ch:{ch}");
+    let durable = format!("hub:dur:{ch}");
     let big = json!({"data": "x".repeat(300)}).to_string();
-    for junk in [
-        "not json",
-        "[1,2]",
-        r#"{"event":"x"}"#,
-        r#"{"event":"hub.reset","data":1}"#,
-        "123-0 not json",
-        "12x {\"data\":1}",
-        big.as_str(),
+    for (on, junk) in [
+        (&live, "not json"),
+        (&live, "[1,2]"),
+        (&live, r#"{"event":"x"}"#),
+        (&live, r#"{"event":"hub.reset","data":1}"#),
+        (&durable, "123-0 not json"),
+        (&live, "12x {\"data\":1}"),
+        (&live, big.as_str()),
     ] {
-        redis.cli(&["PUBLISH", &live, junk]);
+        redis.cli(&["PUBLISH", on, junk]);
     }
     hub.wait_metric(
         r#"hub_messages_dropped_total{reason="malformed"}"#,

@@ -1,7 +1,10 @@
 #!lua name=hub
--- The hub's Redis functions. Every hub node loads (and replaces) this library at start-up and
--- after each reconnection, with the __PLACEHOLDERS__ filled from its configuration.
+-- The hub's Redis functions, version __VERSION__, with the __PLACEHOLDERS__ filled from the
+-- configuration of the node that loaded it. A node loads it when none is loaded or the loaded
+-- one is older (`hub_version`); it never replaces a newer one, and with the same version the
+-- settings of the node that loaded it apply to all (a node with other settings logs that).
 --
+--   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes}
 --   FCALL hub_publish 1 <channel> <envelope>        -> the message id ("<ms>-<seq>")
 --   FCALL_RO hub_read 1 <channel> <after or ""> <count>
 --                                                   -> {tail, floor, id1, env1, id2, env2, ...}
@@ -14,9 +17,14 @@
 -- the newest message that history no longer has (trimmed, expired, or from before the stream
 -- was created), so a resume from before it is a reset. Live messages go to hub:ch:<channel>
 -- (hub:ch:{<channel>} with SPUBLISH in cluster mode); all of them share the channel's hash slot.
--- A durable message is published as "<id> <envelope>", an ephemeral one as the envelope alone.
+-- A durable message is published as "<id> <envelope>" on hub:dur:<channel> (hub:dur:{<channel>}
+-- in cluster mode), where nothing but this function publishes, so no ephemeral publish can pass
+-- for it; the same form also goes to the live channel for nodes of version 1, which read it
+-- there (later nodes ignore it there). An ephemeral message is the envelope alone, on the live
+-- channel.
 -- (Redis does not move a stream's max-deleted-entry-id when it trims, hence the floor key.)
 
+local VERSION = __VERSION__
 local MAXLEN = __MAXLEN__
 local TTL_MS = __TTL_MS__
 local MAX_BYTES = __MAX_BYTES__
@@ -33,6 +41,11 @@ end
 local function live_channel(ch)
   if CLUSTER then return 'hub:ch:{' .. ch .. '}' end
   return 'hub:ch:' .. ch
+end
+
+local function durable_channel(ch)
+  if CLUSTER then return 'hub:dur:{' .. ch .. '}' end
+  return 'hub:dur:' .. ch
 end
 
 local function parse_id(id)
@@ -114,11 +127,11 @@ local function publish(keys, args)
   if floor then redis.call('SET', fkey, floor) end
   redis.call('PEXPIRE', fkey, TTL_MS)
   redis.call('PEXPIRE', key, TTL_MS)
-  if CLUSTER then
-    redis.call('SPUBLISH', live_channel(ch), id .. ' ' .. env)
-  else
-    redis.call('PUBLISH', live_channel(ch), id .. ' ' .. env)
-  end
+  local pub = 'PUBLISH'
+  if CLUSTER then pub = 'SPUBLISH' end
+  local note = id .. ' ' .. env
+  redis.call(pub, durable_channel(ch), note)
+  redis.call(pub, live_channel(ch), note)
   return id
 end
 
@@ -194,6 +207,11 @@ local function read(keys, args)
   return out
 end
 
+local function version()
+  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES}
+end
+
 redis.register_function('hub_publish', publish)
+redis.register_function{function_name = 'hub_version', callback = version, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_read', callback = read, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_recover', callback = recover, flags = {'no-writes'}}

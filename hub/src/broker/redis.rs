@@ -23,8 +23,19 @@ use tokio::task::AbortHandle;
 
 /// The function library, with `__PLACEHOLDERS__` for the configuration.
 const LIBRARY: &str = include_str!("hub.lua");
-/// Prefix of live channels (`hub:ch:<channel>`, or `hub:ch:{<channel>}` in cluster mode).
+/// This build's library version. A node never replaces a loaded library of a higher version;
+/// every version keeps the functions and arguments of the ones before it.
+pub const LIBRARY_VERSION: i64 = 2;
+/// Prefix of live channels (`hub:ch:<channel>`, or `hub:ch:{<channel>}` in cluster mode):
+/// ephemeral publishes.
 pub const LIVE_PREFIX: &str = "hub:ch:";
+/// Prefix of the channels only `hub_publish` publishes on: durable notifications.
+pub const DURABLE_PREFIX: &str = "hub:dur:";
+/// A durable id further ahead of this node's clock than this cannot have come from history
+/// (Redis's clock makes the ids): it is dropped and counted.
+const FUTURE_SLACK_MS: u64 = 3_600_000;
+/// How often the loaded library is checked again (a node of version 1 replaces any library).
+const LIBRARY_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How often the node pings itself through its subscription.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// A subscription that delivered no ping for this long is considered dead and reconnected.
@@ -44,6 +55,30 @@ const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause between attempts to resubscribe after a reconnection.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(200);
 
+/// A library found loaded in Redis.
+struct LoadedLibrary {
+    version: i64,
+    /// History length, TTL (ms), largest envelope (zeros for version 1, which cannot tell).
+    settings: [i64; 3],
+}
+
+/// A durable notification, `"<id> <envelope>"`: the id (which must be one history could
+/// have made: not far ahead of `now_ms`) and the envelope's bytes.
+fn parse_durable(payload: &[u8], now_ms: u64) -> Result<(Option<StreamId>, &[u8]), String> {
+    let sp = payload
+        .iter()
+        .position(|&b| b == b' ')
+        .ok_or("a durable notification without an id")?;
+    let id: StreamId = std::str::from_utf8(&payload[..sp])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or("a durable notification without a valid id")?;
+    if id.ms > now_ms.saturating_add(FUTURE_SLACK_MS) {
+        return Err(format!("a durable id from the future ({id})"));
+    }
+    Ok((Some(id), &payload[sp + 1..]))
+}
+
 pub struct RedisBroker {
     client: Client,
     sub: SubscriberClient,
@@ -53,6 +88,11 @@ pub struct RedisBroker {
     /// Serializes resubscribing with the node's own subscribe calls.
     resubscribing: tokio::sync::Mutex<()>,
     library: String,
+    /// What this node's library would keep: history length, TTL (ms), largest envelope.
+    settings: [i64; 3],
+    /// Logged once: a newer library is loaded / the loaded one has other settings.
+    newer_noted: AtomicBool,
+    mismatch_noted: AtomicBool,
     /// The function library is loaded on the current command connection.
     library_loaded: AtomicBool,
     /// A subscriber connection came up at least once (the first is not a reconnection).
@@ -121,6 +161,7 @@ impl RedisBroker {
         let client = builder.build()?;
         let sub = builder.build_subscriber_client()?;
         let library = LIBRARY
+            .replace("__VERSION__", &LIBRARY_VERSION.to_string())
             .replace("__MAXLEN__", &history_len.to_string())
             .replace("__TTL_MS__", &(history_ttl_secs * 1000).to_string())
             .replace("__MAX_BYTES__", &max_bytes.to_string())
@@ -134,6 +175,13 @@ impl RedisBroker {
             metrics,
             resubscribing: tokio::sync::Mutex::new(()),
             library,
+            settings: [
+                history_len as i64,
+                (history_ttl_secs * 1000) as i64,
+                max_bytes as i64,
+            ],
+            newer_noted: AtomicBool::new(false),
+            mismatch_noted: AtomicBool::new(false),
             library_loaded: AtomicBool::new(false),
             connected_once: AtomicBool::new(false),
             max_bytes: max_bytes as usize,
@@ -201,23 +249,113 @@ impl RedisBroker {
         }
     }
 
-    async fn load_functions(&self) -> Result<(), BrokerError> {
+    async fn load_library(&self, replace: bool) -> Result<(), BrokerError> {
         if self.cluster {
             within(
                 "FUNCTION LOAD",
                 self.client
-                    .function_load_cluster::<(), _>(true, self.library.clone()),
+                    .function_load_cluster::<(), _>(replace, self.library.clone()),
             )
             .await
         } else {
             within(
                 "FUNCTION LOAD",
                 self.client
-                    .function_load::<Value, _>(true, self.library.clone()),
+                    .function_load::<Value, _>(replace, self.library.clone()),
             )
             .await
             .map(|_| ())
         }
+    }
+
+    /// The loaded library: `None` if there is none; version 1 had no `hub_version`.
+    async fn loaded_library(&self) -> Result<Option<LoadedLibrary>, BrokerError> {
+        let answer: Result<Vec<i64>, BrokerError> = within(
+            "FCALL_RO hub_version",
+            self.client
+                .fcall_ro("hub_version", Vec::<String>::new(), Vec::<String>::new()),
+        )
+        .await;
+        match answer {
+            Ok(v) => match v[..] {
+                [version, max_len, ttl_ms, max_bytes, ..] => Ok(Some(LoadedLibrary {
+                    version,
+                    settings: [max_len, ttl_ms, max_bytes],
+                })),
+                _ => Err(BrokerError(
+                    "hub_version answered something unexpected".into(),
+                )),
+            },
+            Err(e) if e.0.to_ascii_lowercase().contains("function not found") => {
+                let list: Value = within(
+                    "FUNCTION LIST",
+                    self.client.function_list(Some("hub"), false),
+                )
+                .await?;
+                let exists = matches!(&list, Value::Array(a) if !a.is_empty());
+                Ok(exists.then_some(LoadedLibrary {
+                    version: 1,
+                    settings: [0; 3],
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Makes sure a library of this version or a newer one is loaded: loads it when there is
+    /// none, replaces an older one, keeps a newer one, and logs when the loaded one of the same
+    /// version has other settings (they apply to every node; this one does not overwrite them).
+    async fn ensure_library(&self) -> Result<(), BrokerError> {
+        let ours = [self.settings[0], self.settings[1], self.settings[2]];
+        for _ in 0..3 {
+            match self.loaded_library().await? {
+                None => match self.load_library(false).await {
+                    Ok(()) => {
+                        tracing::info!(version = LIBRARY_VERSION, "hub library loaded");
+                        return Ok(());
+                    }
+                    // Another node loaded one meanwhile: look again.
+                    Err(e) if e.0.contains("already exists") => continue,
+                    Err(e) => return Err(e),
+                },
+                Some(l) if l.version < LIBRARY_VERSION => {
+                    self.load_library(true).await?;
+                    tracing::info!(
+                        from = l.version,
+                        to = LIBRARY_VERSION,
+                        "hub library upgraded"
+                    );
+                    return Ok(());
+                }
+                Some(l) if l.version > LIBRARY_VERSION => {
+                    if !self.newer_noted.swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            loaded = l.version,
+                            ours = LIBRARY_VERSION,
+                            "a newer hub library is loaded; this node uses it"
+                        );
+                    }
+                    return Ok(());
+                }
+                Some(l) => {
+                    if l.settings != ours && !self.mismatch_noted.swap(true, Ordering::AcqRel) {
+                        tracing::warn!(
+                            loaded_history_len = l.settings[0],
+                            loaded_ttl_ms = l.settings[1],
+                            loaded_max_bytes = l.settings[2],
+                            this_history_len = ours[0],
+                            this_ttl_ms = ours[1],
+                            this_max_bytes = ours[2],
+                            "the hub library loaded in Redis has other settings than this node                              (HUB_HISTORY_LEN, HUB_HISTORY_TTL_SECS, HUB_MAX_MESSAGE_BYTES): the                              loaded ones apply to every node; to change them, run FUNCTION DELETE                              hub once every node has the new settings"
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        Err(BrokerError(
+            "the hub library kept changing while it was being loaded".into(),
+        ))
     }
 
     fn live_name(&self, channel: &str) -> String {
@@ -228,15 +366,34 @@ impl RedisBroker {
         }
     }
 
-    /// The hub channel a live pub/sub channel carries.
-    fn channel_of(&self, live: &str) -> Option<ChannelName> {
-        let rest = live.strip_prefix(LIVE_PREFIX)?;
+    fn durable_name(&self, channel: &str) -> String {
+        if self.cluster {
+            format!("{DURABLE_PREFIX}{{{channel}}}")
+        } else {
+            format!("{DURABLE_PREFIX}{channel}")
+        }
+    }
+
+    /// Both pub/sub channels of each hub channel (live and durable).
+    fn names(&self, channels: &[ChannelName]) -> Vec<String> {
+        channels
+            .iter()
+            .flat_map(|c| [self.live_name(c), self.durable_name(c)])
+            .collect()
+    }
+
+    /// The hub channel a pub/sub channel carries, and whether it is the durable one.
+    fn channel_of(&self, pubsub: &str) -> Option<(ChannelName, bool)> {
+        let (rest, durable) = match pubsub.strip_prefix(DURABLE_PREFIX) {
+            Some(rest) => (rest, true),
+            None => (pubsub.strip_prefix(LIVE_PREFIX)?, false),
+        };
         let name = if self.cluster {
             rest.strip_prefix('{')?.strip_suffix('}')?
         } else {
             rest
         };
-        ChannelName::new(name).ok()
+        ChannelName::new(name).ok().map(|c| (c, durable))
     }
 
     async fn subscribe_raw(&self, names: &[String]) -> Result<(), BrokerError> {
@@ -260,17 +417,16 @@ impl RedisBroker {
     /// Subscribes channels at Redis; returns once Redis confirmed, so that a history read that
     /// follows misses nothing published later.
     pub async fn subscribe(&self, channels: &[ChannelName]) -> Result<(), BrokerError> {
-        let names: Vec<String> = channels.iter().map(|c| self.live_name(c)).collect();
-        self.subscribe_raw(&names).await
+        self.subscribe_raw(&self.names(channels)).await
     }
 
     /// Unsubscribes a channel that lost its last local reader.
     pub async fn unsubscribe(&self, channel: &ChannelName) {
-        let name = self.live_name(channel);
+        let names = self.names(std::slice::from_ref(channel));
         let res = if self.cluster {
-            within("SUNSUBSCRIBE", self.sub.sunsubscribe(name)).await
+            within("SUNSUBSCRIBE", self.sub.sunsubscribe(names)).await
         } else {
-            within("UNSUBSCRIBE", self.sub.unsubscribe(name)).await
+            within("UNSUBSCRIBE", self.sub.unsubscribe(names)).await
         };
         if let Err(e) = res {
             // A reconnection subscribes only the channels that have readers, so nothing stays.
@@ -374,7 +530,7 @@ impl RedisBroker {
             self.set_up(self.sub.is_connected());
             return;
         }
-        let Some(channel) = self.channel_of(live) else {
+        let Some((channel, durable)) = self.channel_of(live) else {
             self.metrics.dropped(DropReason::Malformed).increment(1);
             tracing::warn!(
                 live,
@@ -382,30 +538,20 @@ impl RedisBroker {
             );
             return;
         };
+        if !durable && parse_durable(payload, u64::MAX).is_ok() {
+            // The form "<id> <envelope>" that the library also sends on the live channel for
+            // nodes of version 1; the durable channel carries it for this node. Whoever else
+            // sends this form there cannot move a stream's position.
+            return;
+        }
         self.metrics.received(Source::Redis).increment(1);
-        // Durable: "<ms>-<seq> <envelope>"; ephemeral: the envelope (a JSON object).
-        let (position, body) = match payload.first() {
-            Some(b) if b.is_ascii_digit() => {
-                let parsed = payload.iter().position(|&b| b == b' ').and_then(|sp| {
-                    std::str::from_utf8(&payload[..sp])
-                        .ok()
-                        .and_then(|s| s.parse::<StreamId>().ok())
-                        .map(|id| (id, &payload[sp + 1..]))
-                });
-                match parsed {
-                    Some((id, body)) => (Some(id), body),
-                    None => {
-                        self.drop_malformed(
-                            &channel,
-                            &EnvelopeError::Malformed(
-                                "a durable message without a valid id".into(),
-                            ),
-                        );
-                        return;
-                    }
-                }
+        let (position, body) = if durable {
+            match parse_durable(payload, crate::broker::local::now_ms()) {
+                Ok(p) => p,
+                Err(why) => return self.drop_malformed(&channel, &EnvelopeError::Malformed(why)),
             }
-            _ => (None, payload),
+        } else {
+            (None, payload)
         };
         match Envelope::parse(body, self.max_bytes) {
             Ok(env) => {
@@ -476,12 +622,7 @@ impl RedisBroker {
             if self.epoch.load(Ordering::Acquire) != epoch {
                 return; // a newer reconnection resubscribes
             }
-            let mut names: Vec<String> = self
-                .sink
-                .channels()
-                .iter()
-                .map(|c| self.live_name(c))
-                .collect();
+            let mut names = self.names(&self.sink.channels());
             names.push(self.ping_channel.clone());
             match self.subscribe_raw(&names).await {
                 Ok(()) => {
@@ -489,7 +630,7 @@ impl RedisBroker {
                         self.whole.store(true, Ordering::Release);
                         // Readers that asked for history meanwhile were left behind: ask again.
                         self.sink.fall_behind();
-                        tracing::info!(channels = names.len() - 1, "resubscribed");
+                        tracing::info!(channels = (names.len() - 1) / 2, "resubscribed");
                     }
                     return;
                 }
@@ -508,12 +649,7 @@ impl RedisBroker {
         tick.tick().await;
         loop {
             tick.tick().await;
-            let names: Vec<String> = self
-                .sink
-                .channels()
-                .iter()
-                .map(|c| self.live_name(c))
-                .collect();
+            let names = self.names(&self.sink.channels());
             if let Err(e) = self.subscribe_raw(&names).await {
                 tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
             }
@@ -572,18 +708,52 @@ impl RedisBroker {
         self: Arc<Self>,
         mut connected: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
     ) {
+        let mut check = tokio::time::interval(LIBRARY_CHECK_EVERY);
         loop {
-            match connected.recv().await {
-                Ok(_) | Err(RecvError::Lagged(_)) => {}
-                Err(RecvError::Closed) => return,
+            tokio::select! {
+                r = connected.recv() => match r {
+                    Ok(_) | Err(RecvError::Lagged(_)) => {
+                        // A new connection: a restarted or failed-over Redis may have lost it.
+                        self.library_loaded.store(false, Ordering::Release);
+                        while let Err(e) = self.ensure_library().await {
+                            tracing::warn!(error = %e.0, "loading the hub functions failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        self.library_loaded.store(true, Ordering::Release);
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = check.tick(), if self.library_loaded.load(Ordering::Acquire) => {
+                    // A node of version 1 replaces whatever is loaded when it starts.
+                    if let Err(e) = self.ensure_library().await {
+                        tracing::debug!(error = %e.0, "checking the hub library failed");
+                    }
+                }
             }
-            self.library_loaded.store(false, Ordering::Release);
-            while let Err(e) = self.load_functions().await {
-                tracing::warn!(error = %e.0, "loading the hub functions failed; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            self.library_loaded.store(true, Ordering::Release);
-            tracing::info!("hub functions loaded");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_notifications_need_a_plausible_id() {
+        let now = 1_800_000_000_000;
+        let (id, body) = parse_durable(b"1799999999999-3 {\"data\":1}", now).unwrap();
+        assert_eq!(
+            (id, body),
+            (
+                Some(StreamId::new(1_799_999_999_999, 3)),
+                &b"{\"data\":1}"[..]
+            )
+        );
+        assert!(
+            parse_durable(b"99999999999999-0 {\"data\":1}", now).is_err(),
+            "far future"
+        );
+        assert!(parse_durable(b"{\"data\":1}", now).is_err());
+        assert!(parse_durable(b"12x-0 {}", now).is_err());
     }
 }
