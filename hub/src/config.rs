@@ -36,9 +36,19 @@ pub struct Config {
     )]
     pub admin_bind: SocketAddr,
 
-    /// Redis URL (redis://, rediss://, redis-cluster://); unset runs the embedded broker.
-    #[arg(long, env = "HUB_REDIS_URL", value_name = "HUB_REDIS_URL")]
+    /// Redis URL: redis:// or rediss:// (TLS), redis-cluster://, redis-sentinel://h1:p1,h2:p2/db
+    /// ?sentinelServiceName=name (rediss-... for TLS); unset runs the embedded broker.
+    #[arg(
+        long,
+        env = "HUB_REDIS_URL",
+        value_name = "HUB_REDIS_URL",
+        hide_env_values = true
+    )]
     pub redis_url: Option<String>,
+
+    /// PEM file of the CA (or CAs) that signed Redis's TLS certificate; unset: the system's.
+    #[arg(long, env = "HUB_REDIS_CA_FILE", value_name = "HUB_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<String>,
 
     /// This node's name in `hub.connected` and logs; defaults to $HOSTNAME, else a random name.
     #[arg(long, env = "HUB_NODE_ID", value_name = "HUB_NODE_ID")]
@@ -213,14 +223,16 @@ impl Config {
         }
         self.origins()?;
         if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis-cluster://"))
-            {
-                return Err(
-                    "HUB_REDIS_URL must start with redis://, rediss:// or redis-cluster://".into(),
-                );
+            use crate::broker::connection::SCHEMES;
+            if !SCHEMES.iter().any(|s| url.starts_with(s)) {
+                return Err(format!(
+                    "HUB_REDIS_URL must start with one of {}",
+                    SCHEMES.join(", ")
+                ));
             }
+            crate::broker::connection::config(url, self.redis_ca_file.as_deref())?;
+        } else if self.redis_ca_file.is_some() {
+            return Err("HUB_REDIS_CA_FILE is set without HUB_REDIS_URL".into());
         }
         if !self.admin_bind.ip().is_loopback() && self.publish_key.is_none() && !self.admin_open {
             return Err(format!(

@@ -147,6 +147,7 @@ impl Node {
             }
             Some(url) => Broker::Redis(RedisBroker::start(
                 url,
+                config.redis_ca_file.as_deref(),
                 &name,
                 sink,
                 metrics.clone(),

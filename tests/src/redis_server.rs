@@ -1,5 +1,6 @@
-//! Real `redis-server` processes for the tests: one server, or a 3-master cluster, on free
-//! loopback ports, each in its own directory, stopped by PID.
+//! Real `redis-server` processes for the tests: one server (plain, with TLS on certificates
+//! made by openssl for the run, or with a password), or a 3-master cluster, on free loopback
+//! ports, each in its own directory, stopped by PID.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -24,12 +25,101 @@ pub(crate) fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// A test CA and a server certificate it signed for 127.0.0.1 and localhost.
+pub struct TlsCerts {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsCerts {
+    /// Makes a fresh CA and server certificate with openssl.
+    pub fn make() -> TlsCerts {
+        let dir = scratch("tls");
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&dir)
+                .output()
+                .expect("openssl");
+            assert!(
+                out.status.success(),
+                "openssl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=hub test CA",
+        ]);
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+        )
+        .expect("ext.cnf");
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        TlsCerts {
+            ca: dir.join("ca.pem"),
+            cert: dir.join("server.pem"),
+            key: dir.join("server.key"),
+        }
+    }
+}
+
+/// How a client reaches a server: TLS with this CA, a password.
+#[derive(Clone, Default)]
+struct Access {
+    tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    password: Option<String>,
+}
+
 /// One redis-server. Dropping it kills the process.
 pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
     extra: Vec<String>,
+    access: Access,
 }
 
 impl Redis {
@@ -39,11 +129,38 @@ impl Redis {
     }
 
     pub fn start_with(extra: &[&str]) -> Redis {
+        Redis::start_as(Access::default(), extra)
+    }
+
+    /// A server that speaks only TLS (clients need not present certificates), with a password
+    /// for its default user if given.
+    pub fn start_tls(certs: &TlsCerts, password: Option<&str>) -> Redis {
+        let access = Access {
+            tls: Some((certs.ca.clone(), certs.cert.clone(), certs.key.clone())),
+            password: password.map(str::to_owned),
+        };
+        let extra: Vec<&str> = password
+            .map(|p| vec!["--requirepass", p])
+            .unwrap_or_default();
+        Redis::start_as(access, &extra)
+    }
+
+    /// A server whose default user needs `password`.
+    pub fn start_with_password(password: &str) -> Redis {
+        let access = Access {
+            tls: None,
+            password: Some(password.to_string()),
+        };
+        Redis::start_as(access, &["--requirepass", password])
+    }
+
+    fn start_as(access: Access, extra: &[&str]) -> Redis {
         let mut r = Redis {
             child: None,
             port: free_port(),
             dir: scratch("redis"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            access,
         };
         r.spawn();
         r
@@ -51,9 +168,20 @@ impl Redis {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new("redis-server");
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        match &self.access.tls {
+            None => cmd.arg("--port").arg(self.port.to_string()),
+            Some((ca, cert, key)) => cmd
+                .args(["--port", "0", "--tls-port"])
+                .arg(self.port.to_string())
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key)
+                .arg("--tls-ca-cert-file")
+                .arg(ca)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(&self.dir)
@@ -70,11 +198,23 @@ impl Redis {
             .spawn()
             .expect("redis-server must be installed (scripts/test.sh installs it)");
         self.child = Some(child);
-        wait_for_ping(self.port);
+        wait_for_ping(self.port, &self.access);
     }
 
+    /// `redis://` (or `rediss://` for TLS), with the password if there is one.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.access.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        let auth = self
+            .access
+            .password
+            .as_ref()
+            .map(|p| format!(":{p}@"))
+            .unwrap_or_default();
+        format!("{scheme}://{auth}127.0.0.1:{}/", self.port)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -102,7 +242,7 @@ impl Redis {
 
     /// Runs `redis-cli` against this server and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        cli_as(self.port, &self.access, args)
     }
 
     /// A connection for the publisher helpers.
@@ -126,19 +266,26 @@ impl Drop for Redis {
 }
 
 pub fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .arg("-p")
-        .arg(port.to_string())
-        .args(args)
-        .output()
-        .expect("redis-cli");
+    cli_as(port, &Access::default(), args)
+}
+
+fn cli_as(port: u16, access: &Access, args: &[&str]) -> String {
+    let mut cmd = Command::new("redis-cli");
+    cmd.arg("-p").arg(port.to_string());
+    if let Some((ca, _, _)) = &access.tls {
+        cmd.arg("--tls").arg("--cacert").arg(ca);
+    }
+    if let Some(p) = &access.password {
+        cmd.env("REDISCLI_AUTH", p);
+    }
+    let out = cmd.args(args).output().expect("redis-cli");
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn wait_for_ping(port: u16) {
+fn wait_for_ping(port: u16, access: &Access) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if cli(port, &["PING"]) == "PONG" {
+        if cli_as(port, access, &["PING"]) == "PONG" {
             return;
         }
         assert!(

@@ -12,7 +12,7 @@ use crate::message::Message;
 use crate::metrics::{DropReason, Metrics, Source};
 use fred::clients::SubscriberClient;
 use fred::interfaces::{ClientLike, EventInterface, FunctionInterface, PubsubInterface};
-use fred::prelude::{Builder, Client, Config as FredConfig, ReconnectPolicy};
+use fred::prelude::{Builder, Client, ReconnectPolicy};
 use fred::types::Value;
 use protocol::{ChannelName, Envelope, EnvelopeError, StreamId};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -54,6 +54,30 @@ const SHARD_RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause between attempts to resubscribe after a reconnection.
 const RESUBSCRIBE_RETRY: Duration = Duration::from_millis(200);
+
+/// Logs connection errors (a refused connection, a TLS handshake whose certificate does not
+/// verify, a wrong password): the first at once, then at most one per `WAITING_LOG_EVERY`.
+async fn log_errors(
+    mut errors: tokio::sync::broadcast::Receiver<(
+        fred::error::Error,
+        Option<fred::types::config::Server>,
+    )>,
+) {
+    let mut last: Option<Instant> = None;
+    loop {
+        match errors.recv().await {
+            Ok((e, server)) => {
+                if last.is_none_or(|t| t.elapsed() >= WAITING_LOG_EVERY) {
+                    last = Some(Instant::now());
+                    let server = server.map(|s| s.to_string()).unwrap_or_default();
+                    tracing::warn!(%server, error = %e, "Redis connection error");
+                }
+            }
+            Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
 
 /// A library found loaded in Redis.
 struct LoadedLibrary {
@@ -135,6 +159,7 @@ impl RedisBroker {
     /// loaded. Only a malformed URL is an error.
     pub fn start(
         url: &str,
+        ca_file: Option<&str>,
         node: &str,
         sink: Arc<dyn Sink>,
         metrics: Arc<Metrics>,
@@ -142,10 +167,7 @@ impl RedisBroker {
         history_ttl_secs: u64,
         max_bytes: u64,
     ) -> anyhow::Result<Arc<RedisBroker>> {
-        let mut config =
-            FredConfig::from_url(url).map_err(|e| anyhow::anyhow!("HUB_REDIS_URL: {e}"))?;
-        // Follow the reconnect policy from the first attempt on, instead of failing start-up.
-        config.fail_fast = false;
+        let config = crate::broker::connection::config(url, ca_file).map_err(anyhow::Error::msg)?;
         let cluster = config.server.is_clustered();
         let mut builder = Builder::from_config(config);
         builder
@@ -201,7 +223,9 @@ impl RedisBroker {
         let messages = broker.sub.message_rx();
         let sub_connected = broker.sub.reconnect_rx();
         let cmd_connected = broker.client.reconnect_rx();
+        let errors = broker.client.error_rx();
         let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(log_errors(errors)).abort_handle());
         tasks.push(
             tokio::spawn(broker.clone().receive_loop(messages, sub_connected)).abort_handle(),
         );
