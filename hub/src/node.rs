@@ -147,13 +147,10 @@ impl Node {
             }
             Some(url) => Broker::Redis(RedisBroker::start(
                 url,
-                config.redis_ca_file.as_deref(),
+                &config,
                 &name,
                 sink,
                 metrics.clone(),
-                config.history_len,
-                config.history_ttl_secs,
-                config.max_message_bytes,
             )?),
         };
         let (refill, refill_rx) = catchup::channel();

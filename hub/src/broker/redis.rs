@@ -156,18 +156,22 @@ impl RedisBroker {
     /// waiting: a Redis that is away at start-up (or later) is retried forever, and every time a
     /// connection comes up the library is loaded and every channel (with the self-ping)
     /// subscribed again. The node is ready only once its self-ping comes back with the library
-    /// loaded. Only a malformed URL is an error.
+    /// loaded. Only a malformed URL is an error. `url` is `HUB_REDIS_URL`; the CA file and the
+    /// history settings come from `settings`.
     pub fn start(
         url: &str,
-        ca_file: Option<&str>,
+        settings: &crate::config::Config,
         node: &str,
         sink: Arc<dyn Sink>,
         metrics: Arc<Metrics>,
-        history_len: u64,
-        history_ttl_secs: u64,
-        max_bytes: u64,
     ) -> anyhow::Result<Arc<RedisBroker>> {
-        let config = crate::broker::connection::config(url, ca_file).map_err(anyhow::Error::msg)?;
+        let (history_len, history_ttl_secs, max_bytes) = (
+            settings.history_len,
+            settings.history_ttl_secs,
+            settings.max_message_bytes,
+        );
+        let config = crate::broker::connection::config(url, settings.redis_ca_file.as_deref())
+            .map_err(anyhow::Error::msg)?;
         let cluster = config.server.is_clustered();
         let mut builder = Builder::from_config(config);
         builder
@@ -224,13 +228,12 @@ impl RedisBroker {
         let sub_connected = broker.sub.reconnect_rx();
         let cmd_connected = broker.client.reconnect_rx();
         let errors = broker.client.error_rx();
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(log_errors(errors)).abort_handle());
-        tasks.push(
+        let mut tasks = vec![
+            tokio::spawn(log_errors(errors)).abort_handle(),
             tokio::spawn(broker.clone().receive_loop(messages, sub_connected)).abort_handle(),
-        );
-        tasks.push(tokio::spawn(broker.clone().ping_loop()).abort_handle());
-        tasks.push(tokio::spawn(broker.clone().reload_loop(cmd_connected)).abort_handle());
+            tokio::spawn(broker.clone().ping_loop()).abort_handle(),
+            tokio::spawn(broker.clone().reload_loop(cmd_connected)).abort_handle(),
+        ];
         if cluster {
             tasks.push(tokio::spawn(broker.clone().shard_loop()).abort_handle());
         }
