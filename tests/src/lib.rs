@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub use nginx::Nginx;
-pub use redis_server::{free_port, Cluster, Redis, TlsCerts};
+pub use redis_server::{free_port, Cluster, Redis, SentinelSet, TlsCerts};
 pub use reqwest;
 
 /// Default deadline for conditions that should hold almost at once.

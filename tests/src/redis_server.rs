@@ -360,3 +360,97 @@ impl Cluster {
             .expect("connect")
     }
 }
+
+/// A primary, a replica of it, and one sentinel (quorum 1) that watches them as `main` and
+/// fails over when the primary is gone for a second. Dropping it stops all three.
+pub struct SentinelSet {
+    pub primary: Redis,
+    pub replica: Redis,
+    sentinel: Option<Child>,
+    pub sentinel_port: u16,
+    dir: PathBuf,
+}
+
+impl SentinelSet {
+    /// Starts the three and waits until the sentinel sees the replica connected to the
+    /// primary (it learns of replicas from the primary, up to ten seconds after it starts).
+    pub fn start() -> SentinelSet {
+        let primary = Redis::start();
+        let port = primary.port.to_string();
+        let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let dir = scratch("sentinel");
+        let sentinel_port = free_port();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {sentinel_port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor main 127.0.0.1 {port} 1\n\
+                 sentinel down-after-milliseconds main 1000\n\
+                 sentinel failover-timeout main 5000\n",
+                dir.display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server --sentinel");
+        let set = SentinelSet {
+            primary,
+            replica,
+            sentinel: Some(child),
+            sentinel_port,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = cli(sentinel_port, &["SENTINEL", "replicas", "main"]);
+            let fields: Vec<&str> = info.lines().map(str::trim).collect();
+            let value = |key: &str| {
+                fields
+                    .iter()
+                    .position(|l| *l == key)
+                    .and_then(|i| fields.get(i + 1).copied())
+            };
+            if value("flags") == Some("slave") && value("master-link-status") == Some("ok") {
+                return set;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel never saw the replica connected: {info}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The URL a hub is given: the sentinel, and the service name.
+    pub fn url(&self) -> String {
+        format!(
+            "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName=main",
+            self.sentinel_port
+        )
+    }
+
+    /// The port of the server the sentinel names primary now.
+    pub fn primary_port(&self) -> Option<u16> {
+        let out = cli(
+            self.sentinel_port,
+            &["SENTINEL", "get-master-addr-by-name", "main"],
+        );
+        out.lines().nth(1)?.trim().parse().ok()
+    }
+}
+
+impl Drop for SentinelSet {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.sentinel.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
