@@ -30,6 +30,9 @@ const CONCURRENCY: usize = 16;
 const BATCH: usize = 4096;
 /// Pause before readers whose read failed (or that waited for the broker) ask again.
 const RETRY: Duration = Duration::from_millis(500);
+/// Reads of one channel that fail in a row before its readers are given `hub.reset` and go
+/// on live: a key of the wrong type (or any lasting error) must not keep them waiting forever.
+const GIVE_UP_AFTER: u32 = 3;
 
 /// The channel streams ask on. Unbounded but holding at most one entry per open stream: a
 /// stream asks again only after its request was taken (`Session::begin_reads` clears it).
@@ -48,6 +51,8 @@ struct Reader {
 /// Serves requests until the node stops (the task is aborted then).
 pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
     let mut batch = Vec::with_capacity(64);
+    // Failed reads in a row, per channel (only channels failing now are in it).
+    let failing: Failing = parking_lot::Mutex::new(HashMap::new());
     loop {
         if requests.recv_many(&mut batch, BATCH).await == 0 {
             return;
@@ -55,7 +60,7 @@ pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
         // While the broker's subscriptions are not whole, no read could take a reader live:
         // hold the requests until they are.
         let Some(epoch) = node.broker.live_epoch() else {
-            tokio::time::sleep(RETRY).await;
+            node.broker.wait_whole(RETRY).await;
             let refill = node.refill.clone();
             for seq in batch.drain(..) {
                 let _ = refill.send(seq);
@@ -78,14 +83,22 @@ pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
         }
         futures_util::stream::iter(groups)
             .for_each_concurrent(CONCURRENCY, |(channel, readers)| {
-                serve(&node, channel, readers, epoch)
+                serve(&node, channel, readers, epoch, &failing)
             })
             .await;
     }
 }
 
+type Failing = parking_lot::Mutex<HashMap<ChannelName, u32>>;
+
 /// Serves one channel's readers with as few page reads as their positions allow.
-async fn serve(node: &Arc<Node>, channel: ChannelName, mut readers: Vec<Reader>, epoch: u64) {
+async fn serve(
+    node: &Arc<Node>,
+    channel: ChannelName,
+    mut readers: Vec<Reader>,
+    epoch: u64,
+    failing: &Failing,
+) {
     readers.sort_by_key(|r| r.pos);
     // A page as large as the roomiest reader can take (no reader takes more in one round).
     let count = readers
@@ -100,8 +113,28 @@ async fn serve(node: &Arc<Node>, channel: ChannelName, mut readers: Vec<Reader>,
         let after = readers[next].pos;
         node.metrics.history_reads.increment(1);
         let page = match node.broker.read(&channel, after, count).await {
-            Ok(p) => p,
+            Ok(p) => {
+                failing.lock().remove(&channel);
+                p
+            }
             Err(e) => {
+                let failures = if e.answered() {
+                    let mut f = failing.lock();
+                    let n = f.entry(channel.clone()).or_insert(0);
+                    *n += 1;
+                    *n
+                } else {
+                    0 // a timeout or a lost connection: retried, not held against the channel
+                };
+                if failures >= GIVE_UP_AFTER {
+                    failing.lock().remove(&channel);
+                    tracing::warn!(channel = %channel, error = %e, "history cannot be read; its readers get hub.reset and go on live");
+                    node.metrics.history_unreadable.increment(1);
+                    for r in &readers[next..] {
+                        r.session.give_up_read(&channel, r.token);
+                    }
+                    return;
+                }
                 tracing::warn!(channel = %channel, error = %e, "history read failed; readers retry");
                 let mut lagged = 0;
                 for r in &readers[next..] {

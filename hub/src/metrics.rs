@@ -28,6 +28,9 @@ pub const READY: &str = "hub_ready";
 /// Beyond the contract's list: history reads made for streams (resume, lag, backfill); with
 /// `hub_history_replayed_total` it shows how well reads are shared.
 pub const HISTORY_READS: &str = "hub_history_reads_total";
+/// Beyond the contract's list: channels whose history could not be read (their readers got
+/// `hub.reset` and went on live).
+pub const HISTORY_UNREADABLE: &str = "hub_history_unreadable_total";
 
 /// Delivery latency buckets (seconds): fine below 50 ms, where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -242,6 +245,7 @@ pub struct Metrics {
     pub redis_reconnects: Counter,
     pub history_replayed: Counter,
     pub history_reads: Counter,
+    pub history_unreadable: Counter,
     pub ready: Gauge,
 }
 
@@ -314,6 +318,11 @@ impl Metrics {
             None,
             "History reads made for streams (each bounded, shared by every reader of a page).",
         );
+        describe(
+            HISTORY_UNREADABLE,
+            None,
+            "Channels whose history could not be read (their readers were reset).",
+        );
 
         let counter = |name: &'static str, labels: Vec<Label>| {
             rec.register_counter(&Key::from_parts(name, labels), &META)
@@ -350,6 +359,7 @@ impl Metrics {
             redis_reconnects: counter(REDIS_RECONNECTS, vec![]),
             history_replayed: counter(HISTORY_REPLAYED, vec![]),
             history_reads: counter(HISTORY_READS, vec![]),
+            history_unreadable: counter(HISTORY_UNREADABLE, vec![]),
             ready: gauge(READY, vec![]),
             handle: rec.handle(),
         };
@@ -371,6 +381,7 @@ impl Metrics {
             &m.redis_reconnects,
             &m.history_replayed,
             &m.history_reads,
+            &m.history_unreadable,
         ] {
             c.increment(0);
         }

@@ -105,6 +105,8 @@ struct Chan {
     lost: bool,
     /// Subscribed but not started yet (see [`Session::start`]).
     fresh: bool,
+    /// Reading (buffering live messages) whose read the catch-up has not issued yet.
+    unread: bool,
 }
 
 struct State {
@@ -258,6 +260,7 @@ impl Session {
                 read: Read::Reading { token },
                 lost: false,
                 fresh: true,
+                unread: false,
             });
         }
         Session {
@@ -318,7 +321,7 @@ impl Session {
         let due = !st.refill_requested
             && !st.ending
             && st.queue.len() <= self.capacity / 2
-            && st.chans.iter().any(|c| c.read == Read::Behind);
+            && st.chans.iter().any(|c| c.read == Read::Behind || c.unread);
         if due {
             st.refill_requested = true;
         }
@@ -374,13 +377,19 @@ impl Session {
         }
     }
 
-    /// Moves every live channel behind (the broker may have lost messages, e.g. across a
-    /// reconnection): the catch-up checks each against history before it goes live again.
+    /// Makes every live channel check its position against history before it takes live
+    /// messages again (the broker may have lost some, e.g. across a reconnection): from now on
+    /// live messages are buffered (bounded) and merged after the catch-up's read, as during
+    /// any read, so ephemeral ones are not lost for the time the read takes.
     pub fn fall_behind(&self) {
         let mut st = self.state.lock();
-        for c in st.chans.iter_mut() {
-            if c.read == Read::Live {
-                c.read = Read::Behind;
+        for i in 0..st.chans.len() {
+            if st.chans[i].read == Read::Live {
+                let token = st.take_token();
+                let c = &mut st.chans[i];
+                c.read = Read::Reading { token };
+                c.lost = false;
+                c.unread = true;
             }
         }
         let due = self.refill_due(&mut st);
@@ -442,6 +451,7 @@ impl Session {
                         read: Read::Reading { token },
                         lost: false,
                         fresh: true,
+                        unread: false,
                     },
                 );
                 true
@@ -573,20 +583,46 @@ impl Session {
         let room = self.capacity - st.queue.len();
         let mut reads = Vec::new();
         for i in 0..st.chans.len() {
-            if st.chans[i].read == Read::Behind {
-                let token = st.take_token();
-                let c = &mut st.chans[i];
-                c.read = Read::Reading { token };
-                c.lost = false;
-                reads.push(ReadRequest {
-                    channel: c.name.clone(),
-                    after: c.pos,
-                    token,
-                    room,
-                });
-            }
+            let token = match st.chans[i].read {
+                Read::Behind => {
+                    let token = st.take_token();
+                    st.chans[i].read = Read::Reading { token };
+                    st.chans[i].lost = false;
+                    token
+                }
+                Read::Reading { token } if st.chans[i].unread => token,
+                _ => continue,
+            };
+            let c = &mut st.chans[i];
+            c.unread = false;
+            reads.push(ReadRequest {
+                channel: c.name.clone(),
+                after: c.pos,
+                token,
+                room,
+            });
         }
         reads
+    }
+
+    /// History cannot be read for `channel`: the read `token` ends with `hub.reset` (the
+    /// client refetches its state) and the channel goes live from where it stands.
+    pub fn give_up_read(&self, channel: &str, token: u64) -> Fed {
+        let mut fed = Fed::default();
+        let mut st = self.state.lock();
+        let Some(i) = st.index(channel) else {
+            return fed;
+        };
+        if st.ending || st.chans[i].read != (Read::Reading { token }) {
+            return fed;
+        }
+        let (name, pos) = (st.chans[i].name.clone(), st.chans[i].pos);
+        st.queue.push_back(Item::Reset(Box::new(vec![(name, pos)])));
+        fed.reset = true;
+        st.chans[i].lost = false;
+        self.go_live(&mut st, i, &mut fed);
+        Self::wake(st);
+        fed
     }
 
     /// Gives up a read that failed: the channel is behind again (the caller retries later).
@@ -1053,6 +1089,24 @@ mod tests {
         assert_eq!(drain(&s), ["e"], "the ephemeral one stays");
         let read = s.begin_reads()[0].clone();
         assert_eq!(read.after, id(1), "rewound to what was taken");
+    }
+
+    #[test]
+    fn a_reader_that_must_check_its_position_buffers_live_messages_meanwhile() {
+        let s = live(&["a"], 8);
+        s.offer(&msg("a", Some(1), "one"));
+        s.fall_behind();
+        // Until the read lands, live messages wait (an ephemeral one is not lost).
+        assert_eq!(s.offer(&msg("a", None, "e")), Offer::Queued);
+        assert_eq!(s.offer(&msg("a", Some(3), "three")), Offer::Queued);
+        let read = s.begin_reads()[0].clone();
+        assert_eq!(read.after, id(1));
+        assert!(s.begin_reads().is_empty(), "one read at a time");
+        // History had 2 (lost live across the reconnection) and 3.
+        let entries = [msg("a", Some(2), "two"), msg("a", Some(3), "three")];
+        let fed = s.feed("a", read.token, &page(&entries, 3, false));
+        assert_eq!((fed.replayed, fed.lagged), (2, 0));
+        assert_eq!(drain(&s), ["one", "two", "three", "e"]);
     }
 
     #[test]

@@ -246,3 +246,53 @@ async fn a_node_starts_without_redis_and_becomes_ready_when_it_answers() {
         "the first connection is not a reconnection"
     );
 }
+
+#[tokio::test]
+async fn a_channel_whose_history_cannot_be_read_is_reset_without_holding_up_others() {
+    let redis = Redis::start();
+    let hub = redis_hub(&redis).await;
+    let p = prefix("unreadable");
+    let (bad, good) = (format!("{p}.bad"), format!("{p}.good"));
+    let mut conn = redis.conn().await;
+    let mut first = Vec::new();
+    for ch in [&bad, &good] {
+        let env = |d: &str| Envelope {
+            event: None,
+            data: json!(d),
+        };
+        first.push(
+            publish::publish_durable(&mut conn, ch, &env("one"))
+                .await
+                .unwrap(),
+        );
+        publish::publish_durable(&mut conn, ch, &env("two"))
+            .await
+            .unwrap();
+    }
+    // Someone overwrites one channel's history with a key of another type.
+    redis.cli(&["DEL", &format!("hub:hist:{{{bad}}}")]);
+    redis.cli(&["SET", &format!("hub:hist:{{{bad}}}"), "not a stream"]);
+    let (mut b, _) = hub
+        .connect(
+            &format!("channel={bad}"),
+            &[("Last-Event-ID", first[0].as_str())],
+        )
+        .await;
+    let (mut g, _) = hub
+        .connect(
+            &format!("channel={good}"),
+            &[("Last-Event-ID", first[1].as_str())],
+        )
+        .await;
+    // The good channel's reader is served at once; the bad one's gets hub.reset, then live.
+    assert_eq!(g.next_message(WAIT).await.unwrap().data, "two");
+    let ev = b.next_message(WAIT).await.unwrap();
+    assert_eq!(ev.event, "hub.reset", "{ev:?}");
+    redis.cli(&[
+        "PUBLISH",
+        &format!("hub:ch:{bad}"),
+        r#"{"data":"still live"}"#,
+    ]);
+    assert_eq!(b.next_message(WAIT).await.unwrap().data, "still live");
+    assert_eq!(hub.metric("hub_history_unreadable_total").await, 1.0);
+}

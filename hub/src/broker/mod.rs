@@ -22,6 +22,14 @@ use std::sync::Arc;
 #[error("broker unavailable: {0}")]
 pub struct BrokerError(pub String);
 
+impl BrokerError {
+    /// Redis answered with an error (a key of the wrong type, a script error): asking again
+    /// will not help. Timeouts and lost connections are not such answers.
+    pub fn answered(&self) -> bool {
+        self.0.contains("WRONGTYPE") || self.0.contains("ERR ")
+    }
+}
+
 /// Where a broker delivers: the narrow view it has of the node.
 pub trait Sink: Send + Sync + 'static {
     /// A message arrived for local readers (in position order per channel); returns how many
@@ -127,6 +135,14 @@ impl Broker {
         match self {
             Broker::Local(_) => Some(0),
             Broker::Redis(b) => b.live_epoch(),
+        }
+    }
+
+    /// Resolves once the broker's subscriptions are whole again (at once if they are), or
+    /// after `limit`.
+    pub async fn wait_whole(&self, limit: std::time::Duration) {
+        if let Broker::Redis(b) = self {
+            b.wait_whole(limit).await
         }
     }
 

@@ -131,6 +131,8 @@ pub struct RedisBroker {
     epoch: AtomicU64,
     /// The subscriptions of the current epoch are all in place.
     whole: AtomicBool,
+    /// Notified when `whole` turns true (the catch-up waits on it).
+    whole_again: tokio::sync::Notify,
     tasks: parking_lot::Mutex<Vec<AbortHandle>>,
 }
 
@@ -221,6 +223,7 @@ impl RedisBroker {
             up: AtomicBool::new(false),
             epoch: AtomicU64::new(1),
             whole: AtomicBool::new(false),
+            whole_again: tokio::sync::Notify::new(),
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
         // The receivers are taken before connecting, so the first connection is seen too.
@@ -654,7 +657,7 @@ impl RedisBroker {
             match self.subscribe_raw(&names).await {
                 Ok(()) => {
                     if self.epoch.load(Ordering::Acquire) == epoch {
-                        self.whole.store(true, Ordering::Release);
+                        self.set_whole();
                         // Readers that asked for history meanwhile were left behind: ask again.
                         self.sink.fall_behind();
                         tracing::info!(channels = (names.len() - 1) / 2, "resubscribed");
@@ -671,16 +674,45 @@ impl RedisBroker {
     }
 
     /// Cluster mode: re-issues shard subscriptions (a slot migration drops them silently).
+    ///
+    /// Whatever was published to a dropped one is lost to this node, so every reader first
+    /// starts checking its position against history (buffering live messages, so none jumps
+    /// the gap), the subscriptions are re-issued, and once they are in place the catch-up reads
+    /// what each reader may have missed: one shared read per channel every period.
     async fn shard_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(SHARD_RESUBSCRIBE_EVERY);
         tick.tick().await;
         loop {
             tick.tick().await;
+            if !self.is_up() {
+                continue; // a reconnection resubscribes and checks everything anyway
+            }
+            let _one = self.resubscribing.lock().await;
+            self.whole.store(false, Ordering::Release);
+            self.lost_messages();
             let names = self.names(&self.sink.channels());
             if let Err(e) = self.subscribe_raw(&names).await {
                 tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
             }
+            self.set_whole();
         }
+    }
+
+    /// The subscriptions of the current epoch are in place again.
+    fn set_whole(&self) {
+        self.whole.store(true, Ordering::Release);
+        self.whole_again.notify_waiters();
+    }
+
+    /// Resolves once the subscriptions are whole (at once if they are), or after `limit`.
+    pub async fn wait_whole(&self, limit: Duration) {
+        let again = self.whole_again.notified();
+        tokio::pin!(again);
+        again.as_mut().enable();
+        if self.whole.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, again).await;
     }
 
     /// Publishes a ping to itself every second; declares the subscription down (and forces a
