@@ -292,3 +292,43 @@ async fn sigterm_closes_websockets_as_a_restart() {
     }
     assert_eq!(hub.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn repeated_resumes_on_one_socket_are_rate_limited() {
+    let hub = Hub::start(&[]).await;
+    let ch = prefix("resumes");
+    let first = hub.publish(&ch, None, json!(0), true).await;
+    hub.publish(&ch, None, json!(1), true).await;
+    let mut w = ws(&hub).await;
+    // 40 subscribe/unsubscribe rounds with an old `since`, sent as fast as the socket takes them.
+    for _ in 0..40 {
+        send(
+            &mut w,
+            json!({"op": "subscribe", "channel": ch, "since": first}),
+        )
+        .await;
+        send(&mut w, json!({"op": "unsubscribe", "channel": ch})).await;
+    }
+    let (mut subscribed, mut limited) = (0, 0);
+    while subscribed + limited < 40 {
+        let f = next(&mut w).await;
+        match f["type"].as_str() {
+            Some("subscribed") => subscribed += 1,
+            Some("error") => {
+                assert_eq!(f["code"], 429, "{f}");
+                limited += 1;
+            }
+            _ => {}
+        }
+    }
+    assert!(limited > 0, "some were refused");
+    assert!(subscribed >= 16, "a burst of 16 is allowed: {subscribed}");
+    // A subscribe without `since` reads no history and is never limited.
+    send(&mut w, json!({"op": "subscribe", "channel": ch})).await;
+    loop {
+        let f = next(&mut w).await;
+        if f["type"] == "subscribed" {
+            break;
+        }
+    }
+}

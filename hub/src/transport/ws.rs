@@ -21,6 +21,40 @@ use std::sync::Arc;
 
 /// Largest frame a client may send; subscribe frames are a few hundred bytes.
 pub const MAX_CLIENT_FRAME: usize = 4096;
+/// Subscribes with `since` a socket may send at once: each makes the hub read history for it,
+/// so a client repeating them must not make the node read without bound. A burst of this many,
+/// then [`RESUMES_PER_SEC`]; beyond, an error frame 429.
+const RESUME_BURST: f64 = 16.0;
+const RESUMES_PER_SEC: f64 = 2.0;
+
+/// A token bucket for one socket's resumes.
+struct ResumeBudget {
+    tokens: std::cell::Cell<f64>,
+    at: std::cell::Cell<std::time::Instant>,
+}
+
+impl ResumeBudget {
+    fn new() -> Self {
+        ResumeBudget {
+            tokens: std::cell::Cell::new(RESUME_BURST),
+            at: std::cell::Cell::new(std::time::Instant::now()),
+        }
+    }
+
+    /// Takes one resume if the budget allows it.
+    fn take(&self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at.get()).as_secs_f64() * RESUMES_PER_SEC;
+        let tokens = (self.tokens.get() + refill).min(RESUME_BURST);
+        self.at.set(now);
+        if tokens < 1.0 {
+            self.tokens.set(tokens);
+            return false;
+        }
+        self.tokens.set(tokens - 1.0);
+        true
+    }
+}
 
 /// A frame from the client.
 #[derive(Debug, serde::Deserialize)]
@@ -111,6 +145,7 @@ pub async fn upgrade(
             _live: node.track_transport(),
             stream,
             claims,
+            resumes: ResumeBudget::new(),
         }
         .run(ws, messages),
     );
@@ -121,6 +156,7 @@ pub async fn upgrade(
 struct Conn {
     stream: StreamGuard,
     claims: Option<Arc<Claims>>,
+    resumes: ResumeBudget,
     /// Counts this socket as alive until its task ends.
     _live: TransportGuard,
 }
@@ -253,6 +289,15 @@ impl Conn {
             return self.reply_error(
                 400,
                 &format!("at most {max} channels per connection (HUB_MAX_CHANNELS_PER_CONN)"),
+                Some(name),
+            );
+        }
+        if since.is_some() && !self.resumes.take() {
+            return self.reply_error(
+                429,
+                &format!(
+                    "too many subscribes with since on this socket: at most {RESUME_BURST} at once, then {RESUMES_PER_SEC} a second"
+                ),
                 Some(name),
             );
         }
