@@ -189,4 +189,42 @@ mod tests {
             serde_json::from_str(r#"{"channel":"c","data":1,"durable":false}"#).unwrap();
         assert!(!r.durable);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Any bytes from Redis or HTTP parse or are refused, without panicking; what is
+            /// accepted has an event name safe for an SSE `event:` line and round-trips.
+            #[test]
+            fn envelopes_parse_or_refuse(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                if let Ok(env) = Envelope::parse(&bytes, 150) {
+                    let ev = env.event_name();
+                    prop_assert!(!ev.contains(['\r', '\n']) && !ev.starts_with(RESERVED_EVENT_PREFIX));
+                    prop_assert_eq!(Envelope::parse(&env.to_bytes(), usize::MAX), Ok(env.clone()));
+                }
+            }
+
+            #[test]
+            fn json_like_envelopes_parse_or_refuse(
+                event in proptest::option::of("\\PC{0,20}|hub\\.[a-z]{0,5}|[a-z\r\n]{0,8}"),
+                data in "\\PC{0,40}",
+            ) {
+                let text = match &event {
+                    Some(e) => serde_json::json!({"event": e, "data": data}).to_string(),
+                    None => serde_json::json!({"data": data}).to_string(),
+                };
+                match Envelope::parse(text.as_bytes(), 65_536) {
+                    Ok(env) => {
+                        prop_assert!(!env.event_name().chars().any(char::is_control));
+                        prop_assert_eq!(env.data_text(), data);
+                    }
+                    Err(_) => prop_assert!(event.is_some()),
+                }
+            }
+        }
+    }
 }

@@ -171,4 +171,50 @@ mod tests {
             Cursor::fingerprint(&["a", "b"])
         );
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn id() -> impl Strategy<Value = StreamId> {
+            (any::<u64>(), any::<u64>()).prop_map(|(ms, seq)| StreamId::new(ms, seq))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Any text reads as a position or not, without panicking; a position reads back as
+            /// itself.
+            #[test]
+            fn positions_parse_or_refuse(s in "\\PC{0,48}|[0-9-]{0,44}") {
+                if let Ok(p) = s.parse::<StreamId>() {
+                    prop_assert_eq!(p.to_string().parse::<StreamId>(), Ok(p));
+                }
+            }
+
+            #[test]
+            fn positions_round_trip(p in id()) {
+                prop_assert_eq!(p.to_string().parse::<StreamId>(), Ok(p));
+            }
+
+            /// A cursor decodes to the positions it was made of, for its own channel set only;
+            /// any other text (a Last-Event-ID in any form) is refused, never a panic.
+            #[test]
+            fn cursors_round_trip_for_their_channels_only(
+                ps in proptest::collection::vec(id(), 1..6),
+                names in proptest::collection::vec("[a-z]{1,6}", 6),
+                junk in "\\PC{0,64}",
+            ) {
+                let chans = &names[..ps.len()];
+                let fp = Cursor::fingerprint(chans);
+                let s = Cursor::encode(fp, &ps);
+                prop_assert_eq!(Cursor::decode(&s, ps.len(), fp), Some(ps.clone()));
+                if ps.len() > 1 {
+                    prop_assert_eq!(Cursor::decode(&s, ps.len(), fp ^ 1), None);
+                    prop_assert_eq!(Cursor::decode(&s, ps.len() + 1, fp), None);
+                }
+                let _ = Cursor::decode(&junk, ps.len(), fp);
+            }
+        }
+    }
 }

@@ -121,4 +121,31 @@ mod tests {
         assert_eq!(&b[..], b"retry: 2500\n");
         assert_eq!(HEARTBEAT, b":\n\n");
     }
+
+    mod properties {
+        use super::super::*;
+        use bytes::BytesMut;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Whatever the data, an EventSource reading the frame gets it back with CR and CRLF
+            /// turned into LF, and the frame is one event (it ends at its only blank line).
+            #[test]
+            fn data_survives_framing(data in "\\PC{0,60}|[a-z\r\n]{0,30}") {
+                let mut buf = BytesMut::new();
+                write_event(&mut buf, Some("e"), &data);
+                let text = String::from_utf8(buf.to_vec()).unwrap();
+                prop_assert!(text.ends_with("\n\n"));
+                prop_assert_eq!(text.matches("\n\n").count(), 1);
+                let lines: Vec<&str> = text[..text.len() - 2]
+                    .split('\n')
+                    .filter_map(|l| l.strip_prefix("data: "))
+                    .collect();
+                let want = data.replace("\r\n", "\n").replace('\r', "\n");
+                prop_assert_eq!(lines.join("\n"), want);
+            }
+        }
+    }
 }
