@@ -273,4 +273,58 @@ mod tests {
             prop_assert_eq!(c.grants(&theirs), sub == other);
         }
     }
+
+    fn hs_auth(secret: &str) -> Auth {
+        Auth {
+            keys: vec![(
+                Algorithm::HS256,
+                DecodingKey::from_secret(secret.as_bytes()),
+            )],
+            issuer: Some("api".into()),
+            audience: None,
+        }
+    }
+
+    fn token(secret: &str, claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::default(),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+        /// Any text as a token is refused with a reason, never a panic.
+        #[test]
+        fn junk_tokens_are_refused(t in "\\PC{0,200}|[A-Za-z0-9_-]{0,40}\\.[A-Za-z0-9_-]{0,60}\\.[A-Za-z0-9_-]{0,40}") {
+            prop_assert!(hs_auth("0123456789abcdef0123").verify(&t).is_err());
+        }
+
+        /// A valid token with any one character changed no longer verifies (or still says
+        /// the same thing), and one signed with another key never does.
+        #[test]
+        fn tampered_tokens_are_refused(
+            sub in "[a-z0-9]{1,8}",
+            at in any::<prop::sample::Index>(),
+            to in "[A-Za-z0-9_-]",
+        ) {
+            let secret = "0123456789abcdef0123";
+            let claims = serde_json::json!({"sub": sub, "exp": 4_000_000_000u64, "iss": "api"});
+            let good = token(secret, claims.clone());
+            let auth = hs_auth(secret);
+            prop_assert_eq!(auth.verify(&good).map(|c| c.sub), Ok(sub.clone()));
+            prop_assert!(auth.verify(&token("another-key-of-20-bytes", claims)).is_err());
+            let i = at.index(good.len());
+            let mut bad = good.clone().into_bytes();
+            bad[i] = to.as_bytes()[0];
+            let bad = String::from_utf8(bad).unwrap();
+            if let Ok(c) = auth.verify(&bad) {
+                // Base64 has spare bits in a last character: the same bytes, the same claims.
+                prop_assert_eq!(c.sub, sub);
+            }
+        }
+    }
 }

@@ -137,4 +137,44 @@ mod tests {
         let c = config("redis-sentinel://s1:1,s2:2/0?sentinelServiceName=m", None).unwrap();
         assert!(!c.fail_fast);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(5_000))]
+
+            /// Any HUB_REDIS_URL is a configuration or an error that does not show the
+            /// password; never a panic.
+            #[test]
+            fn any_url_is_a_config_or_an_error_without_the_password(
+                scheme in "(redis|rediss|redis-cluster|redis-sentinel|rediss-sentinel|x)",
+                user in "[a-z]{0,6}",
+                rest in "[a-z0-9.:,/?=&@-]{0,40}",
+            ) {
+                let url = format!("{scheme}://{user}:Pw0rdSecret@{rest}");
+                if let Err(e) = config(&url, None) {
+                    prop_assert!(!e.contains("Pw0rdSecret"), "{}", e);
+                }
+                let _ = fred_url(&url);
+            }
+
+            /// Several sentinels keep every host, in order, and the credentials and path.
+            #[test]
+            fn sentinel_lists_keep_every_host(
+                hosts in proptest::collection::vec("[a-z]{1,8}:[0-9]{1,5}", 1..5),
+                auth in proptest::option::of("[a-z]{1,6}:[a-z0-9]{1,8}"),
+            ) {
+                let userinfo = auth.map(|a| format!("{a}@")).unwrap_or_default();
+                let url = format!("redis-sentinel://{userinfo}{}/0?sentinelServiceName=m", hosts.join(","));
+                let out = fred_url(&url);
+                let mut want = format!("redis-sentinel://{userinfo}{}/0?sentinelServiceName=m", hosts[0]);
+                for h in &hosts[1..] {
+                    want.push_str(&format!("&node={h}"));
+                }
+                prop_assert_eq!(out, want);
+            }
+        }
+    }
 }

@@ -815,4 +815,38 @@ mod tests {
         assert!(parse_durable(b"{\"data\":1}", now).is_err());
         assert!(parse_durable(b"12x-0 {}", now).is_err());
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Any payload on a durable channel is a notification or a counted drop, never a
+            /// panic; an accepted id is never far ahead of now, and the body is what followed.
+            #[test]
+            fn any_payload_is_a_notification_or_a_drop(
+                payload in proptest::collection::vec(any::<u8>(), 0..64),
+                now in 0u64..4_000_000_000_000,
+            ) {
+                if let Ok((Some(id), body)) = parse_durable(&payload, now) {
+                    prop_assert!(id.ms <= now + FUTURE_SLACK_MS);
+                    prop_assert!(payload.ends_with(body));
+                }
+            }
+
+            #[test]
+            fn plausible_ids_are_kept(
+                ms in 0u64..1_800_000_000_000,
+                seq in any::<u64>(),
+                body in "\\PC{0,40}",
+            ) {
+                let payload = format!("{ms}-{seq} {body}");
+                let (id, rest) = parse_durable(payload.as_bytes(), 1_800_000_000_000).unwrap();
+                prop_assert_eq!(id, Some(StreamId::new(ms, seq)));
+                prop_assert_eq!(rest, body.as_bytes());
+            }
+        }
+    }
 }

@@ -323,4 +323,59 @@ mod tests {
         assert!((0..1000).all(|s| spread(s, 2000) < 2000));
         assert_eq!(spread(5, 0), 0);
     }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Any query string reads as a query or a 400, never a panic; the channels that
+            /// pass are valid, sorted, distinct and within the limit.
+            #[test]
+            fn any_query_is_a_query_or_a_400(
+                q in "\\PC{0,120}|((channel|envelope|lastEventId|last_event_id|token|x)=[a-z0-9:%&=*. -]{0,20}&?){0,8}",
+                max in 1usize..8,
+            ) {
+                if let Ok(parsed) = parse_query(&q) {
+                    match check_channels(&parsed.channels, max) {
+                        Ok(cs) => {
+                            prop_assert!(!cs.is_empty() && cs.len() <= max);
+                            prop_assert!(cs.windows(2).all(|w| w[0] < w[1]));
+                            prop_assert!(cs.iter().all(|c| parsed.channels.iter().any(|n| n == c.as_str())));
+                        }
+                        Err(r) => prop_assert_eq!(r.status(), 400),
+                    }
+                } else {
+                    prop_assert!(q.contains("envelope"));
+                }
+            }
+
+            /// Parameters written by a client library read back as written, in any order and
+            /// percent-encoded.
+            #[test]
+            fn encoded_queries_round_trip(
+                channels in proptest::collection::vec("[A-Za-z0-9_:.@-]{1,20}", 0..5),
+                id in proptest::option::of("\\PC{0,30}"),
+                token in proptest::option::of("[A-Za-z0-9._-]{0,40}"),
+                envelope in any::<bool>(),
+            ) {
+                let mut enc = form_urlencoded::Serializer::new(String::new());
+                for c in &channels {
+                    enc.append_pair("channel", c);
+                }
+                if let Some(id) = &id {
+                    enc.append_pair("lastEventId", id);
+                }
+                if let Some(t) = &token {
+                    enc.append_pair("token", t);
+                }
+                enc.append_pair("envelope", if envelope { "true" } else { "false" });
+                enc.append_pair("_", "1733000000000");
+                let q = parse_query(&enc.finish()).unwrap();
+                prop_assert_eq!(q, StreamQuery { channels, envelope, last_event_id: id, token });
+            }
+        }
+    }
 }

@@ -64,6 +64,49 @@ struct ClientFrame {
     since: Option<String>,
 }
 
+/// What a client frame asks for.
+#[derive(Debug, PartialEq)]
+enum Command {
+    Subscribe(ChannelName, Option<String>),
+    Unsubscribe(ChannelName),
+}
+
+/// Why a client frame was refused (an error frame 400, the socket stays open).
+#[derive(Debug)]
+struct FrameError {
+    message: String,
+    /// The channel the frame named, when it named one.
+    channel: Option<String>,
+}
+
+/// Reads a client frame: JSON `{"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>"}`.
+fn parse_frame(text: &str) -> Result<Command, FrameError> {
+    let err = |message: String, channel: Option<&str>| FrameError {
+        message,
+        channel: channel.map(str::to_owned),
+    };
+    let f: ClientFrame = serde_json::from_str(text).map_err(|_| {
+        err(
+            r#"frames are JSON {"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>"}"#
+                .into(),
+            None,
+        )
+    })?;
+    let Some(name) = f.channel.as_deref() else {
+        return Err(err("channel is required".into(), None));
+    };
+    let channel =
+        ChannelName::new(name).map_err(|e| err(format!("invalid channel: {e}"), Some(name)))?;
+    match f.op.as_str() {
+        "subscribe" => Ok(Command::Subscribe(channel, f.since)),
+        "unsubscribe" => Ok(Command::Unsubscribe(channel)),
+        _ => Err(err(
+            "op must be subscribe or unsubscribe".into(),
+            Some(name),
+        )),
+    }
+}
+
 fn frame(v: serde_json::Value) -> ByteString {
     ByteString::from(v.to_string())
 }
@@ -253,28 +296,13 @@ impl Conn {
     }
 
     async fn on_frame(&self, text: &str) {
-        let f: ClientFrame = match serde_json::from_str(text) {
-            Ok(f) => f,
-            Err(_) => return self.reply_error(
-                400,
-                r#"frames are JSON {"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>"}"#,
-                None,
-            ),
-        };
-        let Some(name) = f.channel.as_deref() else {
-            return self.reply_error(400, "channel is required", None);
-        };
-        let channel = match ChannelName::new(name) {
-            Ok(c) => c,
-            Err(e) => return self.reply_error(400, &format!("invalid channel: {e}"), Some(name)),
-        };
-        match f.op.as_str() {
-            "subscribe" => self.subscribe(channel, f.since).await,
-            "unsubscribe" => {
+        match parse_frame(text) {
+            Ok(Command::Subscribe(channel, since)) => self.subscribe(channel, since).await,
+            Ok(Command::Unsubscribe(channel)) => {
                 self.node().drop_channel(&self.stream.session, &channel);
                 self.reply(Reply::Unsubscribed(channel));
             }
-            _ => self.reply_error(400, "op must be subscribe or unsubscribe", Some(name)),
+            Err(e) => self.reply_error(400, &e.message, e.channel.as_deref()),
         }
     }
 
@@ -321,6 +349,66 @@ impl Conn {
         if let Err(r) = started {
             self.node().drop_channel(session, &channel);
             self.reply_error(r.status(), &r.message, Some(name));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames() {
+        assert_eq!(
+            parse_frame(r#"{"op":"subscribe","channel":"public:a","since":"5-0"}"#).unwrap(),
+            Command::Subscribe(ChannelName::new("public:a").unwrap(), Some("5-0".into()))
+        );
+        assert_eq!(
+            parse_frame(r#"{"op":"unsubscribe","channel":"a"}"#).unwrap(),
+            Command::Unsubscribe(ChannelName::new("a").unwrap())
+        );
+        let e = parse_frame(r#"{"op":"jump","channel":"a"}"#).unwrap_err();
+        assert_eq!(e.channel.as_deref(), Some("a"));
+        assert!(parse_frame(r#"{"op":"subscribe"}"#).is_err());
+        assert!(parse_frame(r#"{"op":"subscribe","channel":"a b"}"#).is_err());
+        assert!(parse_frame("not json").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        /// Any text a client sends is a command or an error, never a panic; an error names
+        /// the channel only as the client wrote it.
+        #[test]
+        fn any_text_is_a_command_or_an_error(text in "\\PC{0,80}|\\{\"op\":\"[a-z]{0,12}\",\"channel\":\"\\PC{0,20}\"(,\"since\":\"[0-9a-z-]{0,20}\")?\\}") {
+            match parse_frame(&text) {
+                Ok(Command::Subscribe(c, _)) | Ok(Command::Unsubscribe(c)) => {
+                    prop_assert!(ChannelName::new(c.as_str()).is_ok());
+                }
+                Err(e) => {
+                    if let Some(c) = e.channel {
+                        prop_assert!(text.contains(&c) || text.contains('\\'));
+                    }
+                }
+            }
+        }
+
+        /// A well-formed frame reads back as what was written.
+        #[test]
+        fn frames_round_trip(
+            sub in any::<bool>(),
+            name in "[a-zA-Z0-9_:.-]{1,64}",
+            since in proptest::option::of("[0-9]{1,14}-[0-9]{1,4}"),
+        ) {
+            let op = if sub { "subscribe" } else { "unsubscribe" };
+            let text = serde_json::json!({"op": op, "channel": name, "since": since}).to_string();
+            let want = match ChannelName::new(&name) {
+                Ok(c) if sub => Command::Subscribe(c, since),
+                Ok(c) => Command::Unsubscribe(c),
+                Err(_) => return Ok(()),
+            };
+            prop_assert_eq!(parse_frame(&text).unwrap(), want);
         }
     }
 }
