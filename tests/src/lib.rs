@@ -145,6 +145,11 @@ impl Hub {
         self.child.id()
     }
 
+    /// The exit status if the process has ended (it should not have).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The process's resident memory (VmRSS), in KiB.
     pub fn rss_kb(&self) -> u64 {
         let status =
