@@ -36,12 +36,20 @@ pub struct PublishArgs {
     /// Padding bytes added to each message's data.
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
+    /// A publish that fails is tried again (the same message, a new Redis connection) every
+    /// 200 ms for up to this many seconds before it counts as an error (0: never retried), so
+    /// a soak through Redis restarts publishes every sequence number.
+    #[arg(long, default_value_t = 0)]
+    pub retry_secs: u64,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct PublishReport {
     pub sent: u64,
     pub errors: u64,
+    /// Attempts that failed and were tried again (`--retry-secs`).
+    #[serde(default)]
+    pub retries: u64,
     pub secs: f64,
 }
 
@@ -64,11 +72,7 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
     });
     let http = reqwest::Client::new();
     let mut redis_conn = match &args.redis {
-        Some(url) => Some(
-            redis::Client::open(url.as_str())?
-                .get_multiplexed_async_connection()
-                .await?,
-        ),
+        Some(url) => Some(redis_connect(url).await?),
         None => None,
     };
     for seq in 0..args.count {
@@ -78,43 +82,72 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         let channel = &args.channels[(seq as usize) % args.channels.len()]
             .replace("{n}", &(seq % args.channel_count.max(1)).to_string());
         let d = data(seq, args.pad);
-        let ok = if let Some(conn) = redis_conn.as_mut() {
-            let env = Envelope {
-                event: None,
-                data: d.into(),
-            };
-            if args.ephemeral {
-                publish::publish_ephemeral(conn, channel, &env, false)
-                    .await
-                    .is_ok()
-            } else {
-                publish::publish_durable(conn, channel, &env).await.is_ok()
+        let give_up = Instant::now() + Duration::from_secs(args.retry_secs);
+        loop {
+            if publish_one(&args, &http, &mut redis_conn, channel, &d).await? {
+                report.sent += 1;
+                break;
             }
-        } else if let Some(url) = &args.raw_post {
-            http.post(url.replace("{channel}", channel))
-                .body(d)
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false)
-        } else if let Some(url) = &args.http {
-            let body =
-                serde_json::json!({"channel": channel, "data": d, "durable": !args.ephemeral});
-            http.post(format!("{}/v1/publish", url.trim_end_matches('/')))
-                .json(&body)
-                .send()
-                .await
-                .map(|r| r.status().is_success())
-                .unwrap_or(false)
-        } else {
-            anyhow::bail!("give --http, --redis or --raw-post");
-        };
-        if ok {
-            report.sent += 1;
-        } else {
-            report.errors += 1;
+            if Instant::now() >= give_up {
+                report.errors += 1;
+                break;
+            }
+            report.retries += 1;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if let Some(url) = &args.redis {
+                // The old connection may be dead (a Redis restart): make a new one.
+                if let Ok(c) = redis_connect(url).await {
+                    redis_conn = Some(c);
+                }
+            }
         }
     }
     report.secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+async fn redis_connect(url: &str) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    Ok(redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?)
+}
+
+/// One attempt at publishing `d` to `channel`: whether it was accepted.
+async fn publish_one(
+    args: &PublishArgs,
+    http: &reqwest::Client,
+    redis_conn: &mut Option<redis::aio::MultiplexedConnection>,
+    channel: &str,
+    d: &str,
+) -> anyhow::Result<bool> {
+    Ok(if let Some(conn) = redis_conn.as_mut() {
+        let env = Envelope {
+            event: None,
+            data: d.to_string().into(),
+        };
+        if args.ephemeral {
+            publish::publish_ephemeral(conn, channel, &env, false)
+                .await
+                .is_ok()
+        } else {
+            publish::publish_durable(conn, channel, &env).await.is_ok()
+        }
+    } else if let Some(url) = &args.raw_post {
+        http.post(url.replace("{channel}", channel))
+            .body(d.to_string())
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+    } else if let Some(url) = &args.http {
+        let body = serde_json::json!({"channel": channel, "data": d, "durable": !args.ephemeral});
+        http.post(format!("{}/v1/publish", url.trim_end_matches('/')))
+            .json(&body)
+            .send()
+            .await
+            .map(|r| r.status().is_success())
+            .unwrap_or(false)
+    } else {
+        anyhow::bail!("give --http, --redis or --raw-post");
+    })
 }

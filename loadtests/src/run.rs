@@ -24,9 +24,13 @@ pub struct RunArgs {
     /// Streams in all.
     #[arg(long)]
     pub streams: u64,
-    /// Holder processes; process i binds 127.0.0.(2+i).
+    /// Holder processes; process i binds 127.0.0.(first_source+i).
     #[arg(long, default_value_t = 1)]
     pub processes: u64,
+    /// Last byte of the first holder's source address (two runs side by side use different
+    /// ones, each keeping its own ephemeral ports).
+    #[arg(long, default_value_t = 2)]
+    pub first_source: u8,
     /// Streams (in all, spread over the processes) that stop reading once open.
     #[arg(long, default_value_t = 0)]
     pub stall: u64,
@@ -167,7 +171,12 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         left -= n;
         let stall = stall_per.min(stall_left).min(n);
         stall_left -= stall;
-        let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + i as u8));
+        let ip = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            0,
+            args.first_source.wrapping_add(i as u8),
+        ));
         let mut cmd = tokio::process::Command::new(&exe);
         let target = args.targets[i as usize % args.targets.len()];
         cmd.arg("hold")
