@@ -350,6 +350,61 @@ impl Cluster {
         url
     }
 
+    /// The cluster id of node `i`.
+    pub fn node_id(&self, i: usize) -> String {
+        self.nodes[i].cli(&["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// Which node serves `slot`.
+    pub fn owner_of(&self, slot: u16) -> usize {
+        let nodes = self.nodes[0].cli(&["CLUSTER", "NODES"]);
+        let owner = nodes
+            .lines()
+            .find(|l| {
+                l.split_whitespace().skip(8).any(|r| {
+                    let (a, b) = r.split_once('-').unwrap_or((r, r));
+                    matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+                })
+            })
+            .and_then(|l| l.split_whitespace().next())
+            .expect("an owner for the slot")
+            .to_string();
+        (0..self.nodes.len())
+            .find(|&i| self.node_id(i) == owner)
+            .expect("owner among our nodes")
+    }
+
+    /// Moves `slot` with its keys from its owner to node `to`, the way `redis-cli --cluster
+    /// reshard` does: importing / migrating, MIGRATE of every key, then the new owner
+    /// announced to every node.
+    pub fn migrate_slot(&self, slot: u16, to: usize) {
+        let from = self.owner_of(slot);
+        assert_ne!(from, to);
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let s = slot.to_string();
+        self.nodes[to].cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]);
+        self.nodes[from].cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]);
+        loop {
+            let keys = self.nodes[from].cli(&["CLUSTER", "GETKEYSINSLOT", &s, "100"]);
+            let keys: Vec<&str> = keys.split_whitespace().collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = self.nodes[to].port.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            let out = self.nodes[from].cli(&args);
+            assert!(out.contains("OK"), "MIGRATE: {out}");
+        }
+        for i in [to, from]
+            .into_iter()
+            .chain((0..self.nodes.len()).filter(|&i| i != to && i != from))
+        {
+            self.nodes[i].cli(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]);
+        }
+        assert_eq!(self.owner_of(slot), to, "the slot moved");
+    }
+
     /// A cluster connection for the publisher helpers.
     pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
         let urls: Vec<String> = self.nodes.iter().map(|n| n.url()).collect();

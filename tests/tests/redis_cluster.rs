@@ -111,3 +111,83 @@ async fn two_nodes_on_a_three_master_cluster() {
     got.sort();
     assert_eq!(got, ["missed 3", "missed 9"]);
 }
+
+/// A slot migration drops the shard subscriptions of the slot's channels on the old owner
+/// (Redis sends SUNSUBSCRIBE; the client library discards it). The node notices the new slot
+/// map, subscribes on the new owner and reads from history what it missed: a reader gets every
+/// durable message published before and after the move, once, in order, within seconds.
+#[tokio::test]
+async fn a_slot_migration_is_followed_and_backfilled() {
+    let cluster = Cluster::start();
+    let url = cluster.url();
+    let hub = Hub::start(&[("HUB_REDIS_URL", url.as_str())]).await;
+    hub.wait_ready(WAIT).await;
+    let ch = prefix("mig");
+    let slot: u16 = cluster.nodes[0]
+        .cli(&["CLUSTER", "KEYSLOT", &format!("hub:hist:{{{ch}}}")])
+        .trim()
+        .parse()
+        .unwrap();
+    let (mut s, _) = hub.connect(&format!("channel={ch}"), &[]).await;
+    // Another channel on another slot keeps flowing meanwhile.
+    let other = (0..50)
+        .map(|i| format!("{ch}.o{i}"))
+        .find(|c| {
+            cluster.nodes[0]
+                .cli(&["CLUSTER", "KEYSLOT", &format!("hub:hist:{{{c}}}")])
+                .trim()
+                != slot.to_string()
+        })
+        .unwrap();
+    let (mut o, _) = hub.connect(&format!("channel={other}"), &[]).await;
+
+    let mut conn = cluster.conn().await;
+    let mut want = Vec::new();
+    for i in 0..20 {
+        let d = format!("before {i}");
+        publish::publish_durable(&mut conn, &ch, &env(&d))
+            .await
+            .unwrap();
+        want.push(d);
+    }
+    for w in &want {
+        assert_eq!(&s.next_message(WAIT).await.unwrap().data, w);
+    }
+    let to = (cluster.owner_of(slot) + 1) % 3;
+    cluster.migrate_slot(slot, to);
+    let mut after = Vec::new();
+    for i in 0..20 {
+        let d = format!("after {i}");
+        publish::publish_durable(&mut conn, &ch, &env(&d))
+            .await
+            .unwrap();
+        after.push(d);
+        publish::publish_durable(&mut conn, &other, &env(&format!("other {i}")))
+            .await
+            .unwrap();
+    }
+    for w in &after {
+        assert_eq!(
+            &s.next_message(WAIT).await.unwrap().data,
+            w,
+            "every message once, in order"
+        );
+    }
+    for i in 0..20 {
+        assert_eq!(
+            o.next_message(WAIT).await.unwrap().data,
+            format!("other {i}")
+        );
+    }
+    // Live again: the next message comes without waiting for a period.
+    let t = std::time::Instant::now();
+    publish::publish_durable(&mut conn, &ch, &env("live"))
+        .await
+        .unwrap();
+    assert_eq!(s.next_message(WAIT).await.unwrap().data, "live");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        t.elapsed()
+    );
+}

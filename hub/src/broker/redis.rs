@@ -11,7 +11,9 @@ use crate::broker::{BrokerError, Page, Sink};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics, Source};
 use fred::clients::SubscriberClient;
-use fred::interfaces::{ClientLike, EventInterface, FunctionInterface, PubsubInterface};
+use fred::interfaces::{
+    ClientLike, ClusterInterface, EventInterface, FunctionInterface, PubsubInterface,
+};
 use fred::prelude::{Builder, Client, ReconnectPolicy};
 use fred::types::Value;
 use protocol::{ChannelName, Envelope, EnvelopeError, StreamId};
@@ -52,8 +54,11 @@ const COMMAND_CLIENT_BUFFER: usize = 64;
 /// Channels per SUBSCRIBE command when resubscribing many.
 const SUBSCRIBE_BATCH: usize = 500;
 /// Cluster mode: shard subscriptions are re-issued this often, since Redis drops them when a
-/// slot migrates and the client does not move them.
+/// slot migrates and the client does not move them (fred discards the server's SUNSUBSCRIBE).
 const SHARD_RESUBSCRIBE_EVERY: Duration = Duration::from_secs(30);
+/// Cluster mode: the slot map is read this often (one `CLUSTER SLOTS`); a change re-issues the
+/// shard subscriptions at once instead of at the next period.
+const SLOT_CHECK_EVERY: Duration = Duration::from_secs(2);
 /// While not ready, how often that is logged.
 const WAITING_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Pause between attempts to resubscribe after a reconnection.
@@ -678,20 +683,49 @@ impl RedisBroker {
         }
     }
 
-    /// Cluster mode: re-issues shard subscriptions (a slot migration drops them silently).
+    /// Cluster mode: re-issues shard subscriptions (a slot migration drops them silently)
+    /// when the slot map changes (read every [`SLOT_CHECK_EVERY`]), and every
+    /// [`SHARD_RESUBSCRIBE_EVERY`] in any case.
     ///
     /// Whatever was published to a dropped one is lost to this node, so every reader first
     /// starts checking its position against history (buffering live messages, so none jumps
     /// the gap), the subscriptions are re-issued, and once they are in place the catch-up reads
-    /// what each reader may have missed: one shared read per channel every period.
+    /// what each reader may have missed: one shared read per channel.
     async fn shard_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(SHARD_RESUBSCRIBE_EVERY);
-        tick.tick().await;
+        let mut tick = tokio::time::interval(SLOT_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        // The slot map as of the last check (the subscriber's routing table when it connected,
+        // before the first): fred may refresh its table by itself (a MOVED answer to a new
+        // subscription) without moving the subscriptions made before.
+        let mut seen: Option<String> = None;
         loop {
             tick.tick().await;
             if !self.is_up() {
                 continue; // a reconnection resubscribes and checks everything anyway
             }
+            let before = format!("{:?}", self.sub.cached_cluster_state());
+            let reference = seen.take().unwrap_or(before);
+            let moved = match self.sub.sync_cluster().await {
+                Ok(()) => {
+                    let now = format!("{:?}", self.sub.cached_cluster_state());
+                    let moved = now != reference;
+                    seen = Some(now);
+                    moved
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the cluster's slot map failed");
+                    seen = Some(reference);
+                    false
+                }
+            };
+            if !moved && last.elapsed() < SHARD_RESUBSCRIBE_EVERY {
+                continue;
+            }
+            if moved {
+                tracing::info!("the cluster's slot map changed: re-issuing shard subscriptions");
+            }
+            last = Instant::now();
             let _one = self.resubscribing.lock().await;
             self.whole.store(false, Ordering::Release);
             self.lost_messages();
