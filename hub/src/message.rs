@@ -94,13 +94,15 @@ impl Message {
         })
     }
 
-    /// `{"type":"message","channel":..,"id":..,"event":..,"data":..}`, shared by every
-    /// WebSocket subscriber.
+    /// The WebSocket text frame (header included) of
+    /// `{"type":"message","channel":..,"id":..,"event":..,"data":..}`, made once and shared by
+    /// every WebSocket subscriber.
     pub fn ws_frame(&self) -> Bytes {
         self.ws
             .get_or_init(|| {
                 let env = self.envelope_json();
-                Bytes::from(format!("{{\"type\":\"message\",{}", &env[1..]))
+                let json = format!("{{\"type\":\"message\",{}", &env[1..]);
+                protocol::ws::frame(protocol::ws::OpCode::Text, json.as_bytes())
             })
             .clone()
     }
@@ -171,7 +173,9 @@ mod tests {
         assert_eq!(std::str::from_utf8(&m.frame(true)).unwrap(), expected);
         let v: serde_json::Value = serde_json::from_str(&m.envelope_json()).unwrap();
         assert_eq!(v["data"], "line1\nline2");
-        let w: serde_json::Value = serde_json::from_slice(&m.ws_frame()).unwrap();
+        let f = m.ws_frame();
+        assert_eq!(f[0], 0x81, "a final text frame");
+        let w: serde_json::Value = serde_json::from_slice(&f[2..]).unwrap();
         assert_eq!(
             w,
             serde_json::json!({"type": "message", "channel": "public:a", "id": "7-1", "event": "message", "data": "line1\nline2"})

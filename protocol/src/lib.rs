@@ -6,6 +6,7 @@
 //! - [`sse`]: Server-Sent Events framing (`id:`, `event:`, `retry:`, multi-line `data:`, comments).
 //! - [`position`]: a message's position in its channel ([`StreamId`]) and the SSE cursor that
 //!   combines the positions of several channels into one `id:`.
+//! - [`ws`]: WebSocket framing of server frames, built once and shared.
 //! - `publish` (feature `redis`): `publish_durable` / `publish_ephemeral` for Rust services.
 
 pub mod channel;
@@ -14,6 +15,7 @@ pub mod position;
 #[cfg(feature = "redis")]
 pub mod publish;
 pub mod sse;
+pub mod ws;
 
 pub use channel::{ChannelError, ChannelName};
 pub use envelope::{Envelope, EnvelopeError, PublishRequest};

@@ -1,9 +1,12 @@
 //! The WebSocket transport: `GET /v1/ws` and its JSON frames.
 //!
-//! The upgrade checks the origin and the token and takes a stream slot; then one task per
-//! socket renders the session's items as frames and handles the client's `subscribe` /
-//! `unsubscribe` frames through the node's channel-start routine, against the same registry,
-//! broker, history and grants as SSE. A bad frame gets an error frame and the socket stays open.
+//! The upgrade checks the origin and the token and takes a stream slot. The socket is then one
+//! pull-based response body, like an SSE stream: no task and no channel of its own. When the
+//! connection can take bytes, the body reads the client's frames (`subscribe` / `unsubscribe`
+//! through the node's channel-start routine, pings, close) and writes the session's items; a
+//! message's frame is built once (`Message::ws_frame`) and the same bytes go to every socket.
+//! A bad frame gets an error frame and the socket stays open; what a client can make the body
+//! hold is bounded (one frame of [`MAX_CLIENT_FRAME`] being read, one subscribe at a time).
 
 use crate::auth::{Auth, Claims};
 use crate::http::error::ApiError;
@@ -11,13 +14,20 @@ use crate::http::{bearer, cors};
 use crate::metrics::{CloseReason, Transport};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard, Want};
 use crate::refusal::Refusal;
-use crate::session::{Item, Reply};
+use crate::session::{Item, Reply, Session};
+use actix_codec::Decoder;
+use actix_http::ws::{Codec, Frame, ProtocolError};
+use actix_web::body::{BodySize, MessageBody};
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{CloseCode, Message as WsMessage};
-use bytestring::ByteString;
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use protocol::ws::{self as wire, OpCode};
 use protocol::ChannelName;
 use serde_json::json;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 /// Largest frame a client may send; subscribe frames are a few hundred bytes.
 pub const MAX_CLIENT_FRAME: usize = 4096;
@@ -26,6 +36,9 @@ pub const MAX_CLIENT_FRAME: usize = 4096;
 /// then [`RESUMES_PER_SEC`]; beyond, an error frame 429.
 const RESUME_BURST: f64 = 16.0;
 const RESUMES_PER_SEC: f64 = 2.0;
+/// Pongs owed to a client's pings; beyond, older pings go unanswered (RFC 6455 allows
+/// answering only the latest).
+const PONGS_OWED: usize = 4;
 
 /// A token bucket for one socket's resumes.
 struct ResumeBudget {
@@ -107,22 +120,23 @@ fn parse_frame(text: &str) -> Result<Command, FrameError> {
     }
 }
 
-fn frame(v: serde_json::Value) -> ByteString {
-    ByteString::from(v.to_string())
+/// A JSON text frame.
+fn text(v: serde_json::Value) -> Bytes {
+    wire::frame(OpCode::Text, v.to_string().as_bytes())
 }
 
 /// `{"type":"error","code":N,"message":"...","channel":"C"}` (channel omitted when absent).
-pub fn error_frame(code: u16, message: &str, channel: Option<&str>) -> ByteString {
+pub fn error_frame(code: u16, message: &str, channel: Option<&str>) -> Bytes {
     match channel {
-        Some(c) => frame(json!({"type": "error", "code": code, "message": message, "channel": c})),
-        None => frame(json!({"type": "error", "code": code, "message": message})),
+        Some(c) => text(json!({"type": "error", "code": code, "message": message, "channel": c})),
+        None => text(json!({"type": "error", "code": code, "message": message})),
     }
 }
 
-fn reply_frame(reply: &Reply) -> ByteString {
+fn reply_frame(reply: &Reply) -> Bytes {
     match reply {
-        Reply::Subscribed(c) => frame(json!({"type": "subscribed", "channel": c.as_str()})),
-        Reply::Unsubscribed(c) => frame(json!({"type": "unsubscribed", "channel": c.as_str()})),
+        Reply::Subscribed(c) => text(json!({"type": "subscribed", "channel": c.as_str()})),
+        Reply::Unsubscribed(c) => text(json!({"type": "unsubscribed", "channel": c.as_str()})),
         Reply::Error {
             code,
             message,
@@ -131,14 +145,15 @@ fn reply_frame(reply: &Reply) -> ByteString {
     }
 }
 
-fn close_code(reason: CloseReason) -> CloseCode {
+/// The close code (RFC 6455 section 7.4) for why the hub ends a socket.
+fn close_code(reason: CloseReason) -> u16 {
     match reason {
-        CloseReason::Shutdown => CloseCode::Restart,
-        CloseReason::Slow => CloseCode::Again,
-        CloseReason::TokenExpired => CloseCode::Policy,
-        CloseReason::Stale => CloseCode::Away,
-        CloseReason::Error => CloseCode::Error,
-        CloseReason::Client => CloseCode::Normal,
+        CloseReason::Shutdown => 1012,     // service restart
+        CloseReason::Slow => 1013,         // try again later
+        CloseReason::TokenExpired => 1008, // policy
+        CloseReason::Stale => 1001,        // going away
+        CloseReason::Error => 1011,        // internal error
+        CloseReason::Client => 1000,       // normal
     }
 }
 
@@ -166,7 +181,7 @@ pub async fn upgrade(
             }
         },
     };
-    let (res, ws, messages) = actix_ws::handle(&req, body).map_err(|e| {
+    let mut res = actix_http::ws::handshake(req.head()).map_err(|e| {
         node.refuse(Refusal::bad_request(format!(
             "not a WebSocket upgrade: {e}"
         )))
@@ -182,109 +197,61 @@ pub async fn upgrade(
             socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
         })
         .await?;
-    let messages = messages.max_frame_size(MAX_CLIENT_FRAME);
-    actix_web::rt::spawn(
-        Conn {
-            _live: node.track_transport(),
-            stream,
-            claims,
-            resumes: ResumeBudget::new(),
-        }
-        .run(ws, messages),
-    );
-    Ok(res)
+    let body = WsBody {
+        _live: node.track_transport(),
+        stream,
+        claims,
+        resumes: ResumeBudget::new(),
+        input: body,
+        read: BytesMut::new(),
+        codec: Codec::new().max_size(MAX_CLIENT_FRAME),
+        subscribing: None,
+        pongs: Vec::new(),
+        state: State::Open,
+    };
+    Ok(res.body(body).map_into_boxed_body().into())
 }
 
-/// One socket's state on the hub side. Dropping it (the task ends) closes the stream.
-struct Conn {
+/// Where a socket is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// The client's input ended or broke: write what the session still has, then end.
+    InputDone,
+    /// The close frame is written: the body ends.
+    Closed,
+}
+
+/// One socket: the response body. Dropping it (client gone, server stopping) drops the stream
+/// guard, which closes the stream with reason `client` unless it was already closed.
+pub struct WsBody {
     stream: StreamGuard,
     claims: Option<Arc<Claims>>,
     resumes: ResumeBudget,
-    /// Counts this socket as alive until its task ends.
+    /// The client's bytes, and what of them is not yet a whole frame.
+    input: web::Payload,
+    read: BytesMut,
+    codec: Codec,
+    /// A subscribe being started (history, Redis); client frames wait behind it.
+    subscribing: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    /// Pong frames owed, at most [`PONGS_OWED`].
+    pongs: Vec<Bytes>,
+    state: State,
+    /// Counts this socket as alive until the HTTP server drops the body.
     _live: TransportGuard,
 }
 
-impl Conn {
+impl WsBody {
     fn node(&self) -> &Arc<Node> {
         self.stream.node()
     }
 
-    async fn run(self, mut ws: actix_ws::Session, mut messages: actix_ws::MessageStream) {
-        let session = self.stream.session.clone();
-        loop {
-            tokio::select! {
-                item = std::future::poll_fn(|cx| session.poll_item(cx)) => match item {
-                    Some(Item::End(reason)) => {
-                        // The hub ended the stream (shutdown, slow, stale, token expired).
-                        if reason == CloseReason::TokenExpired {
-                            let _ = ws.text(error_frame(401, "the token has expired; reconnect with a fresh one", None)).await;
-                        }
-                        let _ = ws.close(Some(close_code(reason).into())).await;
-                        return;
-                    }
-                    Some(item) => {
-                        session.took(self.node().registry.clock.now());
-                        if self.write(&mut ws, item).await.is_err() {
-                            break;
-                        }
-                    }
-                    None => return,
-                },
-                msg = messages.recv() => match msg {
-                    None => break,
-                    Some(Ok(m)) => {
-                        session.touch(self.node().registry.clock.now());
-                        match m {
-                            WsMessage::Text(t) => self.on_frame(&t).await,
-                            WsMessage::Binary(_) => self.reply_error(400, "binary frames are not supported; send JSON text frames", None),
-                            WsMessage::Ping(b) if ws.pong(&b).await.is_err() => break,
-                            WsMessage::Close(_) => break,
-                            _ => {}
-                        }
-                    }
-                    Some(Err(e)) => {
-                        // Oversized or broken framing: the byte stream cannot be trusted further.
-                        let _ = ws.text(error_frame(413, &format!("frame refused: {e}"), None)).await;
-                        let _ = ws.close(Some(CloseCode::Size.into())).await;
-                        break;
-                    }
-                },
-            }
-        }
-        self.stream.close(CloseReason::Client);
-    }
-
-    /// Writes one item as frames.
-    async fn write(&self, ws: &mut actix_ws::Session, item: Item) -> Result<(), actix_ws::Closed> {
-        match item {
-            Item::Message(m) => {
-                // The frame is built once per message and shared; the text check is the
-                // WebSocket library's price for a `ByteString`.
-                if let Ok(text) = ByteString::try_from(m.ws_frame()) {
-                    ws.text(text).await?;
-                }
-                let metrics = &self.node().metrics;
-                metrics.delivered.increment(1);
-                metrics.latency.record(m.received.elapsed().as_secs_f64());
-            }
-            Item::Reset(reset) => {
-                for (c, _) in reset.iter() {
-                    ws.text(frame(json!({"type": "reset", "channel": c.as_str()})))
-                        .await?;
-                }
-            }
-            Item::Heartbeat => ws.ping(b"").await?,
-            Item::Reply(r) => ws.text(reply_frame(&r)).await?,
-            Item::Opened(_) | Item::End(_) => {}
-        }
-        Ok(())
+    fn session(&self) -> &Arc<Session> {
+        &self.stream.session
     }
 
     fn reply(&self, reply: Reply) {
-        if self.stream.session.push_reply(reply).is_err() {
-            // Sends frames but reads none of the answers.
-            self.stream.close(CloseReason::Slow);
-        }
+        reply_to(&self.stream.session, self.node(), reply);
     }
 
     fn reply_error(&self, code: u16, message: &str, channel: Option<&str>) {
@@ -295,23 +262,98 @@ impl Conn {
         });
     }
 
-    async fn on_frame(&self, text: &str) {
+    /// Reads and handles the client's frames until none is whole, a subscribe must wait for
+    /// Redis, or the input ends. `Some(bytes)` is a frame to write at once (a refusal that
+    /// ends the socket).
+    fn poll_input(&mut self, cx: &mut Context<'_>) -> Option<Bytes> {
+        loop {
+            if let Some(f) = self.subscribing.as_mut() {
+                if f.as_mut().poll(cx).is_pending() {
+                    return None;
+                }
+                self.subscribing = None;
+            }
+            match self.codec.decode(&mut self.read) {
+                Ok(Some(frame)) => {
+                    let now = self.node().registry.clock.now();
+                    self.session().touch(now);
+                    self.on_frame(frame);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Some(self.refuse_input(&e)),
+            }
+            if self.state != State::Open {
+                return None;
+            }
+            match Pin::new(&mut self.input).poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => self.read.extend_from_slice(&bytes),
+                Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
+                    // The client is gone (or its bytes are): nothing more will be read.
+                    self.state = State::InputDone;
+                    self.stream.close(CloseReason::Client);
+                    return None;
+                }
+                Poll::Pending => return None,
+            }
+        }
+    }
+
+    /// Oversized or broken framing: the byte stream cannot be trusted further.
+    fn refuse_input(&mut self, e: &ProtocolError) -> Bytes {
+        self.state = State::Closed;
+        self.stream.close(CloseReason::Client);
+        let mut out = BytesMut::new();
+        out.extend_from_slice(&error_frame(413, &format!("frame refused: {e}"), None));
+        out.extend_from_slice(&wire::close(1009, "frame refused"));
+        out.freeze()
+    }
+
+    fn on_frame(&mut self, frame: Frame) {
+        match frame {
+            Frame::Text(t) => match std::str::from_utf8(&t) {
+                Ok(t) => self.on_text(t),
+                Err(_) => self.reply_error(400, "text frames must be UTF-8", None),
+            },
+            Frame::Binary(_) | Frame::Continuation(_) => self.reply_error(
+                400,
+                "binary and fragmented frames are not supported; send JSON text frames",
+                None,
+            ),
+            Frame::Ping(p) => {
+                if self.pongs.len() >= PONGS_OWED {
+                    self.pongs.remove(0);
+                }
+                self.pongs.push(wire::frame(OpCode::Pong, &p));
+            }
+            Frame::Pong(_) => {}
+            Frame::Close(_) => {
+                // The client closes: answer with a close frame, then end.
+                self.state = State::InputDone;
+                self.stream.close(CloseReason::Client);
+            }
+        }
+    }
+
+    fn on_text(&mut self, text: &str) {
         match parse_frame(text) {
-            Ok(Command::Subscribe(channel, since)) => self.subscribe(channel, since).await,
+            Ok(Command::Subscribe(channel, since)) => self.subscribe(channel, since),
             Ok(Command::Unsubscribe(channel)) => {
-                self.node().drop_channel(&self.stream.session, &channel);
+                self.node().drop_channel(self.session(), &channel);
                 self.reply(Reply::Unsubscribed(channel));
             }
             Err(e) => self.reply_error(400, &e.message, e.channel.as_deref()),
         }
     }
 
-    async fn subscribe(&self, channel: ChannelName, since: Option<String>) {
+    /// Checks a subscribe at once; what needs Redis (subscribing, reading history) is left
+    /// to a future the body polls, and the client's next frames wait for it.
+    fn subscribe(&mut self, channel: ChannelName, since: Option<String>) {
         let name = channel.as_str();
         if let Err(r) = Auth::check(self.claims.as_deref(), name) {
             return self.reply_error(r.status(), &r.message, Some(name));
         }
-        let session = &self.stream.session;
+        let session = self.session().clone();
         let max = self.node().config.max_channels_per_conn as usize;
         if session.channel_count() >= max {
             return self.reply_error(
@@ -339,16 +381,114 @@ impl Conn {
             Some(Ok(p)) => Want::After(p),
             Some(Err(_)) => Want::Reset,
         };
-        let subscribed = Reply::Subscribed(channel.clone());
-        let started = self
-            .node()
-            .start_channels(session, vec![(channel.clone(), want)], |_| {
-                vec![Item::Reply(Box::new(subscribed))]
-            })
-            .await;
-        if let Err(r) = started {
-            self.node().drop_channel(session, &channel);
-            self.reply_error(r.status(), &r.message, Some(name));
+        let node = self.node().clone();
+        self.subscribing = Some(Box::pin(async move {
+            let subscribed = Reply::Subscribed(channel.clone());
+            let started = node
+                .start_channels(&session, vec![(channel.clone(), want)], |_| {
+                    vec![Item::Reply(Box::new(subscribed))]
+                })
+                .await;
+            if let Err(r) = started {
+                node.drop_channel(&session, &channel);
+                reply_to(
+                    &session,
+                    &node,
+                    Reply::Error {
+                        code: r.status(),
+                        message: r.message,
+                        channel: Some(channel.as_str().to_owned()),
+                    },
+                );
+            }
+        }));
+    }
+
+    /// The bytes of one item, or `None` for items a socket does not write.
+    fn render(&mut self, item: Item) -> Option<Bytes> {
+        match item {
+            Item::Message(m) => {
+                let metrics = &self.node().metrics;
+                metrics.delivered.increment(1);
+                metrics.latency.record(m.received.elapsed().as_secs_f64());
+                Some(m.ws_frame())
+            }
+            Item::Reset(reset) => {
+                let mut out = BytesMut::new();
+                for (c, _) in reset.iter() {
+                    out.extend_from_slice(&text(json!({"type": "reset", "channel": c.as_str()})));
+                }
+                Some(out.freeze())
+            }
+            Item::Heartbeat => Some(Bytes::from_static(wire::PING)),
+            Item::Reply(r) => Some(reply_frame(&r)),
+            Item::Opened(_) => None,
+            Item::End(reason) => {
+                // The hub ended the stream (shutdown, slow, stale, token expired, the client's
+                // close).
+                self.state = State::Closed;
+                let mut out = BytesMut::new();
+                if reason == CloseReason::TokenExpired {
+                    out.extend_from_slice(&error_frame(
+                        401,
+                        "the token has expired; reconnect with a fresh one",
+                        None,
+                    ));
+                }
+                out.extend_from_slice(&wire::close(close_code(reason), ""));
+                Some(out.freeze())
+            }
+        }
+    }
+}
+
+/// Queues a reply; a client that sends frames but reads none of the answers is closed `slow`.
+fn reply_to(session: &Arc<Session>, node: &Arc<Node>, reply: Reply) {
+    if session.push_reply(reply).is_err() {
+        node.close(session, CloseReason::Slow);
+    }
+}
+
+impl MessageBody for WsBody {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = &mut *self;
+        if this.state == State::Closed {
+            return Poll::Ready(None);
+        }
+        if let Some(last) = this.poll_input(cx) {
+            return Poll::Ready(Some(Ok(last)));
+        }
+        if !this.pongs.is_empty() {
+            let mut out = BytesMut::new();
+            for p in this.pongs.drain(..) {
+                out.extend_from_slice(&p);
+            }
+            return Poll::Ready(Some(Ok(out.freeze())));
+        }
+        loop {
+            let item = match this.stream.session.poll_item(cx) {
+                Poll::Ready(Some(item)) => item,
+                Poll::Ready(None) => {
+                    // Ended and drained without an End item: close now.
+                    this.state = State::Closed;
+                    return Poll::Ready(Some(Ok(wire::close(1000, ""))));
+                }
+                Poll::Pending => return Poll::Pending,
+            };
+            let now = this.node().registry.clock.now();
+            this.stream.session.took(now);
+            if let Some(bytes) = this.render(item) {
+                return Poll::Ready(Some(Ok(bytes)));
+            }
         }
     }
 }
