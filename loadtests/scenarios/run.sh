@@ -188,5 +188,7 @@ for r in $(seq "$RUNS"); do
     for s in $PEERS; do echo "run $r/$RUNS: $s" >&2; run_one "$s" "$r"; done
 done
 
+# The kernel settings a reconnect storm's figure depends on (listen backlog, SYN queue).
+KERNEL="somaxconn=$(sysctl -n net.core.somaxconn 2>/dev/null || echo ?) tcp_max_syn_backlog=$(sysctl -n net.ipv4.tcp_max_syn_backlog 2>/dev/null || echo ?) syncookies=$(sysctl -n net.ipv4.tcp_syncookies 2>/dev/null || echo ?)"
 python3 loadtests/scenarios/table.py "$OUT" "$RUNS" "$PEERS" \
-    "$STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode, pinned=$PIN; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading (wake after ${WAKE_MS} ms); storm=$STORM; churn=${CHURN_MS} ms; leave after ${LEAVE_AFTER} for ${AWAY_MS} ms; steps=${STEP_RATES:-none}; cap=$CAP"
+    "$KERNEL; $STREAMS streams over $CHANNELS channel(s), $TRANSPORT, $NODES node(s), $MODE mode, pinned=$PIN; $COUNT messages at $RATE/s (0 = closed loop); $STALL stop reading (wake after ${WAKE_MS} ms); storm=$STORM; churn=${CHURN_MS} ms; leave after ${LEAVE_AFTER} for ${AWAY_MS} ms; steps=${STEP_RATES:-none}; cap=$CAP"
