@@ -3,7 +3,8 @@
 #   - READERS streams over CHANNELS channels that must get every durable message (RATE/s,
 #     published with FCALL hub_publish, retried through outages) and come back with
 #     Last-Event-ID whenever they are closed;
-#   - CHURNERS streams that each close after a random time below CHURN_MS and open again;
+#   - CHURNERS streams that each close after a random time below CHURN_MS and open again (and,
+#     like an EventSource, come back when the server closes them);
 #   - Redis restarted (SIGTERM, started again on the same port) every REDIS_EVERY seconds;
 #   - node 1 restarted (SIGTERM) NODE_RESTART_AT seconds in.
 # Every SAMPLE seconds: each node's RSS, open fds, stream gauge and counters (soak_sample.py).
@@ -66,7 +67,7 @@ sample idle
 # every message, or DURATION + 300 s).
 $LOADGEN run --target "${NPUB[0]}" --target "${NPUB[1]}" --path '/v1/sse?channel=public:soakchurn{ch}' \
     --streams "$CHURNERS" --processes 2 --first-source 10 --channel-count 10 --channel 'public:soakchurn{n}' \
-    --http "http://${NADM[0]}" --count 0 --churn-ms "$CHURN_MS" --duration "$DURATION" \
+    --http "http://${NADM[0]}" --count 0 --churn-ms "$CHURN_MS" --reconnect --reconnect-ms 2000 --duration "$DURATION" \
     --report "$OUT/churners.json" > /dev/null 2> "$OUT/churners.err" &
 CHURN=$!; PIDS+=("$CHURN")
 $LOADGEN run --target "${NPUB[0]}" --target "${NPUB[1]}" --path '/v1/sse?channel=public:soak{ch}' \
