@@ -28,6 +28,8 @@
 #   PEERS           which servers to measure ("hub nchan")
 #   PIN=1           servers (and Redis) on CPU 0, the load generator on CPU 1 (taskset), so
 #                   that a server is measured on a core of its own rather than sharing both
+#   AFTER           after the streams close, the servers' RSS is read 1, 10, 30 and AFTER seconds
+#                   later (memory given back after a burst; 0: not read)
 #   LIMIT           longest a run may take, seconds
 #   HUB_BIN HUB_LOG another hub binary (an older build, to compare); its log level (warn)
 set -euo pipefail
@@ -36,7 +38,7 @@ STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} R
 CHANNELS=${CHANNELS:-1} NODES=${NODES:-1} MODE=${MODE:-memory} TRANSPORT=${TRANSPORT:-sse}
 STALL=${STALL:-0} PAD=${PAD:-0} STORM=${STORM:-0} STORM_AFTER=${STORM_AFTER:-3}
 RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120} PIN=${PIN:-0}
-CAP=${CAP:-20000} CHURN_MS=${CHURN_MS:-0} WAKE_MS=${WAKE_MS:-0} STALL_RCVBUF=${STALL_RCVBUF:-0}
+AFTER=${AFTER:-0} CAP=${CAP:-20000} CHURN_MS=${CHURN_MS:-0} WAKE_MS=${WAKE_MS:-0} STALL_RCVBUF=${STALL_RCVBUF:-0}
 LEAVE_AFTER=${LEAVE_AFTER:-0} AWAY_MS=${AWAY_MS:-0} STEP_RATES=${STEP_RATES:-} STEP_SECS=${STEP_SECS:-5}
 SRV=() GEN=()
 if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
@@ -127,6 +129,31 @@ loadgen_run() {
     LG=$!
 }
 
+# RSS (KB) of every node and its children (nginx's workers) now.
+rss_now() {
+    local total=0 p
+    for i in $(seq 0 $((NODES - 1))); do
+        for p in "${NPID[$i]}" $(pgrep -P "${NPID[$i]}" || true); do
+            total=$((total + $(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+        done
+    done
+    echo "$total"
+}
+after_rss() { # after_rss <report>: adds {"1": kb, "10": kb, ...} as rss_after_kb
+    local report=$1 start t pairs=""
+    start=$(date +%s.%N)
+    for t in 1 10 30 "$AFTER"; do
+        sleep "$(python3 -c "import time; print(max(0, $start + $t - time.time()))")"
+        pairs="$pairs\"$t\": $(rss_now), "
+    done
+    python3 - "$report" "{${pairs%, }}" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+r["rss_after_kb"] = json.loads(sys.argv[2])
+json.dump(r, open(sys.argv[1], "w"), indent=1)
+PY
+}
+
 run_one() { # run_one <hub|nchan> <run number>
     local server=$1 r=$2
     NPID=() NPUB=() NADM=()
@@ -174,6 +201,7 @@ PY
             for i in $(seq 0 $((NODES - 1))); do stop_node "$i"; "start_$server" "$i"; done
         fi
         wait "$LG"
+        if [ "$AFTER" -gt 0 ]; then after_rss "$OUT/$server-$r.json"; fi
     fi
     if [ "$server" = hub ]; then  # the hub's own publish-to-write histogram, for the table
         for i in $(seq 0 $((NODES - 1))); do

@@ -142,6 +142,8 @@ pub struct RunReport {
     pub refused: u64,
     pub latency: Latency,
     pub publish: PublishReport,
+    /// The server before any stream opened.
+    pub server_idle: Option<ProcSample>,
     pub server_before: Option<ProcSample>,
     /// Sleepers (`--wake-ms`): the server just before they read on, while they lag.
     pub server_lagging: Option<ProcSample>,
@@ -294,6 +296,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         churn_cycles: holds.churn_cycles,
         refused: holds.failures.values().sum(),
         publish,
+        server_idle: idle,
         server_before: before,
         server_rss_kb_per_lagging_stream: match (before, server_lagging) {
             (Some(b), Some(l)) if args.stall > 0 => {
