@@ -3,12 +3,14 @@
 
 use std::process::ExitCode;
 
+/// jemalloc, whose background thread gives freed memory back within seconds (glibc kept a
+/// burst's memory for good, and costs ~4 KB more per stream: BENCHMARKS.md, "Allocator").
+#[cfg(all(feature = "jemalloc", not(feature = "mimalloc")))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-#[cfg(feature = "jemalloc")]
-#[global_allocator]
-static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
     // `hub healthcheck`: the container health check (asks this host's /healthz).
