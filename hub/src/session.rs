@@ -442,6 +442,9 @@ impl Session {
             Ok(_) => false,
             Err(at) => {
                 let token = st.take_token();
+                // Most sockets hold one channel or a few: grow by one, not to four at once
+                // (massif: 336 bytes per WebSocket for a single channel).
+                st.chans.reserve_exact(1);
                 st.chans.insert(
                     at,
                     Chan {
