@@ -132,6 +132,14 @@ impl State {
             .ok()
     }
 
+    /// The index of `channel` while its read `token` is the one under way (and, with
+    /// `live_only`, the stream is not ending); `None` for a read that no longer applies.
+    fn reading(&self, channel: &str, token: u64, live_only: bool) -> Option<usize> {
+        let i = self.index(channel)?;
+        let ok = self.chans[i].read == (Read::Reading { token }) && !(live_only && self.ending);
+        ok.then_some(i)
+    }
+
     fn take_token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
@@ -613,12 +621,9 @@ impl Session {
     pub fn give_up_read(&self, channel: &str, token: u64) -> Fed {
         let mut fed = Fed::default();
         let mut st = self.state.lock();
-        let Some(i) = st.index(channel) else {
+        let Some(i) = st.reading(channel, token, true) else {
             return fed;
         };
-        if st.ending || st.chans[i].read != (Read::Reading { token }) {
-            return fed;
-        }
         let (name, pos) = (st.chans[i].name.clone(), st.chans[i].pos);
         st.queue.push_back(Item::Reset(Box::new(vec![(name, pos)])));
         fed.reset = true;
@@ -631,10 +636,9 @@ impl Session {
     /// Gives up a read that failed: the channel is behind again (the caller retries later).
     pub fn abort_read(&self, channel: &str, token: u64) -> usize {
         let mut st = self.state.lock();
-        let Some(i) = st.index(channel) else { return 0 };
-        if st.chans[i].read != (Read::Reading { token }) {
+        let Some(i) = st.reading(channel, token, false) else {
             return 0;
-        }
+        };
         st.chans[i].read = Read::Behind;
         st.drop_waiting(channel)
     }
@@ -646,12 +650,9 @@ impl Session {
     pub fn feed(&self, channel: &str, token: u64, page: &PageView<'_>) -> Fed {
         let mut fed = Fed::default();
         let mut st = self.state.lock();
-        let Some(i) = st.index(channel) else {
+        let Some(i) = st.reading(channel, token, true) else {
             return fed;
         };
-        if st.ending || st.chans[i].read != (Read::Reading { token }) {
-            return fed;
-        }
         let pos = st.chans[i].pos;
         let mut at_end = !page.more;
         if pos < page.floor || pos > page.tail {

@@ -26,12 +26,7 @@ LOADGEN=target/release/loadgen
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_for() { # wait_for <tries of 0.05 s> <command...>
-    local n=$1; shift
-    for _ in $(seq "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.05; done
-    echo "timed out waiting for: $*" >&2; return 1
-}
+. loadtests/scenarios/lib.sh
 T0=$(date +%s.%N)
 event() { echo "$(python3 -c "import time; print(round(time.time() - $T0, 1))") $*" >> "$OUT/events.log"; echo "soak: $*" >&2; }
 
