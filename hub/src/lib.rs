@@ -40,6 +40,8 @@ pub mod shutdown;
 pub mod ticker;
 pub mod transport;
 
+use actix_http::HttpService;
+use actix_service::{Service as _, ServiceFactory as _};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
 use std::future::Future;
@@ -132,6 +134,70 @@ impl Listeners {
     }
 }
 
+/// The public port: the front ([`http::front`]) reads each request head and serves plain
+/// stream requests itself; actix-http (configured as `HttpServer` would be) answers the rest.
+fn public_server(
+    node: &std::sync::Arc<Node>,
+    data: web::Data<Node>,
+    listener: TcpListener,
+    workers: usize,
+    per_worker: usize,
+) -> std::io::Result<actix_web::dev::Server> {
+    let node = node.clone();
+    let head_secs = REQUEST_HEAD_SECS;
+    let factory = move || {
+        let (node, data) = (node.clone(), data.clone());
+        actix_service::fn_factory(move || {
+            let (node, data) = (node.clone(), data.clone());
+            async move {
+                let app = App::new().app_data(data).configure(http::public::configure);
+                let http = HttpService::build()
+                    // An EventSource never half-closes on purpose: a FIN means the client
+                    // left, and its stream (slot, counts, per-user place) is released at once
+                    // instead of at the next write.
+                    .h1_allow_half_closed(false)
+                    .h1_write_buffer_size(STREAM_WRITE_BUFFER)
+                    .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
+                    .client_disconnect_timeout(Duration::from_secs(1))
+                    .on_connect_ext(
+                        |io: &http::front::Conn, ext: &mut actix_web::dev::Extensions| {
+                            ext.insert(io.socket());
+                        },
+                    )
+                    .finish(actix_service::map_config(app, |()| {
+                        actix_web::dev::AppConfig::default()
+                    }));
+                let http = std::rc::Rc::new(http.new_service(()).await?);
+                Ok::<_, ()>(actix_service::fn_service(
+                    move |io: actix_web::rt::net::TcpStream| {
+                        let (node, http) = (node.clone(), http.clone());
+                        async move {
+                            http::front::serve(node, io, head_secs, |conn| async move {
+                                let peer = conn.peer_addr();
+                                if let Err(e) =
+                                    http.call((conn, actix_http::Protocol::Http1, peer)).await
+                                {
+                                    tracing::debug!(error = ?e, "public connection ended in error");
+                                }
+                            })
+                            .await;
+                            Ok::<_, ()>(())
+                        }
+                    },
+                ))
+            }
+        })
+    };
+    Ok(actix_web::dev::Server::build()
+        .workers(workers)
+        .max_concurrent_connections(per_worker)
+        .backlog(BACKLOG as u32)
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_SECS)
+        .listen("public", listener, factory)?
+        .run())
+}
+
 /// Binds the configured ports and runs a node until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config)?;
@@ -161,25 +227,7 @@ pub async fn run(
     let workers = node.config.worker_count();
     let per_worker = (node.config.max_connections as usize + 1024).max(25_000);
 
-    let d = data.clone();
-    let public = HttpServer::new(move || {
-        App::new()
-            .app_data(d.clone())
-            .configure(http::public::configure)
-    })
-    .workers(workers)
-    // An EventSource never half-closes on purpose: a FIN means the client left, and its
-    // stream (slot, counts, per-user place) is released at once instead of at the next write.
-    .h1_allow_half_closed(false)
-    .h1_write_buffer_size(STREAM_WRITE_BUFFER)
-    .on_connect(peer::on_connect)
-    .max_connections(per_worker)
-    .backlog(BACKLOG as u32)
-    .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
-    .disable_signals()
-    .shutdown_timeout(SERVER_STOP_SECS)
-    .listen(listeners.public)?
-    .run();
+    let public = public_server(&node, data.clone(), listeners.public, workers, per_worker)?;
     let d = data.clone();
     let admin = HttpServer::new(move || {
         App::new()

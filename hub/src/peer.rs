@@ -5,24 +5,17 @@
 //!
 //! One `getsockopt(TCP_INFO)` per stream and heartbeat. No well-kept crate exposes it safely
 //! (socket2 does not), so the call is made here, on the socket's descriptor number recorded
-//! when actix accepted the connection. Checked only while the stream is open, that number
+//! when the public port accepted the connection. Checked only while the stream is open, that number
 //! still names its socket (the stream ends when its connection is dropped); if a check races
 //! with that drop, what it decides concerns a stream that is closing anyway.
 
 #![allow(unsafe_code)] // getsockopt(TCP_INFO): two calls, each explained below.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 
-/// The socket of a public connection, recorded at accept (see [`on_connect`]).
+/// The socket of a public connection, recorded at accept (by [`crate::http::front`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerSocket(pub RawFd);
-
-/// actix's connection hook for the public port: records each TCP connection's socket.
-pub fn on_connect(conn: &dyn std::any::Any, ext: &mut actix_web::dev::Extensions) {
-    if let Some(tcp) = conn.downcast_ref::<actix_web::rt::net::TcpStream>() {
-        ext.insert(PeerSocket(tcp.as_raw_fd()));
-    }
-}
 
 /// Whether the peer has vanished: data is unacknowledged and nothing was acknowledged for
 /// `silent_ms`. `false` when the socket cannot be read (not a TCP socket any more).
@@ -50,6 +43,7 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
 
     #[test]
     fn a_peer_that_acknowledges_has_not_vanished() {

@@ -48,6 +48,13 @@ async fn publish(
             ));
         }
     }
+    // actix reads the body of a request that asks to upgrade until the connection closes,
+    // whatever its Content-Length says: it would never end, so it is refused unread.
+    if req.headers().contains_key(actix_web::http::header::UPGRADE) {
+        return Err(ApiError::bad_request(
+            "publishing does not upgrade the connection: send it without an Upgrade header",
+        ));
+    }
     let max = node.config.max_message_bytes as usize;
     let too_large = |size: usize| {
         node.metrics.dropped(DropReason::TooLarge).increment(1);

@@ -17,8 +17,11 @@ const PREFLIGHT_MAX_AGE: &str = "600";
 
 /// The `Access-Control-Allow-Origin` value for this request, `None` when it has no `Origin`,
 /// or 403 when its origin is not allowed.
-pub fn allow_origin(req: &HttpRequest, origins: &Origins) -> Result<Option<HeaderValue>, Refusal> {
-    let Some(origin) = req.headers().get(header::ORIGIN) else {
+pub fn allow_origin(
+    origin: Option<&HeaderValue>,
+    origins: &Origins,
+) -> Result<Option<HeaderValue>, Refusal> {
+    let Some(origin) = origin else {
         return Ok(None);
     };
     let text = origin.to_str().unwrap_or("");
@@ -43,7 +46,7 @@ pub fn apply(res: &mut HttpResponseBuilder, allow: Option<HeaderValue>) {
 
 /// `OPTIONS /v1/sse`.
 pub fn preflight(req: &HttpRequest, origins: &Origins) -> Result<HttpResponse, ApiError> {
-    let allow = allow_origin(req, origins)?;
+    let allow = allow_origin(req.headers().get(header::ORIGIN), origins)?;
     let mut res = HttpResponse::NoContent();
     apply(&mut res, allow);
     res.insert_header((header::ACCESS_CONTROL_ALLOW_METHODS, "GET, OPTIONS"));

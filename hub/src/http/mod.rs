@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod cors;
 pub mod error;
+pub mod front;
 pub mod public;
 
 use crate::node::Node;
@@ -14,8 +15,12 @@ use actix_web::{web, HttpRequest, HttpResponse};
 
 /// The credential of an `Authorization: Bearer <credential>` header, if there is one.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
-    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, rest) = v.split_once(' ')?;
+    bearer_credential(req.headers().get(header::AUTHORIZATION)?.to_str().ok()?)
+}
+
+/// The credential of an `Authorization` header's value `Bearer <credential>`.
+pub fn bearer_credential(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 

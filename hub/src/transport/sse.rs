@@ -13,11 +13,12 @@ use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
 use crate::refusal::Refusal;
 use crate::session::Item;
 use actix_web::body::{BodySize, MessageBody};
-use actix_web::http::header;
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use protocol::{sse, ChannelName, Cursor, StreamId};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// Hub event names (never usable by publishers: `hub.` is reserved).
@@ -82,25 +83,37 @@ pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, 
     Ok(channels)
 }
 
-/// `GET /v1/sse`.
-pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpResponse, ApiError> {
-    let node = node.into_inner();
+/// What a stream request says, from whichever HTTP front read it (actix's router, or the
+/// public port's own reader of stream requests, [`crate::http::front`]).
+pub struct StreamHead<'a> {
+    /// The query string, without `?`.
+    pub query: &'a str,
+    pub origin: Option<&'a HeaderValue>,
+    /// The credential of `Authorization: Bearer`, if sent.
+    pub bearer: Option<&'a str>,
+    pub last_event_id: Option<&'a str>,
+    pub socket: Option<crate::peer::PeerSocket>,
+}
+
+/// A stream that passed every check and took its slot: the CORS answer and the body.
+pub struct Opened {
+    pub allow: Option<HeaderValue>,
+    pub body: SseBody,
+}
+
+/// Checks a stream request and opens its stream. Nothing is taken before every check passed.
+pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiError> {
     // Channel names first: a bad name is 400 before any token is looked at.
-    let q = parse_query(req.query_string()).map_err(|r| node.refuse(r))?;
+    let q = parse_query(head.query).map_err(|r| node.refuse(r))?;
     let channels = check_channels(&q.channels, node.config.max_channels_per_conn as usize)
         .map_err(|r| node.refuse(r))?;
-    let allow = cors::allow_origin(&req, &node.origins).map_err(|r| node.refuse(r))?;
-    let token = bearer(&req).or(q.token.as_deref());
+    let allow = cors::allow_origin(head.origin, &node.origins).map_err(|r| node.refuse(r))?;
+    let token = head.bearer.or(q.token.as_deref());
     let grant = node
         .auth
         .authorize(&channels, token)
         .map_err(|r| node.refuse(r))?;
-    let last_event_id = req
-        .headers()
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .or(q.last_event_id);
+    let last_event_id = head.last_event_id.map(str::to_owned).or(q.last_event_id);
 
     let stream = node
         .open(OpenRequest {
@@ -110,26 +123,54 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
             last_event_id,
             user: grant.user,
             expires_at: grant.expires_at,
-            socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
+            socket: head.socket,
         })
         .await?;
+    Ok(Opened {
+        allow,
+        body: SseBody {
+            _live: node.track_transport(),
+            positions: vec![StreamId::ZERO; channels.len()],
+            channels,
+            next: None,
+            stream,
+        },
+    })
+}
 
+/// The response headers of a stream, after the status line (each line ends in CRLF).
+pub const HEADERS: [(&str, &str); 3] = [
+    ("content-type", "text/event-stream"),
+    ("cache-control", "no-cache"),
+    ("x-accel-buffering", "no"),
+];
+
+/// `GET /v1/sse` through actix's router (the public port's front serves plain HTTP/1.x stream
+/// requests itself and hands only the others here).
+pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpResponse, ApiError> {
+    let node = node.into_inner();
+    let headers = req.headers();
+    let opened = open(
+        &node,
+        StreamHead {
+            query: req.query_string(),
+            origin: headers.get(header::ORIGIN),
+            bearer: bearer(&req),
+            last_event_id: headers.get("last-event-id").and_then(|v| v.to_str().ok()),
+            socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
+        },
+    )
+    .await?;
     let mut res = HttpResponse::Ok();
-    res.insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .insert_header(("X-Accel-Buffering", "no"));
+    for h in HEADERS {
+        res.insert_header(h);
+    }
     // A stream is never followed by another request on its connection (EventSource opens a
     // new one): close it when the stream ends, rather than holding an idle keep-alive socket
     // that a stopping node would have to wait for.
     res.force_close();
-    cors::apply(&mut res, allow);
-    Ok(res.body(SseBody {
-        _live: node.track_transport(),
-        positions: vec![StreamId::ZERO; channels.len()],
-        channels,
-        next: None,
-        stream,
-    }))
+    cors::apply(&mut res, opened.allow);
+    Ok(res.body(opened.body))
 }
 
 /// `OPTIONS /v1/sse` (CORS preflight).

@@ -165,7 +165,11 @@ pub async fn upgrade(
 ) -> Result<HttpResponse, ApiError> {
     let node = node.into_inner();
     // Another origin: 403. No Origin header (a server-side client): allowed.
-    cors::allow_origin(&req, &node.origins).map_err(|r| node.refuse(r))?;
+    cors::allow_origin(
+        req.headers().get(actix_web::http::header::ORIGIN),
+        &node.origins,
+    )
+    .map_err(|r| node.refuse(r))?;
     let query_token = form_urlencoded::parse(req.query_string().as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned());

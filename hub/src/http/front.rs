@@ -1,0 +1,599 @@
+//! The public port's front door: reads each connection's request head itself (httparse, at
+//! most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers, within `REQUEST_HEAD_SECS`), serves a
+//! plain HTTP/1.x `GET /v1/sse` on the bare socket, and hands every other connection, with the
+//! bytes already read, to actix-http. It holds no buffer for the life of a stream: the head
+//! buffer is dropped before the stream opens, and frames are written from the shared messages.
+//!
+//! Why: actix-http's dispatcher keeps an 8 KiB read and an 8 KiB write buffer for the whole
+//! life of every connection, and copies each frame into the second; a stream needs neither
+//! (BENCHMARKS.md, "A leaner HTTP/1.1 path for streams": the figures behind this module).
+
+use crate::http::error::ApiError;
+use crate::node::Node;
+use crate::peer::PeerSocket;
+use crate::transport::sse::{self, SseBody, StreamHead};
+use actix_web::body::MessageBody;
+use actix_web::http::header::HeaderValue;
+use actix_web::http::Uri;
+use actix_web::ResponseError;
+use bytes::{Buf, Bytes, BytesMut};
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::os::fd::AsRawFd;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Largest request head read here (a stream request is a few hundred bytes; a long token or
+/// many cookies fit). A longer head is handed to actix-http, which has its own limit (32 KiB).
+pub const MAX_HEAD: usize = 8 * 1024;
+/// Most headers read here; more are handed to actix-http (which answers 431 past its limit).
+pub const MAX_HEADERS: usize = 48;
+/// Bytes a stream's client may send after its request before its stream is closed as an error.
+/// EventSource sends nothing; the bytes are read and dropped so that a close is seen at once,
+/// and bounded so that a client cannot keep the node reading for ever.
+const MAX_DISCARD: usize = 64 * 1024;
+/// Frames gathered into one `writev` when several are ready (a burst, a catch-up).
+const BATCH: usize = 16;
+/// Seconds an error answer may take to be written before the connection is dropped.
+const ANSWER_SECS: u64 = 5;
+
+/// What a connection's first bytes turned out to be.
+#[derive(Debug, PartialEq)]
+pub enum Head {
+    /// A complete plain stream request, served here.
+    Stream(StreamRequest),
+    /// Anything else, complete or not: actix-http's to answer.
+    Other,
+    /// Not complete yet (and within limits).
+    Partial,
+}
+
+/// The parts of a stream request the stream needs, owned (the head buffer is dropped).
+#[derive(Debug, PartialEq, Default)]
+pub struct StreamRequest {
+    pub query: String,
+    pub origin: Option<HeaderValue>,
+    pub authorization: Option<String>,
+    pub last_event_id: Option<String>,
+}
+
+/// Reads a request head. A stream request is `GET /v1/sse[?query]` over HTTP/1.0 or 1.1 with
+/// no body and no `Upgrade`, whose URI and header values actix would also accept; anything
+/// else (another path or method, an odd header, a malformed or oversized head) is `Other`, so
+/// actix-http answers it exactly as it would have without this front.
+pub fn parse_head(buf: &[u8]) -> Head {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Head::Partial,
+        Ok(httparse::Status::Complete(_)) => stream_request(&req).map_or(Head::Other, Head::Stream),
+        _ => Head::Other,
+    }
+}
+
+fn stream_request(req: &httparse::Request<'_, '_>) -> Option<StreamRequest> {
+    if req.method? != "GET" || !matches!(req.version?, 0 | 1) {
+        return None;
+    }
+    let uri: Uri = req.path?.parse().ok()?;
+    if uri.path() != "/v1/sse" || uri.scheme().is_some() {
+        return None;
+    }
+    let mut out = StreamRequest {
+        query: uri.query().unwrap_or("").to_owned(),
+        ..StreamRequest::default()
+    };
+    for h in req.headers.iter() {
+        // The value as actix would hold it; one it would refuse sends the request there.
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        let name = h.name;
+        if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("transfer-encoding") {
+            return None;
+        }
+        if name.eq_ignore_ascii_case("content-length") && value != "0" {
+            return None;
+        }
+        // The first of repeated headers counts, as with actix's `headers().get()`.
+        if name.eq_ignore_ascii_case("origin") {
+            out.origin.get_or_insert(value);
+        } else if name.eq_ignore_ascii_case("authorization") {
+            if out.authorization.is_none() {
+                out.authorization = Some(value.to_str().unwrap_or("").to_owned());
+            }
+        } else if name.eq_ignore_ascii_case("last-event-id") && out.last_event_id.is_none() {
+            if let Ok(v) = value.to_str() {
+                out.last_event_id = Some(v.to_owned());
+            }
+        }
+    }
+    Some(out)
+}
+
+/// Reads until the head is complete, over the limit, or the client stopped sending. `None`
+/// when the connection closed before sending anything.
+async fn read_head(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Option<Head>> {
+    loop {
+        buf.reserve(1024.min(MAX_HEAD + 1 - buf.len()).max(1));
+        if io.read_buf(buf).await? == 0 {
+            return Ok((!buf.is_empty()).then_some(Head::Other));
+        }
+        match parse_head(buf) {
+            Head::Partial => continue,
+            head => return Ok(Some(head)),
+        }
+    }
+}
+
+/// Serves one accepted connection of the public port; `http` answers whatever is not a stream.
+pub async fn serve<H, F>(node: Arc<Node>, io: TcpStream, head_secs: u64, http: H)
+where
+    H: FnOnce(Conn) -> F,
+    F: Future<Output = ()>,
+{
+    let mut io = io;
+    // Frames are small and must leave at once; Nagle would hold one behind an unacked one.
+    let _ = io.set_nodelay(true);
+    let socket = PeerSocket(io.as_raw_fd());
+    let mut buf = BytesMut::new();
+    let head =
+        tokio::time::timeout(Duration::from_secs(head_secs), read_head(&mut io, &mut buf)).await;
+    match head {
+        Ok(Ok(Some(Head::Stream(req)))) => {
+            drop(buf);
+            // Boxed: the opening (token check, slot, catch-up) must not size the task that
+            // lives as long as the stream.
+            Box::pin(stream(node, io, socket, req)).await
+        }
+        // Not a stream, or the head still incomplete at the deadline: actix-http answers (a
+        // 408 after its own timer, for the latter).
+        Ok(Ok(Some(_))) | Err(_) => {
+            Box::pin(http(Conn {
+                read: buf.freeze(),
+                io,
+                socket,
+            }))
+            .await
+        }
+        Ok(Ok(None)) | Ok(Err(_)) => {}
+    }
+}
+
+async fn stream(node: Arc<Node>, mut io: TcpStream, socket: PeerSocket, req: StreamRequest) {
+    let opening = Box::pin(sse::open(
+        &node,
+        StreamHead {
+            query: &req.query,
+            origin: req.origin.as_ref(),
+            bearer: req
+                .authorization
+                .as_deref()
+                .and_then(super::bearer_credential),
+            last_event_id: req.last_event_id.as_deref(),
+            socket: Some(socket),
+        },
+    ));
+    // A client that leaves while its stream opens (Redis slow, a catch-up read) drops the
+    // opening at whichever await it is, which releases what it took.
+    let opened = tokio::select! {
+        biased;
+        opened = opening => opened,
+        () = client_gone(&io) => return,
+    };
+    drop(req);
+    match opened {
+        Ok(opened) => {
+            let head = response_head(opened.allow.as_ref());
+            Writer {
+                io,
+                body: opened.body,
+                pending: head,
+                discarded: 0,
+            }
+            .await
+        }
+        Err(e) => {
+            let answer = error_answer(&e).await;
+            let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
+                io.write_all(&answer).await?;
+                io.shutdown().await
+            })
+            .await;
+        }
+    }
+}
+
+/// Resolves when the client closes or resets the connection, or sends more than it may.
+async fn client_gone(io: &TcpStream) {
+    let mut discarded = 0;
+    loop {
+        if io.readable().await.is_err() {
+            return;
+        }
+        let mut scratch = [0u8; 512];
+        match io.try_read(&mut scratch) {
+            Ok(0) => return,
+            Ok(n) => {
+                discarded += n;
+                if discarded > MAX_DISCARD {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => return,
+        }
+    }
+}
+
+/// `HTTP/1.1 200` with the stream headers. The body is delimited by the connection's close
+/// (`Connection: close`, no chunked framing): a stream's connection carries nothing after it.
+pub fn response_head(allow: Option<&HeaderValue>) -> Bytes {
+    let mut head = BytesMut::with_capacity(192);
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    for (k, v) in sse::HEADERS {
+        head.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    if let Some(origin) = allow {
+        head.extend_from_slice(b"access-control-allow-origin: ");
+        head.extend_from_slice(origin.as_bytes());
+        head.extend_from_slice(b"\r\nvary: Origin\r\n");
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    head.freeze()
+}
+
+/// The whole answer of a refused stream request, as actix would send it (JSON, `Retry-After`),
+/// with `Connection: close`.
+async fn error_answer(e: &ApiError) -> Bytes {
+    let res = e.error_response();
+    let status = res.status();
+    let mut out = BytesMut::with_capacity(256);
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or("")
+        )
+        .as_bytes(),
+    );
+    for (k, v) in res.headers() {
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let body = actix_web::body::to_bytes(res.into_body())
+        .await
+        .unwrap_or_default();
+    out.extend_from_slice(
+        format!(
+            "content-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    out.extend_from_slice(&body);
+    out.freeze()
+}
+
+/// Writes a stream's frames to its socket and watches the socket for its close. Ends (and,
+/// dropped, releases the stream) when the client closes, a write fails, or the stream ends.
+struct Writer {
+    io: TcpStream,
+    body: SseBody,
+    /// Bytes taken from the body and not yet written (a slow reader's, or the head).
+    pending: Bytes,
+    discarded: usize,
+}
+
+impl Writer {
+    /// `Ready` when the client closed, errored, or sent more than it may.
+    fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match self.io.poll_read_ready(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => {}
+            }
+            let mut scratch = [0u8; 512];
+            match self.io.try_read(&mut scratch) {
+                Ok(0) => return Poll::Ready(()),
+                Ok(n) => {
+                    self.discarded += n;
+                    if self.discarded > MAX_DISCARD {
+                        return Poll::Ready(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(()),
+            }
+        }
+    }
+
+    /// Writes what is pending, then gathers ready frames into one write, until the body has
+    /// nothing ready (`Pending`), the socket is full (`Pending`), or the stream ended.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            while !self.pending.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.advance(n);
+            }
+            let mut batch: [Bytes; BATCH] = Default::default();
+            let mut count = 0;
+            let mut ended = false;
+            while count < BATCH {
+                match Pin::new(&mut self.body).poll_next(cx) {
+                    Poll::Ready(Some(Ok(b))) => {
+                        if !b.is_empty() {
+                            batch[count] = b;
+                            count += 1;
+                        }
+                    }
+                    Poll::Ready(Some(Err(never))) => match never {},
+                    Poll::Ready(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            if count > 0 {
+                let slices: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| IoSlice::new(&batch[i]));
+                let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count])
+                {
+                    Poll::Ready(Ok(n)) => n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => 0,
+                };
+                self.pending = unwritten(&mut batch[..count], written);
+            }
+            if ended {
+                // The last frames first, then the close.
+                while !self.pending.is_empty() {
+                    let n =
+                        std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
+                    if n == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    self.pending.advance(n);
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if count == 0 {
+                return Poll::Pending;
+            }
+        }
+    }
+}
+
+/// What is left of `batch` after `written` bytes went out: one frame's tail without a copy,
+/// several frames joined (a slow reader's, which is rare and bounded by the batch).
+fn unwritten(batch: &mut [Bytes], mut written: usize) -> Bytes {
+    let mut skip = 0;
+    while skip < batch.len() && written >= batch[skip].len() {
+        written -= batch[skip].len();
+        skip += 1;
+    }
+    let rest = &mut batch[skip..];
+    let Some((first, tail)) = rest.split_first_mut() else {
+        return Bytes::new();
+    };
+    first.advance(written);
+    if tail.is_empty() {
+        return std::mem::take(first);
+    }
+    let mut joined =
+        BytesMut::with_capacity(first.len() + tail.iter().map(Bytes::len).sum::<usize>());
+    joined.extend_from_slice(first);
+    for b in tail {
+        joined.extend_from_slice(b);
+    }
+    joined.freeze()
+}
+
+impl Future for Writer {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        if this.poll_client_gone(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        match this.poll_write_out(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(())) => {
+                // The stream ended (drain, slow, expiry): its last frame is written; send the
+                // FIN. A client that does not read is not waited for.
+                let _ = Pin::new(&mut this.io).poll_shutdown(cx);
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+/// A connection handed to actix-http: the bytes the front already read, then the socket.
+pub struct Conn {
+    read: Bytes,
+    io: TcpStream,
+    socket: PeerSocket,
+}
+
+impl Conn {
+    pub fn socket(&self) -> PeerSocket {
+        self.socket
+    }
+
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.io.peer_addr().ok()
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            if this.read.is_empty() {
+                this.read = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Head {
+        parse_head(text.as_bytes())
+    }
+
+    #[test]
+    fn stream_requests_are_recognised() {
+        let h = head(
+            "GET /v1/sse?channel=a&lastEventId=5-0 HTTP/1.1\r\nHost: x\r\nOrigin: https://app\r\n\
+             Authorization: Bearer t0k\r\nLast-Event-ID: 7-0\r\nlast-event-id: 9-0\r\n\r\n",
+        );
+        let Head::Stream(r) = h else { panic!("{h:?}") };
+        assert_eq!(r.query, "channel=a&lastEventId=5-0");
+        assert_eq!(r.origin.unwrap(), "https://app");
+        assert_eq!(r.authorization.as_deref(), Some("Bearer t0k"));
+        assert_eq!(r.last_event_id.as_deref(), Some("7-0"));
+        assert!(matches!(
+            head("GET /v1/sse HTTP/1.0\r\n\r\n"),
+            Head::Stream(_)
+        ));
+    }
+
+    #[test]
+    fn everything_else_goes_to_actix() {
+        for text in [
+            "POST /v1/sse HTTP/1.1\r\n\r\n",
+            "HEAD /v1/sse HTTP/1.1\r\n\r\n",
+            "GET /v1/sse/ HTTP/1.1\r\n\r\n",
+            "GET /v1/ws HTTP/1.1\r\n\r\n",
+            "GET /healthz HTTP/1.1\r\n\r\n",
+            "GET http://h/v1/sse HTTP/1.1\r\n\r\n",
+            "GET /v1/sse HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            "GET /v1/sse HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "GET /v1/sse HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET /v1/sse HTTP/2.0\r\n\r\n",
+            "GET /v1/sse HTTP/1.1\r\nBad Header: x\r\n\r\n",
+            "\u{0}\u{1}junk\r\n\r\n",
+        ] {
+            assert_eq!(head(text), Head::Other, "{text:?}");
+        }
+        let many = format!(
+            "GET /v1/sse HTTP/1.1\r\n{}\r\n",
+            "A: b\r\n".repeat(MAX_HEADERS + 1)
+        );
+        assert_eq!(head(&many), Head::Other);
+        let long = format!("GET /v1/sse HTTP/1.1\r\nA: {}", "b".repeat(MAX_HEAD));
+        assert_eq!(head(&long), Head::Other);
+        assert_eq!(head("GET /v1/sse HTTP/1.1\r\nHost: x\r\n"), Head::Partial);
+        assert_eq!(head(""), Head::Partial);
+    }
+
+    #[test]
+    fn unwritten_keeps_exactly_the_tail() {
+        let mk = || {
+            [
+                Bytes::from_static(b"abc"),
+                Bytes::from_static(b"defg"),
+                Bytes::from_static(b"hi"),
+            ]
+        };
+        for written in 0..=9 {
+            let mut b = mk();
+            assert_eq!(&unwritten(&mut b, written)[..], &b"abcdefghi"[written..]);
+        }
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Any bytes read as a head, never a panic; a stream request is only ever a GET of
+            /// `/v1/sse` whose head ends within the limit.
+            #[test]
+            fn any_bytes_are_a_head(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+                if let Head::Stream(_) = parse_head(&bytes) {
+                    prop_assert!(bytes.starts_with(b"GET /v1/sse"));
+                }
+            }
+
+            /// Requests as clients write them: recognised with their query and headers intact,
+            /// whatever the case of the header names.
+            #[test]
+            fn written_requests_read_back(
+                query in "[A-Za-z0-9=&%:._-]{0,80}",
+                id in proptest::option::of("[ -~]{0,40}"),
+                upper in any::<bool>(),
+                split in 0usize..200,
+            ) {
+                let name = if upper { "LAST-EVENT-ID" } else { "Last-Event-Id" };
+                let mut text = format!("GET /v1/sse?{query} HTTP/1.1\r\nHost: h\r\n");
+                if let Some(id) = &id {
+                    text.push_str(&format!("{name}: {id}\r\n"));
+                }
+                text.push_str("\r\n");
+                // Any prefix is partial; the whole is the request.
+                let cut = split.min(text.len() - 1);
+                prop_assert_eq!(parse_head(&text.as_bytes()[..cut]), Head::Partial);
+                let Head::Stream(r) = parse_head(text.as_bytes()) else {
+                    return Err(TestCaseError::fail("not a stream request"));
+                };
+                prop_assert_eq!(r.query, query);
+                prop_assert_eq!(r.last_event_id, id.map(|s| s.trim().to_string()));
+            }
+        }
+    }
+}
