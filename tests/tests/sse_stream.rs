@@ -216,3 +216,63 @@ async fn wildcard_origin_answers_star() {
         .await;
     assert_eq!(s.header("access-control-allow-origin"), Some("*"));
 }
+
+#[tokio::test]
+async fn stream_requests_of_any_head_size_are_served_and_junk_after_them_is_cut_off() {
+    use hub_tests::{raw_get, wait_until, SseStream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hub = Hub::start(&[]).await;
+    let ch = format!("{}.a", prefix("front"));
+    let path = format!("/v1/sse?channel={ch}");
+    // A head the public port's front reads itself: the body ends with the connection.
+    let mut small = SseStream::raw(hub.public, &path, &[], 65_536).await;
+    assert_eq!(small.status, 200);
+    assert_eq!(small.header("connection"), Some("close"));
+    assert_eq!(small.header("transfer-encoding"), None);
+    // A head over the front's 8 KiB (long cookies) goes to actix-http: the same stream.
+    let cookie = format!("c={}", "x".repeat(12_000));
+    let mut big = SseStream::raw(hub.public, &path, &[("Cookie", &cookie)], 65_536).await;
+    assert_eq!(big.status, 200);
+    assert_eq!(big.header("content-type"), Some("text/event-stream"));
+    for s in [&mut small, &mut big] {
+        let first = s.next_event(WAIT).await.unwrap();
+        assert_eq!(first.event, "hub.connected");
+    }
+    let id = hub.publish(&ch, None, json!("hello"), true).await;
+    for s in [&mut small, &mut big] {
+        let m = s.next_message(WAIT).await.unwrap();
+        assert_eq!(
+            (m.id.as_deref(), m.data.as_str()),
+            (Some(id.as_str()), "hello")
+        );
+    }
+    // A client that writes after its request: what it sends is read and dropped, up to
+    // 64 KiB; past that its stream is closed and released.
+    let mut chatty = raw_get(hub.public, &path, &[], None).await;
+    wait_until("three streams", WAIT, || async {
+        hub.stats().await["connections"]["sse"] == 3
+    })
+    .await;
+    chatty.write_all(&[b'x'; 16 * 1024]).await.unwrap();
+    let id2 = hub.publish(&ch, None, json!("still here"), true).await;
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&seen).contains(&format!("id: {id2}")) {
+            let n = chatty.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed after 16 KiB: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the stream goes on after 16 KiB of client bytes");
+    let _ = chatty.write_all(&vec![b'x'; 70 * 1024]).await;
+    wait_until("the chatty stream is released", WAIT, || async {
+        hub.stats().await["connections"]["sse"] == 2
+    })
+    .await;
+}
