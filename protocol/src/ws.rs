@@ -1,8 +1,8 @@
 //! WebSocket framing of what a server sends (RFC 6455 section 5.2: unmasked, unfragmented), so
 //! that one message's frame is built once and the same bytes go to every socket.
 //!
-//! Only server-to-client frames are made here; reading a client's (masked) frames is the
-//! WebSocket library's job in the hub.
+//! Only server-to-client frames are made here; of a client's (masked) frames only the declared
+//! length is read here ([`declared_len`]), decoding them is the WebSocket codec's job in the hub.
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -65,9 +65,35 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     frame(OpCode::Close, &payload)
 }
 
+/// The payload length a frame's header declares, once the header's length bytes are in
+/// `buf` (`None` before). A server reads it before waiting for the payload, so that a client
+/// declaring a frame over the limit is refused at once rather than buffered.
+pub fn declared_len(buf: &[u8]) -> Option<u64> {
+    let short = *buf.get(1)? & 0x7F;
+    match short {
+        126 => Some(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?) as u64),
+        127 => Some(u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?)),
+        n => Some(n as u64),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_lengths_read_back() {
+        for len in [0usize, 1, 125, 126, 65_535, 65_536, 1 << 20] {
+            let f = frame(OpCode::Text, &vec![b'x'; len]);
+            assert_eq!(declared_len(&f), Some(len as u64), "{len}");
+            // Masked (a client's) headers carry the same length bits.
+            let mut masked = f[..header_len(len)].to_vec();
+            masked[1] |= 0x80;
+            assert_eq!(declared_len(&masked), Some(len as u64));
+            assert_eq!(declared_len(&f[..header_len(len) - 1]), None);
+        }
+        assert_eq!(declared_len(&[]), None);
+    }
 
     /// Reads a frame back: (fin, opcode, masked, payload).
     fn parse(b: &[u8]) -> (bool, u8, bool, &[u8]) {

@@ -11,9 +11,13 @@
 use crate::http::error::ApiError;
 use crate::node::Node;
 use crate::peer::PeerSocket;
+use crate::transport;
 use crate::transport::sse::{self, SseBody, StreamHead};
-use actix_web::body::MessageBody;
-use actix_web::http::header::HeaderValue;
+use crate::transport::ws::{WsBody, WsHead};
+use actix_http::ws;
+use actix_http::RequestHead;
+use actix_web::body::MessageBody as _;
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::Uri;
 use actix_web::ResponseError;
 use bytes::{Buf, Bytes, BytesMut};
@@ -38,6 +42,8 @@ pub const MAX_HEADERS: usize = 48;
 const MAX_DISCARD: usize = 64 * 1024;
 /// Frames gathered into one `writev` when several are ready (a burst, a catch-up).
 const BATCH: usize = 16;
+/// Seconds a connection whose stream the hub ended is read on, for the client's close.
+const LINGER_SECS: u64 = 2;
 /// Seconds an error answer may take to be written before the connection is dropped.
 const ANSWER_SECS: u64 = 5;
 
@@ -46,6 +52,8 @@ const ANSWER_SECS: u64 = 5;
 pub enum Head {
     /// A complete plain stream request, served here.
     Stream(StreamRequest),
+    /// A complete WebSocket upgrade of `/v1/ws` that passes the handshake, served here.
+    Ws(StreamRequest),
     /// Anything else, complete or not: actix-http's to answer.
     Other,
     /// Not complete yet (and within limits).
@@ -59,6 +67,8 @@ pub struct StreamRequest {
     pub origin: Option<HeaderValue>,
     pub authorization: Option<String>,
     pub last_event_id: Option<String>,
+    /// `Sec-WebSocket-Accept` for an upgrade.
+    pub ws_accept: Option<String>,
 }
 
 /// Reads a request head. A stream request is `GET /v1/sse[?query]` over HTTP/1.0 or 1.1 with
@@ -70,32 +80,51 @@ pub fn parse_head(buf: &[u8]) -> Head {
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
         Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => Head::Partial,
-        Ok(httparse::Status::Complete(_)) => stream_request(&req).map_or(Head::Other, Head::Stream),
+        Ok(httparse::Status::Complete(_)) => stream_request(&req).unwrap_or(Head::Other),
         _ => Head::Other,
     }
 }
 
-fn stream_request(req: &httparse::Request<'_, '_>) -> Option<StreamRequest> {
+fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
     if req.method? != "GET" || !matches!(req.version?, 0 | 1) {
         return None;
     }
     let uri: Uri = req.path?.parse().ok()?;
-    if uri.path() != "/v1/sse" || uri.scheme().is_some() {
+    let ws = match uri.path() {
+        "/v1/sse" => false,
+        "/v1/ws" => true,
+        _ => return None,
+    };
+    if uri.scheme().is_some() {
         return None;
     }
     let mut out = StreamRequest {
         query: uri.query().unwrap_or("").to_owned(),
         ..StreamRequest::default()
     };
+    // The headers a WebSocket handshake is judged on, as actix judges them.
+    let mut upgrade = RequestHead::default();
     for h in req.headers.iter() {
         // The value as actix would hold it; one it would refuse sends the request there.
         let value = HeaderValue::from_bytes(h.value).ok()?;
         let name = h.name;
-        if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("transfer-encoding") {
+        if name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("upgrade") && !ws)
+            || (name.eq_ignore_ascii_case("content-length") && value != "0")
+        {
             return None;
         }
-        if name.eq_ignore_ascii_case("content-length") && value != "0" {
-            return None;
+        if ws {
+            for known in [
+                header::UPGRADE,
+                header::CONNECTION,
+                header::SEC_WEBSOCKET_VERSION,
+                header::SEC_WEBSOCKET_KEY,
+            ] {
+                if name.eq_ignore_ascii_case(known.as_str()) {
+                    upgrade.headers.append(known, value.clone());
+                }
+            }
         }
         // The first of repeated headers counts, as with actix's `headers().get()`.
         if name.eq_ignore_ascii_case("origin") {
@@ -110,7 +139,14 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<StreamRequest> {
             }
         }
     }
-    Some(out)
+    if !ws {
+        return Some(Head::Stream(out));
+    }
+    // A handshake actix would refuse goes there, for its answer.
+    ws::verify_handshake(&upgrade).ok()?;
+    let key = upgrade.headers.get(header::SEC_WEBSOCKET_KEY)?;
+    out.ws_accept = Some(String::from_utf8_lossy(&ws::hash_key(key.as_bytes())).into_owned());
+    Some(Head::Ws(out))
 }
 
 /// Reads until the head is complete, over the limit, or the client stopped sending. `None`
@@ -148,6 +184,10 @@ where
             // lives as long as the stream.
             Box::pin(stream(node, io, socket, req)).await
         }
+        Ok(Ok(Some(Head::Ws(req)))) => {
+            drop(buf);
+            Box::pin(socket_upgrade(node, io, socket, req)).await
+        }
         // Not a stream, or the head still incomplete at the deadline: actix-http answers (a
         // 408 after its own timer, for the latter).
         Ok(Ok(Some(_))) | Err(_) => {
@@ -162,7 +202,7 @@ where
     }
 }
 
-async fn stream(node: Arc<Node>, mut io: TcpStream, socket: PeerSocket, req: StreamRequest) {
+async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamRequest) {
     let opening = Box::pin(sse::open(
         &node,
         StreamHead {
@@ -181,34 +221,106 @@ async fn stream(node: Arc<Node>, mut io: TcpStream, socket: PeerSocket, req: Str
     let opened = tokio::select! {
         biased;
         opened = opening => opened,
-        () = client_gone(&io) => return,
+        () = client_gone(&io, None) => return,
     };
     drop(req);
     match opened {
         Ok(opened) => {
             let head = response_head(opened.allow.as_ref());
-            Writer {
+            run(Writer {
                 io,
                 body: opened.body,
                 pending: head,
                 discarded: 0,
-            }
+            })
             .await
         }
-        Err(e) => {
-            let answer = error_answer(&e).await;
-            let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
-                io.write_all(&answer).await?;
-                io.shutdown().await
-            })
-            .await;
-        }
+        Err(e) => refuse(io, &e).await,
     }
 }
 
-/// Resolves when the client closes or resets the connection, or sends more than it may.
-async fn client_gone(io: &TcpStream) {
-    let mut discarded = 0;
+async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamRequest) {
+    let checked = transport::ws::check(
+        &node,
+        &WsHead {
+            query: &req.query,
+            origin: req.origin.as_ref(),
+            bearer: req
+                .authorization
+                .as_deref()
+                .and_then(super::bearer_credential),
+        },
+    );
+    let claims = match checked {
+        Ok(claims) => claims,
+        Err(e) => return refuse(io, &e).await,
+    };
+    let accept = req.ws_accept.unwrap_or_default();
+    drop(req.query);
+    let opening = Box::pin(transport::ws::open(&node, claims, Some(socket), None));
+    // Frames a client sends before the 101 (it should not) are kept for the socket.
+    let mut early = BytesMut::new();
+    let opened = tokio::select! {
+        biased;
+        opened = opening => opened,
+        () = client_gone(&io, Some(&mut early)) => return,
+    };
+    match opened {
+        Ok(mut body) => {
+            body.feed(&early);
+            drop(early);
+            let head = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+            );
+            run(Writer {
+                io,
+                body,
+                pending: Bytes::from(head),
+                discarded: 0,
+            })
+            .await
+        }
+        Err(e) => refuse(io, &e).await,
+    }
+}
+
+/// Runs a stream to its end. When the hub ended it (drain, slow, expiry, a refused frame),
+/// its last bytes are out and the write side is shut: the stream is released at once, and the
+/// connection is read on (bounded) until the client closes, because closing a socket with
+/// unread bytes resets it and the client could lose those last bytes.
+async fn run<B: Outbound>(mut writer: Writer<B>) {
+    if !(&mut writer).await {
+        return;
+    }
+    let Writer { mut io, body, .. } = writer;
+    drop(body);
+    let _ = tokio::time::timeout(Duration::from_secs(LINGER_SECS), async {
+        let mut scratch = [0u8; 512];
+        let mut read = 0;
+        while read <= MAX_DISCARD {
+            match io.read(&mut scratch).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
+}
+
+/// Answers a refused request and closes the connection.
+async fn refuse(mut io: TcpStream, e: &ApiError) {
+    let answer = error_answer(e).await;
+    let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
+        io.write_all(&answer).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+/// Resolves when the client closes or resets the connection, or sends more than it may
+/// ([`MAX_DISCARD`]). What it sends meanwhile is dropped, or kept in `keep`.
+async fn client_gone(io: &TcpStream, mut keep: Option<&mut BytesMut>) {
+    let mut read = 0;
     loop {
         if io.readable().await.is_err() {
             return;
@@ -217,9 +329,12 @@ async fn client_gone(io: &TcpStream) {
         match io.try_read(&mut scratch) {
             Ok(0) => return,
             Ok(n) => {
-                discarded += n;
-                if discarded > MAX_DISCARD {
+                read += n;
+                if read > MAX_DISCARD {
                     return;
+                }
+                if let Some(keep) = keep.as_deref_mut() {
+                    keep.extend_from_slice(&scratch[..n]);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -279,36 +394,88 @@ async fn error_answer(e: &ApiError) -> Bytes {
     out.freeze()
 }
 
-/// Writes a stream's frames to its socket and watches the socket for its close. Ends (and,
-/// dropped, releases the stream) when the client closes, a write fails, or the stream ends.
-struct Writer {
+/// Where the reading of a client's bytes stands after a poll.
+#[derive(Debug, PartialEq, Eq)]
+enum ReadSide {
+    /// Closed, reset, or more bytes than a stream may send: the connection ends.
+    Gone,
+    /// Nothing to read; woken when there is.
+    Waiting,
+    /// The body takes no bytes now (it has frames to handle first); nothing registered.
+    Held,
+}
+
+/// A stream's body as the front drives it: frames out, the client's bytes in.
+trait Outbound: Unpin {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>>;
+    /// Whether the client's bytes are read now (a WebSocket that has frames to handle
+    /// first lets them wait in the socket).
+    fn wants_input(&self) -> bool;
+    /// The client's bytes; `false` when they mean nothing here (dropped and counted).
+    fn input(&mut self, bytes: &[u8]) -> bool;
+}
+
+impl Outbound for SseBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        Pin::new(self).poll_next(cx).map(|b| b.map(|Ok(b)| b))
+    }
+    fn wants_input(&self) -> bool {
+        true
+    }
+    fn input(&mut self, _: &[u8]) -> bool {
+        false
+    }
+}
+
+impl Outbound for WsBody {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        Pin::new(self).poll_next(cx).map(|b| b.map(|Ok(b)| b))
+    }
+    fn wants_input(&self) -> bool {
+        WsBody::wants_input(self)
+    }
+    fn input(&mut self, bytes: &[u8]) -> bool {
+        self.feed(bytes);
+        true
+    }
+}
+
+/// Writes a stream's frames to its socket and reads the socket for the client's bytes and its
+/// close. Ends (and, dropped, releases the stream) when the client closes, a write fails, or
+/// the stream ends.
+struct Writer<B> {
     io: TcpStream,
-    body: SseBody,
+    body: B,
     /// Bytes taken from the body and not yet written (a slow reader's, or the head).
     pending: Bytes,
     discarded: usize,
 }
 
-impl Writer {
-    /// `Ready` when the client closed, errored, or sent more than it may.
-    fn poll_client_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+impl<B: Outbound> Writer<B> {
+    /// Reads the client's bytes into the body while it takes them.
+    fn poll_read_side(&mut self, cx: &mut Context<'_>) -> ReadSide {
         loop {
+            if !self.body.wants_input() {
+                return ReadSide::Held;
+            }
             match self.io.poll_read_ready(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => return ReadSide::Waiting,
+                Poll::Ready(Err(_)) => return ReadSide::Gone,
                 Poll::Ready(Ok(())) => {}
             }
             let mut scratch = [0u8; 512];
             match self.io.try_read(&mut scratch) {
-                Ok(0) => return Poll::Ready(()),
+                Ok(0) => return ReadSide::Gone,
                 Ok(n) => {
-                    self.discarded += n;
-                    if self.discarded > MAX_DISCARD {
-                        return Poll::Ready(());
+                    if !self.body.input(&scratch[..n]) {
+                        self.discarded += n;
+                        if self.discarded > MAX_DISCARD {
+                            return ReadSide::Gone;
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Poll::Ready(()),
+                Err(_) => return ReadSide::Gone,
             }
         }
     }
@@ -328,14 +495,13 @@ impl Writer {
             let mut count = 0;
             let mut ended = false;
             while count < BATCH {
-                match Pin::new(&mut self.body).poll_next(cx) {
-                    Poll::Ready(Some(Ok(b))) => {
+                match self.body.poll_frame(cx) {
+                    Poll::Ready(Some(b)) => {
                         if !b.is_empty() {
                             batch[count] = b;
                             count += 1;
                         }
                     }
-                    Poll::Ready(Some(Err(never))) => match never {},
                     Poll::Ready(None) => {
                         ended = true;
                         break;
@@ -397,22 +563,42 @@ fn unwritten(batch: &mut [Bytes], mut written: usize) -> Bytes {
     joined.freeze()
 }
 
-impl Future for Writer {
-    type Output = ();
+/// `true` when the hub ended the stream (its last bytes are written), `false` when the client
+/// left or the connection failed.
+impl<B: Outbound> Future for Writer<B> {
+    type Output = bool;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
         let this = self.get_mut();
-        if this.poll_client_gone(cx).is_ready() {
-            return Poll::Ready(());
+        // Rounds of reading and handling a client's frames per wake-up: a client that sends
+        // without pause must not hold the worker's thread.
+        for _ in 0..16 {
+            let read = this.poll_read_side(cx);
+            if read == ReadSide::Gone {
+                return Poll::Ready(false);
+            }
+            match this.poll_write_out(cx) {
+                // The body handled what it held and takes bytes again: read them now (no
+                // wake-up is registered for them).
+                Poll::Pending if read == ReadSide::Held && this.body.wants_input() => continue,
+                other => return this.finish(cx, other),
+            }
         }
-        match this.poll_write_out(cx) {
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<B: Outbound> Writer<B> {
+    fn finish(&mut self, cx: &mut Context<'_>, out: Poll<io::Result<()>>) -> Poll<bool> {
+        match out {
             Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Err(_)) => Poll::Ready(false),
             Poll::Ready(Ok(())) => {
                 // The stream ended (drain, slow, expiry): its last frame is written; send the
-                // FIN. A client that does not read is not waited for.
-                let _ = Pin::new(&mut this.io).poll_shutdown(cx);
-                Poll::Ready(())
+                // FIN (a shutdown of the write side never waits).
+                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                Poll::Ready(true)
             }
         }
     }
@@ -511,12 +697,35 @@ mod tests {
     }
 
     #[test]
+    fn websocket_upgrades_that_pass_the_handshake_are_recognised() {
+        let up = "GET /v1/ws?token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
+                  Connection: keep-alive, Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+                  Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+        let Head::Ws(r) = head(up) else {
+            panic!("{:?}", head(up))
+        };
+        assert_eq!(r.query, "token=t");
+        // RFC 6455's example key and answer.
+        assert_eq!(r.ws_accept.as_deref(), Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+        for broken in [
+            up.replace("Version: 13", "Version: 8"),
+            up.replace("dGhlIHNhbXBsZSBub25jZQ==", "short"),
+            up.replace("Upgrade: websocket\r\n", ""),
+            up.replace("keep-alive, Upgrade", "keep-alive"),
+            up.replace("GET", "POST"),
+        ] {
+            assert_eq!(head(&broken), Head::Other, "{broken:?}");
+        }
+    }
+
+    #[test]
     fn everything_else_goes_to_actix() {
         for text in [
             "POST /v1/sse HTTP/1.1\r\n\r\n",
             "HEAD /v1/sse HTTP/1.1\r\n\r\n",
             "GET /v1/sse/ HTTP/1.1\r\n\r\n",
             "GET /v1/ws HTTP/1.1\r\n\r\n",
+            "GET /v1/ws/ HTTP/1.1\r\n\r\n",
             "GET /healthz HTTP/1.1\r\n\r\n",
             "GET http://h/v1/sse HTTP/1.1\r\n\r\n",
             "GET /v1/sse HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",

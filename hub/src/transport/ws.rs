@@ -18,6 +18,7 @@ use crate::session::{Item, Reply, Session};
 use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, ProtocolError};
 use actix_web::body::{BodySize, MessageBody};
+use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
@@ -157,39 +158,42 @@ fn close_code(reason: CloseReason) -> u16 {
     }
 }
 
-/// `GET /v1/ws`.
-pub async fn upgrade(
-    req: HttpRequest,
-    body: web::Payload,
-    node: web::Data<Node>,
-) -> Result<HttpResponse, ApiError> {
-    let node = node.into_inner();
+/// What an upgrade request says, from whichever HTTP front read it.
+pub struct WsHead<'a> {
+    /// The query string, without `?`.
+    pub query: &'a str,
+    pub origin: Option<&'a HeaderValue>,
+    /// The credential of `Authorization: Bearer`, if sent.
+    pub bearer: Option<&'a str>,
+}
+
+/// The origin and token checks of an upgrade: the token's claims, if a token was sent.
+pub fn check(node: &Arc<Node>, head: &WsHead<'_>) -> Result<Option<Arc<Claims>>, ApiError> {
     // Another origin: 403. No Origin header (a server-side client): allowed.
-    cors::allow_origin(
-        req.headers().get(actix_web::http::header::ORIGIN),
-        &node.origins,
-    )
-    .map_err(|r| node.refuse(r))?;
-    let query_token = form_urlencoded::parse(req.query_string().as_bytes())
+    cors::allow_origin(head.origin, &node.origins).map_err(|r| node.refuse(r))?;
+    let query_token = form_urlencoded::parse(head.query.as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned());
-    let token = bearer(&req).map(str::to_owned).or(query_token);
-    let claims = match token {
-        None => None,
+    let token = head.bearer.map(str::to_owned).or(query_token);
+    match token {
+        None => Ok(None),
         Some(t) => match node.auth.verify(&t) {
-            Ok(c) => Some(Arc::new(c)),
-            Err(why) => {
-                return Err(node
-                    .refuse(Refusal::unauthorized(format!("invalid token: {why}")))
-                    .into())
-            }
+            Ok(c) => Ok(Some(Arc::new(c))),
+            Err(why) => Err(node
+                .refuse(Refusal::unauthorized(format!("invalid token: {why}")))
+                .into()),
         },
-    };
-    let mut res = actix_http::ws::handshake(req.head()).map_err(|e| {
-        node.refuse(Refusal::bad_request(format!(
-            "not a WebSocket upgrade: {e}"
-        )))
-    })?;
+    }
+}
+
+/// Takes a stream slot for a checked upgrade. `input` is the client's bytes as actix reads
+/// them, or `None` when the caller feeds them ([`WsBody::feed`]).
+pub async fn open(
+    node: &Arc<Node>,
+    claims: Option<Arc<Claims>>,
+    socket: Option<crate::peer::PeerSocket>,
+    input: Option<web::Payload>,
+) -> Result<WsBody, ApiError> {
     let stream = node
         .open(OpenRequest {
             transport: Transport::Ws,
@@ -198,21 +202,46 @@ pub async fn upgrade(
             last_event_id: None,
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             expires_at: claims.as_ref().map(|c| c.exp),
-            socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
+            socket,
         })
         .await?;
-    let body = WsBody {
+    Ok(WsBody {
         _live: node.track_transport(),
         stream,
         claims,
         resumes: ResumeBudget::new(),
-        input: body,
+        input,
         read: BytesMut::new(),
         codec: Codec::new().max_size(MAX_CLIENT_FRAME),
         subscribing: None,
         pongs: Vec::new(),
         state: State::Open,
-    };
+    })
+}
+
+/// `GET /v1/ws` through actix's router (the public port's front upgrades plain requests
+/// itself and hands only the others here).
+pub async fn upgrade(
+    req: HttpRequest,
+    body: web::Payload,
+    node: web::Data<Node>,
+) -> Result<HttpResponse, ApiError> {
+    let node = node.into_inner();
+    let claims = check(
+        &node,
+        &WsHead {
+            query: req.query_string(),
+            origin: req.headers().get(header::ORIGIN),
+            bearer: bearer(&req),
+        },
+    )?;
+    let mut res = actix_http::ws::handshake(req.head()).map_err(|e| {
+        node.refuse(Refusal::bad_request(format!(
+            "not a WebSocket upgrade: {e}"
+        )))
+    })?;
+    let socket = req.conn_data::<crate::peer::PeerSocket>().copied();
+    let body = open(&node, claims, socket, Some(body)).await?;
     Ok(res.body(body).map_into_boxed_body().into())
 }
 
@@ -232,8 +261,9 @@ pub struct WsBody {
     stream: StreamGuard,
     claims: Option<Arc<Claims>>,
     resumes: ResumeBudget,
-    /// The client's bytes, and what of them is not yet a whole frame.
-    input: web::Payload,
+    /// The client's bytes (when actix reads them; the front feeds them instead), and what of
+    /// them is not yet a whole frame.
+    input: Option<web::Payload>,
     read: BytesMut,
     codec: Codec,
     /// A subscribe being started (history, Redis); client frames wait behind it.
@@ -277,6 +307,11 @@ impl WsBody {
                 }
                 self.subscribing = None;
             }
+            // A frame declared over the limit is refused from its header: waiting for its
+            // payload would make the socket hold it.
+            if wire::declared_len(&self.read).is_some_and(|n| n > MAX_CLIENT_FRAME as u64) {
+                return Some(self.refuse_input(&ProtocolError::Overflow));
+            }
             match self.codec.decode(&mut self.read) {
                 Ok(Some(frame)) => {
                     let now = self.node().registry.clock.now();
@@ -290,17 +325,35 @@ impl WsBody {
             if self.state != State::Open {
                 return None;
             }
-            match Pin::new(&mut self.input).poll_next(cx) {
+            // No input of its own: the front feeds the bytes.
+            let input = self.input.as_mut()?;
+            match Pin::new(input).poll_next(cx) {
                 Poll::Ready(Some(Ok(bytes))) => self.read.extend_from_slice(&bytes),
                 Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
-                    // The client is gone (or its bytes are): nothing more will be read.
-                    self.state = State::InputDone;
-                    self.stream.close(CloseReason::Client);
+                    self.input_ended();
                     return None;
                 }
                 Poll::Pending => return None,
             }
         }
+    }
+
+    /// Whether the body takes more of the client's bytes now: while open, and while what it
+    /// holds unread is under two frames (a client that sends faster than its frames are
+    /// handled, or during a subscribe, waits in its socket).
+    pub fn wants_input(&self) -> bool {
+        self.state == State::Open && self.read.len() < 2 * MAX_CLIENT_FRAME
+    }
+
+    /// The client's bytes, read by the caller; handled at the next `poll_next`.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.read.extend_from_slice(bytes);
+    }
+
+    /// The client is gone (or its bytes are): nothing more will be read.
+    pub fn input_ended(&mut self) {
+        self.state = State::InputDone;
+        self.stream.close(CloseReason::Client);
     }
 
     /// Oversized or broken framing: the byte stream cannot be trusted further.
