@@ -229,7 +229,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
             let head = response_head(opened.allow.as_ref());
             run(Writer {
                 io,
-                body: opened.body,
+                body: Some(opened.body),
                 pending: head,
                 discarded: 0,
             })
@@ -274,7 +274,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             );
             run(Writer {
                 io,
-                body,
+                body: Some(body),
                 pending: Bytes::from(head),
                 discarded: 0,
             })
@@ -284,25 +284,31 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
     }
 }
 
-/// Runs a stream to its end. When the hub ended it (drain, slow, expiry, a refused frame),
-/// its last bytes are out and the write side is shut: the stream is released at once, and the
-/// connection is read on (bounded) until the client closes, because closing a socket with
-/// unread bytes resets it and the client could lose those last bytes.
+/// Runs a stream to its end. When the hub ended it (drain, slow, expiry, a refused frame), the
+/// stream is released at once (a stopping node does not wait for slow readers), then within
+/// [`LINGER_SECS`] its last bytes are written, the write side is shut, and the connection is
+/// read on until the client closes: closing a socket with unread bytes resets it, and the
+/// client could lose those last bytes.
 async fn run<B: Outbound>(mut writer: Writer<B>) {
     if !(&mut writer).await {
         return;
     }
-    let Writer { mut io, body, .. } = writer;
-    drop(body);
+    let Writer {
+        mut io, pending, ..
+    } = writer;
     let _ = tokio::time::timeout(Duration::from_secs(LINGER_SECS), async {
+        io.write_all(&pending).await?;
+        io.shutdown().await?;
         let mut scratch = [0u8; 512];
         let mut read = 0;
         while read <= MAX_DISCARD {
-            match io.read(&mut scratch).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => read += n,
+            let n = io.read(&mut scratch).await?;
+            if n == 0 {
+                break;
             }
+            read += n;
         }
+        Ok::<_, io::Error>(())
     })
     .await;
 }
@@ -445,7 +451,8 @@ impl Outbound for WsBody {
 /// the stream ends.
 struct Writer<B> {
     io: TcpStream,
-    body: B,
+    /// `None` once the body ended (the stream is released; its last bytes may be pending).
+    body: Option<B>,
     /// Bytes taken from the body and not yet written (a slow reader's, or the head).
     pending: Bytes,
     discarded: usize,
@@ -455,7 +462,7 @@ impl<B: Outbound> Writer<B> {
     /// Reads the client's bytes into the body while it takes them.
     fn poll_read_side(&mut self, cx: &mut Context<'_>) -> ReadSide {
         loop {
-            if !self.body.wants_input() {
+            if !self.body.as_ref().is_some_and(B::wants_input) {
                 return ReadSide::Held;
             }
             match self.io.poll_read_ready(cx) {
@@ -467,7 +474,7 @@ impl<B: Outbound> Writer<B> {
             match self.io.try_read(&mut scratch) {
                 Ok(0) => return ReadSide::Gone,
                 Ok(n) => {
-                    if !self.body.input(&scratch[..n]) {
+                    if !self.body.as_mut().is_some_and(|b| b.input(&scratch[..n])) {
                         self.discarded += n;
                         if self.discarded > MAX_DISCARD {
                             return ReadSide::Gone;
@@ -491,11 +498,14 @@ impl<B: Outbound> Writer<B> {
                 }
                 self.pending.advance(n);
             }
+            let Some(body) = self.body.as_mut() else {
+                return Poll::Ready(Ok(()));
+            };
             let mut batch: [Bytes; BATCH] = Default::default();
             let mut count = 0;
             let mut ended = false;
             while count < BATCH {
-                match self.body.poll_frame(cx) {
+                match body.poll_frame(cx) {
                     Poll::Ready(Some(b)) => {
                         if !b.is_empty() {
                             batch[count] = b;
@@ -520,15 +530,8 @@ impl<B: Outbound> Writer<B> {
                 self.pending = unwritten(&mut batch[..count], written);
             }
             if ended {
-                // The last frames first, then the close.
-                while !self.pending.is_empty() {
-                    let n =
-                        std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
-                    if n == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    self.pending.advance(n);
-                }
+                // Released now; what is pending is written by `run`.
+                self.body = None;
                 return Poll::Ready(Ok(()));
             }
             if count == 0 {
@@ -563,8 +566,8 @@ fn unwritten(batch: &mut [Bytes], mut written: usize) -> Bytes {
     joined.freeze()
 }
 
-/// `true` when the hub ended the stream (its last bytes are written), `false` when the client
-/// left or the connection failed.
+/// `true` when the hub ended the stream (the body is dropped; its last bytes may be pending),
+/// `false` when the client left or the connection failed.
 impl<B: Outbound> Future for Writer<B> {
     type Output = bool;
 
@@ -580,8 +583,12 @@ impl<B: Outbound> Future for Writer<B> {
             match this.poll_write_out(cx) {
                 // The body handled what it held and takes bytes again: read them now (no
                 // wake-up is registered for them).
-                Poll::Pending if read == ReadSide::Held && this.body.wants_input() => continue,
-                other => return this.finish(cx, other),
+                Poll::Pending
+                    if read == ReadSide::Held && this.body.as_ref().is_some_and(B::wants_input) =>
+                {
+                    continue
+                }
+                other => return Self::finish(other),
             }
         }
         cx.waker().wake_by_ref();
@@ -590,16 +597,12 @@ impl<B: Outbound> Future for Writer<B> {
 }
 
 impl<B: Outbound> Writer<B> {
-    fn finish(&mut self, cx: &mut Context<'_>, out: Poll<io::Result<()>>) -> Poll<bool> {
+    fn finish(out: Poll<io::Result<()>>) -> Poll<bool> {
         match out {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Err(_)) => Poll::Ready(false),
-            Poll::Ready(Ok(())) => {
-                // The stream ended (drain, slow, expiry): its last frame is written; send the
-                // FIN (a shutdown of the write side never waits).
-                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
-                Poll::Ready(true)
-            }
+            // The stream ended (drain, slow, expiry): `run` writes the rest and closes.
+            Poll::Ready(Ok(())) => Poll::Ready(true),
         }
     }
 }
