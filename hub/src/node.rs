@@ -31,10 +31,6 @@ const ADMIT_WAIT: Duration = Duration::from_millis(500);
 /// Streams that may wait for a place at once; beyond, refusals are immediate (a flood at the
 /// cap must not hold a thousand requests open).
 const ADMIT_WAITERS: usize = 256;
-/// How long a stream request waits for the broker to come up before it is refused (503): a
-/// node's first self-ping returns within ~0.1 s of its start, and Redis reconnects within a
-/// second of coming back. The request holds nothing while it waits.
-const BROKER_WAIT: Duration = Duration::from_secs(1);
 
 /// What a transport asks for when a stream opens.
 pub struct OpenRequest {
@@ -235,10 +231,7 @@ impl Node {
         if self.is_draining() {
             return Err(self.refuse(Refusal::draining()));
         }
-        // A node that has just started (or whose Redis is coming back) is about to take
-        // streams: a request waits for that rather than being sent away for a retry interval,
-        // as the clients of a restarting node all come at once.
-        if !self.broker.is_up() && !self.broker.wait_up(BROKER_WAIT).await {
+        if !self.broker.is_up() {
             return Err(self.refuse(Refusal::unavailable()));
         }
         match self.admit(req.user.as_ref()).await {

@@ -162,14 +162,6 @@ impl Broker {
         }
     }
 
-    /// Waits up to `max` for the broker to be up (at once for the embedded one); cancel-safe.
-    pub async fn wait_up(&self, max: std::time::Duration) -> bool {
-        match self {
-            Broker::Local(_) => true,
-            Broker::Redis(b) => b.wait_up(max).await,
-        }
-    }
-
     /// Stops the broker's background tasks.
     pub fn shutdown(&self) {
         if let Broker::Redis(b) = self {

@@ -142,8 +142,6 @@ pub struct RedisBroker {
     whole: AtomicBool,
     /// Notified when `whole` turns true (the catch-up waits on it).
     whole_again: tokio::sync::Notify,
-    /// Notified when `up` or `library_loaded` turns true (stream openings wait on it).
-    up_again: tokio::sync::Notify,
     tasks: parking_lot::Mutex<Vec<AbortHandle>>,
 }
 
@@ -236,7 +234,6 @@ impl RedisBroker {
             epoch: AtomicU64::new(1),
             whole: AtomicBool::new(false),
             whole_again: tokio::sync::Notify::new(),
-            up_again: tokio::sync::Notify::new(),
             tasks: parking_lot::Mutex::new(Vec::new()),
         });
         // The receivers are taken before connecting, so the first connection is seen too.
@@ -281,26 +278,7 @@ impl RedisBroker {
         self.up.load(Ordering::Acquire) && self.library_loaded.load(Ordering::Acquire)
     }
 
-    /// Waits up to `max` for [`RedisBroker::is_up`]; cancel-safe.
-    pub async fn wait_up(&self, max: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + max;
-        loop {
-            let again = self.up_again.notified();
-            tokio::pin!(again);
-            again.as_mut().enable();
-            if self.is_up() {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, again).await.is_err() {
-                return self.is_up();
-            }
-        }
-    }
-
     fn set_up(&self, up: bool) {
-        if up {
-            self.up_again.notify_waiters();
-        }
         if self.up.swap(up, Ordering::AcqRel) != up {
             self.metrics.redis_up.set(if up { 1.0 } else { 0.0 });
             if up {
@@ -840,7 +818,6 @@ impl RedisBroker {
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         self.library_loaded.store(true, Ordering::Release);
-                        self.up_again.notify_waiters();
                     }
                     Err(RecvError::Closed) => return,
                 },
