@@ -71,6 +71,15 @@ pub struct StreamRequest {
     pub ws_accept: Option<String>,
 }
 
+impl StreamRequest {
+    /// The credential of `Authorization: Bearer <credential>`, if sent.
+    fn bearer(&self) -> Option<&str> {
+        self.authorization
+            .as_deref()
+            .and_then(super::bearer_credential)
+    }
+}
+
 /// Reads a request head. A stream request is `GET /v1/sse[?query]` over HTTP/1.0 or 1.1 with
 /// no body and no `Upgrade`, whose URI and header values actix would also accept; anything
 /// else (another path or method, an odd header, a malformed or oversized head) is `Other`, so
@@ -208,10 +217,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
         StreamHead {
             query: &req.query,
             origin: req.origin.as_ref(),
-            bearer: req
-                .authorization
-                .as_deref()
-                .and_then(super::bearer_credential),
+            bearer: req.bearer(),
             last_event_id: req.last_event_id.as_deref(),
             socket: Some(socket),
         },
@@ -245,10 +251,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
         &WsHead {
             query: &req.query,
             origin: req.origin.as_ref(),
-            bearer: req
-                .authorization
-                .as_deref()
-                .and_then(super::bearer_credential),
+            bearer: req.bearer(),
         },
     );
     let claims = match checked {
