@@ -136,6 +136,26 @@ impl MemoryHistory {
         }
     }
 
+    /// Where a stream that wants the last `n` messages of the channel starts: the position of
+    /// the message before them, or the floor when history holds fewer (a resume from there
+    /// replays all of it and is never a reset).
+    pub fn rewind_point(&self, channel: &ChannelName, n: usize, now_ms: u64) -> StreamId {
+        let mut shard = self.shards[shard_of(channel)].lock();
+        let Some(log) = shard.get_mut(channel.as_str()) else {
+            return StreamId::new(now_ms, 0);
+        };
+        self.trim_expired(log, now_ms);
+        let len = log.entries.len();
+        if n == 0 {
+            return log.last;
+        }
+        if len > n {
+            log.entries[len - n - 1].position.unwrap_or(log.floor)
+        } else {
+            log.floor
+        }
+    }
+
     /// Drops expired messages and forgets channels whose every message has expired.
     pub fn expire(&self, now_ms: u64) {
         for shard in self.shards.iter() {
@@ -214,6 +234,20 @@ mod tests {
         // A position from the future (another process, junk) is not ours.
         let future = StreamId::new(9_999, 0);
         assert!(lost(&h.read(&ch(), future, 10, 2_001), future));
+    }
+
+    #[test]
+    fn a_rewind_point_is_followed_by_exactly_the_last_n_and_is_never_lost() {
+        let h = MemoryHistory::new(4, 3600, 1_000);
+        assert_eq!(h.rewind_point(&ch(), 3, 1_000), h.tail(&ch(), 1_000));
+        let all: Vec<StreamId> = (0..6).map(|_| add(&h, 1_000)).collect();
+        // History holds the last 4 (all[2..]).
+        for n in 0..=6 {
+            let at = h.rewind_point(&ch(), n, 1_000);
+            let page = h.read(&ch(), at, 100, 1_000);
+            assert!(!lost(&page, at), "rewind {n} from {at} would reset");
+            assert_eq!(ids(&page), all[6 - n.min(4)..].to_vec(), "rewind {n}");
+        }
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub struct OpenRequest {
     pub expires_at: Option<u64>,
     /// The connection's socket, when actix recorded it.
     pub socket: Option<crate::peer::PeerSocket>,
+    /// `rewind=N`: each channel starts with its last N durable messages (0: none). Ignored
+    /// with a `last_event_id`.
+    pub rewind: usize,
 }
 
 /// Where a channel of a stream should start.
@@ -56,6 +59,8 @@ pub enum Want {
     After(StreamId),
     /// The client's position cannot be read: `hub.reset`, then from now on.
     Reset,
+    /// The channel's last `n` durable messages (fewer if history holds fewer), then live.
+    Rewind(usize),
 }
 
 /// Shared by `Arc` (actix `web::Data`) with every handler and background task.
@@ -272,7 +277,13 @@ impl Node {
             None => req
                 .channels
                 .iter()
-                .map(|c| (c.clone(), Want::Fresh))
+                .map(|c| {
+                    let w = match req.rewind {
+                        0 => Want::Fresh,
+                        n => Want::Rewind(n),
+                    };
+                    (c.clone(), w)
+                })
                 .collect(),
             Some(id) => match stream.session.decode_cursor(id) {
                 Some(positions) => req
@@ -389,6 +400,13 @@ impl Node {
         for (channel, w) in want {
             let at = match w {
                 Want::After(p) => StartAt::Resume(p),
+                Want::Rewind(n) => {
+                    let from = self.broker.rewind_point(&channel, n).await.map_err(|e| {
+                        tracing::warn!(channel = %channel, error = %e, "reading where to rewind to failed; refusing");
+                        Refusal::unavailable()
+                    })?;
+                    StartAt::Resume(from)
+                }
                 Want::Fresh | Want::Reset => {
                     let tail = self.broker.tail(&channel).await.map_err(|e| {
                         tracing::warn!(channel = %channel, error = %e, "reading the channel's position failed; refusing");

@@ -10,6 +10,8 @@
 --                                                   -> {tail, floor, id1, env1, id2, env2, ...}
 --     at most <count> messages after <after> (none with "" or 0); every message after floor is
 --     still in history, so a reader before floor (or after tail) lost some.
+--   FCALL_RO hub_rewind 1 <channel> <n>             -> the position before the last <n> messages
+--     (history's floor when it holds fewer): a reader resuming from there gets exactly them.
 --   FCALL_RO hub_recover 1 <channel> <since or "">  -> {tail, reset (0|1), id1, env1, ...}
 --     (unbounded; kept for nodes of the previous version during a rolling deploy)
 --
@@ -173,6 +175,19 @@ local function recover(keys, args)
   return out
 end
 
+-- The newest position history no longer vouches for: the floor key, or the newest entry older
+-- than the TTL (lost even where not trimmed yet) when that is later.
+local function floor_of(ch, key, horizon)
+  local floor = redis.call('GET', floor_key(ch)) or '0-0'
+  local f_ms, f_seq = parse_id(floor)
+  local expired = redis.call('XREVRANGE', key, '(' .. horizon .. '-0', '-', 'COUNT', 1)
+  if #expired > 0 then
+    local e_ms, e_seq = parse_id(expired[1][1])
+    if before(f_ms, f_seq, e_ms, e_seq) then return expired[1][1], e_ms, e_seq end
+  end
+  return floor, f_ms, f_seq
+end
+
 local function read(keys, args)
   local ch, after, count = keys[1], args[1] or '', tonumber(args[2] or '0') or 0
   local key = history_key(ch)
@@ -184,14 +199,7 @@ local function read(keys, args)
     return {(now - 1) .. '-0', horizon .. '-0'}
   end
   local last = last_generated(key)
-  local floor = redis.call('GET', floor_key(ch)) or '0-0'
-  local f_ms, f_seq = parse_id(floor)
-  -- Older than the TTL counts as lost even where not trimmed yet.
-  local expired = redis.call('XREVRANGE', key, '(' .. horizon .. '-0', '-', 'COUNT', 1)
-  if #expired > 0 then
-    local e_ms, e_seq = parse_id(expired[1][1])
-    if before(f_ms, f_seq, e_ms, e_seq) then floor, f_ms, f_seq = expired[1][1], e_ms, e_seq end
-  end
+  local floor, f_ms, f_seq = floor_of(ch, key, horizon)
   local out = {last, floor}
   if after == '' or count <= 0 then return out end
   local a_ms, a_seq = parse_id(after)
@@ -207,6 +215,26 @@ local function read(keys, args)
   return out
 end
 
+local function rewind(keys, args)
+  local ch, n = keys[1], tonumber(args[1] or '0') or 0
+  local key = history_key(ch)
+  local now = now_ms()
+  if redis.call('EXISTS', key) == 0 then
+    -- Nothing to replay: the tail a fresh reader gets (see read).
+    return (now - 1) .. '-0'
+  end
+  if n <= 0 then return last_generated(key) end
+  if MAXLEN > 0 and n > MAXLEN then n = MAXLEN end
+  local floor, f_ms, f_seq = floor_of(ch, key, now - TTL_MS)
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', n + 1)
+  if #newest > n then
+    local p = newest[n + 1][1]
+    local p_ms, p_seq = parse_id(p)
+    if not before(p_ms, p_seq, f_ms, f_seq) then return p end
+  end
+  return floor
+end
+
 local function version()
   return {VERSION, MAXLEN, TTL_MS, MAX_BYTES}
 end
@@ -214,4 +242,5 @@ end
 redis.register_function('hub_publish', publish)
 redis.register_function{function_name = 'hub_version', callback = version, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_read', callback = read, flags = {'no-writes'}}
+redis.register_function{function_name = 'hub_rewind', callback = rewind, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_recover', callback = recover, flags = {'no-writes'}}

@@ -66,6 +66,10 @@ impl LocalBroker {
         self.history.tail(channel, now_ms())
     }
 
+    pub fn rewind_point(&self, channel: &ChannelName, n: usize) -> StreamId {
+        self.history.rewind_point(channel, n, now_ms())
+    }
+
     pub fn read(&self, channel: &ChannelName, after: StreamId, count: usize) -> Page {
         self.history.read(channel, after, count, now_ms())
     }

@@ -115,6 +115,20 @@ impl Broker {
         }
     }
 
+    /// Where a stream that wants the channel's last `n` durable messages starts (a resume
+    /// from there replays them): the position before them, or history's floor when it holds
+    /// fewer.
+    pub async fn rewind_point(
+        &self,
+        channel: &ChannelName,
+        n: usize,
+    ) -> Result<StreamId, BrokerError> {
+        match self {
+            Broker::Local(b) => Ok(b.rewind_point(channel, n)),
+            Broker::Redis(b) => b.rewind_point(channel, n).await,
+        }
+    }
+
     /// At most `count` messages after `after` (see [`Page`]).
     pub async fn read(
         &self,

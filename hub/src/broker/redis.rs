@@ -27,7 +27,7 @@ use tokio::task::AbortHandle;
 const LIBRARY: &str = include_str!("hub.lua");
 /// This build's library version. A node never replaces a loaded library of a higher version;
 /// every version keeps the functions and arguments of the ones before it.
-pub const LIBRARY_VERSION: i64 = 2;
+pub const LIBRARY_VERSION: i64 = 3;
 /// Prefix of live channels (`hub:ch:<channel>`, or `hub:ch:{<channel>}` in cluster mode):
 /// ephemeral publishes.
 pub const LIVE_PREFIX: &str = "hub:ch:";
@@ -499,6 +499,23 @@ impl RedisBroker {
             }
             Ok(uuid::Uuid::now_v7().to_string())
         }
+    }
+
+    /// Where a stream that wants the last `n` messages starts, through `FCALL_RO hub_rewind`.
+    pub async fn rewind_point(
+        &self,
+        channel: &ChannelName,
+        n: usize,
+    ) -> Result<StreamId, BrokerError> {
+        let reply: String = within(
+            "FCALL_RO hub_rewind",
+            self.client
+                .fcall_ro("hub_rewind", vec![channel.to_string()], vec![n.to_string()]),
+        )
+        .await?;
+        reply
+            .parse()
+            .map_err(|_| BrokerError("hub_rewind answered something unexpected".into()))
     }
 
     /// At most `count` messages after `after` (`None`: only the tail and floor), through

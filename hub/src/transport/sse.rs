@@ -33,6 +33,9 @@ pub struct StreamQuery {
     pub envelope: bool,
     pub last_event_id: Option<String>,
     pub token: Option<String>,
+    /// `rewind=N`: the last N durable messages of each channel first (checked against
+    /// `HUB_HISTORY_LEN` by [`open`]).
+    pub rewind: u64,
 }
 
 /// Parses `channel=A&channel=B&envelope=true&last_event_id=..&lastEventId=..&token=..`.
@@ -51,6 +54,11 @@ pub fn parse_query(query: &str) -> Result<StreamQuery, Refusal> {
             }
             "last_event_id" | "lastEventId" => q.last_event_id = Some(v.into_owned()),
             "token" => q.token = Some(v.into_owned()),
+            "rewind" => {
+                q.rewind = v.parse().map_err(|_| {
+                    Refusal::bad_request("rewind must be a whole number of messages")
+                })?
+            }
             _ => {}
         }
     }
@@ -107,6 +115,14 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
     let q = parse_query(head.query).map_err(|r| node.refuse(r))?;
     let channels = check_channels(&q.channels, node.config.max_channels_per_conn as usize)
         .map_err(|r| node.refuse(r))?;
+    let history_len = node.config.history_len;
+    if q.rewind > history_len {
+        return Err(node
+            .refuse(Refusal::bad_request(format!(
+                "rewind must be from 0 to {history_len} (HUB_HISTORY_LEN)"
+            )))
+            .into());
+    }
     let allow = cors::allow_origin(head.origin, &node.origins).map_err(|r| node.refuse(r))?;
     let token = head.bearer.or(q.token.as_deref());
     let grant = node
@@ -124,6 +140,7 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             user: grant.user,
             expires_at: grant.expires_at,
             socket: head.socket,
+            rewind: q.rewind as usize,
         })
         .await?;
     Ok(Opened {
@@ -376,7 +393,7 @@ mod tests {
             /// pass are valid, sorted, distinct and within the limit.
             #[test]
             fn any_query_is_a_query_or_a_400(
-                q in "\\PC{0,120}|((channel|envelope|lastEventId|last_event_id|token|x)=[a-z0-9:%&=*. -]{0,20}&?){0,8}",
+                q in "\\PC{0,120}|((channel|envelope|lastEventId|last_event_id|token|rewind|x)=[a-z0-9:%&=*. -]{0,20}&?){0,8}",
                 max in 1usize..8,
             ) {
                 if let Ok(parsed) = parse_query(&q) {
@@ -389,7 +406,7 @@ mod tests {
                         Err(r) => prop_assert_eq!(r.status(), 400),
                     }
                 } else {
-                    prop_assert!(q.contains("envelope"));
+                    prop_assert!(q.contains("envelope") || q.contains("rewind"));
                 }
             }
 
@@ -401,6 +418,7 @@ mod tests {
                 id in proptest::option::of("\\PC{0,30}"),
                 token in proptest::option::of("[A-Za-z0-9._-]{0,40}"),
                 envelope in any::<bool>(),
+                rewind in 0u64..100_000,
             ) {
                 let mut enc = form_urlencoded::Serializer::new(String::new());
                 for c in &channels {
@@ -413,9 +431,10 @@ mod tests {
                     enc.append_pair("token", t);
                 }
                 enc.append_pair("envelope", if envelope { "true" } else { "false" });
+                enc.append_pair("rewind", &rewind.to_string());
                 enc.append_pair("_", "1733000000000");
                 let q = parse_query(&enc.finish()).unwrap();
-                prop_assert_eq!(q, StreamQuery { channels, envelope, last_event_id: id, token });
+                prop_assert_eq!(q, StreamQuery { channels, envelope, last_event_id: id, token, rewind });
             }
         }
     }

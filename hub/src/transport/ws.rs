@@ -76,12 +76,23 @@ struct ClientFrame {
     op: String,
     channel: Option<String>,
     since: Option<String>,
+    /// Checked by hand, so that a bad value gets its own message.
+    rewind: Option<serde_json::Value>,
+}
+
+/// A subscribe: the channel, and where it starts (`since` wins over `rewind`).
+#[derive(Debug, PartialEq)]
+struct Subscribe {
+    channel: ChannelName,
+    since: Option<String>,
+    /// The last N durable messages first (0: none).
+    rewind: u64,
 }
 
 /// What a client frame asks for.
 #[derive(Debug, PartialEq)]
 enum Command {
-    Subscribe(ChannelName, Option<String>),
+    Subscribe(Subscribe),
     Unsubscribe(ChannelName),
 }
 
@@ -112,7 +123,22 @@ fn parse_frame(text: &str) -> Result<Command, FrameError> {
     let channel =
         ChannelName::new(name).map_err(|e| err(format!("invalid channel: {e}"), Some(name)))?;
     match f.op.as_str() {
-        "subscribe" => Ok(Command::Subscribe(channel, f.since)),
+        "subscribe" => {
+            let rewind = match &f.rewind {
+                None | Some(serde_json::Value::Null) => 0,
+                Some(v) => v.as_u64().ok_or_else(|| {
+                    err(
+                        "rewind must be a whole number of messages".into(),
+                        Some(name),
+                    )
+                })?,
+            };
+            Ok(Command::Subscribe(Subscribe {
+                channel,
+                since: f.since,
+                rewind,
+            }))
+        }
         "unsubscribe" => Ok(Command::Unsubscribe(channel)),
         _ => Err(err(
             "op must be subscribe or unsubscribe".into(),
@@ -203,6 +229,7 @@ pub async fn open(
             user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
             expires_at: claims.as_ref().map(|c| c.exp),
             socket,
+            rewind: 0,
         })
         .await?;
     Ok(WsBody {
@@ -394,7 +421,7 @@ impl WsBody {
 
     fn on_text(&mut self, text: &str) {
         match parse_frame(text) {
-            Ok(Command::Subscribe(channel, since)) => self.subscribe(channel, since),
+            Ok(Command::Subscribe(sub)) => self.subscribe(sub),
             Ok(Command::Unsubscribe(channel)) => {
                 self.node().drop_channel(self.session(), &channel);
                 self.reply(Reply::Unsubscribed(channel));
@@ -405,7 +432,12 @@ impl WsBody {
 
     /// Checks a subscribe at once; what needs Redis (subscribing, reading history) is left
     /// to a future the body polls, and the client's next frames wait for it.
-    fn subscribe(&mut self, channel: ChannelName, since: Option<String>) {
+    fn subscribe(&mut self, sub: Subscribe) {
+        let Subscribe {
+            channel,
+            since,
+            rewind,
+        } = sub;
         let name = channel.as_str();
         if let Err(r) = Auth::check(self.claims.as_deref(), name) {
             return self.reply_error(r.status(), &r.message, Some(name));
@@ -419,11 +451,21 @@ impl WsBody {
                 Some(name),
             );
         }
-        if since.is_some() && !self.resumes.take() {
+        let history_len = self.node().config.history_len;
+        if rewind > history_len {
+            return self.reply_error(
+                400,
+                &format!("rewind must be from 0 to {history_len} (HUB_HISTORY_LEN)"),
+                Some(name),
+            );
+        }
+        // `since` wins: a client that resumes wants what follows its position.
+        let rewind = if since.is_some() { 0 } else { rewind };
+        if (since.is_some() || rewind > 0) && !self.resumes.take() {
             return self.reply_error(
                 429,
                 &format!(
-                    "too many subscribes with since on this socket: at most {RESUME_BURST} at once, then {RESUMES_PER_SEC} a second"
+                    "too many subscribes with since or rewind on this socket: at most {RESUME_BURST} at once, then {RESUMES_PER_SEC} a second"
                 ),
                 Some(name),
             );
@@ -434,6 +476,7 @@ impl WsBody {
         }
         // An id that cannot be read is a reset, as on SSE.
         let want = match since.as_deref().map(str::parse) {
+            None if rewind > 0 => Want::Rewind(rewind as usize),
             None => Want::Fresh,
             Some(Ok(p)) => Want::After(p),
             Some(Err(_)) => Want::Reset,
@@ -559,8 +602,27 @@ mod tests {
     fn frames() {
         assert_eq!(
             parse_frame(r#"{"op":"subscribe","channel":"public:a","since":"5-0"}"#).unwrap(),
-            Command::Subscribe(ChannelName::new("public:a").unwrap(), Some("5-0".into()))
+            Command::Subscribe(Subscribe {
+                channel: ChannelName::new("public:a").unwrap(),
+                since: Some("5-0".into()),
+                rewind: 0
+            })
         );
+        assert_eq!(
+            parse_frame(r#"{"op":"subscribe","channel":"a","rewind":20}"#).unwrap(),
+            Command::Subscribe(Subscribe {
+                channel: ChannelName::new("a").unwrap(),
+                since: None,
+                rewind: 20
+            })
+        );
+        for bad in [r#""3""#, "-1", "1.5", "true"] {
+            let e = parse_frame(&format!(
+                r#"{{"op":"subscribe","channel":"a","rewind":{bad}}}"#
+            ))
+            .unwrap_err();
+            assert!(e.message.contains("rewind"), "{bad}: {}", e.message);
+        }
         assert_eq!(
             parse_frame(r#"{"op":"unsubscribe","channel":"a"}"#).unwrap(),
             Command::Unsubscribe(ChannelName::new("a").unwrap())
@@ -580,7 +642,7 @@ mod tests {
         #[test]
         fn any_text_is_a_command_or_an_error(text in "\\PC{0,80}|\\{\"op\":\"[a-z]{0,12}\",\"channel\":\"\\PC{0,20}\"(,\"since\":\"[0-9a-z-]{0,20}\")?\\}") {
             match parse_frame(&text) {
-                Ok(Command::Subscribe(c, _)) | Ok(Command::Unsubscribe(c)) => {
+                Ok(Command::Subscribe(Subscribe { channel: c, .. })) | Ok(Command::Unsubscribe(c)) => {
                     prop_assert!(ChannelName::new(c.as_str()).is_ok());
                 }
                 Err(e) => {
@@ -601,7 +663,7 @@ mod tests {
             let op = if sub { "subscribe" } else { "unsubscribe" };
             let text = serde_json::json!({"op": op, "channel": name, "since": since}).to_string();
             let want = match ChannelName::new(&name) {
-                Ok(c) if sub => Command::Subscribe(c, since),
+                Ok(channel) if sub => Command::Subscribe(Subscribe { channel, since, rewind: 0 }),
                 Ok(c) => Command::Unsubscribe(c),
                 Err(_) => return Ok(()),
             };
