@@ -105,6 +105,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=30 * 86400))]
     pub history_ttl_secs: u64,
 
+    /// How long a durable publish's idempotency key is remembered on its channel.
+    #[arg(long, env = "HUB_IDEMPOTENCY_SECS", value_name = "HUB_IDEMPOTENCY_SECS", default_value_t = 300,
+          value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub idempotency_secs: u64,
+
     /// Comma-separated origins allowed by CORS and the WebSocket Origin check; `*` for any.
     #[arg(
         long,

@@ -148,6 +148,7 @@ impl Node {
                     metrics.clone(),
                     config.history_len as usize,
                     config.history_ttl_secs,
+                    config.idempotency_secs,
                 ))
             }
             Some(url) => Broker::Redis(RedisBroker::start(
@@ -469,9 +470,10 @@ impl Node {
         env: &Envelope,
         durable: bool,
         source: Source,
+        key: Option<&str>,
     ) -> Result<String, Refusal> {
         self.broker
-            .publish(channel, env, durable, source)
+            .publish(channel, env, durable, source, key)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, "publish failed");

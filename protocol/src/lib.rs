@@ -7,10 +7,13 @@
 //! - [`position`]: a message's position in its channel ([`StreamId`]) and the SSE cursor that
 //!   combines the positions of several channels into one `id:`.
 //! - [`ws`]: WebSocket framing of server frames, built once and shared.
-//! - `publish` (feature `redis`): `publish_durable` / `publish_ephemeral` for Rust services.
+//! - [`idempotency`]: what an idempotency key of a durable publish may be.
+//! - `publish` (feature `redis`): `publish_durable` (and `publish_durable_once`, with an
+//!   idempotency key) / `publish_ephemeral` for Rust services.
 
 pub mod channel;
 pub mod envelope;
+pub mod idempotency;
 pub mod position;
 #[cfg(feature = "redis")]
 pub mod publish;

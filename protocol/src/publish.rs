@@ -30,6 +30,8 @@ pub enum PublishError {
     Channel(#[from] ChannelError),
     #[error("invalid envelope: {0}")]
     Envelope(#[from] EnvelopeError),
+    #[error("invalid idempotency key: {0}")]
+    Key(#[from] crate::idempotency::KeyError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
 }
@@ -63,6 +65,29 @@ pub async fn publish_durable<C: ConnectionLike>(
         .arg(1)
         .arg(channel)
         .arg(bytes)
+        .query_async(conn)
+        .await?;
+    Ok(id)
+}
+
+/// `FCALL hub_publish 1 <channel> <envelope> <key>`: as [`publish_durable`], but a `key` already
+/// used on this channel within `HUB_IDEMPOTENCY_SECS` returns the first call's id and publishes
+/// nothing, so a publish whose answer was lost (a timeout, a dropped connection) can be retried
+/// safely with the same key.
+pub async fn publish_durable_once<C: ConnectionLike>(
+    conn: &mut C,
+    channel: &str,
+    envelope: &Envelope,
+    key: &str,
+) -> Result<String, PublishError> {
+    let bytes = checked(channel, envelope)?;
+    crate::idempotency::validate(key)?;
+    let id: String = redis::cmd("FCALL")
+        .arg("hub_publish")
+        .arg(1)
+        .arg(channel)
+        .arg(bytes)
+        .arg(key)
         .query_async(conn)
         .await?;
     Ok(id)

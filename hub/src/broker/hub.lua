@@ -4,8 +4,10 @@
 -- one is older (`hub_version`); it never replaces a newer one, and with the same version the
 -- settings of the node that loaded it apply to all (a node with other settings logs that).
 --
---   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes}
---   FCALL hub_publish 1 <channel> <envelope>        -> the message id ("<ms>-<seq>")
+--   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes, idem_ms}
+--   FCALL hub_publish 1 <channel> <envelope> [<key>] -> the message id ("<ms>-<seq>")
+--     with an idempotency key (1-128 printable ASCII) already used on the channel within
+--     IDEM_MS: the first call's id, and nothing is published (hub:idem:{<channel>}:<key>).
 --   FCALL_RO hub_read 1 <channel> <after or ""> <count>
 --                                                   -> {tail, floor, id1, env1, id2, env2, ...}
 --     at most <count> messages after <after> (none with "" or 0); every message after floor is
@@ -30,6 +32,7 @@ local VERSION = __VERSION__
 local MAXLEN = __MAXLEN__
 local TTL_MS = __TTL_MS__
 local MAX_BYTES = __MAX_BYTES__
+local IDEM_MS = __IDEM_MS__
 local CLUSTER = __CLUSTER__
 
 local function history_key(ch)
@@ -85,9 +88,9 @@ local function last_generated(key)
 end
 
 local function publish(keys, args)
-  local ch, env = keys[1], args[1]
+  local ch, env, idem = keys[1], args[1], args[2]
   if ch == nil or env == nil then
-    return redis.error_reply('ERR usage: FCALL hub_publish 1 <channel> <envelope>')
+    return redis.error_reply('ERR usage: FCALL hub_publish 1 <channel> <envelope> [<idempotency key>]')
   end
   if not valid_channel(ch) then
     return redis.error_reply('ERR invalid channel name (^[A-Za-z0-9][A-Za-z0-9_.:@/-]{0,127}$)')
@@ -101,6 +104,15 @@ local function publish(keys, args)
   end
   if not valid_event(decoded['event']) then
     return redis.error_reply('ERR event must be 1 to 128 characters, no control characters, not hub.*')
+  end
+  local ikey = nil
+  if idem ~= nil then
+    if #idem < 1 or #idem > 128 or string.find(idem, '[^ -~]') then
+      return redis.error_reply('ERR an idempotency key is 1 to 128 printable ASCII characters')
+    end
+    ikey = 'hub:idem:{' .. ch .. '}:' .. idem
+    local first = redis.call('GET', ikey)
+    if first then return first end
   end
   local key, fkey = history_key(ch), floor_key(ch)
   local len = redis.call('XLEN', key)
@@ -134,6 +146,7 @@ local function publish(keys, args)
   local note = id .. ' ' .. env
   redis.call(pub, durable_channel(ch), note)
   redis.call(pub, live_channel(ch), note)
+  if ikey then redis.call('SET', ikey, id, 'PX', IDEM_MS) end
   return id
 end
 
@@ -236,7 +249,7 @@ local function rewind(keys, args)
 end
 
 local function version()
-  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES}
+  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES, IDEM_MS}
 end
 
 redis.register_function('hub_publish', publish)

@@ -66,18 +66,21 @@ pub enum Broker {
 }
 
 impl Broker {
-    /// Publishes a message; returns its id (the channel position for durable messages).
+    /// Publishes a message; returns its id (the channel position for durable messages). A
+    /// durable message's idempotency `key` (checked by the caller) makes a repeat within
+    /// `HUB_IDEMPOTENCY_SECS` return the first id and publish nothing.
     pub async fn publish(
         &self,
         channel: ChannelName,
         env: &Envelope,
         durable: bool,
         source: Source,
+        key: Option<&str>,
     ) -> Result<String, BrokerError> {
         match self {
-            Broker::Local(b) => Ok(b.publish(channel, env, durable, source)),
+            Broker::Local(b) => Ok(b.publish(channel, env, durable, source, key)),
             Broker::Redis(b) => {
-                let id = b.publish(channel, env, durable).await?;
+                let id = b.publish(channel, env, durable, key).await?;
                 // Counted again as `redis` on every node that receives it for its streams.
                 if source != Source::Redis {
                     b.count_received(source);
@@ -163,7 +166,10 @@ impl Broker {
     /// Periodic clean-up (expired history).
     pub fn sweep(&self) {
         match self {
-            Broker::Local(b) => b.sweep(),
+            Broker::Local(b) => {
+                b.sweep();
+                b.sweep_keys();
+            }
             Broker::Redis(_) => {}
         }
     }

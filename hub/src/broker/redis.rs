@@ -27,7 +27,7 @@ use tokio::task::AbortHandle;
 const LIBRARY: &str = include_str!("hub.lua");
 /// This build's library version. A node never replaces a loaded library of a higher version;
 /// every version keeps the functions and arguments of the ones before it.
-pub const LIBRARY_VERSION: i64 = 3;
+pub const LIBRARY_VERSION: i64 = 4;
 /// Prefix of live channels (`hub:ch:<channel>`, or `hub:ch:{<channel>}` in cluster mode):
 /// ephemeral publishes.
 pub const LIVE_PREFIX: &str = "hub:ch:";
@@ -203,6 +203,10 @@ impl RedisBroker {
             .replace("__MAXLEN__", &history_len.to_string())
             .replace("__TTL_MS__", &(history_ttl_secs * 1000).to_string())
             .replace("__MAX_BYTES__", &max_bytes.to_string())
+            .replace(
+                "__IDEM_MS__",
+                &(settings.idempotency_secs * 1000).to_string(),
+            )
             .replace("__CLUSTER__", if cluster { "true" } else { "false" });
         let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let broker = Arc::new(RedisBroker {
@@ -474,19 +478,25 @@ impl RedisBroker {
         }
     }
 
-    /// Publishes: durable through `FCALL hub_publish`, ephemeral with (S)PUBLISH.
+    /// Publishes: durable through `FCALL hub_publish` (with the idempotency `key`, checked by
+    /// the caller), ephemeral with (S)PUBLISH.
     pub async fn publish(
         &self,
         channel: ChannelName,
         env: &Envelope,
         durable: bool,
+        key: Option<&str>,
     ) -> Result<String, BrokerError> {
         let bytes = env.to_bytes();
         if durable {
+            let mut args = vec![bytes];
+            if let Some(k) = key {
+                args.push(k.as_bytes().to_vec());
+            }
             let id: String = within(
                 "FCALL hub_publish",
                 self.client
-                    .fcall("hub_publish", vec![channel.to_string()], vec![bytes]),
+                    .fcall("hub_publish", vec![channel.to_string()], args),
             )
             .await?;
             Ok(id)

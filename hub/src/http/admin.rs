@@ -86,8 +86,32 @@ async fn publish(
     if size > max {
         return Err(too_large(size));
     }
-    let id = node.publish(channel, &env, durable, Source::Http).await?;
+    let key = idempotency_key(&req, durable)?;
+    let id = node
+        .publish(channel, &env, durable, Source::Http, key)
+        .await?;
     Ok(HttpResponse::Accepted().json(PublishResponse { id }))
+}
+
+/// The `Idempotency-Key` header, checked: only a durable message can have one (an ephemeral
+/// one is not kept, so there is no first id to return).
+fn idempotency_key(req: &HttpRequest, durable: bool) -> Result<Option<&str>, ApiError> {
+    let Some(v) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .ok()
+        .filter(|k| protocol::idempotency::validate(k).is_ok())
+        .ok_or_else(|| {
+            ApiError::bad_request("Idempotency-Key must be 1 to 128 printable ASCII characters")
+        })?;
+    if !durable {
+        return Err(ApiError::bad_request(
+            "Idempotency-Key applies to durable messages only (\"durable\": false is not kept)",
+        ));
+    }
+    Ok(Some(key))
 }
 
 /// `GET /metrics`: Prometheus text.
