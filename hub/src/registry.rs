@@ -348,7 +348,7 @@ impl Registry {
             let shard = shard.lock();
             for s in shard.values() {
                 s.trim_if_idle(idle_since);
-                if s.expires_at.is_some_and(|e| e <= now_unix) {
+                if s.expires_at().is_some_and(|e| e <= now_unix) {
                     due.push((s.clone(), CloseReason::TokenExpired));
                 } else if now.saturating_sub(s.last_write()) >= stale_after {
                     due.push((s.clone(), CloseReason::Stale));

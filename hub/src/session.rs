@@ -46,6 +46,8 @@ pub enum Item {
 pub enum Reply {
     Subscribed(ChannelName),
     Unsubscribed(ChannelName),
+    /// A WebSocket's token was replaced; its new expiry.
+    Refreshed(u64),
     Error {
         code: u16,
         message: String,
@@ -213,8 +215,9 @@ pub struct Session {
     pub envelope: bool,
     /// The token's `sub`, when there is one.
     pub user: Option<Arc<str>>,
-    /// The token's `exp` (Unix seconds): the stream is closed then.
-    pub expires_at: Option<u64>,
+    /// The token's `exp` (Unix seconds; 0 without a token): the stream is closed then. A
+    /// WebSocket's token refresh moves it.
+    expires_at: AtomicU64,
     /// The connection's socket, to tell a vanished client (see [`crate::peer`]).
     pub socket: Option<crate::peer::PeerSocket>,
     /// Items the queue holds before a live channel falls behind.
@@ -278,7 +281,7 @@ impl Session {
             fingerprint,
             envelope: init.envelope,
             user: init.user,
-            expires_at: init.expires_at,
+            expires_at: AtomicU64::new(init.expires_at.unwrap_or(0)),
             socket: init.socket,
             capacity: init.capacity.max(1),
             last_write: AtomicU64::new(init.now),
@@ -287,6 +290,19 @@ impl Session {
             refill: init.refill,
             state: Mutex::new(state),
         }
+    }
+
+    /// The token's expiry (Unix seconds), if the stream has a token.
+    pub fn expires_at(&self) -> Option<u64> {
+        match self.expires_at.load(Ordering::Relaxed) {
+            0 => None,
+            e => Some(e),
+        }
+    }
+
+    /// A refreshed token's expiry replaces the old one.
+    pub fn set_expires_at(&self, exp: u64) {
+        self.expires_at.store(exp.max(1), Ordering::Relaxed);
     }
 
     /// The channels this stream reads now.

@@ -37,29 +37,37 @@ pub const MAX_CLIENT_FRAME: usize = 4096;
 /// then [`RESUMES_PER_SEC`]; beyond, an error frame 429.
 const RESUME_BURST: f64 = 16.0;
 const RESUMES_PER_SEC: f64 = 2.0;
+/// Token refreshes a socket may send at once, then [`REFRESHES_PER_SEC`]: each verifies a
+/// signature (RS256/ES256 cost tens of microseconds), and a client needs one per token lifetime.
+const REFRESH_BURST: f64 = 4.0;
+const REFRESHES_PER_SEC: f64 = 0.2;
 /// Pongs owed to a client's pings; beyond, older pings go unanswered (RFC 6455 allows
 /// answering only the latest).
 const PONGS_OWED: usize = 4;
 
-/// A token bucket for one socket's resumes.
+/// A token bucket for one socket's costly requests (resumes, refreshes).
 struct ResumeBudget {
     tokens: std::cell::Cell<f64>,
     at: std::cell::Cell<std::time::Instant>,
+    burst: f64,
+    per_sec: f64,
 }
 
 impl ResumeBudget {
-    fn new() -> Self {
+    fn new(burst: f64, per_sec: f64) -> Self {
         ResumeBudget {
-            tokens: std::cell::Cell::new(RESUME_BURST),
+            tokens: std::cell::Cell::new(burst),
             at: std::cell::Cell::new(std::time::Instant::now()),
+            burst,
+            per_sec,
         }
     }
 
     /// Takes one resume if the budget allows it.
     fn take(&self) -> bool {
         let now = std::time::Instant::now();
-        let refill = now.duration_since(self.at.get()).as_secs_f64() * RESUMES_PER_SEC;
-        let tokens = (self.tokens.get() + refill).min(RESUME_BURST);
+        let refill = now.duration_since(self.at.get()).as_secs_f64() * self.per_sec;
+        let tokens = (self.tokens.get() + refill).min(self.burst);
         self.at.set(now);
         if tokens < 1.0 {
             self.tokens.set(tokens);
@@ -78,6 +86,7 @@ struct ClientFrame {
     since: Option<String>,
     /// Checked by hand, so that a bad value gets its own message.
     rewind: Option<serde_json::Value>,
+    token: Option<String>,
 }
 
 /// A subscribe: the channel, and where it starts (`since` wins over `rewind`).
@@ -94,6 +103,8 @@ struct Subscribe {
 enum Command {
     Subscribe(Subscribe),
     Unsubscribe(ChannelName),
+    /// A new token for the socket (never echoed or logged).
+    Refresh(String),
 }
 
 /// Why a client frame was refused (an error frame 400, the socket stays open).
@@ -104,7 +115,8 @@ struct FrameError {
     channel: Option<String>,
 }
 
-/// Reads a client frame: JSON `{"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>"}`.
+/// Reads a client frame: JSON `{"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>",
+/// "rewind":N}` or `{"op":"refresh","token":"<jwt>"}`.
 fn parse_frame(text: &str) -> Result<Command, FrameError> {
     let err = |message: String, channel: Option<&str>| FrameError {
         message,
@@ -112,11 +124,17 @@ fn parse_frame(text: &str) -> Result<Command, FrameError> {
     };
     let f: ClientFrame = serde_json::from_str(text).map_err(|_| {
         err(
-            r#"frames are JSON {"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>"}"#
+            r#"frames are JSON {"op":"subscribe"|"unsubscribe","channel":"C","since":"<id>"} or {"op":"refresh","token":"<jwt>"}"#
                 .into(),
             None,
         )
     })?;
+    if f.op == "refresh" {
+        return match f.token {
+            Some(t) if !t.is_empty() => Ok(Command::Refresh(t)),
+            _ => Err(err("refresh needs a token".into(), None)),
+        };
+    }
     let Some(name) = f.channel.as_deref() else {
         return Err(err("channel is required".into(), None));
     };
@@ -141,7 +159,7 @@ fn parse_frame(text: &str) -> Result<Command, FrameError> {
         }
         "unsubscribe" => Ok(Command::Unsubscribe(channel)),
         _ => Err(err(
-            "op must be subscribe or unsubscribe".into(),
+            "op must be subscribe, unsubscribe or refresh".into(),
             Some(name),
         )),
     }
@@ -164,6 +182,7 @@ fn reply_frame(reply: &Reply) -> Bytes {
     match reply {
         Reply::Subscribed(c) => text(json!({"type": "subscribed", "channel": c.as_str()})),
         Reply::Unsubscribed(c) => text(json!({"type": "unsubscribed", "channel": c.as_str()})),
+        Reply::Refreshed(exp) => text(json!({"type": "refreshed", "exp": exp})),
         Reply::Error {
             code,
             message,
@@ -236,7 +255,8 @@ pub async fn open(
         _live: node.track_transport(),
         stream,
         claims,
-        resumes: ResumeBudget::new(),
+        resumes: ResumeBudget::new(RESUME_BURST, RESUMES_PER_SEC),
+        refreshes: ResumeBudget::new(REFRESH_BURST, REFRESHES_PER_SEC),
         input,
         read: BytesMut::new(),
         codec: Codec::new().max_size(MAX_CLIENT_FRAME),
@@ -288,6 +308,7 @@ pub struct WsBody {
     stream: StreamGuard,
     claims: Option<Arc<Claims>>,
     resumes: ResumeBudget,
+    refreshes: ResumeBudget,
     /// The client's bytes (when actix reads them; the front feeds them instead), and what of
     /// them is not yet a whole frame.
     input: Option<web::Payload>,
@@ -422,11 +443,64 @@ impl WsBody {
     fn on_text(&mut self, text: &str) {
         match parse_frame(text) {
             Ok(Command::Subscribe(sub)) => self.subscribe(sub),
+            Ok(Command::Refresh(token)) => self.refresh(&token),
             Ok(Command::Unsubscribe(channel)) => {
                 self.node().drop_channel(self.session(), &channel);
                 self.reply(Reply::Unsubscribed(channel));
             }
             Err(e) => self.reply_error(400, &e.message, e.channel.as_deref()),
+        }
+    }
+
+    /// Replaces the socket's token by one for the same `sub`: the new expiry applies, and the
+    /// channels it no longer grants are unsubscribed, each with an error frame 403. A bad
+    /// token, another `sub`, or a socket opened without a token is an error frame, and the old
+    /// token stands.
+    fn refresh(&mut self, token: &str) {
+        if !self.refreshes.take() {
+            return self.reply_error(
+                429,
+                &format!(
+                    "too many refreshes on this socket: at most {REFRESH_BURST} at once, then one every {} s",
+                    1.0 / REFRESHES_PER_SEC
+                ),
+                None,
+            );
+        }
+        let Some(old) = self.claims.clone() else {
+            return self.reply_error(
+                403,
+                "this socket was opened without a token: open a new one with the token",
+                None,
+            );
+        };
+        let claims = match self.node().auth.verify(token) {
+            Ok(c) => c,
+            Err(why) => {
+                return self.reply_error(401, &format!("refresh refused: {why}"), None);
+            }
+        };
+        if claims.sub != old.sub {
+            return self.reply_error(
+                403,
+                "refresh refused: the new token is for another sub than the socket's",
+                None,
+            );
+        }
+        let exp = claims.exp;
+        let claims = Arc::new(claims);
+        self.session().set_expires_at(exp);
+        self.claims = Some(claims.clone());
+        self.reply(Reply::Refreshed(exp));
+        for channel in self.session().channels() {
+            if let Err(r) = Auth::check(Some(&claims), channel.as_str()) {
+                self.node().drop_channel(self.session(), &channel);
+                self.reply_error(
+                    403,
+                    &format!("unsubscribed: {}", r.message),
+                    Some(channel.as_str()),
+                );
+            }
         }
     }
 
@@ -629,6 +703,14 @@ mod tests {
         );
         let e = parse_frame(r#"{"op":"jump","channel":"a"}"#).unwrap_err();
         assert_eq!(e.channel.as_deref(), Some("a"));
+        assert_eq!(
+            parse_frame(r#"{"op":"refresh","token":"a.b.c"}"#).unwrap(),
+            Command::Refresh("a.b.c".into())
+        );
+        for bad in [r#"{"op":"refresh"}"#, r#"{"op":"refresh","token":""}"#] {
+            let e = parse_frame(bad).unwrap_err();
+            assert!(e.message.contains("token") && e.channel.is_none(), "{bad}");
+        }
         assert!(parse_frame(r#"{"op":"subscribe"}"#).is_err());
         assert!(parse_frame(r#"{"op":"subscribe","channel":"a b"}"#).is_err());
         assert!(parse_frame("not json").is_err());
@@ -645,6 +727,7 @@ mod tests {
                 Ok(Command::Subscribe(Subscribe { channel: c, .. })) | Ok(Command::Unsubscribe(c)) => {
                     prop_assert!(ChannelName::new(c.as_str()).is_ok());
                 }
+                Ok(Command::Refresh(t)) => prop_assert!(!t.is_empty()),
                 Err(e) => {
                     if let Some(c) = e.channel {
                         prop_assert!(text.contains(&c) || text.contains('\\'));
