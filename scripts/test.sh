@@ -15,6 +15,7 @@ need nginx nginx                 # deploy/nginx/hub.conf in front of two hubs
 need chromium chromium           # the real-browser EventSource test
 need promtool prometheus         # deploy/prometheus: promtool check/test rules
 need ip iproute2                 # a network namespace for the client that vanishes
+need ss iproute2                 # connections a browser holds to an HTTPS hub
 need curl curl                   # that client
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing: ${need_pkgs[*]}"

@@ -165,6 +165,15 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(4..=65_536))]
     pub outbox_len: u64,
 
+    /// PEM certificate chain: with `HUB_TLS_KEY`, the public port serves HTTPS (HTTP/2 and
+    /// HTTP/1.1 by ALPN).
+    #[arg(long, env = "HUB_TLS_CERT", value_name = "HUB_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of `HUB_TLS_CERT`.
+    #[arg(long, env = "HUB_TLS_KEY", value_name = "HUB_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// HTTP worker threads for the public port; defaults to the number of cores.
     #[arg(long, env = "HUB_WORKERS", value_name = "HUB_WORKERS",
           value_parser = clap::value_parser!(u64).range(1..=256))]
@@ -227,6 +236,14 @@ impl Config {
             ));
         }
         self.origins()?;
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                crate::tls::server_config(cert, key)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => return Err("HUB_TLS_CERT is set without HUB_TLS_KEY".into()),
+            (None, Some(_)) => return Err("HUB_TLS_KEY is set without HUB_TLS_CERT".into()),
+        }
         if let Some(url) = &self.redis_url {
             use crate::broker::connection::SCHEMES;
             if !SCHEMES.iter().any(|s| url.starts_with(s)) {

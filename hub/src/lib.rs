@@ -38,6 +38,7 @@ pub mod registry;
 pub mod session;
 pub mod shutdown;
 pub mod ticker;
+pub mod tls;
 pub mod transport;
 
 use actix_http::HttpService;
@@ -198,6 +199,46 @@ fn public_server(
         .run())
 }
 
+/// The public port with `HUB_TLS_CERT`/`HUB_TLS_KEY`: actix-http behind rustls, HTTP/2 or
+/// HTTP/1.1 by ALPN, every request through actix's router (the front reads only plain
+/// HTTP/1.x). Each HTTP/2 stream is a request of its own: one stream, in every limit and
+/// metric, dropped (and released) when the client resets it.
+fn public_tls_server(
+    data: web::Data<Node>,
+    listener: TcpListener,
+    workers: usize,
+    per_worker: usize,
+    tls: rustls::ServerConfig,
+) -> std::io::Result<actix_web::dev::Server> {
+    type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
+    let factory = move || {
+        let app = App::new()
+            .app_data(data.clone())
+            .configure(http::public::configure);
+        HttpService::build()
+            .h1_allow_half_closed(false)
+            .h1_write_buffer_size(STREAM_WRITE_BUFFER)
+            .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
+            .client_disconnect_timeout(Duration::from_secs(1))
+            .on_connect_ext(|io: &Tls, ext: &mut actix_web::dev::Extensions| {
+                use std::os::fd::AsRawFd;
+                ext.insert(peer::PeerSocket(io.get_ref().0.as_raw_fd()));
+            })
+            .finish(actix_service::map_config(app, |()| {
+                actix_web::dev::AppConfig::default()
+            }))
+            .rustls_0_23(tls.clone())
+    };
+    Ok(actix_web::dev::Server::build()
+        .workers(workers)
+        .max_concurrent_connections(per_worker)
+        .backlog(BACKLOG as u32)
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_SECS)
+        .listen("public", listener, factory)?
+        .run())
+}
+
 /// Binds the configured ports and runs a node until SIGTERM/SIGINT, then drains and returns.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let listeners = Listeners::bind(&config)?;
@@ -227,7 +268,13 @@ pub async fn run(
     let workers = node.config.worker_count();
     let per_worker = (node.config.max_connections as usize + 1024).max(25_000);
 
-    let public = public_server(&node, data.clone(), listeners.public, workers, per_worker)?;
+    let public = match (&node.config.tls_cert, &node.config.tls_key) {
+        (Some(cert), Some(key)) => {
+            let tls = tls::server_config(cert, key).map_err(anyhow::Error::msg)?;
+            public_tls_server(data.clone(), listeners.public, workers, per_worker, tls)?
+        }
+        _ => public_server(&node, data.clone(), listeners.public, workers, per_worker)?,
+    };
     let d = data.clone();
     let admin = HttpServer::new(move || {
         App::new()

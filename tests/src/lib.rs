@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+pub mod browser;
 pub mod client;
 pub mod netns;
 pub mod nginx;

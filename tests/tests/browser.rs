@@ -1,17 +1,18 @@
 //! A real browser: headless Chromium loads a page from one origin that opens a plain
 //! `EventSource` to the hub through nginx (`deploy/nginx/hub.conf`) on another origin. The page
 //! reports what it receives back to the test's page server. Nodes restart under it; it must
-//! reconnect on its own and end with every durable message exactly once, in order.
+//! reconnect on its own and end with every durable message exactly once, in order. And a page
+//! opens 20 EventSources to a hub serving HTTPS: all share one HTTP/2 connection.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
+use hub_tests::browser::{page_server, Chromium, Reports};
+use hub_tests::redis_server::TlsCerts;
 use hub_tests::{free_port, prefix, Hub, Nginx, Redis, WAIT};
 use protocol::{publish, Envelope};
 use serde_json::{json, Value};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const PAGE: &str = r#"<!doctype html>
 <meta charset="utf-8">
@@ -29,119 +30,6 @@ es.onmessage = e => report("message", e.data, e.lastEventId);
 es.onerror = () => report("error", String(es.readyState), "");
 </script>
 "#;
-
-type Reports = Arc<Mutex<Vec<Value>>>;
-
-/// The page's origin: serves the page at `/` and collects `POST /report` bodies.
-async fn page_server(listener: tokio::net::TcpListener, page: String, reports: Reports) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            return;
-        };
-        let page = page.clone();
-        let reports = reports.clone();
-        tokio::spawn(async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            let (head_end, len) = loop {
-                let Ok(n) = sock.read(&mut chunk).await else {
-                    return;
-                };
-                if n == 0 {
-                    return;
-                }
-                buf.extend_from_slice(&chunk[..n]);
-                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse::<usize>().ok())
-                        .unwrap_or(0);
-                    break (end + 4, len);
-                }
-            };
-            while buf.len() < head_end + len {
-                match sock.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let answer = if buf.starts_with(b"POST /report ") {
-                if let Ok(v) = serde_json::from_slice::<Value>(&buf[head_end..head_end + len]) {
-                    reports.lock().unwrap().push(v);
-                }
-                "HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n".to_string()
-            } else if buf.starts_with(b"GET / ") {
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/html; charset=utf-8\r\n\
-                     Content-Length: {}\r\nConnection: close\r\n\r\n{page}",
-                    page.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
-            };
-            let _ = sock.write_all(answer.as_bytes()).await;
-        });
-    }
-}
-
-/// Headless Chromium in its own session and process group, stopped (with its helpers) when
-/// dropped.
-struct Chromium(Child);
-
-impl Chromium {
-    fn open(url: &str) -> Chromium {
-        let profile = std::env::temp_dir().join(format!("hub-chromium-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&profile);
-        let log = std::fs::File::create(profile.with_extension("log")).unwrap();
-        // `setsid` gives the browser a session and process group of its own (same pid), away
-        // from the terminal and the test runner's group.
-        let child = Command::new("setsid")
-            .arg("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                "--disable-crash-reporter",
-            ])
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(url)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start chromium (scripts/test.sh installs the Debian package)");
-        Chromium(child)
-    }
-}
-
-impl Drop for Chromium {
-    fn drop(&mut self) {
-        // The browser and its helpers share the process group we gave it (`--` so that the
-        // negative group id is not read as an option).
-        let pgid = format!("-{}", self.0.id());
-        let group = |sig: &str| {
-            let _ = Command::new("kill")
-                .args([sig, "--", pgid.as_str()])
-                .status();
-        };
-        group("-TERM");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        group("-KILL");
-        let _ = self.0.wait();
-    }
-}
 
 fn of_kind(reports: &Reports, kind: &str) -> Vec<Value> {
     let mut all = reports.lock().unwrap().clone();
@@ -221,7 +109,7 @@ async fn eventsource_in_chromium_survives_node_restarts_and_misses_nothing() {
         .replace("__CHANNEL__", &ch);
     let reports: Reports = Arc::default();
     let server = tokio::spawn(page_server(listener, page, reports.clone()));
-    let _browser = Chromium::open(&format!("{origin}/"));
+    let _browser = Chromium::open(&format!("{origin}/"), &[]);
 
     let deadline = Instant::now() + Duration::from_secs(60);
     while of_kind(&reports, "connected").is_empty() {
@@ -267,5 +155,93 @@ async fn eventsource_in_chromium_survives_node_restarts_and_misses_nothing() {
         reports.lock().unwrap()
     );
     assert!(of_kind(&reports, "reset").is_empty(), "no history was lost");
+    server.abort();
+}
+
+/// 20 EventSources on one page, to a hub over HTTPS; each reports `connected` and its messages.
+const MANY: &str = r#"<!doctype html>
+<meta charset="utf-8">
+<title>20 streams</title>
+<script>
+let n = 0;
+function report(kind, data, id) {
+  fetch("/report", {method: "POST", body: JSON.stringify({n: n++, kind, data, id})});
+}
+for (let i = 0; i < 20; i++) {
+  const es = new EventSource("__HUB__/v1/sse?channel=__CHANNEL__." + i);
+  es.addEventListener("hub.connected", () => report("connected", String(i), ""));
+  es.onmessage = e => report("message", e.data, String(i));
+  es.onerror = () => report("error", String(es.readyState), String(i));
+}
+</script>
+"#;
+
+#[tokio::test]
+async fn twenty_eventsources_over_https_share_one_connection_in_chromium() {
+    let certs = TlsCerts::make();
+    let hub = Hub::start(&[
+        ("HUB_TLS_CERT", certs.cert.to_str().unwrap()),
+        ("HUB_TLS_KEY", certs.key.to_str().unwrap()),
+    ])
+    .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = format!("http://{}", listener.local_addr().unwrap());
+    let ch = format!("public:{}", prefix("many"));
+    let page = MANY
+        .replace("__HUB__", &format!("https://{}", hub.public))
+        .replace("__CHANNEL__", &ch);
+    let reports: Reports = Arc::default();
+    let server = tokio::spawn(page_server(listener, page, reports.clone()));
+    // The test CA is not the browser's: trust any certificate (this browser reaches nothing
+    // but loopback).
+    let _browser = Chromium::open(&format!("{origin}/"), &["--ignore-certificate-errors"]);
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while of_kind(&reports, "connected").len() < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{} of 20 connected; reports: {:?}",
+            of_kind(&reports, "connected").len(),
+            reports.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        hub.metric(r#"hub_connections{transport="sse"}"#).await,
+        20.0
+    );
+    // Over HTTP/1.1 a browser holds at most 6 connections per host; here all 20 streams share
+    // the browser's one connection to the hub.
+    let ss = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            &format!("( sport = :{} )", hub.public.port()),
+        ])
+        .output()
+        .unwrap();
+    let conns = String::from_utf8_lossy(&ss.stdout).lines().count();
+    assert_eq!(conns, 1, "{}", String::from_utf8_lossy(&ss.stdout));
+
+    for i in 0..20 {
+        hub.publish(&format!("{ch}.{i}"), None, json!(format!("m{i}")), true)
+            .await;
+    }
+    wait_messages(&reports, 20, WAIT).await;
+    let mut got: Vec<(String, String)> = of_kind(&reports, "message")
+        .iter()
+        .map(|v| {
+            (
+                v["id"].as_str().unwrap().to_string(),
+                v["data"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, String)> =
+        (0..20).map(|i| (i.to_string(), format!("m{i}"))).collect();
+    want.sort();
+    assert_eq!(got, want, "each stream got its own channel's message");
     server.abort();
 }

@@ -184,8 +184,11 @@ pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespo
     }
     // A stream is never followed by another request on its connection (EventSource opens a
     // new one): close it when the stream ends, rather than holding an idle keep-alive socket
-    // that a stopping node would have to wait for.
-    res.force_close();
+    // that a stopping node would have to wait for. (An HTTP/2 stream ends alone; its
+    // connection carries the page's other streams.)
+    if req.version() < actix_web::http::Version::HTTP_2 {
+        res.force_close();
+    }
     cors::apply(&mut res, opened.allow);
     Ok(res.body(opened.body))
 }

@@ -1,0 +1,284 @@
+//! HTTPS on the public port (`HUB_TLS_CERT`, `HUB_TLS_KEY`): 20 SSE streams on one HTTP/2
+//! connection, each counted as one stream and released at once when its client resets it while
+//! the others go on; HTTP/1.1 SSE and WebSocket over TLS; heartbeats and drain per stream; a
+//! bad certificate configuration stops the node at start with one line. The admin port stays
+//! plain HTTP.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hub_tests::redis_server::TlsCerts;
+use hub_tests::{prefix, wait_until, Hub, WAIT};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::client::TlsStream;
+
+/// A TLS connection to the hub's public port that trusts the test CA and offers `alpn`.
+async fn tls(hub: &Hub, certs: &TlsCerts, alpn: &[&[u8]]) -> TlsStream<tokio::net::TcpStream> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&certs.ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = tokio::net::TcpStream::connect(hub.public).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+async fn https_hub(certs: &TlsCerts, extra: &[(&str, &str)]) -> Hub {
+    let (cert, key) = (certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
+    let mut env = vec![("HUB_TLS_CERT", cert), ("HUB_TLS_KEY", key)];
+    env.extend_from_slice(extra);
+    Hub::start(&env).await
+}
+
+/// One SSE stream on an HTTP/2 connection: its body, read event by event.
+struct H2Stream {
+    body: h2::RecvStream,
+    send: h2::SendStream<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl H2Stream {
+    async fn open(client: &mut h2::client::SendRequest<Bytes>, query: &str) -> H2Stream {
+        let req = http::Request::get(format!("https://127.0.0.1/v1/sse?{query}"))
+            .body(())
+            .unwrap();
+        let mut ready = client.clone().ready().await.unwrap();
+        let (res, send) = ready.send_request(req, true).unwrap();
+        *client = ready;
+        let res = tokio::time::timeout(WAIT, res).await.unwrap().unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["content-type"], "text/event-stream");
+        assert!(
+            res.headers().get("connection").is_none(),
+            "no connection header in HTTP/2"
+        );
+        H2Stream {
+            body: res.into_body(),
+            send,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next event's (event name, data), comments skipped.
+    async fn next(&mut self) -> (String, String) {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block = String::from_utf8(self.buf.drain(..end + 2).collect()).unwrap();
+                let mut event = "message".to_string();
+                let mut data = Vec::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event: ") {
+                        event = e.to_string();
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push(d.to_string());
+                    }
+                }
+                if !block.starts_with(':') {
+                    return (event, data.join("\n"));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(WAIT, self.body.data())
+                .await
+                .expect("an event in time")
+                .expect("stream open")
+                .unwrap();
+            let _ = self.body.flow_control().release_capacity(chunk.len());
+            self.buf.extend_from_slice(&chunk);
+        }
+    }
+}
+
+#[tokio::test]
+async fn twenty_sse_streams_share_one_http2_connection_and_each_is_its_own_stream() {
+    let certs = TlsCerts::make();
+    let hub = https_hub(
+        &certs,
+        &[("HUB_HEARTBEAT_SECS", "1"), ("HUB_STALE_AFTER_SECS", "5")],
+    )
+    .await;
+    let io = tls(&hub, &certs, &[b"h2"]).await;
+    assert_eq!(io.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let ch = prefix("h2");
+    let mut streams = Vec::new();
+    for _ in 0..20 {
+        let mut s = H2Stream::open(&mut client, &format!("channel=public:{ch}")).await;
+        assert_eq!(s.next().await.0, "hub.connected");
+        streams.push(s);
+    }
+    assert_eq!(
+        hub.metric(r#"hub_connections{transport="sse"}"#).await,
+        20.0
+    );
+    hub.publish(&format!("public:{ch}"), None, json!("to all"), true)
+        .await;
+    for s in &mut streams {
+        assert_eq!(s.next().await, ("message".into(), "to all".into()));
+    }
+    // Heartbeats reach every stream (a comment each second here; `next` skips them, so wait
+    // for the counter instead).
+    let beats = hub.metric("hub_heartbeats_sent_total").await;
+    wait_until("heartbeats on the h2 streams", WAIT, || async {
+        hub.metric("hub_heartbeats_sent_total").await >= beats + 20.0
+    })
+    .await;
+
+    // The client resets one stream: released at once, the others go on.
+    let mut gone = streams.remove(7);
+    gone.send.send_reset(h2::Reason::CANCEL);
+    hub.wait_metric(
+        r#"hub_connections{transport="sse"}"#,
+        19.0,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="sse",reason="client"}"#)
+            .await,
+        1.0
+    );
+    hub.publish(&format!("public:{ch}"), None, json!("to the rest"), true)
+        .await;
+    for s in &mut streams {
+        assert_eq!(s.next().await.1, "to the rest");
+    }
+    // Streams opened later on the same connection work too, and count.
+    let mut late = H2Stream::open(&mut client, &format!("channel=public:{ch}&rewind=1")).await;
+    assert_eq!(late.next().await.0, "hub.connected");
+    assert_eq!(late.next().await.1, "to the rest");
+    assert_eq!(
+        hub.metric(r#"hub_connections{transport="sse"}"#).await,
+        20.0
+    );
+    // The whole connection closing releases every stream on it.
+    drop(streams);
+    drop(late);
+    drop(client);
+    hub.wait_metric(r#"hub_connections{transport="sse"}"#, 0.0, WAIT)
+        .await;
+}
+
+#[tokio::test]
+async fn a_drain_ends_each_http2_stream_with_reconnect() {
+    let certs = TlsCerts::make();
+    let mut hub = https_hub(&certs, &[("HUB_DRAIN_SECS", "1")]).await;
+    let io = tls(&hub, &certs, &[b"h2"]).await;
+    let (mut client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        let mut s = H2Stream::open(&mut client, &format!("channel=public:d{i}")).await;
+        assert_eq!(s.next().await.0, "hub.connected");
+        streams.push(s);
+    }
+    hub.terminate();
+    for s in &mut streams {
+        let (event, data) = s.next().await;
+        assert_eq!(event, "hub.reconnect");
+        let v: Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(v["reason"], "shutdown");
+    }
+    assert_eq!(hub.wait_exit(Duration::from_secs(10)).await.code(), Some(0));
+}
+
+#[tokio::test]
+async fn http1_sse_and_websocket_over_tls_and_the_admin_port_stays_plain() {
+    let certs = TlsCerts::make();
+    let hub = https_hub(&certs, &[]).await;
+    // HTTP/1.1 SSE.
+    let mut io = tls(&hub, &certs, &[b"http/1.1"]).await;
+    io.write_all(b"GET /v1/sse?channel=public:h1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("event: hub.connected") {
+        let n = tokio::time::timeout(WAIT, io.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: text/event-stream"), "{head}");
+
+    // WebSocket.
+    let io = tls(&hub, &certs, &[b"http/1.1"]).await;
+    let (mut ws, _) = tokio_tungstenite::client_async("wss://127.0.0.1/v1/ws", io)
+        .await
+        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(
+        json!({"op": "subscribe", "channel": "public:ws"}).to_string(),
+    ))
+    .await
+    .unwrap();
+    let first = tokio::time::timeout(WAIT, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.into_text().unwrap().as_str(),
+        r#"{"type":"subscribed","channel":"public:ws"}"#
+    );
+
+    // Plain HTTP on the TLS port is no stream; the admin port is plain HTTP.
+    let plain = reqwest::get(hub.url("/v1/sse?channel=public:x")).await;
+    assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
+    assert_eq!(hub.metric(r#"hub_connections{transport="sse"}"#).await, 1.0);
+    assert_eq!(hub.metric(r#"hub_connections{transport="ws"}"#).await, 1.0);
+}
+
+#[tokio::test]
+async fn a_bad_certificate_configuration_stops_the_node_at_start() {
+    let certs = TlsCerts::make();
+    let cert = certs.cert.to_str().unwrap();
+    let key = certs.key.to_str().unwrap();
+    for (env, says) in [
+        (vec![("HUB_TLS_CERT", cert)], "HUB_TLS_KEY"),
+        (vec![("HUB_TLS_KEY", key)], "HUB_TLS_CERT"),
+        (
+            vec![("HUB_TLS_CERT", key), ("HUB_TLS_KEY", key)],
+            "HUB_TLS_CERT",
+        ),
+        (
+            vec![("HUB_TLS_CERT", cert), ("HUB_TLS_KEY", cert)],
+            "HUB_TLS_KEY",
+        ),
+        (
+            vec![("HUB_TLS_CERT", "/nonexistent.pem"), ("HUB_TLS_KEY", key)],
+            "HUB_TLS_CERT",
+        ),
+    ] {
+        let out = std::process::Command::new(hub_tests::binary("hub"))
+            .env_clear()
+            .envs(env.iter().copied())
+            .env("HUB_BIND", "127.0.0.1:0")
+            .env("HUB_ADMIN_BIND", "127.0.0.1:0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{env:?}: {err}");
+        assert!(err.contains(says), "{env:?}: {err}");
+    }
+}
