@@ -7,6 +7,8 @@
 //! - `loadgen run`: starts several `hold` processes on 127.0.0.2, .3, ... (so 18,000+ streams
 //!   fit under the per-process file limit), publishes, merges their reports, reads the
 //!   server's CPU time and memory from /proc, prints a summary and writes JSON.
+//! - `loadgen tls-hold`: idle SSE streams over HTTPS, many per HTTP/2 connection or one per
+//!   HTTP/1.1 connection (what a stream costs over each).
 //!
 //! Every mode is bounded in count and time and stops by itself; traffic goes to loopback only.
 
@@ -14,6 +16,7 @@ mod hold;
 mod publish;
 mod report;
 mod run;
+mod tls_hold;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +32,7 @@ enum Cmd {
     Hold(hold::HoldArgs),
     Publish(publish::PublishArgs),
     Run(run::RunArgs),
+    TlsHold(tls_hold::TlsHoldArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -50,6 +54,7 @@ fn main() -> std::process::ExitCode {
                 .await
                 .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default())),
             Cmd::Run(a) => run::main(a).await,
+            Cmd::TlsHold(a) => tls_hold::main(a).await,
         }
     });
     match res {
