@@ -33,6 +33,7 @@ pub mod message;
 pub mod metrics;
 pub mod node;
 pub mod peer;
+pub mod presence;
 pub mod refusal;
 pub mod registry;
 pub mod session;
@@ -290,6 +291,7 @@ pub async fn run(
     let mut public_task = actix_web::rt::spawn(public);
     let mut admin_task = actix_web::rt::spawn(admin);
     node.spawn(ticker::run(node.clone()));
+    node.spawn(presence::run(node.clone()));
 
     println!(
         "hub listening public={public_addr} admin={admin_addr} node={}",

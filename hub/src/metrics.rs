@@ -32,6 +32,11 @@ pub const HISTORY_READS: &str = "hub_history_reads_total";
 /// `hub.reset` and went on live).
 pub const HISTORY_UNREADABLE: &str = "hub_history_unreadable_total";
 
+/// Beyond the contract's list: distinct users (`sub`) with a stream on this node, and streams
+/// without a token (presence, per node).
+pub const PRESENCE_USERS: &str = "hub_presence_users";
+pub const PRESENCE_ANONYMOUS: &str = "hub_presence_anonymous";
+
 /// Delivery latency buckets (seconds): fine below 50 ms, where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -247,6 +252,8 @@ pub struct Metrics {
     pub history_reads: Counter,
     pub history_unreadable: Counter,
     pub ready: Gauge,
+    pub presence_users: Gauge,
+    pub presence_anonymous: Gauge,
 }
 
 static META: Metadata<'static> = Metadata::new("hub", metrics::Level::INFO, Some("hub::metrics"));
@@ -267,6 +274,16 @@ impl Metrics {
             }
         };
         describe(CONNECTIONS, None, "Open streams by transport.");
+        describe(
+            PRESENCE_USERS,
+            None,
+            "Distinct users (token sub) with a stream on this node.",
+        );
+        describe(
+            PRESENCE_ANONYMOUS,
+            None,
+            "Streams on this node without a token.",
+        );
         describe(CONNECTIONS_MAX, None, "Configured HUB_MAX_CONNECTIONS.");
         describe(CONNECTIONS_OPENED, None, "Streams opened, by transport.");
         describe(
@@ -361,6 +378,8 @@ impl Metrics {
             history_reads: counter(HISTORY_READS, vec![]),
             history_unreadable: counter(HISTORY_UNREADABLE, vec![]),
             ready: gauge(READY, vec![]),
+            presence_users: gauge(PRESENCE_USERS, vec![]),
+            presence_anonymous: gauge(PRESENCE_ANONYMOUS, vec![]),
             handle: rec.handle(),
         };
         // Counters appear in the output only once touched.
@@ -385,11 +404,13 @@ impl Metrics {
         ] {
             c.increment(0);
         }
-        for g in m
-            .connections
-            .iter()
-            .chain([&m.channels, &m.redis_up, &m.ready])
-        {
+        for g in m.connections.iter().chain([
+            &m.channels,
+            &m.redis_up,
+            &m.ready,
+            &m.presence_users,
+            &m.presence_anonymous,
+        ]) {
             g.set(0.0);
         }
         m

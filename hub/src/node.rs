@@ -48,6 +48,8 @@ pub struct OpenRequest {
     /// `rewind=N`: each channel starts with its last N durable messages (0: none). Ignored
     /// with a `last_event_id`.
     pub rewind: usize,
+    /// `presence=true`: `hub.join`/`hub.leave` of every channel.
+    pub presence: bool,
 }
 
 /// Where a channel of a stream should start.
@@ -84,6 +86,8 @@ pub struct Node {
     transports: Arc<AtomicUsize>,
     tasks: parking_lot::Mutex<Vec<AbortHandle>>,
     pub started: Instant,
+    /// Presence as the embedded broker keeps it (unused in Redis mode).
+    pub presence: crate::presence::MemoryPresence,
 }
 
 /// Keeps one transport counted in `Node::live_transports` while it lives.
@@ -176,6 +180,7 @@ impl Node {
             transports: Arc::new(AtomicUsize::new(0)),
             tasks: parking_lot::Mutex::new(Vec::new()),
             started: Instant::now(),
+            presence: crate::presence::MemoryPresence::default(),
             config,
         });
         node.spawn(catchup::run(node.clone(), refill_rx));
@@ -273,6 +278,9 @@ impl Node {
             node: self.clone(),
             session,
         };
+        if req.presence {
+            stream.session.want_presence(None);
+        }
         self.registry.register(&stream.session);
         let want: Vec<(ChannelName, Want)> = match &req.last_event_id {
             None => req

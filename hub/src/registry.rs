@@ -9,7 +9,7 @@
 use crate::broker::Sink;
 use crate::message::Message;
 use crate::metrics::{CloseReason, DropReason, Metrics, RejectReason, Transport};
-use crate::session::{Offer, Session};
+use crate::session::{Offer, PresenceEvent, Session};
 use parking_lot::Mutex;
 use protocol::ChannelName;
 use std::collections::HashMap;
@@ -32,6 +32,20 @@ struct Channel {
     /// The broker confirmed it delivers this channel (see [`Registry::confirm_subscribed`]);
     /// until then every new reader makes sure of it, after that none needs to wait.
     subscribed: bool,
+    /// Its readers' streams per user (`sub`), and its readers without a token.
+    users: HashMap<Arc<str>, u32>,
+    anonymous: u32,
+}
+
+/// A (channel, user) whose count on this node changed (`None`: the anonymous count).
+type PresenceKey = (Arc<str>, Option<Arc<str>>);
+
+/// One presence count to report: the node's streams on `channel` for `sub` (or anonymous).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceCount {
+    pub channel: Arc<str>,
+    pub sub: Option<Arc<str>>,
+    pub streams: u32,
 }
 type ChannelShard = Mutex<HashMap<Arc<str>, Channel>>;
 type SessionShard = Mutex<HashMap<u64, Arc<Session>>>;
@@ -83,6 +97,11 @@ pub struct Registry {
     released: tokio::sync::Notify,
     pub metrics: Arc<Metrics>,
     pub clock: CoarseClock,
+    /// Presence counts changed since the last report, with the coarse second of the last
+    /// change (a user's 0 is reported only a grace period after it, see `take_presence`) and
+    /// a change number (a change after a report was read is never taken for reported).
+    presence_dirty: Mutex<HashMap<PresenceKey, (u64, u64)>>,
+    presence_changes: AtomicU64,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -115,6 +134,8 @@ impl Registry {
             released: tokio::sync::Notify::new(),
             metrics,
             clock: CoarseClock::new(),
+            presence_dirty: Mutex::new(HashMap::new()),
+            presence_changes: AtomicU64::new(0),
         }
     }
 
@@ -195,17 +216,25 @@ impl Registry {
     ) -> Vec<ChannelName> {
         let mut created = 0;
         let mut unconfirmed = Vec::new();
+        let mut changed = Vec::with_capacity(channels.len());
         for ch in channels {
             let mut shard = self.channels[shard_of(ch)].lock();
             let entry = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
                 created += 1;
                 Channel::default()
             });
-            entry.readers.insert(session.seq, session.clone());
+            if entry.readers.insert(session.seq, session.clone()).is_none() {
+                match &session.user {
+                    Some(u) => *entry.users.entry(u.clone()).or_insert(0) += 1,
+                    None => entry.anonymous += 1,
+                }
+                changed.push((ch.as_arc().clone(), session.user.clone()));
+            }
             if !entry.subscribed {
                 unconfirmed.push(ch.clone());
             }
         }
+        self.presence_changed(changed);
         if created > 0 {
             self.channel_count.fetch_add(created, Ordering::Relaxed);
             self.metrics.channels.increment(created as f64);
@@ -213,7 +242,7 @@ impl Registry {
         if session.close_reason().is_some() {
             // Closed meanwhile: its close may have unlinked before these were added.
             for ch in channels {
-                self.unlink(session.seq, ch);
+                self.unlink(session, ch);
             }
         }
         unconfirmed
@@ -240,22 +269,38 @@ impl Registry {
     /// Returns whether the channel lost its last local reader.
     pub fn remove_channel(&self, session: &Session, channel: &ChannelName) -> bool {
         session.remove_channel(channel);
-        self.unlink(session.seq, channel)
+        self.unlink(session, channel)
     }
 
     /// Removes one reader; returns whether the channel was left without readers.
-    fn unlink(&self, seq: u64, channel: &ChannelName) -> bool {
+    fn unlink(&self, session: &Session, channel: &ChannelName) -> bool {
+        let mut removed = false;
         let emptied = {
             let mut shard = self.channels[shard_of(channel)].lock();
             match shard.get_mut(channel.as_str()) {
                 Some(c) => {
-                    c.readers.remove(&seq).is_some()
-                        && c.readers.is_empty()
-                        && shard.remove(channel.as_str()).is_some()
+                    removed = c.readers.remove(&session.seq).is_some();
+                    if removed {
+                        match &session.user {
+                            Some(u) => {
+                                if let Some(n) = c.users.get_mut(u) {
+                                    *n -= 1;
+                                    if *n == 0 {
+                                        c.users.remove(u);
+                                    }
+                                }
+                            }
+                            None => c.anonymous = c.anonymous.saturating_sub(1),
+                        }
+                    }
+                    removed && c.readers.is_empty() && shard.remove(channel.as_str()).is_some()
                 }
                 None => false,
             }
         };
+        if removed {
+            self.presence_changed(vec![(channel.as_arc().clone(), session.user.clone())]);
+        }
         if emptied {
             self.channel_count.fetch_sub(1, Ordering::Relaxed);
             self.metrics.channels.decrement(1.0);
@@ -276,7 +321,7 @@ impl Registry {
         let emptied: Vec<ChannelName> = session
             .channels()
             .into_iter()
-            .filter(|ch| self.unlink(session.seq, ch))
+            .filter(|ch| self.unlink(session, ch))
             .collect();
         let t = session.transport;
         if registered {
@@ -430,6 +475,117 @@ impl Registry {
         self.sessions[session_shard(seq)].lock().get(&seq).cloned()
     }
 
+    /// Notes presence counts that changed (outside the channel locks: `take_presence` takes
+    /// this lock first and the channel locks after).
+    fn presence_changed(&self, keys: Vec<PresenceKey>) {
+        if keys.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let mut dirty = self.presence_dirty.lock();
+        for k in keys {
+            let n = self.presence_changes.fetch_add(1, Ordering::Relaxed);
+            dirty.insert(k, (now, n));
+        }
+    }
+
+    /// The node's streams on `channel` for `sub` (anonymous with `None`).
+    fn presence_count(&self, channel: &str, sub: Option<&Arc<str>>) -> u32 {
+        let shard = self.channels[shard_of(channel)].lock();
+        shard.get(channel).map_or(0, |c| match sub {
+            Some(u) => c.users.get(u).copied().unwrap_or(0),
+            None => c.anonymous,
+        })
+    }
+
+    /// The presence counts to report now (coalesced since the last call): each changed
+    /// (channel, user) with its current count, except a user whose count fell to 0 less than
+    /// `grace` seconds ago: it is kept for later, so that a client that reconnects within it
+    /// (to this node or another) makes no `leave` and no `join`.
+    pub fn take_presence(&self, grace: u64) -> Vec<PresenceCount> {
+        let now = self.clock.now();
+        let keys: Vec<(PresenceKey, (u64, u64))> = self
+            .presence_dirty
+            .lock()
+            .iter()
+            .map(|(k, t)| (k.clone(), *t))
+            .collect();
+        let mut out = Vec::new();
+        let mut done = Vec::new();
+        for ((channel, sub), (since, n)) in keys {
+            let streams = self.presence_count(&channel, sub.as_ref());
+            if streams == 0 && sub.is_some() && now < since + grace {
+                continue;
+            }
+            done.push(((channel.clone(), sub.clone()), n));
+            out.push(PresenceCount {
+                channel,
+                sub,
+                streams,
+            });
+        }
+        let mut dirty = self.presence_dirty.lock();
+        for (k, n) in done {
+            // Changed again meanwhile: reported again next time.
+            if dirty.get(&k).is_some_and(|(_, m)| *m == n) {
+                dirty.remove(&k);
+            }
+        }
+        out
+    }
+
+    /// Marks every (channel, user) with local streams, and every channel's anonymous count,
+    /// to be reported (a node that cleared what it had reported before reports it all again).
+    pub fn presence_mark_all(&self) {
+        let mut keys = Vec::new();
+        for shard in self.channels.iter() {
+            for (name, c) in shard.lock().iter() {
+                keys.extend(c.users.keys().map(|u| (name.clone(), Some(u.clone()))));
+                keys.push((name.clone(), None));
+            }
+        }
+        self.presence_changed(keys);
+    }
+
+    /// Counts whose report failed: reported again next time (at once, even a 0).
+    pub fn presence_retry(&self, counts: impl Iterator<Item = PresenceCount>) {
+        let mut dirty = self.presence_dirty.lock();
+        for c in counts {
+            let n = self.presence_changes.fetch_add(1, Ordering::Relaxed);
+            dirty.entry((c.channel, c.sub)).or_insert((0, n));
+        }
+    }
+
+    /// Hands a `join`/`leave` to the local readers of its channel that asked for them.
+    pub fn presence_event(&self, ev: &Arc<PresenceEvent>) {
+        let mut lagged = 0;
+        {
+            let shard = self.channels[shard_of(&ev.channel)].lock();
+            if let Some(c) = shard.get(ev.channel.as_str()) {
+                for s in c.readers.values() {
+                    if s.offer_presence(ev) == Offer::Lagged {
+                        lagged += 1;
+                    }
+                }
+            }
+        }
+        if lagged > 0 {
+            self.metrics.dropped(DropReason::Lagged).increment(lagged);
+        }
+    }
+
+    /// Distinct users with a stream on this node, and streams without a token.
+    pub fn presence_gauges(&self) -> (usize, usize) {
+        let users = self.users.lock();
+        let with_user: usize = users.values().sum();
+        (
+            users.len(),
+            self.admitted
+                .load(Ordering::Relaxed)
+                .saturating_sub(with_user),
+        )
+    }
+
     /// Whether a channel has local readers.
     pub fn has_readers(&self, channel: &str) -> bool {
         self.channels[shard_of(channel)]
@@ -450,6 +606,10 @@ impl Registry {
 impl Sink for Registry {
     fn deliver(&self, msg: &Arc<Message>) -> usize {
         self.fanout(msg)
+    }
+
+    fn presence(&self, ev: &Arc<PresenceEvent>) {
+        self.presence_event(ev);
     }
 
     fn fall_behind(&self) {
@@ -475,14 +635,24 @@ mod tests {
     }
 
     fn open(r: &Registry, chans: &[&str], cap: usize) -> (Arc<Session>, Vec<ChannelName>) {
-        assert!(r.try_admit(100, None, 1).is_ok());
+        open_as(r, chans, cap, None)
+    }
+
+    fn open_as(
+        r: &Registry,
+        chans: &[&str],
+        cap: usize,
+        user: Option<&str>,
+    ) -> (Arc<Session>, Vec<ChannelName>) {
+        let user: Option<Arc<str>> = user.map(Arc::from);
+        assert!(r.try_admit(100, user.as_ref(), 10).is_ok());
         let chans: Vec<ChannelName> = chans.iter().map(|c| ChannelName::new(c).unwrap()).collect();
         let s = Arc::new(Session::new(
             SessionInit {
                 seq: r.next_seq(),
                 transport: Transport::Sse,
                 envelope: false,
-                user: None,
+                user,
                 expires_at: None,
                 capacity: cap,
                 now: 0,
@@ -516,6 +686,48 @@ mod tests {
 
     fn names(v: &[ChannelName]) -> Vec<&str> {
         v.iter().map(|c| c.as_str()).collect()
+    }
+
+    fn reported(r: &Registry, grace: u64) -> Vec<(String, Option<String>, u32)> {
+        let mut v: Vec<_> = r
+            .take_presence(grace)
+            .into_iter()
+            .map(|c| {
+                (
+                    c.channel.to_string(),
+                    c.sub.map(|s| s.to_string()),
+                    c.streams,
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn presence_counts_are_coalesced_and_a_users_zero_waits_for_the_grace() {
+        let r = reg();
+        let (a, _) = open_as(&r, &["c"], 8, Some("u"));
+        let (b, _) = open_as(&r, &["c"], 8, Some("u"));
+        let (anon, _) = open_as(&r, &["c"], 8, None);
+        assert_eq!(
+            reported(&r, 5),
+            [("c".into(), None, 1), ("c".into(), Some("u".into()), 2)]
+        );
+        assert!(reported(&r, 5).is_empty(), "reported once");
+        r.close(&a, CloseReason::Client);
+        r.close(&b, CloseReason::Client);
+        r.close(&anon, CloseReason::Client);
+        // The anonymous 0 goes at once; the user's waits for the grace.
+        assert_eq!(reported(&r, 5), [("c".into(), None, 0)]);
+        assert!(reported(&r, 5).is_empty());
+        // Back within the grace: reported as the count it is (1), never as 0.
+        let (c, _) = open_as(&r, &["c"], 8, Some("u"));
+        assert_eq!(reported(&r, 5), [("c".into(), Some("u".into()), 1)]);
+        r.close(&c, CloseReason::Client);
+        // A grace of 0: the 0 goes at once.
+        assert_eq!(reported(&r, 0), [("c".into(), Some("u".into()), 0)]);
+        assert_eq!(r.presence_gauges(), (0, 0));
     }
 
     #[test]

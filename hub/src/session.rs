@@ -37,8 +37,18 @@ pub enum Item {
     Heartbeat,
     /// An answer to the client (WebSocket); boxed, so that every item stays small.
     Reply(Box<Reply>),
+    /// A user's first stream on a channel opened, or its last one closed, on some node.
+    Presence(Arc<PresenceEvent>),
     /// The last item: why the stream ends.
     End(CloseReason),
+}
+
+/// `join`/`leave` of a user on a channel (shared by every stream that gets it).
+#[derive(Debug, PartialEq, Eq)]
+pub struct PresenceEvent {
+    pub channel: ChannelName,
+    pub sub: Arc<str>,
+    pub join: bool,
 }
 
 /// Answers to a WebSocket client's frames.
@@ -109,6 +119,8 @@ struct Chan {
     fresh: bool,
     /// Reading (buffering live messages) whose read the catch-up has not issued yet.
     unread: bool,
+    /// The client asked for this channel's `join`/`leave` events.
+    presence: bool,
 }
 
 struct State {
@@ -272,6 +284,7 @@ impl Session {
                 lost: false,
                 fresh: true,
                 unread: false,
+                presence: false,
             });
         }
         Session {
@@ -479,11 +492,43 @@ impl Session {
                         lost: false,
                         fresh: true,
                         unread: false,
+                        presence: false,
                     },
                 );
                 true
             }
         }
+    }
+
+    /// The client wants `join`/`leave` events of `channel` (all channels with `None`).
+    pub fn want_presence(&self, channel: Option<&str>) {
+        let mut st = self.state.lock();
+        for c in st.chans.iter_mut() {
+            if channel.is_none_or(|n| n == c.name.as_str()) {
+                c.presence = true;
+            }
+        }
+    }
+
+    /// Queues a presence event for a stream that asked for its channel's; never past the
+    /// queue's slack (a reader that far behind loses it, as an ephemeral message).
+    pub fn offer_presence(&self, ev: &Arc<PresenceEvent>) -> Offer {
+        let mut st = self.state.lock();
+        if st.ending || !st.started {
+            return Offer::Skipped;
+        }
+        let Some(i) = st.index(&ev.channel) else {
+            return Offer::Skipped;
+        };
+        if !st.chans[i].presence {
+            return Offer::Skipped;
+        }
+        if st.queue.len() >= self.capacity + CONTROL_SLACK {
+            return Offer::Lagged;
+        }
+        st.queue.push_back(Item::Presence(ev.clone()));
+        Self::wake(st);
+        Offer::Queued
     }
 
     /// Removes a channel (WebSocket unsubscribe); `false` if it was not there.
@@ -936,6 +981,7 @@ mod tests {
                 Item::Reset(_) => "reset".into(),
                 Item::Heartbeat => "hb".into(),
                 Item::Reply(_) => "reply".into(),
+                Item::Presence(p) => format!("{}:{}", if p.join { "join" } else { "leave" }, p.sub),
                 Item::End(_) => "end".into(),
             });
         }
@@ -1146,6 +1192,34 @@ mod tests {
             assert_eq!(s.push_reply(Reply::Subscribed(chan("a"))), Ok(()));
         }
         assert_eq!(s.push_reply(Reply::Subscribed(chan("a"))), Err(Full));
+    }
+
+    #[test]
+    fn presence_events_reach_only_channels_that_asked() {
+        let s = live(&["a", "b"], 4);
+        drain(&s);
+        let ev = |c: &str, join: bool| {
+            Arc::new(PresenceEvent {
+                channel: chan(c),
+                sub: Arc::from("u"),
+                join,
+            })
+        };
+        assert_eq!(s.offer_presence(&ev("a", true)), Offer::Skipped);
+        s.want_presence(Some("a"));
+        assert_eq!(s.offer_presence(&ev("a", true)), Offer::Queued);
+        assert_eq!(s.offer_presence(&ev("b", true)), Offer::Skipped);
+        s.want_presence(None);
+        assert_eq!(s.offer_presence(&ev("b", false)), Offer::Queued);
+        assert_eq!(drain(&s), ["join:u", "leave:u"]);
+        // Bounded: beyond the queue's slack an event is lost to this reader.
+        let mut lagged = 0;
+        for _ in 0..(4 + CONTROL_SLACK + 3) {
+            if s.offer_presence(&ev("a", true)) == Offer::Lagged {
+                lagged += 1;
+            }
+        }
+        assert_eq!(lagged, 3);
     }
 
     #[test]

@@ -93,7 +93,7 @@ async fn an_older_library_is_upgraded_and_a_newer_one_is_kept() {
         "#!lua name=hub\nredis.register_function('hub_publish', function(k, a) return 'v1' end)";
     redis.cli(&["FUNCTION", "LOAD", "REPLACE", v1]);
     let hub = redis_hub(&redis, &[]).await;
-    assert_eq!(version(&redis)[0], 4, "upgraded");
+    assert_eq!(version(&redis)[0], 5, "upgraded");
     drop(hub);
     // A library of a later version than this build: kept as it is.
     let v99 = "#!lua name=hub\nredis.register_function{function_name='hub_version', \
@@ -109,7 +109,7 @@ async fn the_first_nodes_settings_are_not_overwritten_by_the_last() {
     let redis = Redis::start();
     let a = redis_hub(&redis, &[("HUB_HISTORY_LEN", "50")]).await;
     let b = redis_hub(&redis, &[("HUB_HISTORY_LEN", "7")]).await;
-    assert_eq!(version(&redis), [4, 50, 3_600_000, 65_536, 300_000]);
+    assert_eq!(version(&redis), [5, 50, 3_600_000, 65_536, 300_000]);
     wait_until("node b says so", WAIT, || async {
         b.log().contains("other settings than this node")
     })

@@ -17,6 +17,19 @@
 --   FCALL_RO hub_recover 1 <channel> <since or "">  -> {tail, reset (0|1), id1, env1, ...}
 --     (unbounded; kept for nodes of the previous version during a rolling deploy)
 --
+-- Presence (version 5):
+--   FCALL hub_presence 1 <channel> <node> <anonymous streams or -> [<sub> <streams>]...
+--     sets this node's stream counts on the channel (absolute, so a retry is harmless), keeps
+--     the totals over all nodes, and publishes {"type":"join"|"leave","sub":...} on
+--     hub:pres:<channel> when a user's total leaves or reaches 0. Returns the events sent.
+--   FCALL hub_presence_drop 1 <channel> <node>      -> events: removes a node's counts
+--   FCALL_RO hub_presence_read 1 <channel>          -> {"", anonymous, "=sub", streams, ...}
+--   FCALL hub_presence_lease 1 hub:presence:nodes <node> <lease ms> -> nodes whose lease ran out
+--     (the node's own lease renewed first; leases are scored by Redis's clock)
+-- Counts: hub:presence:{<channel>} (field "<node>\0" anonymous, "<node>\0=<sub>" a user), totals:
+-- hub:present:{<channel>} (field "" anonymous, "=<sub>" a user); a node's channels:
+-- hub:presence:chans:{<node>} (a set, kept by the node).
+--
 -- History of a channel is the stream hub:hist:{<channel>}; hub:floor:{<channel>} holds the id of
 -- the newest message that history no longer has (trimmed, expired, or from before the stream
 -- was created), so a resume from before it is a reset. Live messages go to hub:ch:<channel>
@@ -248,6 +261,77 @@ local function rewind(keys, args)
   return floor
 end
 
+local function presence_channel(ch)
+  if CLUSTER then return 'hub:pres:{' .. ch .. '}' end
+  return 'hub:pres:' .. ch
+end
+
+-- Adds `delta` to a total; sends join/leave when a user's total crosses 0. Returns 1 if sent.
+local function add_total(ch, tkey, field, delta)
+  if delta == 0 then return 0 end
+  local total = redis.call('HINCRBY', tkey, field, delta)
+  if total <= 0 then redis.call('HDEL', tkey, field) end
+  if field == '' then return 0 end
+  local before_total = total - delta
+  local kind = nil
+  if before_total <= 0 and total > 0 then kind = 'join' end
+  if before_total > 0 and total <= 0 then kind = 'leave' end
+  if not kind then return 0 end
+  local pub = 'PUBLISH'
+  if CLUSTER then pub = 'SPUBLISH' end
+  redis.call(pub, presence_channel(ch), cjson.encode({type = kind, sub = string.sub(field, 2)}))
+  return 1
+end
+
+local function presence(keys, args)
+  local ch, node, anon = keys[1], args[1], args[2]
+  if ch == nil or node == nil or anon == nil or #args % 2 ~= 0 then
+    return redis.error_reply('ERR usage: FCALL hub_presence 1 <channel> <node> <anonymous or -> [<sub> <streams>]...')
+  end
+  local hkey, tkey = 'hub:presence:{' .. ch .. '}', 'hub:present:{' .. ch .. '}'
+  local function set(field, count)
+    local old = tonumber(redis.call('HGET', hkey, field) or '0')
+    if count > 0 then redis.call('HSET', hkey, field, count) else redis.call('HDEL', hkey, field) end
+    return count - old
+  end
+  local sent = 0
+  if anon ~= '-' then
+    add_total(ch, tkey, '', set(node .. '\0', tonumber(anon) or 0))
+  end
+  for i = 3, #args, 2 do
+    local sub, count = args[i], tonumber(args[i + 1]) or 0
+    sent = sent + add_total(ch, tkey, '=' .. sub, set(node .. '\0=' .. sub, count))
+  end
+  return sent
+end
+
+local function presence_drop(keys, args)
+  local ch, node = keys[1], args[1]
+  local hkey, tkey = 'hub:presence:{' .. ch .. '}', 'hub:present:{' .. ch .. '}'
+  local prefix = node .. '\0'
+  local fields = redis.call('HGETALL', hkey)
+  local sent = 0
+  for i = 1, #fields, 2 do
+    local f, count = fields[i], tonumber(fields[i + 1]) or 0
+    if string.sub(f, 1, #prefix) == prefix then
+      redis.call('HDEL', hkey, f)
+      sent = sent + add_total(ch, tkey, string.sub(f, #prefix + 1), -count)
+    end
+  end
+  return sent
+end
+
+local function presence_read(keys, args)
+  return redis.call('HGETALL', 'hub:present:{' .. keys[1] .. '}')
+end
+
+local function presence_lease(keys, args)
+  local node, lease = args[1], tonumber(args[2]) or 0
+  local now = now_ms()
+  redis.call('ZADD', keys[1], now + lease, node)
+  return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. now)
+end
+
 local function version()
   return {VERSION, MAXLEN, TTL_MS, MAX_BYTES, IDEM_MS}
 end
@@ -255,5 +339,9 @@ end
 redis.register_function('hub_publish', publish)
 redis.register_function{function_name = 'hub_version', callback = version, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_read', callback = read, flags = {'no-writes'}}
+redis.register_function('hub_presence', presence)
+redis.register_function('hub_presence_drop', presence_drop)
+redis.register_function('hub_presence_lease', presence_lease)
+redis.register_function{function_name = 'hub_presence_read', callback = presence_read, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_rewind', callback = rewind, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_recover', callback = recover, flags = {'no-writes'}}

@@ -38,6 +38,8 @@ pub trait Sink: Send + Sync + 'static {
     /// The broker may have lost messages (reconnection, lost burst): every live reader checks
     /// its position against history before it takes live messages again.
     fn fall_behind(&self);
+    /// A user joined or left a channel (on some node): readers that asked are told.
+    fn presence(&self, ev: &Arc<crate::session::PresenceEvent>);
     /// The channels the node has local readers for (what a reconnection subscribes again).
     fn channels(&self) -> Vec<ChannelName>;
 }

@@ -12,7 +12,8 @@ use crate::message::Message;
 use crate::metrics::{DropReason, Metrics, Source};
 use fred::clients::SubscriberClient;
 use fred::interfaces::{
-    ClientLike, ClusterInterface, EventInterface, FunctionInterface, PubsubInterface,
+    ClientLike, ClusterInterface, EventInterface, FunctionInterface, KeysInterface,
+    PubsubInterface, SetsInterface, SortedSetsInterface,
 };
 use fred::prelude::{Builder, Client, ReconnectPolicy};
 use fred::types::Value;
@@ -27,12 +28,29 @@ use tokio::task::AbortHandle;
 const LIBRARY: &str = include_str!("hub.lua");
 /// This build's library version. A node never replaces a loaded library of a higher version;
 /// every version keeps the functions and arguments of the ones before it.
-pub const LIBRARY_VERSION: i64 = 4;
+pub const LIBRARY_VERSION: i64 = 5;
 /// Prefix of live channels (`hub:ch:<channel>`, or `hub:ch:{<channel>}` in cluster mode):
 /// ephemeral publishes.
 pub const LIVE_PREFIX: &str = "hub:ch:";
 /// Prefix of the channels only `hub_publish` publishes on: durable notifications.
 pub const DURABLE_PREFIX: &str = "hub:dur:";
+/// Prefix of presence channels (`hub:pres:<channel>`): `join`/`leave` from `hub_presence`.
+pub const PRESENCE_PREFIX: &str = "hub:pres:";
+/// The sorted set of presence leases (node -> expiry by Redis's clock).
+const PRESENCE_NODES: &str = "hub:presence:nodes";
+
+/// Which of a hub channel's pub/sub channels a message came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carries {
+    Live,
+    Durable,
+    Presence,
+}
+
+/// The channels a node has presence counts on (a set; what a survivor clears when it dies).
+fn presence_channels_key(node: &str) -> String {
+    format!("hub:presence:chans:{{{node}}}")
+}
 /// A durable id further ahead of this node's clock than this cannot have come from history
 /// (Redis's clock makes the ids): it is dropped and counted.
 const FUTURE_SLACK_MS: u64 = 3_600_000;
@@ -418,26 +436,43 @@ impl RedisBroker {
         }
     }
 
-    /// Both pub/sub channels of each hub channel (live and durable).
+    fn presence_name(&self, channel: &str) -> String {
+        if self.cluster {
+            format!("{PRESENCE_PREFIX}{{{channel}}}")
+        } else {
+            format!("{PRESENCE_PREFIX}{channel}")
+        }
+    }
+
+    /// The pub/sub channels of each hub channel (live, durable, presence).
     fn names(&self, channels: &[ChannelName]) -> Vec<String> {
         channels
             .iter()
-            .flat_map(|c| [self.live_name(c), self.durable_name(c)])
+            .flat_map(|c| {
+                [
+                    self.live_name(c),
+                    self.durable_name(c),
+                    self.presence_name(c),
+                ]
+            })
             .collect()
     }
 
-    /// The hub channel a pub/sub channel carries, and whether it is the durable one.
-    fn channel_of(&self, pubsub: &str) -> Option<(ChannelName, bool)> {
-        let (rest, durable) = match pubsub.strip_prefix(DURABLE_PREFIX) {
-            Some(rest) => (rest, true),
-            None => (pubsub.strip_prefix(LIVE_PREFIX)?, false),
+    /// The hub channel a pub/sub channel carries, and which of its pub/sub channels it is.
+    fn channel_of(&self, pubsub: &str) -> Option<(ChannelName, Carries)> {
+        let (rest, carries) = if let Some(rest) = pubsub.strip_prefix(DURABLE_PREFIX) {
+            (rest, Carries::Durable)
+        } else if let Some(rest) = pubsub.strip_prefix(PRESENCE_PREFIX) {
+            (rest, Carries::Presence)
+        } else {
+            (pubsub.strip_prefix(LIVE_PREFIX)?, Carries::Live)
         };
         let name = if self.cluster {
             rest.strip_prefix('{')?.strip_suffix('}')?
         } else {
             rest
         };
-        ChannelName::new(name).ok().map(|c| (c, durable))
+        ChannelName::new(name).ok().map(|c| (c, carries))
     }
 
     async fn subscribe_raw(&self, names: &[String]) -> Result<(), BrokerError> {
@@ -597,7 +632,7 @@ impl RedisBroker {
             self.set_up(self.sub.is_connected());
             return;
         }
-        let Some((channel, durable)) = self.channel_of(live) else {
+        let Some((channel, carries)) = self.channel_of(live) else {
             self.metrics.dropped(DropReason::Malformed).increment(1);
             tracing::warn!(
                 live,
@@ -605,6 +640,10 @@ impl RedisBroker {
             );
             return;
         };
+        if carries == Carries::Presence {
+            return self.on_presence(channel, payload);
+        }
+        let durable = carries == Carries::Durable;
         if !durable && parse_durable(payload, u64::MAX).is_ok() {
             // The form "<id> <envelope>" that the library also sends on the live channel for
             // nodes of version 1; the durable channel carries it for this node. Whoever else
@@ -627,6 +666,131 @@ impl RedisBroker {
             }
             Err(e) => self.drop_malformed(&channel, &e),
         }
+    }
+
+    /// `{"type":"join"|"leave","sub":"..."}` from `hub_presence`, to the readers that asked.
+    fn on_presence(&self, channel: ChannelName, payload: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Ev {
+            #[serde(rename = "type")]
+            kind: String,
+            sub: String,
+        }
+        match serde_json::from_slice::<Ev>(payload) {
+            Ok(ev) if ev.kind == "join" || ev.kind == "leave" => {
+                self.sink.presence(&Arc::new(crate::session::PresenceEvent {
+                    channel,
+                    sub: Arc::from(ev.sub),
+                    join: ev.kind == "join",
+                }))
+            }
+            _ => {
+                self.metrics.dropped(DropReason::Malformed).increment(1);
+                tracing::warn!(channel = %channel, "dropped a presence event that is not one");
+            }
+        }
+    }
+
+    /// Sets this node's presence counts of one channel (`anonymous`: `None` if unchanged),
+    /// through `FCALL hub_presence`; `join`/`leave` go out from the function.
+    pub async fn presence_set(
+        &self,
+        channel: &str,
+        node: &str,
+        anonymous: Option<u32>,
+        users: &[(Arc<str>, u32)],
+    ) -> Result<(), BrokerError> {
+        let mut args = Vec::with_capacity(2 + 2 * users.len());
+        args.push(node.to_string());
+        args.push(anonymous.map_or_else(|| "-".to_string(), |n| n.to_string()));
+        for (u, n) in users {
+            args.push(u.to_string());
+            args.push(n.to_string());
+        }
+        let _: i64 = within(
+            "FCALL hub_presence",
+            self.client
+                .fcall("hub_presence", vec![channel.to_string()], args),
+        )
+        .await?;
+        within(
+            "SADD",
+            self.client
+                .sadd::<i64, _, _>(presence_channels_key(node), channel.to_string()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Renews this node's presence lease (`lease_ms`) and removes the counts of nodes whose
+    /// lease ran out (their `leave`s go out from the function). Returns the nodes removed.
+    pub async fn presence_lease(
+        &self,
+        node: &str,
+        lease_ms: u64,
+    ) -> Result<Vec<String>, BrokerError> {
+        let dead: Vec<String> = within(
+            "FCALL hub_presence_lease",
+            self.client.fcall(
+                "hub_presence_lease",
+                vec![PRESENCE_NODES.to_string()],
+                vec![node.to_string(), lease_ms.to_string()],
+            ),
+        )
+        .await?;
+        for d in &dead {
+            self.presence_forget(d).await?;
+        }
+        Ok(dead)
+    }
+
+    /// Removes every count a node left (a dead node, or this one's from before a restart).
+    pub async fn presence_forget(&self, node: &str) -> Result<(), BrokerError> {
+        let key = presence_channels_key(node);
+        let channels: Vec<String> = within("SMEMBERS", self.client.smembers(key.clone())).await?;
+        for ch in channels {
+            let _: i64 = within(
+                "FCALL hub_presence_drop",
+                self.client
+                    .fcall("hub_presence_drop", vec![ch], vec![node.to_string()]),
+            )
+            .await?;
+        }
+        within("DEL", self.client.del::<i64, _>(key)).await?;
+        within(
+            "ZREM",
+            self.client
+                .zrem::<i64, _, _>(PRESENCE_NODES, node.to_string()),
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// A channel's users (streams per `sub`) and anonymous streams over every node.
+    pub async fn presence_read(
+        &self,
+        channel: &str,
+    ) -> Result<(Vec<(String, u64)>, u64), BrokerError> {
+        let flat: Vec<String> = within(
+            "FCALL_RO hub_presence_read",
+            self.client.fcall_ro(
+                "hub_presence_read",
+                vec![channel.to_string()],
+                Vec::<String>::new(),
+            ),
+        )
+        .await?;
+        let mut users = Vec::new();
+        let mut anonymous = 0;
+        for pair in flat.chunks(2) {
+            let [field, n] = pair else { break };
+            let n: u64 = n.parse().unwrap_or(0);
+            match field.strip_prefix('=') {
+                Some(sub) => users.push((sub.to_string(), n)),
+                None => anonymous += n,
+            }
+        }
+        Ok((users, anonymous))
     }
 
     /// Messages may have been lost: readers must check history before taking live messages

@@ -22,6 +22,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::post().to(publish))
             .default_service(web::to(error::method_not_allowed)),
     )
+    .service(
+        web::resource("/v1/presence")
+            .route(web::get().to(presence))
+            .default_service(web::to(error::method_not_allowed)),
+    )
     .service(get_only("/metrics", metrics))
     .service(get_only("/v1/stats", stats))
     .service(get_only("/healthz", healthz))
@@ -112,6 +117,44 @@ fn idempotency_key(req: &HttpRequest, durable: bool) -> Result<Option<&str>, Api
         ));
     }
     Ok(Some(key))
+}
+
+/// `GET /v1/presence?channel=C`: the channel's users (streams per `sub`) and anonymous
+/// streams over every node.
+async fn presence(req: HttpRequest, node: web::Data<Node>) -> Result<HttpResponse, ApiError> {
+    let channel = form_urlencoded::parse(req.query_string().as_bytes())
+        .find(|(k, _)| k == "channel")
+        .map(|(_, v)| v.into_owned())
+        .ok_or_else(|| ApiError::bad_request("the channel is required: ?channel=NAME"))?;
+    let channel = ChannelName::new(&channel)
+        .map_err(|e| ApiError::bad_request(format!("invalid channel: {e}")))?;
+    let (users, anonymous): (serde_json::Map<String, serde_json::Value>, u64) = match &node.broker {
+        crate::broker::Broker::Local(_) => {
+            let t = node.presence.read(channel.as_str());
+            (
+                t.users
+                    .iter()
+                    .map(|(u, n)| (u.to_string(), (*n).into()))
+                    .collect(),
+                u64::from(t.anonymous),
+            )
+        }
+        crate::broker::Broker::Redis(b) => {
+            let (users, anonymous) = b.presence_read(channel.as_str()).await.map_err(|e| {
+                tracing::warn!(error = %e, "reading presence failed");
+                ApiError::from(crate::refusal::Refusal::unavailable())
+            })?;
+            (
+                users.into_iter().map(|(u, n)| (u, n.into())).collect(),
+                anonymous,
+            )
+        }
+    };
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "channel": channel.as_str(),
+        "users": users,
+        "anonymous": anonymous,
+    })))
 }
 
 /// `GET /metrics`: Prometheus text.

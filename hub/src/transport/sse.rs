@@ -25,6 +25,8 @@ use std::task::{Context, Poll};
 pub const EVENT_CONNECTED: &str = "hub.connected";
 pub const EVENT_RESET: &str = "hub.reset";
 pub const EVENT_RECONNECT: &str = "hub.reconnect";
+pub const EVENT_JOIN: &str = "hub.join";
+pub const EVENT_LEAVE: &str = "hub.leave";
 
 /// The query of a stream request.
 #[derive(Debug, Default, PartialEq)]
@@ -36,6 +38,8 @@ pub struct StreamQuery {
     /// `rewind=N`: the last N durable messages of each channel first (checked against
     /// `HUB_HISTORY_LEN` by [`open`]).
     pub rewind: u64,
+    /// `presence=true`: `hub.join`/`hub.leave` of the stream's channels.
+    pub presence: bool,
 }
 
 /// Parses `channel=A&channel=B&envelope=true&last_event_id=..&lastEventId=..&token=..`.
@@ -54,6 +58,13 @@ pub fn parse_query(query: &str) -> Result<StreamQuery, Refusal> {
             }
             "last_event_id" | "lastEventId" => q.last_event_id = Some(v.into_owned()),
             "token" => q.token = Some(v.into_owned()),
+            "presence" => {
+                q.presence = match &*v {
+                    "true" | "1" => true,
+                    "false" | "0" | "" => false,
+                    _ => return Err(Refusal::bad_request("presence must be true or false")),
+                }
+            }
             "rewind" => {
                 q.rewind = v.parse().map_err(|_| {
                     Refusal::bad_request("rewind must be a whole number of messages")
@@ -141,6 +152,7 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             expires_at: grant.expires_at,
             socket: head.socket,
             rewind: q.rewind as usize,
+            presence: q.presence,
         })
         .await?;
     Ok(Opened {
@@ -314,6 +326,14 @@ impl SseBody {
                 Some(reset_event(&self.cursor(), &reset))
             }
             Item::Heartbeat => Some(Bytes::from_static(sse::HEARTBEAT)),
+            Item::Presence(ev) => {
+                let name = if ev.join { EVENT_JOIN } else { EVENT_LEAVE };
+                let data = serde_json::json!({"channel": ev.channel.as_str(), "sub": &*ev.sub})
+                    .to_string();
+                let mut buf = BytesMut::with_capacity(data.len() + 32);
+                sse::write_event(&mut buf, Some(name), &data);
+                Some(buf.freeze())
+            }
             Item::Reply(_) => None,
             Item::End(reason) => last_frame(self.stream.session.seq, reason, node.config.retry_ms),
         }
@@ -409,7 +429,7 @@ mod tests {
                         Err(r) => prop_assert_eq!(r.status(), 400),
                     }
                 } else {
-                    prop_assert!(q.contains("envelope") || q.contains("rewind"));
+                    prop_assert!(q.contains("envelope") || q.contains("rewind") || q.contains("presence"));
                 }
             }
 
@@ -437,7 +457,7 @@ mod tests {
                 enc.append_pair("rewind", &rewind.to_string());
                 enc.append_pair("_", "1733000000000");
                 let q = parse_query(&enc.finish()).unwrap();
-                prop_assert_eq!(q, StreamQuery { channels, envelope, last_event_id: id, token, rewind });
+                prop_assert_eq!(q, StreamQuery { channels, envelope, last_event_id: id, token, rewind, presence: false });
             }
         }
     }

@@ -87,6 +87,7 @@ struct ClientFrame {
     /// Checked by hand, so that a bad value gets its own message.
     rewind: Option<serde_json::Value>,
     token: Option<String>,
+    presence: Option<bool>,
 }
 
 /// A subscribe: the channel, and where it starts (`since` wins over `rewind`).
@@ -96,6 +97,8 @@ struct Subscribe {
     since: Option<String>,
     /// The last N durable messages first (0: none).
     rewind: u64,
+    /// `join`/`leave` of the channel's users.
+    presence: bool,
 }
 
 /// What a client frame asks for.
@@ -155,6 +158,7 @@ fn parse_frame(text: &str) -> Result<Command, FrameError> {
                 channel,
                 since: f.since,
                 rewind,
+                presence: f.presence.unwrap_or(false),
             }))
         }
         "unsubscribe" => Ok(Command::Unsubscribe(channel)),
@@ -249,6 +253,7 @@ pub async fn open(
             expires_at: claims.as_ref().map(|c| c.exp),
             socket,
             rewind: 0,
+            presence: false,
         })
         .await?;
     Ok(WsBody {
@@ -511,6 +516,7 @@ impl WsBody {
             channel,
             since,
             rewind,
+            presence,
         } = sub;
         let name = channel.as_str();
         if let Err(r) = Auth::check(self.claims.as_deref(), name) {
@@ -547,6 +553,9 @@ impl WsBody {
         if !session.add_channel(channel.clone()) {
             // Already subscribed: say so again.
             return self.reply(Reply::Subscribed(channel));
+        }
+        if presence {
+            session.want_presence(Some(channel.as_str()));
         }
         // An id that cannot be read is a reset, as on SSE.
         let want = match since.as_deref().map(str::parse) {
@@ -596,6 +605,11 @@ impl WsBody {
             }
             Item::Heartbeat => Some(Bytes::from_static(wire::PING)),
             Item::Reply(r) => Some(reply_frame(&r)),
+            Item::Presence(ev) => Some(text(json!({
+                "type": if ev.join { "join" } else { "leave" },
+                "channel": ev.channel.as_str(),
+                "sub": &*ev.sub,
+            }))),
             Item::Opened(_) => None,
             Item::End(reason) => {
                 // The hub ended the stream (shutdown, slow, stale, token expired, the client's
@@ -679,7 +693,8 @@ mod tests {
             Command::Subscribe(Subscribe {
                 channel: ChannelName::new("public:a").unwrap(),
                 since: Some("5-0".into()),
-                rewind: 0
+                rewind: 0,
+                presence: false
             })
         );
         assert_eq!(
@@ -687,7 +702,8 @@ mod tests {
             Command::Subscribe(Subscribe {
                 channel: ChannelName::new("a").unwrap(),
                 since: None,
-                rewind: 20
+                rewind: 20,
+                presence: false
             })
         );
         for bad in [r#""3""#, "-1", "1.5", "true"] {
@@ -746,7 +762,7 @@ mod tests {
             let op = if sub { "subscribe" } else { "unsubscribe" };
             let text = serde_json::json!({"op": op, "channel": name, "since": since}).to_string();
             let want = match ChannelName::new(&name) {
-                Ok(channel) if sub => Command::Subscribe(Subscribe { channel, since, rewind: 0 }),
+                Ok(channel) if sub => Command::Subscribe(Subscribe { channel, since, rewind: 0, presence: false }),
                 Ok(c) => Command::Unsubscribe(c),
                 Err(_) => return Ok(()),
             };

@@ -1,0 +1,212 @@
+//! Presence: `GET /v1/presence` counts users (streams per `sub`) and anonymous streams over every
+//! node; streams that ask (`presence=true`, `"presence": true`) get `join` when a user's first
+//! stream on the channel opens and `leave` when its last closes, anywhere; a user who reconnects
+//! within a heartbeat makes neither; a node killed with SIGKILL stops counting within two
+//! heartbeats and the survivors send its users' `leave`s.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use hub_tests::client::{next, send, token, try_ws, SECRET};
+use hub_tests::{prefix, wait_until, Hub, Redis, SseStream, WAIT};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// The next hub.join / hub.leave / message of a stream, as "join:<sub>", "leave:<sub>" or the data.
+async fn event(s: &mut SseStream) -> String {
+    let e = s.next_message(WAIT).await.expect("stream open");
+    match e.event.as_str() {
+        "hub.join" | "hub.leave" => {
+            let v = e.json();
+            format!("{}:{}", &e.event[4..], v["sub"].as_str().unwrap())
+        }
+        _ => e.data,
+    }
+}
+
+async fn presence(hub: &Hub, ch: &str) -> Value {
+    hub.http
+        .get(hub.admin_url(&format!("/v1/presence?channel={ch}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until the admin endpoint shows `want` as the channel's users and anonymous count.
+async fn wait_presence(hub: &Hub, ch: &str, users: Value, anonymous: u64) {
+    let ch2 = ch.to_string();
+    wait_until(
+        &format!("presence of {ch} = {users} + {anonymous}"),
+        WAIT,
+        || {
+            let (users, ch2) = (users.clone(), ch2.clone());
+            async move {
+                let p = presence(hub, &ch2).await;
+                p["users"] == users && p["anonymous"] == anonymous
+            }
+        },
+    )
+    .await;
+}
+
+fn with_token(ch: &str, sub: &str) -> String {
+    format!("channel={ch}&token={}", token(sub, &["*"], 3600))
+}
+
+#[tokio::test]
+async fn one_node_counts_users_and_tells_joins_and_leaves() {
+    let hub = Hub::start(&[
+        ("HUB_JWT_SECRET", SECRET),
+        ("HUB_HEARTBEAT_SECS", "2"),
+        ("HUB_STALE_AFTER_SECS", "10"),
+    ])
+    .await;
+    let ch = format!("public:{}", prefix("presence"));
+    let (mut watcher, _) = hub
+        .connect(
+            &format!("{}&presence=true", with_token(&ch, "watcher")),
+            &[],
+        )
+        .await;
+    assert_eq!(event(&mut watcher).await, "join:watcher");
+    let mut ws = try_ws(
+        hub.public,
+        &format!("?token={}", token("w2", &["*"], 3600)),
+        &[],
+    )
+    .await
+    .unwrap();
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "channel": ch, "presence": true}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    assert_eq!(event(&mut watcher).await, "join:w2");
+
+    let (a, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
+    assert_eq!(event(&mut watcher).await, "join:u1");
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        let f = next(&mut ws).await;
+        frames.push(format!(
+            "{}:{}",
+            f["type"].as_str().unwrap(),
+            f["sub"].as_str().unwrap()
+        ));
+    }
+    assert_eq!(frames, ["join:w2", "join:u1"]);
+    let (b, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
+    let (_anon, _) = hub.connect(&format!("channel={ch}"), &[]).await;
+    wait_presence(&hub, &ch, json!({"watcher": 1, "w2": 1, "u1": 2}), 1).await;
+    assert_eq!(hub.metric("hub_presence_users").await, 3.0);
+    assert_eq!(hub.metric("hub_presence_anonymous").await, 1.0);
+
+    // One of two streams closes: a count, no event. The last closes and the user comes back at
+    // once (a reconnect): no leave, no join.
+    drop(a);
+    wait_presence(&hub, &ch, json!({"watcher": 1, "w2": 1, "u1": 1}), 1).await;
+    drop(b);
+    let (back, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
+    // More than the grace (one heartbeat) later, still nothing: the next event is a message.
+    let t = Instant::now();
+    wait_until("the grace has passed", WAIT, || async {
+        t.elapsed() > Duration::from_secs(3)
+    })
+    .await;
+    hub.publish(&ch, None, json!("still one"), false).await;
+    assert_eq!(event(&mut watcher).await, "still one");
+    // Gone for good: leave, after the grace.
+    drop(back);
+    assert_eq!(event(&mut watcher).await, "leave:u1");
+    wait_presence(&hub, &ch, json!({"watcher": 1, "w2": 1}), 1).await;
+    let f = next(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["sub"].as_str()),
+        (Some("message"), None),
+        "{f}"
+    );
+    let f = next(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["sub"].as_str()),
+        (Some("leave"), Some("u1")),
+        "{f}"
+    );
+
+    // Bad requests.
+    for q in ["", "?channel=a%20b"] {
+        let r = hub
+            .http
+            .get(hub.admin_url(&format!("/v1/presence{q}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{q}");
+    }
+    assert_eq!(
+        hub.sse(&format!("channel={ch}&presence=maybe"), &[])
+            .await
+            .status,
+        400
+    );
+}
+
+#[tokio::test]
+async fn a_killed_node_stops_counting_within_two_heartbeats() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let start = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            let hub = Hub::start(&[
+                ("HUB_REDIS_URL", url.as_str()),
+                ("HUB_NODE_ID", name),
+                ("HUB_JWT_SECRET", SECRET),
+                ("HUB_HEARTBEAT_SECS", "3"),
+                ("HUB_STALE_AFTER_SECS", "20"),
+            ])
+            .await;
+            hub.wait_ready(WAIT).await;
+            hub
+        }
+    };
+    let a = start("node-a").await;
+    let mut b = start("node-b").await;
+    let ch = format!("public:{}", prefix("killed"));
+    let (mut watcher, _) = a
+        .connect(
+            &format!("{}&presence=true", with_token(&ch, "watcher")),
+            &[],
+        )
+        .await;
+    assert_eq!(event(&mut watcher).await, "join:watcher");
+    // Users on the other node: their joins come through Redis.
+    let (_u1, _) = b.connect(&with_token(&ch, "u1"), &[]).await;
+    let (_u2, _) = b.connect(&with_token(&ch, "u2"), &[]).await;
+    let (_anon, _) = b.connect(&format!("channel={ch}"), &[]).await;
+    let mut joins = vec![event(&mut watcher).await, event(&mut watcher).await];
+    joins.sort();
+    assert_eq!(joins, ["join:u1", "join:u2"]);
+    // u2 is also on node a: it must stay when b dies.
+    let (_u2a, _) = a.connect(&with_token(&ch, "u2"), &[]).await;
+    wait_presence(&a, &ch, json!({"watcher": 1, "u1": 1, "u2": 2}), 1).await;
+    wait_presence(&b, &ch, json!({"watcher": 1, "u1": 1, "u2": 2}), 1).await;
+
+    // SIGKILL: b closes nothing. Within two heartbeats (6 s) a stops counting b's streams and
+    // tells u1's leave (u2 is still on a).
+    hub_tests::signal(b.pid(), "KILL");
+    let killed = Instant::now();
+    b.wait_exit(WAIT).await;
+    assert_eq!(event(&mut watcher).await, "leave:u1");
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(6), "leave after {took:?}");
+    wait_presence(&a, &ch, json!({"watcher": 1, "u2": 1}), 0).await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(6),
+        "counted until {:?}",
+        killed.elapsed()
+    );
+    assert!(a.log().contains("lease ran out"), "{}", a.log());
+}
