@@ -7,12 +7,15 @@
 //! - `loadgen run`: starts several `hold` processes on 127.0.0.2, .3, ... (so 18,000+ streams
 //!   fit under the per-process file limit), publishes, merges their reports, reads the
 //!   server's CPU time and memory from /proc, prints a summary and writes JSON.
+//! - `loadgen presence-storm`: N users join a channel, reconnect all at once, leave; the
+//!   presence events an observer gets and the Redis operations each phase cost.
 //! - `loadgen tls-hold`: idle SSE streams over HTTPS, many per HTTP/2 connection or one per
 //!   HTTP/1.1 connection (what a stream costs over each).
 //!
 //! Every mode is bounded in count and time and stops by itself; traffic goes to loopback only.
 
 mod hold;
+mod presence;
 mod publish;
 mod report;
 mod run;
@@ -33,6 +36,7 @@ enum Cmd {
     Publish(publish::PublishArgs),
     Run(run::RunArgs),
     TlsHold(tls_hold::TlsHoldArgs),
+    PresenceStorm(presence::PresenceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +59,7 @@ fn main() -> std::process::ExitCode {
                 .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default())),
             Cmd::Run(a) => run::main(a).await,
             Cmd::TlsHold(a) => tls_hold::main(a).await,
+            Cmd::PresenceStorm(a) => presence::main(a).await,
         }
     });
     match res {

@@ -1,0 +1,273 @@
+//! `loadgen presence-storm`: N users (one SSE stream each, a distinct token `sub`) join one
+//! channel, all reconnect at once, then all leave; an observer stream with `presence=true`
+//! counts the `hub.join` / `hub.leave` events, and Redis's `INFO commandstats` gives the Redis
+//! operations each phase cost (commands run inside the hub's functions included).
+//!
+//! Bounded: every phase has a deadline; the process holds at most N + 1 connections.
+
+use anyhow::Context as _;
+use jsonwebtoken::{encode, EncodingKey, Header};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PresenceArgs {
+    /// Public addresses of the nodes; user i connects to node i mod the count, the observer to
+    /// the first.
+    #[arg(long, required = true)]
+    pub target: Vec<SocketAddr>,
+    /// The Redis the nodes share (for `INFO commandstats`).
+    #[arg(long)]
+    pub redis: String,
+    /// `HUB_JWT_SECRET` of the nodes (tokens are signed here).
+    #[arg(long)]
+    pub secret: String,
+    #[arg(long, default_value_t = 10_000)]
+    pub users: u64,
+    #[arg(long, default_value = "public:presence-storm")]
+    pub channel: String,
+    /// How long users stay away in the reconnect phase (ms); below a heartbeat, none should
+    /// make an event.
+    #[arg(long, default_value_t = 500)]
+    pub away_ms: u64,
+    /// How long to watch for events after the reconnect phase (s): more than a heartbeat.
+    #[arg(long, default_value_t = 8)]
+    pub settle_secs: u64,
+    /// Longest wait for a phase (s).
+    #[arg(long, default_value_t = 120)]
+    pub phase_secs: u64,
+}
+
+fn token(secret: &str, sub: &str) -> anyhow::Result<String> {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs()
+        + 3600;
+    Ok(encode(
+        &Header::default(),
+        &serde_json::json!({"sub": sub, "exp": exp}),
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+/// Opens an SSE stream and returns it once `hub.connected` arrived (with what was read).
+async fn open(target: SocketAddr, path: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(target).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(13).any(|w| w == b"hub.connected") {
+        let n = s.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed before hub.connected");
+        got.extend_from_slice(&buf[..n]);
+    }
+    anyhow::ensure!(got.starts_with(b"HTTP/1.1 200"), "refused");
+    Ok((s, got))
+}
+
+/// The commands presence runs (inside `hub_presence*` and around them). Opening a stream
+/// also costs Redis a history read (`FCALL_RO hub_read`), counted apart.
+const PRESENCE_COMMANDS: [&str; 14] = [
+    "fcall",
+    "hget",
+    "hset",
+    "hdel",
+    "hincrby",
+    "hgetall",
+    "publish",
+    "spublish",
+    "sadd",
+    "smembers",
+    "zadd",
+    "zrangebyscore",
+    "zrem",
+    "del",
+];
+
+/// Redis commands so far: (all, those of presence), from every `cmdstat_*` `calls=`.
+async fn redis_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<(u64, u64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    let mut all = 0;
+    let mut presence = 0;
+    for l in info.lines() {
+        let Some(rest) = l.strip_prefix("cmdstat_") else {
+            continue;
+        };
+        let name = rest.split(':').next().unwrap_or_default();
+        let calls: u64 = rest
+            .split("calls=")
+            .nth(1)
+            .and_then(|c| c.split(',').next())
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        all += calls;
+        if PRESENCE_COMMANDS.contains(&name) {
+            presence += calls;
+        }
+    }
+    Ok((all, presence))
+}
+
+/// Opens every user's stream (200 at once); the streams are held by the returned set.
+async fn open_users(args: &PresenceArgs, tokens: &[String]) -> JoinSet<()> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(200));
+    let mut set = JoinSet::new();
+    for (i, t) in tokens.iter().enumerate() {
+        let target = args.target[i % args.target.len()];
+        let path = format!("/v1/sse?channel={}&token={t}", args.channel);
+        let gate = gate.clone();
+        set.spawn(async move {
+            let Ok(permit) = gate.acquire_owned().await else {
+                return;
+            };
+            let Ok((mut s, _)) = open(target, &path).await else {
+                return;
+            };
+            drop(permit);
+            let mut buf = [0u8; 1024];
+            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+    }
+    set
+}
+
+/// Waits until `counter` reaches `target`, or stops moving for `quiet` (events an observer
+/// lost: its queue is bounded); returns how long until the last change.
+async fn wait_quiet(
+    counter: &AtomicU64,
+    target: u64,
+    quiet: Duration,
+    limit: Duration,
+) -> Duration {
+    let start = Instant::now();
+    let (mut last, mut changed) = (counter.load(Ordering::Relaxed), Instant::now());
+    while last < target && changed.elapsed() < quiet && start.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let now = counter.load(Ordering::Relaxed);
+        if now != last {
+            (last, changed) = (now, Instant::now());
+        }
+    }
+    changed.duration_since(start)
+}
+
+async fn wait(what: &str, limit: Duration, cond: impl Fn() -> bool) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    while !cond() {
+        anyhow::ensure!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(start.elapsed())
+}
+
+pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
+    let mut redis = redis::Client::open(args.redis.as_str())?
+        .get_multiplexed_async_connection()
+        .await
+        .context("connect to --redis")?;
+    let tokens: Vec<String> = (0..args.users)
+        .map(|i| token(&args.secret, &format!("u{i}")))
+        .collect::<Result<_, _>>()?;
+    let joins = Arc::new(AtomicU64::new(0));
+    let leaves = Arc::new(AtomicU64::new(0));
+    let path = format!(
+        "/v1/sse?channel={}&presence=true&token={}",
+        args.channel,
+        token(&args.secret, "observer")?
+    );
+    let (mut observer, first) = open(args.target[0], &path).await?;
+    let (j, l) = (joins.clone(), leaves.clone());
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        let mut carry = first;
+        loop {
+            let text = String::from_utf8_lossy(&carry).to_string();
+            let cut = text.rfind('\n').map_or(0, |i| i + 1);
+            for line in text[..cut].lines() {
+                match line {
+                    "event: hub.join" => j.fetch_add(1, Ordering::Relaxed),
+                    "event: hub.leave" => l.fetch_add(1, Ordering::Relaxed),
+                    _ => 0,
+                };
+            }
+            carry = text.as_bytes()[cut..].to_vec();
+            match observer.read(&mut buf).await {
+                Ok(n) if n > 0 => carry.extend_from_slice(&buf[..n]),
+                _ => return,
+            }
+        }
+    });
+    let limit = Duration::from_secs(args.phase_secs);
+    wait("the observer's own join", limit, || {
+        joins.load(Ordering::Relaxed) >= 1
+    })
+    .await?;
+    let n = args.users;
+
+    // Phase 1: every user joins.
+    let calls0 = redis_calls(&mut redis).await?;
+    let start = Instant::now();
+    let mut users = open_users(&args, &tokens).await;
+    let join_time = wait_quiet(&joins, n + 1, Duration::from_secs(3), limit).await;
+    let joins_seen = joins.load(Ordering::Relaxed) - 1;
+    let calls1 = redis_calls(&mut redis).await?;
+    let open_time = start.elapsed();
+
+    // Phase 2: every user drops and reconnects after `away_ms`: no event expected.
+    let (j0, l0) = (
+        joins.load(Ordering::Relaxed),
+        leaves.load(Ordering::Relaxed),
+    );
+    users.abort_all();
+    while users.join_next().await.is_some() {}
+    tokio::time::sleep(Duration::from_millis(args.away_ms)).await;
+    let mut users = open_users(&args, &tokens).await;
+    // A benchmark's observation window, not a test's wait: events would show within it.
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
+    let calls2 = redis_calls(&mut redis).await?;
+    let storm_events = joins.load(Ordering::Relaxed) - j0 + leaves.load(Ordering::Relaxed) - l0;
+
+    // Phase 3: every user leaves.
+    users.abort_all();
+    while users.join_next().await.is_some() {}
+    let l1 = leaves.load(Ordering::Relaxed);
+    // Leaves come a heartbeat after the close (the grace): quiet for longer than that.
+    let settle = Duration::from_secs(args.settle_secs);
+    let leave_time = wait_quiet(&leaves, l1 + n, settle, limit).await;
+    let leaves_seen = leaves.load(Ordering::Relaxed) - l1;
+    let calls3 = redis_calls(&mut redis).await?;
+
+    let per = |a: (u64, u64), b: (u64, u64)| {
+        ((b.0 - a.0) as f64 / n as f64, (b.1 - a.1) as f64 / n as f64)
+    };
+    let (join_all, join_presence) = per(calls0, calls1);
+    let (re_all, re_presence) = per(calls1, calls2);
+    let (leave_all, leave_presence) = per(calls2, calls3);
+    let report = serde_json::json!({
+        "users": n,
+        "nodes": args.target.len(),
+        "join_all_secs": join_time.as_secs_f64(),
+        "joins_seen": joins_seen,
+        "leaves_seen": leaves_seen,
+        "open_all_secs": open_time.as_secs_f64(),
+        "redis_calls_per_join": join_all,
+        "presence_calls_per_join": join_presence,
+        "reconnect_storm_events": storm_events,
+        "redis_calls_per_reconnect": re_all,
+        "presence_calls_per_reconnect": re_presence,
+        "leave_all_secs": leave_time.as_secs_f64(),
+        "redis_calls_per_leave": leave_all,
+        "presence_calls_per_leave": leave_presence,
+    });
+    println!("{report}");
+    Ok(())
+}
