@@ -91,6 +91,10 @@ pub async fn run(node: Arc<Node>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Redis: what this node left there before a restart under the same name goes first.
     let mut registered = false;
+    // The subscription's epoch: a reconnection may mean a Redis that lost its data, or a lease
+    // that ran out meanwhile (the survivors removed this node's counts): all is reported again
+    // (counts are absolute, so reporting what Redis still has changes nothing).
+    let mut epoch = None;
     loop {
         interval.tick().await;
         let (users, anonymous) = node.registry.presence_gauges();
@@ -115,6 +119,13 @@ pub async fn run(node: Arc<Node>) {
                     }
                     registered = true;
                     node.registry.presence_mark_all();
+                }
+                let now = b.live_epoch();
+                if now.is_some() && now != epoch {
+                    if epoch.is_some() {
+                        node.registry.presence_mark_all();
+                    }
+                    epoch = now;
                 }
                 let changes = node.registry.take_presence(grace);
                 let mut by_channel: HashMap<Arc<str>, ChannelCounts> = HashMap::new();

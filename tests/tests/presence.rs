@@ -2,7 +2,8 @@
 //! node; streams that ask (`presence=true`, `"presence": true`) get `join` when a user's first
 //! stream on the channel opens and `leave` when its last closes, anywhere; a user who reconnects
 //! within a heartbeat makes neither; a node killed with SIGKILL stops counting within two
-//! heartbeats and the survivors send its users' `leave`s.
+//! heartbeats and the survivors send its users' `leave`s; a Redis that restarts empty gets the
+//! counts again.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -209,4 +210,27 @@ async fn a_killed_node_stops_counting_within_two_heartbeats() {
         killed.elapsed()
     );
     assert!(a.log().contains("lease ran out"), "{}", a.log());
+}
+
+#[tokio::test]
+async fn counts_come_back_after_redis_restarts_empty() {
+    // No persistence: a restart loses every key.
+    let mut redis = Redis::start_with(&["--appendonly", "no"]);
+    let url = redis.url();
+    let hub = Hub::start(&[
+        ("HUB_REDIS_URL", url.as_str()),
+        ("HUB_JWT_SECRET", SECRET),
+        ("HUB_HEARTBEAT_SECS", "3"),
+        ("HUB_STALE_AFTER_SECS", "20"),
+    ])
+    .await;
+    hub.wait_ready(WAIT).await;
+    let ch = format!("public:{}", prefix("restart"));
+    let (_u1, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
+    wait_presence(&hub, &ch, json!({"u1": 1}), 0).await;
+    // Redis comes back without its data (no persistence here): the node reports its counts
+    // again once its subscription is back.
+    redis.restart();
+    hub.wait_ready(WAIT).await;
+    wait_presence(&hub, &ch, json!({"u1": 1}), 0).await;
 }
