@@ -1,15 +1,6 @@
-//! Presence: who reads a channel, on every node, without ghosts.
-//!
-//! The registry counts each channel's streams per user; once a second this module reports the
-//! counts that changed, coalesced: all that moved on a channel within the second is one write,
-//! and a user whose last stream closed is reported gone only one heartbeat later, so a client
-//! that reconnects (here or on another node) within it makes neither `leave` nor `join`: a
-//! reconnect storm is not a presence storm. Embedded broker: counts and events stay in memory.
-//! Redis: per changed channel and second one `FCALL hub_presence` (per user in it: HGET, HSET,
-//! HINCRBY, and a PUBLISH when the user's total over all nodes crosses 0) and one SADD; per
-//! second one lease renewal (`hub_presence_lease`), which expires after 2 heartbeats and makes
-//! the survivors remove a dead node's counts and send its users' `leave`s.
-//! It never blocks a stream: a failed write is retried the next second.
+//! Presence: reports this node's per-channel user counts (kept by the registry) once a second,
+//! coalesced, to the embedded table or to Redis with a lease, and turns them into `join`/`leave`.
+//! It never blocks a stream and holds no stream; cost per join and lease rules: see [`run`].
 
 use crate::broker::Broker;
 use crate::node::Node;
@@ -85,6 +76,17 @@ fn lease_ms(heartbeat_secs: u64) -> u64 {
 }
 
 /// Reports presence once a second until the node stops (the task is aborted then).
+///
+/// Coalesced: all that moved on a channel within the second is one write, and a user whose
+/// last stream closed is reported gone only one heartbeat later, so a client that reconnects
+/// (here or on another node) within it makes neither `leave` nor `join`: a reconnect storm is
+/// not a presence storm. Embedded broker: counts and events stay in memory. Redis: per changed
+/// channel and second one `FCALL hub_presence` (per user in it: HGET, HSET, HINCRBY, and a
+/// PUBLISH when the user's total over all nodes crosses 0: 4 commands per join, 2 per
+/// reconnect, 5 per leave, measured in BENCHMARKS.md) and one SADD; per second one lease
+/// renewal (`hub_presence_lease`), which runs out after 2 heartbeats (less 2 s) and makes the
+/// survivors remove a dead node's counts and send its users' `leave`s. A failed write is
+/// retried the next second; a reconnection reports everything again.
 pub async fn run(node: Arc<Node>) {
     let grace = node.config.heartbeat_secs;
     let mut interval = tokio::time::interval(Duration::from_secs(1));

@@ -1,8 +1,9 @@
 //! The node's local registry: which streams are open and which channels each one reads.
 //!
 //! It admits streams against the node and per-user limits, fans a message out to the local
-//! readers of its channel, closes streams exactly once (keeping every count exact), and finds
-//! the streams whose heartbeat, token or silence is due. It does no I/O and never talks to a
+//! readers of its channel, closes streams exactly once (keeping every count exact), counts each
+//! channel's streams per user (presence), and finds the streams whose heartbeat, token or
+//! silence is due. It does no I/O and never talks to a
 //! broker or a transport: it reports which channels gained their first or lost their last local
 //! reader, and the node acts on that.
 
