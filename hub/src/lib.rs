@@ -42,7 +42,7 @@ pub mod ticker;
 pub mod tls;
 pub mod transport;
 
-use actix_http::HttpService;
+use actix_http::HttpServiceBuilder;
 use actix_service::{Service as _, ServiceFactory as _};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context as _;
@@ -136,6 +136,42 @@ impl Listeners {
     }
 }
 
+/// actix-http as every stream connection of the public port is served, whatever the transport
+/// under it (the front's plain connections, TLS).
+fn stream_http<T, S>() -> HttpServiceBuilder<T, S>
+where
+    S: actix_service::ServiceFactory<actix_http::Request, Config = ()>,
+    S::Error: Into<actix_http::Response<actix_http::body::BoxBody>> + 'static,
+    S::InitError: std::fmt::Debug,
+    <S::Service as actix_service::Service<actix_http::Request>>::Future: 'static,
+{
+    HttpServiceBuilder::default()
+        // An EventSource never half-closes on purpose: a FIN means the client left, and its
+        // stream (slot, counts, per-user place) is released at once instead of at the next
+        // write.
+        .h1_allow_half_closed(false)
+        .h1_write_buffer_size(STREAM_WRITE_BUFFER)
+        .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
+        .client_disconnect_timeout(Duration::from_secs(1))
+}
+
+/// Runs the public port's server on `listener`: `factory` makes each worker's service.
+fn public_port(
+    listener: TcpListener,
+    workers: usize,
+    per_worker: usize,
+    factory: impl actix_server::ServerServiceFactory<actix_web::rt::net::TcpStream>,
+) -> std::io::Result<actix_web::dev::Server> {
+    Ok(actix_web::dev::Server::build()
+        .workers(workers)
+        .max_concurrent_connections(per_worker)
+        .backlog(BACKLOG as u32)
+        .disable_signals()
+        .shutdown_timeout(SERVER_STOP_SECS)
+        .listen("public", listener, factory)?
+        .run())
+}
+
 /// The public port: the front ([`http::front`]) reads each request head and serves plain
 /// stream requests itself; actix-http (configured as `HttpServer` would be) answers the rest.
 fn public_server(
@@ -153,14 +189,7 @@ fn public_server(
             let (node, data) = (node.clone(), data.clone());
             async move {
                 let app = App::new().app_data(data).configure(http::public::configure);
-                let http = HttpService::build()
-                    // An EventSource never half-closes on purpose: a FIN means the client
-                    // left, and its stream (slot, counts, per-user place) is released at once
-                    // instead of at the next write.
-                    .h1_allow_half_closed(false)
-                    .h1_write_buffer_size(STREAM_WRITE_BUFFER)
-                    .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
-                    .client_disconnect_timeout(Duration::from_secs(1))
+                let http = stream_http()
                     .on_connect_ext(
                         |io: &http::front::Conn, ext: &mut actix_web::dev::Extensions| {
                             ext.insert(io.socket());
@@ -190,14 +219,7 @@ fn public_server(
             }
         })
     };
-    Ok(actix_web::dev::Server::build()
-        .workers(workers)
-        .max_concurrent_connections(per_worker)
-        .backlog(BACKLOG as u32)
-        .disable_signals()
-        .shutdown_timeout(SERVER_STOP_SECS)
-        .listen("public", listener, factory)?
-        .run())
+    public_port(listener, workers, per_worker, factory)
 }
 
 /// The public port with `HUB_TLS_CERT`/`HUB_TLS_KEY`: actix-http behind rustls, HTTP/2 or
@@ -216,11 +238,7 @@ fn public_tls_server(
         let app = App::new()
             .app_data(data.clone())
             .configure(http::public::configure);
-        HttpService::build()
-            .h1_allow_half_closed(false)
-            .h1_write_buffer_size(STREAM_WRITE_BUFFER)
-            .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
-            .client_disconnect_timeout(Duration::from_secs(1))
+        stream_http()
             .on_connect_ext(|io: &Tls, ext: &mut actix_web::dev::Extensions| {
                 use std::os::fd::AsRawFd;
                 ext.insert(peer::PeerSocket(io.get_ref().0.as_raw_fd()));
@@ -230,14 +248,7 @@ fn public_tls_server(
             }))
             .rustls_0_23(tls.clone())
     };
-    Ok(actix_web::dev::Server::build()
-        .workers(workers)
-        .max_concurrent_connections(per_worker)
-        .backlog(BACKLOG as u32)
-        .disable_signals()
-        .shutdown_timeout(SERVER_STOP_SECS)
-        .listen("public", listener, factory)?
-        .run())
+    public_port(listener, workers, per_worker, factory)
 }
 
 /// Binds the configured ports and runs a node until SIGTERM/SIGINT, then drains and returns.

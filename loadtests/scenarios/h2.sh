@@ -9,9 +9,6 @@ STREAMS=${STREAMS:-10000} PER_CONN=${PER_CONN:-20} RUNS=${RUNS:-3} LIMIT=${LIMIT
 command -v openssl >/dev/null || { echo "needs openssl" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario-h2.XXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 . loadtests/scenarios/lib.sh
 
 # A CA and a certificate for 127.0.0.1.

@@ -11,9 +11,6 @@ USERS=${USERS:-10000} NODES=${NODES:-2} RUNS=${RUNS:-3} HEARTBEAT=${HEARTBEAT:-5
 command -v redis-server >/dev/null || { echo "needs redis-server" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario-presence.XXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 . loadtests/scenarios/lib.sh
 SECRET=presence-storm-secret-of-some-length
 

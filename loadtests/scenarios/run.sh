@@ -53,9 +53,6 @@ fi
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario.XXXX)
 LOADGEN=target/release/loadgen
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 
 . loadtests/scenarios/lib.sh
 

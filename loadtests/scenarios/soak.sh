@@ -23,9 +23,6 @@ cargo build -q --release -p hub -p loadtests
 OUT=${OUT:-$(mktemp -d /tmp/soak.XXXX)}
 mkdir -p "$OUT/redis"
 LOADGEN=target/release/loadgen
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; }
-trap cleanup EXIT
 . loadtests/scenarios/lib.sh
 T0=$(date +%s.%N)
 event() { echo "$(python3 -c "import time; print(round(time.time() - $T0, 1))") $*" >> "$OUT/events.log"; echo "soak: $*" >&2; }

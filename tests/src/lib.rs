@@ -488,6 +488,20 @@ impl SseStream {
         }
     }
 
+    /// A stream over any body (an HTTP/2 stream, say): its status and its bytes.
+    pub fn from_body(
+        status: u16,
+        body: futures_util::stream::BoxStream<'static, Result<bytes::Bytes, String>>,
+    ) -> SseStream {
+        SseStream {
+            status,
+            headers: reqwest::header::HeaderMap::new(),
+            body: Some(body),
+            res: None,
+            buf: BytesMut::new(),
+        }
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }

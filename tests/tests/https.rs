@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hub_tests::redis_server::TlsCerts;
-use hub_tests::{prefix, wait_until, Hub, WAIT};
+use hub_tests::{prefix, wait_until, Hub, SseStream, WAIT};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,11 +45,10 @@ async fn https_hub(certs: &TlsCerts, extra: &[(&str, &str)]) -> Hub {
     Hub::start(&env).await
 }
 
-/// One SSE stream on an HTTP/2 connection: its body, read event by event.
+/// One SSE stream on an HTTP/2 connection, read with the tests' own SSE parser.
 struct H2Stream {
-    body: h2::RecvStream,
+    sse: SseStream,
     send: h2::SendStream<Bytes>,
-    buf: Vec<u8>,
 }
 
 impl H2Stream {
@@ -67,40 +66,24 @@ impl H2Stream {
             res.headers().get("connection").is_none(),
             "no connection header in HTTP/2"
         );
+        // The body's chunks, each handed back to flow control as soon as it is read.
+        let body = futures_util::stream::unfold(res.into_body(), |mut body| async move {
+            let chunk = body.data().await?.map_err(|e| e.to_string());
+            if let Ok(c) = &chunk {
+                let _ = body.flow_control().release_capacity(c.len());
+            }
+            Some((chunk, body))
+        });
         H2Stream {
-            body: res.into_body(),
+            sse: SseStream::from_body(200, body.boxed()),
             send,
-            buf: Vec::new(),
         }
     }
 
     /// The next event's (event name, data), comments skipped.
     async fn next(&mut self) -> (String, String) {
-        loop {
-            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
-                let block = String::from_utf8(self.buf.drain(..end + 2).collect()).unwrap();
-                let mut event = "message".to_string();
-                let mut data = Vec::new();
-                for line in block.lines() {
-                    if let Some(e) = line.strip_prefix("event: ") {
-                        event = e.to_string();
-                    } else if let Some(d) = line.strip_prefix("data: ") {
-                        data.push(d.to_string());
-                    }
-                }
-                if !block.starts_with(':') {
-                    return (event, data.join("\n"));
-                }
-                continue;
-            }
-            let chunk = tokio::time::timeout(WAIT, self.body.data())
-                .await
-                .expect("an event in time")
-                .expect("stream open")
-                .unwrap();
-            let _ = self.body.flow_control().release_capacity(chunk.len());
-            self.buf.extend_from_slice(&chunk);
-        }
+        let e = self.sse.next_message(WAIT).await.expect("stream open");
+        (e.event, e.data)
     }
 }
 

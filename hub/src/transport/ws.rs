@@ -46,16 +46,16 @@ const REFRESHES_PER_SEC: f64 = 0.2;
 const PONGS_OWED: usize = 4;
 
 /// A token bucket for one socket's costly requests (resumes, refreshes).
-struct ResumeBudget {
+struct Budget {
     tokens: std::cell::Cell<f64>,
     at: std::cell::Cell<std::time::Instant>,
     burst: f64,
     per_sec: f64,
 }
 
-impl ResumeBudget {
+impl Budget {
     fn new(burst: f64, per_sec: f64) -> Self {
-        ResumeBudget {
+        Budget {
             tokens: std::cell::Cell::new(burst),
             at: std::cell::Cell::new(std::time::Instant::now()),
             burst,
@@ -260,8 +260,8 @@ pub async fn open(
         _live: node.track_transport(),
         stream,
         claims,
-        resumes: ResumeBudget::new(RESUME_BURST, RESUMES_PER_SEC),
-        refreshes: ResumeBudget::new(REFRESH_BURST, REFRESHES_PER_SEC),
+        resumes: Budget::new(RESUME_BURST, RESUMES_PER_SEC),
+        refreshes: Budget::new(REFRESH_BURST, REFRESHES_PER_SEC),
         input,
         read: BytesMut::new(),
         codec: Codec::new().max_size(MAX_CLIENT_FRAME),
@@ -312,8 +312,8 @@ enum State {
 pub struct WsBody {
     stream: StreamGuard,
     claims: Option<Arc<Claims>>,
-    resumes: ResumeBudget,
-    refreshes: ResumeBudget,
+    resumes: Budget,
+    refreshes: Budget,
     /// The client's bytes (when actix reads them; the front feeds them instead), and what of
     /// them is not yet a whole frame.
     input: Option<web::Payload>,
