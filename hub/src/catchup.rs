@@ -1,5 +1,6 @@
 //! The catch-up: history reads for readers that are behind (a resume, a reader that fell more
-//! than its queue behind, every reader after the broker may have lost messages).
+//! than its queue behind, every reader after the broker may have lost messages), and presence
+//! changes for observers behind on their channel's presence log.
 //!
 //! Streams ask by sequence number when they have room (see `Session::poll_item`); one task
 //! takes every request waiting, groups the readers by channel and serves each group with pages
@@ -56,6 +57,12 @@ pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
     loop {
         if requests.recv_many(&mut batch, BATCH).await == 0 {
             return;
+        }
+        // Presence changes come from the node's own log: no broker needed.
+        for &seq in &batch {
+            if let Some(session) = node.registry.get(seq) {
+                node.registry.pump_presence(&session);
+            }
         }
         // While the broker's subscriptions are not whole, no read could take a reader live:
         // hold the requests until they are.

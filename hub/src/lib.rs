@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod presence;
+pub mod presence_log;
 pub mod refusal;
 pub mod registry;
 pub mod session;

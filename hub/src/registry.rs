@@ -10,6 +10,7 @@
 use crate::broker::Sink;
 use crate::message::Message;
 use crate::metrics::{CloseReason, DropReason, Metrics, RejectReason, Transport};
+use crate::presence_log::{PresenceLog, Recorded};
 use crate::session::{Offer, PresenceEvent, Session};
 use parking_lot::Mutex;
 use protocol::ChannelName;
@@ -36,6 +37,8 @@ struct Channel {
     /// Its readers' streams per user (`sub`), and its readers without a token.
     users: HashMap<Arc<str>, u32>,
     anonymous: u32,
+    /// Joins and leaves heard since it has local readers, read by its observers by cursor.
+    log: PresenceLog,
 }
 
 /// A (channel, user) whose count on this node changed (`None`: the anonymous count).
@@ -225,6 +228,7 @@ impl Registry {
                 Channel::default()
             });
             if entry.readers.insert(session.seq, session.clone()).is_none() {
+                session.presence_start(ch, entry.log.head());
                 match &session.user {
                     Some(u) => *entry.users.entry(u.clone()).or_insert(0) += 1,
                     None => entry.anonymous += 1,
@@ -394,7 +398,9 @@ impl Registry {
             let shard = shard.lock();
             for s in shard.values() {
                 s.trim_if_idle(idle_since);
-                if s.expires_at().is_some_and(|e| e <= now_unix) {
+                if s.is_presence_lost() {
+                    due.push((s.clone(), CloseReason::Slow));
+                } else if s.expires_at().is_some_and(|e| e <= now_unix) {
                     due.push((s.clone(), CloseReason::TokenExpired));
                 } else if now.saturating_sub(s.last_write()) >= stale_after {
                     due.push((s.clone(), CloseReason::Stale));
@@ -557,21 +563,87 @@ impl Registry {
         }
     }
 
-    /// Hands a `join`/`leave` to the local readers of its channel that asked for them.
+    /// Records a `join`/`leave` in its channel's presence log and hands it to the local
+    /// readers that asked for them (the ones behind read it from the log later). When the log
+    /// is due for pruning, it forgets what every observer has read; an observer so slow that
+    /// the log's bound forgot changes it had not read is marked to be closed as slow.
     pub fn presence_event(&self, ev: &Arc<PresenceEvent>) {
-        let mut lagged = 0;
+        let mut lost = 0;
         {
-            let shard = self.channels[shard_of(&ev.channel)].lock();
-            if let Some(c) = shard.get(ev.channel.as_str()) {
-                for s in c.readers.values() {
-                    if s.offer_presence(ev) == Offer::Lagged {
-                        lagged += 1;
+            let mut shard = self.channels[shard_of(&ev.channel)].lock();
+            let Some(c) = shard.get_mut(ev.channel.as_str()) else {
+                return;
+            };
+            let (seq, full) = match c.log.record(&ev.sub, ev.join) {
+                Recorded::Nothing => return,
+                Recorded::At(seq) => (seq, false),
+                Recorded::Full(seq) => (seq, true),
+            };
+            let mut observers = 0;
+            for s in c.readers.values() {
+                if s.offer_presence(ev, seq) == Offer::Queued {
+                    observers += 1;
+                }
+            }
+            if full || observers == 0 {
+                let slowest = c
+                    .readers
+                    .values()
+                    .filter_map(|s| s.presence_cursor(ev.channel.as_str()))
+                    .min()
+                    .unwrap_or(seq);
+                let floor = c.log.prune(slowest);
+                if floor > slowest {
+                    for s in c.readers.values() {
+                        if s.presence_cursor(ev.channel.as_str())
+                            .is_some_and(|at| at < floor)
+                        {
+                            tracing::warn!(connection_id = %s.id, channel = %ev.channel, "an observer fell too far behind the channel's presence changes: closing it as slow");
+                            s.presence_lost();
+                            lost += 1;
+                        }
                     }
                 }
             }
         }
-        if lagged > 0 {
-            self.metrics.dropped(DropReason::Lagged).increment(lagged);
+        if lost > 0 {
+            self.metrics.dropped(DropReason::Lagged).increment(lost);
+        }
+    }
+
+    /// Feeds `session` the presence changes it is behind on, as far as its queue takes them
+    /// (the catch-up calls it when the stream has room).
+    pub fn pump_presence(&self, session: &Session) {
+        for ch in session.presence_due() {
+            loop {
+                let shard = self.channels[shard_of(&ch)].lock();
+                let Some(c) = shard.get(ch.as_str()) else {
+                    break;
+                };
+                let Some((from, room)) = session.presence_room(ch.as_str()) else {
+                    break;
+                };
+                if from < c.log.floor() {
+                    session.presence_lost();
+                    break;
+                }
+                let (changes, to) = c.log.read(from, room);
+                let head = c.log.head();
+                let events = changes
+                    .into_iter()
+                    .map(|(sub, join)| {
+                        Arc::new(PresenceEvent {
+                            channel: ch.clone(),
+                            sub,
+                            join,
+                        })
+                    })
+                    .collect();
+                session.presence_fed(ch.as_str(), from, events, to, head);
+                if to == head || to == from {
+                    break;
+                }
+            }
         }
     }
 
@@ -703,6 +775,153 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    /// A stream on `channel` that asked for its presence.
+    fn observer(r: &Registry, channel: &str, cap: usize) -> Arc<Session> {
+        assert!(r.try_admit(100, None, 10).is_ok());
+        let ch = ChannelName::new(channel).unwrap();
+        let s = Arc::new(Session::new(
+            SessionInit {
+                seq: r.next_seq(),
+                transport: Transport::Sse,
+                envelope: false,
+                user: None,
+                expires_at: None,
+                capacity: cap,
+                now: 0,
+                refill: None,
+                socket: None,
+            },
+            vec![ch.clone()],
+        ));
+        s.want_presence(None);
+        r.register(&s);
+        r.add_channels(&s, std::slice::from_ref(&ch));
+        s.start(&[(ch, StartAt::Live(StreamId::ZERO))], |_| Vec::new());
+        s
+    }
+
+    fn change(channel: &str, sub: &str, join: bool) -> Arc<PresenceEvent> {
+        Arc::new(PresenceEvent {
+            channel: ChannelName::new(channel).unwrap(),
+            sub: Arc::from(sub),
+            join,
+        })
+    }
+
+    /// Takes what `s` has queued as the catch-up and a transport would (pump, then drain,
+    /// until nothing comes), applying joins and leaves to `view`; every one must be a change.
+    fn read_presence(r: &Registry, s: &Session, view: &mut std::collections::BTreeSet<String>) {
+        let mut cx = Context::from_waker(Waker::noop());
+        loop {
+            r.pump_presence(s);
+            let mut got = 0;
+            while let Poll::Ready(Some(item)) = s.poll_item(&mut cx) {
+                if let Item::Presence(p) = item {
+                    if p.join {
+                        assert!(view.insert(p.sub.to_string()), "join of {}", p.sub);
+                    } else {
+                        assert!(view.remove(&*p.sub), "leave of {}", p.sub);
+                    }
+                    got += 1;
+                }
+            }
+            if got == 0 {
+                return;
+            }
+        }
+    }
+
+    #[test]
+    fn an_observer_with_a_small_queue_gets_every_join_and_leave_of_a_storm() {
+        let r = reg();
+        let obs = observer(&r, "c", 4);
+        let (plain, _) = open(&r, &["c"], 4);
+        let mut view = std::collections::BTreeSet::new();
+        for i in 0..1000 {
+            r.presence_event(&change("c", &format!("u{i}"), true));
+            if i % 97 == 0 {
+                read_presence(&r, &obs, &mut view);
+            }
+        }
+        read_presence(&r, &obs, &mut view);
+        assert_eq!(view.len(), 1000, "every join, with a queue of 4");
+        let late = observer(&r, "c", 4);
+        let mut late_view = std::collections::BTreeSet::new();
+        for i in 0..1000 {
+            r.presence_event(&change("c", &format!("u{i}"), false));
+            if i % 89 == 0 {
+                read_presence(&r, &obs, &mut view);
+            }
+        }
+        // A repeated join is no change; a user who joins and leaves unread cancels out.
+        r.presence_event(&change("c", "x", true));
+        r.presence_event(&change("c", "x", true));
+        read_presence(&r, &obs, &mut view);
+        assert_eq!(
+            view.into_iter().collect::<Vec<_>>(),
+            ["x"],
+            "every leave, x's join"
+        );
+        let mut view = std::collections::BTreeSet::from(["x".to_string()]);
+        r.presence_event(&change("c", "x", false));
+        read_presence(&r, &obs, &mut view);
+        assert!(view.is_empty());
+        // The late observer started after the joins: it gets the leaves of users it never
+        // saw join (a client may know them from GET /v1/presence), and x came and went.
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut leaves = 0;
+        loop {
+            r.pump_presence(&late);
+            let mut got = 0;
+            while let Poll::Ready(Some(item)) = late.poll_item(&mut cx) {
+                if let Item::Presence(p) = item {
+                    assert!(!p.join);
+                    late_view.insert(p.sub.to_string());
+                    leaves += 1;
+                    got += 1;
+                }
+            }
+            if got == 0 {
+                break;
+            }
+        }
+        assert_eq!((leaves, late_view.len()), (1000, 1000));
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            !matches!(
+                plain.poll_item(&mut cx),
+                Poll::Ready(Some(Item::Presence(_)))
+            ),
+            "a stream that did not ask gets none"
+        );
+    }
+
+    #[test]
+    fn an_observer_that_never_reads_holds_a_bounded_log_and_is_closed_as_slow() {
+        let r = reg();
+        let stuck = observer(&r, "c", 4);
+        let reader = observer(&r, "c", 4);
+        let mut view = std::collections::BTreeSet::new();
+        let n = crate::presence_log::MAX_KEPT + 10;
+        for i in 0..n {
+            r.presence_event(&change("c", &format!("u{}", i / 2), i % 2 == 0));
+            if i % 1000 == 0 {
+                read_presence(&r, &reader, &mut view);
+            }
+        }
+        read_presence(&r, &reader, &mut view);
+        assert!(view.is_empty(), "the reader kept up: {}", view.len());
+        assert!(stuck.is_presence_lost() && !reader.is_presence_lost());
+        let due = r.tick(1, 30, 0, 90, |_| false);
+        assert!(due
+            .iter()
+            .any(|(s, why)| Arc::ptr_eq(s, &stuck) && *why == CloseReason::Slow));
+        assert!(!due.iter().any(|(s, _)| Arc::ptr_eq(s, &reader)));
+        let shard = r.channels[shard_of("c")].lock();
+        let log = &shard.get("c").unwrap().log;
+        assert!(log.head() - log.floor() < crate::presence_log::MAX_KEPT as u64);
     }
 
     #[test]

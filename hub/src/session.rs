@@ -121,6 +121,11 @@ struct Chan {
     unread: bool,
     /// The client asked for this channel's `join`/`leave` events.
     presence: bool,
+    /// Presence changes not all queued: the catch-up feeds them from the channel's log
+    /// (see [`crate::presence_log`]) when the queue has room.
+    presence_behind: bool,
+    /// The channel's presence log read up to here (its cursor).
+    presence_at: u64,
 }
 
 struct State {
@@ -242,6 +247,9 @@ pub struct Session {
     last_taken: AtomicU64,
     /// 0 while open, else the `CloseReason` that ended it (first one wins).
     closed: AtomicU8,
+    /// An observer that fell so far behind its channel's presence log that changes it had not
+    /// read were forgotten: the tick closes it as slow.
+    presence_lost: std::sync::atomic::AtomicBool,
     /// Where this stream asks for history reads (its `seq`); `None` in unit tests.
     refill: Option<UnboundedSender<u64>>,
     state: Mutex<State>,
@@ -285,6 +293,8 @@ impl Session {
                 fresh: true,
                 unread: false,
                 presence: false,
+                presence_behind: false,
+                presence_at: 0,
             });
         }
         Session {
@@ -300,6 +310,7 @@ impl Session {
             last_write: AtomicU64::new(init.now),
             last_taken: AtomicU64::new(init.now),
             closed: AtomicU8::new(0),
+            presence_lost: std::sync::atomic::AtomicBool::new(false),
             refill: init.refill,
             state: Mutex::new(state),
         }
@@ -358,7 +369,10 @@ impl Session {
         let due = !st.refill_requested
             && !st.ending
             && st.queue.len() <= self.capacity / 2
-            && st.chans.iter().any(|c| c.read == Read::Behind || c.unread);
+            && st
+                .chans
+                .iter()
+                .any(|c| c.read == Read::Behind || c.unread || c.presence_behind);
         if due {
             st.refill_requested = true;
         }
@@ -493,6 +507,8 @@ impl Session {
                         fresh: true,
                         unread: false,
                         presence: false,
+                        presence_behind: false,
+                        presence_at: 0,
                     },
                 );
                 true
@@ -510,11 +526,33 @@ impl Session {
         }
     }
 
-    /// Queues a presence event for a stream that asked for its channel's; never past the
-    /// queue's slack (a reader that far behind loses it, as an ephemeral message).
-    pub fn offer_presence(&self, ev: &Arc<PresenceEvent>) -> Offer {
+    /// Whether the client asked for `channel`'s presence: its log cursor if so.
+    pub fn presence_cursor(&self, channel: &str) -> Option<u64> {
+        let st = self.state.lock();
+        let i = st.index(channel)?;
+        st.chans[i].presence.then_some(st.chans[i].presence_at)
+    }
+
+    /// Starts an observer of `channel` at its presence log's `head` (the registry calls it
+    /// under the channel's lock, as it offers changes). `false` if it does not observe it.
+    pub fn presence_start(&self, channel: &str, head: u64) -> bool {
         let mut st = self.state.lock();
-        if st.ending || !st.started {
+        let Some(i) = st.index(channel) else {
+            return false;
+        };
+        let c = &mut st.chans[i];
+        c.presence_at = head;
+        c.presence_behind = false;
+        c.presence
+    }
+
+    /// Offers the presence change `seq` of its channel's log. An observer that has read the
+    /// log up to it and has room gets the shared event now; any other is left behind and
+    /// the catch-up feeds it from the log at its pace ([`Session::presence_room`]): so no
+    /// change is lost to a full queue. `Skipped` for a stream that does not observe it.
+    pub fn offer_presence(&self, ev: &Arc<PresenceEvent>, seq: u64) -> Offer {
+        let mut st = self.state.lock();
+        if st.ending {
             return Offer::Skipped;
         }
         let Some(i) = st.index(&ev.channel) else {
@@ -523,12 +561,82 @@ impl Session {
         if !st.chans[i].presence {
             return Offer::Skipped;
         }
-        if st.queue.len() >= self.capacity + CONTROL_SLACK {
-            return Offer::Lagged;
+        let c = &st.chans[i];
+        if !c.presence_behind
+            && st.started
+            && c.presence_at + 1 == seq
+            && st.queue.len() < self.capacity
+        {
+            st.chans[i].presence_at = seq;
+            st.queue.push_back(Item::Presence(ev.clone()));
+            Self::wake(st);
+            return Offer::Queued;
         }
-        st.queue.push_back(Item::Presence(ev.clone()));
-        Self::wake(st);
+        st.chans[i].presence_behind = true;
+        let due = self.refill_due(&mut st);
+        drop(st);
+        if due {
+            self.request_refill();
+        }
         Offer::Queued
+    }
+
+    /// The channels whose presence changes the catch-up should feed now.
+    pub fn presence_due(&self) -> Vec<ChannelName> {
+        let st = self.state.lock();
+        if st.ending || !st.started {
+            return Vec::new();
+        }
+        st.chans
+            .iter()
+            .filter(|c| c.presence_behind)
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// An observer behind on `channel`'s presence: its cursor and the changes its queue can
+    /// take now.
+    pub fn presence_room(&self, channel: &str) -> Option<(u64, usize)> {
+        let st = self.state.lock();
+        let i = st.index(channel)?;
+        let c = &st.chans[i];
+        let fits = st.started && !st.ending && st.queue.len() < self.capacity;
+        (c.presence && c.presence_behind && fits)
+            .then(|| (c.presence_at, self.capacity - st.queue.len()))
+    }
+
+    /// Queues what was read from `channel`'s presence log at `from` (as
+    /// [`Session::presence_room`] gave it, under the same channel lock) up to cursor `to`;
+    /// caught up when `to` is the log's head.
+    pub fn presence_fed(
+        &self,
+        channel: &str,
+        from: u64,
+        events: Vec<Arc<PresenceEvent>>,
+        to: u64,
+        head: u64,
+    ) {
+        let mut st = self.state.lock();
+        let Some(i) = st.index(channel) else {
+            return;
+        };
+        if st.ending || st.chans[i].presence_at != from {
+            return;
+        }
+        st.chans[i].presence_at = to;
+        st.chans[i].presence_behind = to < head;
+        st.queue.extend(events.into_iter().map(Item::Presence));
+        Self::wake(st);
+    }
+
+    /// Changes this observer had not read were forgotten (its channel's log hit its bound):
+    /// it is closed as slow at the next tick.
+    pub fn presence_lost(&self) {
+        self.presence_lost.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_presence_lost(&self) -> bool {
+        self.presence_lost.load(Ordering::Relaxed)
     }
 
     /// Removes a channel (WebSocket unsubscribe); `false` if it was not there.
@@ -1195,7 +1303,7 @@ mod tests {
     }
 
     #[test]
-    fn presence_events_reach_only_channels_that_asked() {
+    fn presence_events_reach_only_channels_that_asked_and_a_full_queue_falls_behind() {
         let s = live(&["a", "b"], 4);
         drain(&s);
         let ev = |c: &str, join: bool| {
@@ -1205,21 +1313,28 @@ mod tests {
                 join,
             })
         };
-        assert_eq!(s.offer_presence(&ev("a", true)), Offer::Skipped);
+        assert_eq!(s.offer_presence(&ev("a", true), 1), Offer::Skipped);
         s.want_presence(Some("a"));
-        assert_eq!(s.offer_presence(&ev("a", true)), Offer::Queued);
-        assert_eq!(s.offer_presence(&ev("b", true)), Offer::Skipped);
-        s.want_presence(None);
-        assert_eq!(s.offer_presence(&ev("b", false)), Offer::Queued);
-        assert_eq!(drain(&s), ["join:u", "leave:u"]);
-        // Bounded: beyond the queue's slack an event is lost to this reader.
-        let mut lagged = 0;
-        for _ in 0..(4 + CONTROL_SLACK + 3) {
-            if s.offer_presence(&ev("a", true)) == Offer::Lagged {
-                lagged += 1;
-            }
+        assert!(s.presence_start("a", 1) && !s.presence_start("b", 0));
+        assert_eq!(s.offer_presence(&ev("a", true), 2), Offer::Queued);
+        assert_eq!(s.offer_presence(&ev("b", true), 1), Offer::Skipped);
+        assert_eq!(s.presence_cursor("a"), Some(2));
+        assert_eq!(s.presence_cursor("b"), None);
+        assert_eq!(drain(&s), ["join:u"]);
+        // A full queue: the change is left to the log, and so is every later one.
+        for i in 0..4 {
+            s.offer(&msg("a", Some(i + 1), "m"));
         }
-        assert_eq!(lagged, 3);
+        assert_eq!(s.offer_presence(&ev("a", false), 3), Offer::Queued);
+        assert_eq!(s.presence_room("a"), None, "no room yet");
+        assert_eq!(drain(&s).len(), 4);
+        assert_eq!(s.presence_due(), [chan("a")]);
+        assert_eq!(s.presence_room("a"), Some((2, 4)));
+        s.presence_fed("a", 2, vec![ev("a", false)], 3, 3);
+        assert_eq!(drain(&s), ["leave:u"]);
+        assert!(s.presence_due().is_empty(), "caught up");
+        assert_eq!(s.offer_presence(&ev("a", true), 4), Offer::Queued);
+        assert_eq!(drain(&s), ["join:u"], "queued directly again");
     }
 
     #[test]

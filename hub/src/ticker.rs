@@ -43,6 +43,9 @@ pub async fn run(node: Arc<Node>) {
                     crate::metrics::CloseReason::TokenExpired => {
                         tracing::info!(connection_id = %s.id, "closing stream: its token expired")
                     }
+                    crate::metrics::CloseReason::Slow => {
+                        tracing::info!(connection_id = %s.id, "closing slow stream: it fell too far behind its channel's presence changes")
+                    }
                     _ => {
                         tracing::info!(connection_id = %s.id, "closing stale stream: it took nothing for HUB_STALE_AFTER_SECS, or its client stopped acknowledging")
                     }

@@ -234,3 +234,67 @@ async fn counts_come_back_after_redis_restarts_empty() {
     hub.wait_ready(WAIT).await;
     wait_presence(&hub, &ch, json!({"u1": 1}), 0).await;
 }
+
+/// A storm: 600 users open streams on two nodes within a second or two, then all close. An
+/// observer whose queue holds 4 items (`HUB_OUTBOX_LEN`) reads every join and every leave
+/// exactly once, because changes beyond its queue wait in the channel's presence log, not in
+/// the queue; and what it reads adds up to what `GET /v1/presence` says.
+#[tokio::test]
+async fn a_storm_reaches_an_observer_with_a_tiny_queue_whole() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let start = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            let hub = Hub::start(&[
+                ("HUB_REDIS_URL", url.as_str()),
+                ("HUB_NODE_ID", name),
+                ("HUB_JWT_SECRET", SECRET),
+                ("HUB_HEARTBEAT_SECS", "2"),
+                ("HUB_OUTBOX_LEN", "4"),
+                ("HUB_MAX_CONNECTIONS", "2000"),
+            ])
+            .await;
+            hub.wait_ready(WAIT).await;
+            hub
+        }
+    };
+    let a = start("storm-a").await;
+    let b = start("storm-b").await;
+    let ch = format!("public:{}", prefix("storm"));
+    let (mut watcher, _) = a
+        .connect(
+            &format!("{}&presence=true", with_token(&ch, "watcher")),
+            &[],
+        )
+        .await;
+    assert_eq!(event(&mut watcher).await, "join:watcher");
+    const USERS: usize = 600;
+    let opens = (0..USERS).map(|i| {
+        let hub = if i % 2 == 0 { &a } else { &b };
+        let q = with_token(&ch, &format!("u{i}"));
+        async move { hub.connect(&q, &[]).await.0 }
+    });
+    let users = futures_util::future::join_all(opens).await;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < USERS {
+        let e = event(&mut watcher).await;
+        let sub = e.strip_prefix("join:").unwrap_or_else(|| panic!("{e}"));
+        assert!(seen.insert(sub.to_string()), "a second join of {sub}");
+    }
+    let mut expected: serde_json::Map<String, Value> =
+        seen.iter().map(|s| (s.clone(), json!(1))).collect();
+    expected.insert("watcher".into(), json!(1));
+    wait_presence(&a, &ch, Value::Object(expected), 0).await;
+
+    drop(users);
+    while !seen.is_empty() {
+        let e = event(&mut watcher).await;
+        let sub = e.strip_prefix("leave:").unwrap_or_else(|| panic!("{e}"));
+        assert!(seen.remove(sub), "a leave of {sub} unseen or twice");
+    }
+    wait_presence(&a, &ch, json!({"watcher": 1}), 0).await;
+    // Nothing more comes: the next event is a message published now.
+    a.publish(&ch, None, json!("after the storm"), false).await;
+    assert_eq!(event(&mut watcher).await, "after the storm");
+}
