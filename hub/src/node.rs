@@ -31,6 +31,8 @@ const ADMIT_WAIT: Duration = Duration::from_millis(500);
 /// Streams that may wait for a place at once; beyond, refusals are immediate (a flood at the
 /// cap must not hold a thousand requests open).
 const ADMIT_WAITERS: usize = 256;
+/// Reads of a channel's users (Redis) before its observers start from what the node heard.
+const SEED_ATTEMPTS: u32 = 5;
 
 /// What a transport asks for when a stream opens.
 pub struct OpenRequest {
@@ -366,7 +368,7 @@ impl Node {
     /// On error the caller closes the stream or drops the channel. Cancel-safe: the registry
     /// holds nothing the stream's close does not release.
     pub async fn start_channels(
-        &self,
+        self: &Arc<Self>,
         session: &Arc<Session>,
         want: Vec<(ChannelName, Want)>,
         head: impl FnOnce(&[StreamId]) -> Vec<Item>,
@@ -405,6 +407,14 @@ impl Node {
                 }
             }
         }
+        // Observers start from the users present over every node: the channel's first one
+        // has them read (its log knows only what this node heard since it had readers).
+        let observed: Vec<ChannelName> = want
+            .iter()
+            .filter(|(c, _)| session.presence_cursor(c).is_some())
+            .map(|(c, _)| c.clone())
+            .collect();
+        self.seed_presence(observed);
         let mut starts = Vec::with_capacity(want.len());
         for (channel, w) in want {
             let at = match w {
@@ -437,6 +447,44 @@ impl Node {
                 .increment(fed.lagged as u64);
         }
         Ok(())
+    }
+
+    /// Reads the users over every node of each channel whose presence log is not known whole
+    /// (see [`Registry::presence_claim_seed`]) and hands them to the registry. Embedded: at
+    /// once. Redis: one `FCALL_RO hub_presence_read` per channel in a task of its own (a
+    /// stream that goes away meanwhile leaves nothing waiting), retried up to 5 times half a
+    /// second apart; after that the log goes on with what this node heard (logged).
+    pub fn seed_presence(self: &Arc<Self>, channels: Vec<ChannelName>) {
+        for ch in channels {
+            if !self.registry.presence_claim_seed(&ch) {
+                continue;
+            }
+            if !matches!(self.broker, Broker::Redis(_)) {
+                let users = self.presence.read(&ch).users.into_keys().collect();
+                self.registry.presence_seed(&ch, Some(users));
+                continue;
+            }
+            let node = self.clone();
+            tokio::spawn(async move {
+                let Broker::Redis(b) = &node.broker else {
+                    return;
+                };
+                for attempt in 1..=SEED_ATTEMPTS {
+                    match b.presence_read(&ch).await {
+                        Ok((users, _)) => {
+                            let users = users.into_iter().map(|(u, _)| Arc::from(u)).collect();
+                            node.registry.presence_seed(&ch, Some(users));
+                            return;
+                        }
+                        Err(e) if attempt == SEED_ATTEMPTS => {
+                            tracing::warn!(channel = %ch, error = %e, "presence: reading the channel's users failed; its observers start from what this node heard");
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    }
+                }
+                node.registry.presence_seed(&ch, None);
+            });
+        }
     }
 
     /// Takes a stream off a channel (WebSocket unsubscribe, or a channel that failed to start).

@@ -126,6 +126,8 @@ pub async fn run(node: Arc<Node>) {
                 if now.is_some() && now != epoch {
                     if epoch.is_some() {
                         node.registry.presence_mark_all();
+                        // Changes published while the subscription was down were missed.
+                        node.seed_presence(node.registry.presence_unseed_all());
                     }
                     epoch = now;
                 }

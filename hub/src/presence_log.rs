@@ -37,6 +37,9 @@ pub struct PresenceLog {
     present: HashSet<Arc<str>>,
     /// Prune when `changes` reaches this many (doubles with what survives a prune).
     next_prune: usize,
+    /// The users present at `head()` = .0, sorted: shared by every observer that starts
+    /// while nothing changes.
+    snapshot: Option<(u64, Arc<[Arc<str>]>)>,
 }
 
 impl PresenceLog {
@@ -125,6 +128,40 @@ impl PresenceLog {
         (out, at)
     }
 
+    /// The users present now, sorted (what a new observer starts from, with cursor `head()`).
+    pub fn snapshot(&mut self) -> Arc<[Arc<str>]> {
+        let head = self.head();
+        match &self.snapshot {
+            Some((at, users)) if *at == head => users.clone(),
+            _ => {
+                let mut users: Vec<Arc<str>> = self.present.iter().cloned().collect();
+                users.sort_unstable();
+                let users: Arc<[Arc<str>]> = users.into();
+                self.snapshot = Some((head, users.clone()));
+                users
+            }
+        }
+    }
+
+    /// The changes that make this log's users `truth` (read from every node's counts): a
+    /// leave for each present user not in it, a join for each one in it not present.
+    pub fn reconcile(&self, truth: &HashSet<Arc<str>>) -> Vec<(Arc<str>, bool)> {
+        let mut out: Vec<(Arc<str>, bool)> = self
+            .present
+            .iter()
+            .filter(|u| !truth.contains(*u))
+            .map(|u| (u.clone(), false))
+            .collect();
+        out.extend(
+            truth
+                .iter()
+                .filter(|u| !self.present.contains(*u))
+                .map(|u| (u.clone(), true)),
+        );
+        out.sort_unstable();
+        out
+    }
+
     /// Users present as far as this log knows (for tests).
     #[cfg(test)]
     fn present(&self) -> Vec<&str> {
@@ -193,6 +230,18 @@ mod tests {
         assert_eq!(log.prune(log.head()), 150);
         assert!(log.changes.is_empty());
         assert_eq!(log.present().len(), 50, "users 50..99");
+        let snap = log.snapshot();
+        assert_eq!(snap.len(), 50);
+        assert!(Arc::ptr_eq(&snap, &log.snapshot()), "shared until a change");
+        let truth: HashSet<Arc<str>> = ["u50", "u98", "new"].into_iter().map(sub).collect();
+        let fix = log.reconcile(&truth);
+        assert_eq!(fix.len(), 48 + 1);
+        assert!(fix.contains(&(sub("new"), true)) && fix.contains(&(sub("u51"), false)));
+        for (u, j) in fix {
+            log.record(&u, j);
+        }
+        assert_eq!(log.present(), ["new", "u50", "u98"]);
+        assert!(!Arc::ptr_eq(&snap, &log.snapshot()));
         // A stuck observer at 0 cannot hold more than MAX_KEPT.
         let mut log = PresenceLog::default();
         for i in 0..MAX_KEPT as u64 + 10 {

@@ -10,7 +10,7 @@
 use crate::broker::Sink;
 use crate::message::Message;
 use crate::metrics::{CloseReason, DropReason, Metrics, RejectReason, Transport};
-use crate::presence_log::{PresenceLog, Recorded};
+use crate::presence_log::{PresenceLog, Recorded, MAX_KEPT};
 use crate::session::{Offer, PresenceEvent, Session};
 use parking_lot::Mutex;
 use protocol::ChannelName;
@@ -39,6 +39,22 @@ struct Channel {
     anonymous: u32,
     /// Joins and leaves heard since it has local readers, read by its observers by cursor.
     log: PresenceLog,
+    /// Whether `log` holds every node's users (see [`Registry::presence_claim_seed`]).
+    seed: Seed,
+}
+
+/// How far a channel's presence log knows who is there.
+#[derive(Default)]
+enum Seed {
+    /// Only from the changes heard since the channel got its first local reader.
+    #[default]
+    Partial,
+    /// The users over every node are being read; changes heard meanwhile wait here and are
+    /// applied after them (bounded: past [`crate::presence_log::MAX_KEPT`] the read is not
+    /// waited for).
+    Reading(Vec<Arc<PresenceEvent>>),
+    /// From that read on.
+    Whole,
 }
 
 /// A (channel, user) whose count on this node changed (`None`: the anonymous count).
@@ -564,71 +580,184 @@ impl Registry {
     }
 
     /// Records a `join`/`leave` in its channel's presence log and hands it to the local
-    /// readers that asked for them (the ones behind read it from the log later). When the log
-    /// is due for pruning, it forgets what every observer has read; an observer so slow that
-    /// the log's bound forgot changes it had not read is marked to be closed as slow.
+    /// readers that asked for them (the ones behind read it from the log later).
     pub fn presence_event(&self, ev: &Arc<PresenceEvent>) {
-        let mut lost = 0;
-        {
+        let lost = {
             let mut shard = self.channels[shard_of(&ev.channel)].lock();
             let Some(c) = shard.get_mut(ev.channel.as_str()) else {
                 return;
             };
-            let (seq, full) = match c.log.record(&ev.sub, ev.join) {
-                Recorded::Nothing => return,
-                Recorded::At(seq) => (seq, false),
-                Recorded::Full(seq) => (seq, true),
-            };
-            let mut observers = 0;
+            match &mut c.seed {
+                Seed::Reading(held) if held.len() < MAX_KEPT => {
+                    held.push(ev.clone());
+                    0
+                }
+                Seed::Reading(_) => {
+                    tracing::warn!(channel = %ev.channel, "presence: too many changes while reading the channel's users; not waiting for the read");
+                    Self::end_seed(c, &ev.channel, None) + Self::record_presence(c, ev)
+                }
+                _ => Self::record_presence(c, ev),
+            }
+        };
+        if lost > 0 {
+            self.metrics.dropped(DropReason::Lagged).increment(lost);
+        }
+    }
+
+    /// Records one change and offers it to the channel's observers. When the log is due for
+    /// pruning, it forgets what every observer has read; an observer so slow that the log's
+    /// bound forgot changes it had not read is marked to be closed as slow (returns how many).
+    fn record_presence(c: &mut Channel, ev: &Arc<PresenceEvent>) -> u64 {
+        let (seq, full) = match c.log.record(&ev.sub, ev.join) {
+            Recorded::Nothing => return 0,
+            Recorded::At(seq) => (seq, false),
+            Recorded::Full(seq) => (seq, true),
+        };
+        let mut observers = 0;
+        for s in c.readers.values() {
+            if s.offer_presence(ev, seq) == Offer::Queued {
+                observers += 1;
+            }
+        }
+        if !full && observers > 0 {
+            return 0;
+        }
+        let slowest = c
+            .readers
+            .values()
+            .filter_map(|s| s.presence_cursor(ev.channel.as_str()))
+            .min()
+            .unwrap_or(seq);
+        let floor = c.log.prune(slowest);
+        let mut lost = 0;
+        if floor > slowest {
             for s in c.readers.values() {
-                if s.offer_presence(ev, seq) == Offer::Queued {
-                    observers += 1;
+                if s.presence_cursor(ev.channel.as_str())
+                    .is_some_and(|at| at < floor)
+                {
+                    tracing::warn!(connection_id = %s.id, channel = %ev.channel, "an observer fell too far behind the channel's presence changes: closing it as slow");
+                    s.presence_lost();
+                    lost += 1;
                 }
             }
-            if full || observers == 0 {
-                let slowest = c
-                    .readers
-                    .values()
-                    .filter_map(|s| s.presence_cursor(ev.channel.as_str()))
-                    .min()
-                    .unwrap_or(seq);
-                let floor = c.log.prune(slowest);
-                if floor > slowest {
-                    for s in c.readers.values() {
-                        if s.presence_cursor(ev.channel.as_str())
-                            .is_some_and(|at| at < floor)
-                        {
-                            tracing::warn!(connection_id = %s.id, channel = %ev.channel, "an observer fell too far behind the channel's presence changes: closing it as slow");
-                            s.presence_lost();
-                            lost += 1;
-                        }
-                    }
-                }
+        }
+        lost
+    }
+
+    /// Ends a channel's seed read: the changes that make its log match `users` (the users over
+    /// every node when they were read; `None` if the read failed), then the changes heard
+    /// meanwhile; its observers waiting for their first list are fed.
+    fn end_seed(
+        c: &mut Channel,
+        channel: &ChannelName,
+        users: Option<&std::collections::HashSet<Arc<str>>>,
+    ) -> u64 {
+        let held = match std::mem::replace(&mut c.seed, Seed::Whole) {
+            Seed::Reading(held) => held,
+            other => {
+                c.seed = other;
+                return 0;
             }
+        };
+        let mut lost = 0;
+        if let Some(users) = users {
+            for (sub, join) in c.log.reconcile(users) {
+                let ev = Arc::new(PresenceEvent {
+                    channel: channel.clone(),
+                    sub,
+                    join,
+                });
+                lost += Self::record_presence(c, &ev);
+            }
+        }
+        for ev in &held {
+            lost += Self::record_presence(c, ev);
+        }
+        lost
+    }
+
+    /// Claims `channel`'s seed read: `true` if its log is not known whole (the channel's
+    /// first observer, or the first after a reconnection to the broker) and nobody reads it;
+    /// the caller then reads every node's users and hands them to [`Registry::presence_seed`].
+    pub fn presence_claim_seed(&self, channel: &str) -> bool {
+        let mut shard = self.channels[shard_of(channel)].lock();
+        match shard.get_mut(channel) {
+            Some(c) if matches!(c.seed, Seed::Partial) => {
+                c.seed = Seed::Reading(Vec::new());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The users over every node (`None`: they could not be read) for a claimed seed read.
+    pub fn presence_seed(&self, channel: &ChannelName, users: Option<Vec<Arc<str>>>) {
+        let users: Option<std::collections::HashSet<Arc<str>>> =
+            users.map(|u| u.into_iter().collect());
+        let (lost, observers) = {
+            let mut shard = self.channels[shard_of(channel)].lock();
+            let Some(c) = shard.get_mut(channel.as_str()) else {
+                return;
+            };
+            let lost = Self::end_seed(c, channel, users.as_ref());
+            (lost, c.readers.values().cloned().collect::<Vec<_>>())
+        };
+        for s in observers {
+            s.presence_poke(channel.as_str());
         }
         if lost > 0 {
             self.metrics.dropped(DropReason::Lagged).increment(lost);
         }
     }
 
-    /// Feeds `session` the presence changes it is behind on, as far as its queue takes them
-    /// (the catch-up calls it when the stream has room).
+    /// Every channel's log may have missed changes (the broker reconnected): each is read
+    /// again. Returns the channels with observers, for the caller to claim and read.
+    pub fn presence_unseed_all(&self) -> Vec<ChannelName> {
+        let mut out = Vec::new();
+        for shard in self.channels.iter() {
+            for (name, c) in shard.lock().iter_mut() {
+                if matches!(c.seed, Seed::Whole) {
+                    c.seed = Seed::Partial;
+                }
+                let observed = c
+                    .readers
+                    .values()
+                    .any(|s| s.presence_cursor(name).is_some());
+                if observed {
+                    out.extend(ChannelName::new(name).ok());
+                }
+            }
+        }
+        out
+    }
+
+    /// Feeds `session` what it is owed of its channels' presence, as far as its queue takes
+    /// it (the catch-up calls it when the stream has room): first the users present (once
+    /// the channel's seed read is done), then changes from its cursor on.
     pub fn pump_presence(&self, session: &Session) {
         for ch in session.presence_due() {
             loop {
-                let shard = self.channels[shard_of(&ch)].lock();
-                let Some(c) = shard.get(ch.as_str()) else {
+                let mut shard = self.channels[shard_of(&ch)].lock();
+                let Some(c) = shard.get_mut(ch.as_str()) else {
                     break;
                 };
-                let Some((from, room)) = session.presence_room(ch.as_str()) else {
+                let Some((from, room, fresh)) = session.presence_room(ch.as_str()) else {
                     break;
                 };
+                let head = c.log.head();
+                if fresh {
+                    if matches!(c.seed, Seed::Reading(_)) {
+                        break; // fed when the read lands (presence_poke)
+                    }
+                    let users = c.log.snapshot();
+                    session.presence_fed(ch.as_str(), from, Some(users), Vec::new(), head, head);
+                    break;
+                }
                 if from < c.log.floor() {
                     session.presence_lost();
                     break;
                 }
                 let (changes, to) = c.log.read(from, room);
-                let head = c.log.head();
                 let events = changes
                     .into_iter()
                     .map(|(sub, join)| {
@@ -639,7 +768,7 @@ impl Registry {
                         })
                     })
                     .collect();
-                session.presence_fed(ch.as_str(), from, events, to, head);
+                session.presence_fed(ch.as_str(), from, None, events, to, head);
                 if to == head || to == from {
                     break;
                 }
@@ -818,14 +947,20 @@ mod tests {
             r.pump_presence(s);
             let mut got = 0;
             while let Poll::Ready(Some(item)) = s.poll_item(&mut cx) {
-                if let Item::Presence(p) = item {
-                    if p.join {
-                        assert!(view.insert(p.sub.to_string()), "join of {}", p.sub);
-                    } else {
-                        assert!(view.remove(&*p.sub), "leave of {}", p.sub);
+                match item {
+                    Item::Presence(p) => {
+                        if p.join {
+                            assert!(view.insert(p.sub.to_string()), "join of {}", p.sub);
+                        } else {
+                            assert!(view.remove(&*p.sub), "leave of {}", p.sub);
+                        }
                     }
-                    got += 1;
+                    Item::Present(p) => {
+                        *view = p.users.iter().map(|u| u.to_string()).collect();
+                    }
+                    _ => continue,
                 }
+                got += 1;
             }
             if got == 0 {
                 return;
@@ -868,26 +1003,24 @@ mod tests {
         r.presence_event(&change("c", "x", false));
         read_presence(&r, &obs, &mut view);
         assert!(view.is_empty());
-        // The late observer started after the joins: it gets the leaves of users it never
-        // saw join (a client may know them from GET /v1/presence), and x came and went.
+        // The late observer started after the joins and read nothing since: it starts from
+        // who is there now (nobody), with nothing to undo.
         let mut cx = Context::from_waker(Waker::noop());
-        let mut leaves = 0;
-        loop {
-            r.pump_presence(&late);
-            let mut got = 0;
-            while let Poll::Ready(Some(item)) = late.poll_item(&mut cx) {
-                if let Item::Presence(p) = item {
-                    assert!(!p.join);
-                    late_view.insert(p.sub.to_string());
-                    leaves += 1;
-                    got += 1;
-                }
-            }
-            if got == 0 {
-                break;
-            }
+        r.pump_presence(&late);
+        let mut got = Vec::new();
+        while let Poll::Ready(Some(item)) = late.poll_item(&mut cx) {
+            got.push(item);
         }
-        assert_eq!((leaves, late_view.len()), (1000, 1000));
+        assert!(
+            matches!(&got[..], [Item::Present(p)] if p.users.is_empty()),
+            "{got:?}"
+        );
+        // One that starts now gets the users present, then only what changes.
+        r.presence_event(&change("c", "y", true));
+        let third = observer(&r, "c", 4);
+        r.presence_event(&change("c", "z", true));
+        read_presence(&r, &third, &mut late_view);
+        assert_eq!(late_view.iter().collect::<Vec<_>>(), ["y", "z"]);
         let mut cx = Context::from_waker(Waker::noop());
         assert!(
             !matches!(

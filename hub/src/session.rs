@@ -39,6 +39,8 @@ pub enum Item {
     Reply(Box<Reply>),
     /// A user's first stream on a channel opened, or its last one closed, on some node.
     Presence(Arc<PresenceEvent>),
+    /// Who is on a channel when a stream starts observing it (its changes follow).
+    Present(Box<PresenceState>),
     /// The last item: why the stream ends.
     End(CloseReason),
 }
@@ -49,6 +51,14 @@ pub struct PresenceEvent {
     pub channel: ChannelName,
     pub sub: Arc<str>,
     pub join: bool,
+}
+
+/// The users on a channel (over every node) when an observer starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceState {
+    pub channel: ChannelName,
+    /// Sorted; shared by the observers that start while nothing changes.
+    pub users: Arc<[Arc<str>]>,
 }
 
 /// Answers to a WebSocket client's frames.
@@ -126,6 +136,8 @@ struct Chan {
     presence_behind: bool,
     /// The channel's presence log read up to here (its cursor).
     presence_at: u64,
+    /// Owed the channel's users as they are now ([`Item::Present`]) before any change.
+    presence_fresh: bool,
 }
 
 struct State {
@@ -295,6 +307,7 @@ impl Session {
                 presence: false,
                 presence_behind: false,
                 presence_at: 0,
+                presence_fresh: false,
             });
         }
         Session {
@@ -509,6 +522,7 @@ impl Session {
                         presence: false,
                         presence_behind: false,
                         presence_at: 0,
+                        presence_fresh: false,
                     },
                 );
                 true
@@ -534,7 +548,8 @@ impl Session {
     }
 
     /// Starts an observer of `channel` at its presence log's `head` (the registry calls it
-    /// under the channel's lock, as it offers changes). `false` if it does not observe it.
+    /// under the channel's lock, as it offers changes): it is owed the users present first.
+    /// `false` if it does not observe it.
     pub fn presence_start(&self, channel: &str, head: u64) -> bool {
         let mut st = self.state.lock();
         let Some(i) = st.index(channel) else {
@@ -542,8 +557,26 @@ impl Session {
         };
         let c = &mut st.chans[i];
         c.presence_at = head;
-        c.presence_behind = false;
+        c.presence_behind = c.presence;
+        c.presence_fresh = c.presence;
         c.presence
+    }
+
+    /// Something this observer waited for is there (its channel's users were read): asks the
+    /// catch-up to feed it when there is room.
+    pub fn presence_poke(&self, channel: &str) {
+        let mut st = self.state.lock();
+        let Some(i) = st.index(channel) else {
+            return;
+        };
+        if !st.chans[i].presence_behind {
+            return;
+        }
+        let due = self.refill_due(&mut st);
+        drop(st);
+        if due {
+            self.request_refill();
+        }
     }
 
     /// Offers the presence change `seq` of its channel's log. An observer that has read the
@@ -594,24 +627,32 @@ impl Session {
             .collect()
     }
 
-    /// An observer behind on `channel`'s presence: its cursor and the changes its queue can
-    /// take now.
-    pub fn presence_room(&self, channel: &str) -> Option<(u64, usize)> {
+    /// An observer behind on `channel`'s presence: its cursor, the changes its queue can
+    /// take now, and whether it is still owed the users present.
+    pub fn presence_room(&self, channel: &str) -> Option<(u64, usize, bool)> {
         let st = self.state.lock();
         let i = st.index(channel)?;
         let c = &st.chans[i];
-        let fits = st.started && !st.ending && st.queue.len() < self.capacity;
-        (c.presence && c.presence_behind && fits)
-            .then(|| (c.presence_at, self.capacity - st.queue.len()))
+        // After the channel's start (its `subscribed` reply, the stream's opening).
+        let fits = st.started && !c.fresh && !st.ending && st.queue.len() < self.capacity;
+        (c.presence && c.presence_behind && fits).then(|| {
+            (
+                c.presence_at,
+                self.capacity - st.queue.len(),
+                c.presence_fresh,
+            )
+        })
     }
 
     /// Queues what was read from `channel`'s presence log at `from` (as
-    /// [`Session::presence_room`] gave it, under the same channel lock) up to cursor `to`;
-    /// caught up when `to` is the log's head.
+    /// [`Session::presence_room`] gave it, under the same channel lock): the users present
+    /// (for an observer owed them), then changes, up to cursor `to`; caught up when `to` is
+    /// the log's `head`.
     pub fn presence_fed(
         &self,
         channel: &str,
         from: u64,
+        users: Option<Arc<[Arc<str>]>>,
         events: Vec<Arc<PresenceEvent>>,
         to: u64,
         head: u64,
@@ -623,8 +664,15 @@ impl Session {
         if st.ending || st.chans[i].presence_at != from {
             return;
         }
-        st.chans[i].presence_at = to;
-        st.chans[i].presence_behind = to < head;
+        let c = &mut st.chans[i];
+        c.presence_at = to;
+        c.presence_behind = to < head;
+        if let Some(users) = users {
+            c.presence_fresh = false;
+            let channel = c.name.clone();
+            st.queue
+                .push_back(Item::Present(Box::new(PresenceState { channel, users })));
+        }
         st.queue.extend(events.into_iter().map(Item::Presence));
         Self::wake(st);
     }
@@ -1090,6 +1138,7 @@ mod tests {
                 Item::Heartbeat => "hb".into(),
                 Item::Reply(_) => "reply".into(),
                 Item::Presence(p) => format!("{}:{}", if p.join { "join" } else { "leave" }, p.sub),
+                Item::Present(p) => format!("present:{}", p.users.join(",")),
                 Item::End(_) => "end".into(),
             });
         }
@@ -1316,11 +1365,16 @@ mod tests {
         assert_eq!(s.offer_presence(&ev("a", true), 1), Offer::Skipped);
         s.want_presence(Some("a"));
         assert!(s.presence_start("a", 1) && !s.presence_start("b", 0));
+        // Owed the users present first: a change waits behind them.
         assert_eq!(s.offer_presence(&ev("a", true), 2), Offer::Queued);
+        assert_eq!(s.presence_room("a"), Some((1, 4, true)));
+        s.presence_fed("a", 1, Some(Arc::from(vec![Arc::from("v")])), vec![], 1, 2);
+        assert_eq!(s.presence_room("a"), Some((1, 3, false)));
+        s.presence_fed("a", 1, None, vec![ev("a", true)], 2, 2);
+        assert_eq!(drain(&s), ["present:v", "join:u"]);
         assert_eq!(s.offer_presence(&ev("b", true), 1), Offer::Skipped);
         assert_eq!(s.presence_cursor("a"), Some(2));
         assert_eq!(s.presence_cursor("b"), None);
-        assert_eq!(drain(&s), ["join:u"]);
         // A full queue: the change is left to the log, and so is every later one.
         for i in 0..4 {
             s.offer(&msg("a", Some(i + 1), "m"));
@@ -1329,8 +1383,8 @@ mod tests {
         assert_eq!(s.presence_room("a"), None, "no room yet");
         assert_eq!(drain(&s).len(), 4);
         assert_eq!(s.presence_due(), [chan("a")]);
-        assert_eq!(s.presence_room("a"), Some((2, 4)));
-        s.presence_fed("a", 2, vec![ev("a", false)], 3, 3);
+        assert_eq!(s.presence_room("a"), Some((2, 4, false)));
+        s.presence_fed("a", 2, None, vec![ev("a", false)], 3, 3);
         assert_eq!(drain(&s), ["leave:u"]);
         assert!(s.presence_due().is_empty(), "caught up");
         assert_eq!(s.offer_presence(&ev("a", true), 4), Offer::Queued);

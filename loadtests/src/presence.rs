@@ -189,13 +189,25 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
         let mut carry = first;
+        // The list the stream starts with (`hub.presence`) may already hold the observer.
+        let mut list_next = false;
         loop {
             let text = String::from_utf8_lossy(&carry).to_string();
             let cut = text.rfind('\n').map_or(0, |i| i + 1);
             for line in text[..cut].lines() {
+                if list_next && line.starts_with("data:") {
+                    list_next = false;
+                    if line.contains("\"observer\"") {
+                        j.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
                 match line {
                     "event: hub.join" => j.fetch_add(1, Ordering::Relaxed),
                     "event: hub.leave" => l.fetch_add(1, Ordering::Relaxed),
+                    "event: hub.presence" => {
+                        list_next = true;
+                        0
+                    }
                     _ => 0,
                 };
             }

@@ -20,7 +20,56 @@ async fn event(s: &mut SseStream) -> String {
             let v = e.json();
             format!("{}:{}", &e.event[4..], v["sub"].as_str().unwrap())
         }
+        "hub.presence" => {
+            let v = e.json();
+            let users: Vec<&str> = v["users"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|u| u.as_str().unwrap())
+                .collect();
+            format!("present:{}", users.join(","))
+        }
         _ => e.data,
+    }
+}
+
+/// A watcher's first events on a channel nobody else is on: the list, then its own join, or
+/// the list with it if its join was reported before the list was taken.
+async fn starts_alone(watcher: &mut SseStream) {
+    match event(watcher).await.as_str() {
+        "present:watcher" => {}
+        "present:" => assert_eq!(event(watcher).await, "join:watcher"),
+        other => panic!("{other}"),
+    }
+}
+
+/// Applies a watcher's `hub.presence`, `hub.join` and `hub.leave` to a list (each join and
+/// leave must change it) until the list is `want`.
+async fn follow(watcher: &mut SseStream, want: &[&str]) {
+    let want: std::collections::BTreeSet<String> = want.iter().map(|s| s.to_string()).collect();
+    let mut list = std::collections::BTreeSet::new();
+    let mut listed = false;
+    while !listed || list != want {
+        let e = event(watcher).await;
+        assert!(
+            listed || e.starts_with("present:"),
+            "the list comes first: {e}"
+        );
+        listed = true;
+        if let Some(users) = e.strip_prefix("present:") {
+            list = users
+                .split(',')
+                .filter(|u| !u.is_empty())
+                .map(String::from)
+                .collect();
+        } else if let Some(u) = e.strip_prefix("join:") {
+            assert!(list.insert(u.to_string()), "join of {u} already listed");
+        } else if let Some(u) = e.strip_prefix("leave:") {
+            assert!(list.remove(u), "leave of {u} not listed");
+        } else {
+            panic!("{e}");
+        }
     }
 }
 
@@ -71,7 +120,7 @@ async fn one_node_counts_users_and_tells_joins_and_leaves() {
             &[],
         )
         .await;
-    assert_eq!(event(&mut watcher).await, "join:watcher");
+    starts_alone(&mut watcher).await;
     let mut ws = try_ws(
         hub.public,
         &format!("?token={}", token("w2", &["*"], 3600)),
@@ -85,6 +134,11 @@ async fn one_node_counts_users_and_tells_joins_and_leaves() {
     )
     .await;
     assert_eq!(next(&mut ws).await["type"], "subscribed");
+    let present = next(&mut ws).await;
+    assert_eq!(
+        present,
+        json!({"type": "presence", "channel": ch, "users": ["watcher"]})
+    );
     assert_eq!(event(&mut watcher).await, "join:w2");
 
     let (a, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
@@ -182,7 +236,7 @@ async fn a_killed_node_stops_counting_within_two_heartbeats() {
             &[],
         )
         .await;
-    assert_eq!(event(&mut watcher).await, "join:watcher");
+    starts_alone(&mut watcher).await;
     // Users on the other node: their joins come through Redis.
     let (_u1, _) = b.connect(&with_token(&ch, "u1"), &[]).await;
     let (_u2, _) = b.connect(&with_token(&ch, "u2"), &[]).await;
@@ -268,7 +322,7 @@ async fn a_storm_reaches_an_observer_with_a_tiny_queue_whole() {
             &[],
         )
         .await;
-    assert_eq!(event(&mut watcher).await, "join:watcher");
+    starts_alone(&mut watcher).await;
     const USERS: usize = 600;
     let opens = (0..USERS).map(|i| {
         let hub = if i % 2 == 0 { &a } else { &b };
@@ -297,4 +351,94 @@ async fn a_storm_reaches_an_observer_with_a_tiny_queue_whole() {
     // Nothing more comes: the next event is a message published now.
     a.publish(&ch, None, json!("after the storm"), false).await;
     assert_eq!(event(&mut watcher).await, "after the storm");
+}
+
+/// An observer starts from who is there (`hub.presence`), over every node: a client that
+/// sleeps and reconnects, to the same node or another, gets the list as it is then, so the
+/// users that left while it was away are not kept as ghosts.
+#[tokio::test]
+async fn an_observer_starts_from_who_is_there_and_a_reconnect_keeps_no_ghost() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let start = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            let hub = Hub::start(&[
+                ("HUB_REDIS_URL", url.as_str()),
+                ("HUB_NODE_ID", name),
+                ("HUB_JWT_SECRET", SECRET),
+                ("HUB_HEARTBEAT_SECS", "2"),
+            ])
+            .await;
+            hub.wait_ready(WAIT).await;
+            hub
+        }
+    };
+    let a = start("seed-a").await;
+    let b = start("seed-b").await;
+    let ch = format!("public:{}", prefix("seed"));
+    let (u1, _) = b.connect(&with_token(&ch, "u1"), &[]).await;
+    let (_u2, _) = b.connect(&with_token(&ch, "u2"), &[]).await;
+    wait_presence(&a, &ch, json!({"u1": 1, "u2": 1}), 0).await;
+    // Node a has no reader of the channel yet: it reads the users from Redis.
+    let watch = format!("{}&presence=true", with_token(&ch, "watcher"));
+    let (mut watcher, _) = a.connect(&watch, &[]).await;
+    let first = event(&mut watcher).await;
+    if first != "present:u1,u2,watcher" {
+        assert_eq!(first, "present:u1,u2");
+        assert_eq!(event(&mut watcher).await, "join:watcher");
+    }
+
+    // The watcher's laptop sleeps; meanwhile u1 leaves and u3 comes.
+    drop(watcher);
+    drop(u1);
+    let (_u3, _) = b.connect(&with_token(&ch, "u3"), &[]).await;
+    wait_presence(&a, &ch, json!({"u2": 1, "u3": 1}), 0).await;
+    // Back, on either node: the list as it is now.
+    for hub in [&a, &b] {
+        let (mut watcher, _) = hub.connect(&watch, &[]).await;
+        let first = event(&mut watcher).await;
+        if first != "present:u2,u3,watcher" {
+            assert_eq!(first, "present:u2,u3");
+            assert_eq!(event(&mut watcher).await, "join:watcher");
+        }
+        drop(watcher);
+        wait_presence(&a, &ch, json!({"u2": 1, "u3": 1}), 0).await;
+    }
+    // A WebSocket subscribe gets the same list as a frame.
+    let mut ws = try_ws(
+        a.public,
+        &format!("?token={}", token("w", &["*"], 3600)),
+        &[],
+    )
+    .await
+    .unwrap();
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "channel": ch, "presence": true}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    assert_eq!(
+        next(&mut ws).await,
+        json!({"type": "presence", "channel": ch, "users": ["u2", "u3"]})
+    );
+}
+
+/// The same on the embedded broker: a user whose last stream closed less than a heartbeat ago
+/// is still there (it may be reconnecting), and its leave follows the list.
+#[tokio::test]
+async fn an_embedded_observer_starts_from_who_is_there() {
+    let hub = Hub::start(&[("HUB_JWT_SECRET", SECRET), ("HUB_HEARTBEAT_SECS", "2")]).await;
+    let ch = format!("public:{}", prefix("seed1"));
+    let (_u1, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
+    let (u2, _) = hub.connect(&with_token(&ch, "u2"), &[]).await;
+    wait_presence(&hub, &ch, json!({"u1": 1, "u2": 1}), 0).await;
+    drop(u2);
+    let watch = format!("{}&presence=true", with_token(&ch, "watcher"));
+    let (mut watcher, _) = hub.connect(&watch, &[]).await;
+    // u2 may be within its grace (a heartbeat): then it is listed and its leave follows.
+    // Whatever the timing, each event is a change to the list and they add up to the truth.
+    follow(&mut watcher, &["u1", "watcher"]).await;
+    wait_presence(&hub, &ch, json!({"u1": 1, "watcher": 1}), 0).await;
 }

@@ -27,6 +27,8 @@ pub const EVENT_RESET: &str = "hub.reset";
 pub const EVENT_RECONNECT: &str = "hub.reconnect";
 pub const EVENT_JOIN: &str = "hub.join";
 pub const EVENT_LEAVE: &str = "hub.leave";
+/// Who is on a channel when the stream starts observing it.
+pub const EVENT_PRESENCE: &str = "hub.presence";
 
 /// The query of a stream request.
 #[derive(Debug, Default, PartialEq)]
@@ -332,6 +334,13 @@ impl SseBody {
                     .to_string();
                 let mut buf = BytesMut::with_capacity(data.len() + 32);
                 sse::write_event(&mut buf, Some(name), &data);
+                Some(buf.freeze())
+            }
+            Item::Present(p) => {
+                let data = serde_json::json!({"channel": p.channel.as_str(), "users": p.users.iter().map(|u| &**u).collect::<Vec<&str>>()})
+                    .to_string();
+                let mut buf = BytesMut::with_capacity(data.len() + 32);
+                sse::write_event(&mut buf, Some(EVENT_PRESENCE), &data);
                 Some(buf.freeze())
             }
             Item::Reply(_) => None,

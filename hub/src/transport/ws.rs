@@ -610,6 +610,11 @@ impl WsBody {
                 "channel": ev.channel.as_str(),
                 "sub": &*ev.sub,
             }))),
+            Item::Present(p) => Some(text(json!({
+                "type": "presence",
+                "channel": p.channel.as_str(),
+                "users": p.users.iter().map(|u| &**u).collect::<Vec<&str>>(),
+            }))),
             Item::Opened(_) => None,
             Item::End(reason) => {
                 // The hub ended the stream (shutdown, slow, stale, token expired, the client's
