@@ -97,8 +97,13 @@ pub async fn run(node: Arc<Node>) {
     // that ran out meanwhile (the survivors removed this node's counts): all is reported again
     // (counts are absolute, so reporting what Redis still has changes nothing).
     let mut epoch = None;
+    let mut reseed_at = None;
     loop {
         interval.tick().await;
+        if reseed_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
+            reseed_at = None;
+            node.seed_presence(node.registry.presence_unseed_all());
+        }
         let (users, anonymous) = node.registry.presence_gauges();
         node.metrics.presence_users.set(users as f64);
         node.metrics.presence_anonymous.set(anonymous as f64);
@@ -126,8 +131,10 @@ pub async fn run(node: Arc<Node>) {
                 if now.is_some() && now != epoch {
                     if epoch.is_some() {
                         node.registry.presence_mark_all();
-                        // Changes published while the subscription was down were missed.
-                        node.seed_presence(node.registry.presence_unseed_all());
+                        // Changes published while the subscription was down were missed: the
+                        // logs are read again, a heartbeat later, once the other nodes have
+                        // reported their counts again too (a Redis that restarted empty).
+                        reseed_at = Some(tokio::time::Instant::now() + Duration::from_secs(grace));
                     }
                     epoch = now;
                 }

@@ -543,8 +543,13 @@ impl SseStream {
 
     /// The next event that is not a comment.
     pub async fn next_message(&mut self, timeout: Duration) -> Option<SseEvent> {
+        // One deadline for all: heartbeats must not keep a test waiting forever.
+        let deadline = Instant::now() + timeout;
         loop {
-            let ev = self.next_event(timeout).await?;
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                panic!("no SSE message (only comments) within {timeout:?}");
+            };
+            let ev = self.next_event(left).await?;
             if !ev.comment {
                 return Some(ev);
             }

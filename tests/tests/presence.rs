@@ -281,12 +281,31 @@ async fn counts_come_back_after_redis_restarts_empty() {
     hub.wait_ready(WAIT).await;
     let ch = format!("public:{}", prefix("restart"));
     let (_u1, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
-    wait_presence(&hub, &ch, json!({"u1": 1}), 0).await;
-    // Redis comes back without its data (no persistence here): the node reports its counts
-    // again once its subscription is back.
+    let (u2, _) = hub.connect(&with_token(&ch, "u2"), &[]).await;
+    wait_presence(&hub, &ch, json!({"u1": 1, "u2": 1}), 0).await;
+    let (mut watcher, _) = hub
+        .connect(
+            &format!("{}&presence=true", with_token(&ch, "watcher")),
+            &[],
+        )
+        .await;
+    follow(&mut watcher, &["u1", "u2", "watcher"]).await;
+    // Redis goes away; meanwhile u2 leaves (nowhere to publish that), then Redis comes back
+    // without its data (no persistence here): the node reports its counts again once its
+    // subscription is back, and reads the channel's users again, so the watcher gets u2's
+    // leave that nobody could publish.
+    redis.stop();
+    drop(u2);
+    wait_until("u2 gone from the node", WAIT, || async {
+        hub.metric("hub_presence_users").await == 2.0
+    })
+    .await;
     redis.restart();
     hub.wait_ready(WAIT).await;
-    wait_presence(&hub, &ch, json!({"u1": 1}), 0).await;
+    wait_presence(&hub, &ch, json!({"u1": 1, "watcher": 1}), 0).await;
+    assert_eq!(event(&mut watcher).await, "leave:u2");
+    hub.publish(&ch, None, json!("nothing else"), false).await;
+    assert_eq!(event(&mut watcher).await, "nothing else");
 }
 
 /// A storm: 600 users open streams on two nodes within a second or two, then all close. An
