@@ -453,7 +453,8 @@ impl Node {
     /// (see [`Registry::presence_claim_seed`]) and hands them to the registry. Embedded: at
     /// once. Redis: one `FCALL_RO hub_presence_read` per channel in a task of its own (a
     /// stream that goes away meanwhile leaves nothing waiting), retried up to 5 times half a
-    /// second apart; after that the log goes on with what this node heard (logged).
+    /// second apart; after that the log goes on with what this node heard (logged) until the
+    /// next observer has it read again.
     pub fn seed_presence(self: &Arc<Self>, channels: Vec<ChannelName>) {
         for ch in channels {
             if !self.registry.presence_claim_seed(&ch) {
@@ -472,7 +473,11 @@ impl Node {
                 for attempt in 1..=SEED_ATTEMPTS {
                     match b.presence_read(&ch).await {
                         Ok((users, _)) => {
-                            let users = users.into_iter().map(|(u, _)| Arc::from(u)).collect();
+                            let users = users
+                                .into_iter()
+                                .filter(|(_, n)| *n > 0)
+                                .map(|(u, _)| Arc::from(u))
+                                .collect();
                             node.registry.presence_seed(&ch, Some(users));
                             return;
                         }

@@ -645,14 +645,20 @@ impl Registry {
     }
 
     /// Ends a channel's seed read: the changes that make its log match `users` (the users over
-    /// every node when they were read; `None` if the read failed), then the changes heard
-    /// meanwhile; its observers waiting for their first list are fed.
+    /// every node when they were read; `None` if the read failed: the log stays partial), then
+    /// the changes heard meanwhile; its observers waiting for their first list are fed.
     fn end_seed(
         c: &mut Channel,
         channel: &ChannelName,
         users: Option<&std::collections::HashSet<Arc<str>>>,
     ) -> u64 {
-        let held = match std::mem::replace(&mut c.seed, Seed::Whole) {
+        // A failed read leaves the log partial: the next observer has it read again.
+        let next = if users.is_some() {
+            Seed::Whole
+        } else {
+            Seed::Partial
+        };
+        let held = match std::mem::replace(&mut c.seed, next) {
             Seed::Reading(held) => held,
             other => {
                 c.seed = other;
