@@ -191,3 +191,102 @@ async fn a_slot_migration_is_followed_and_backfilled() {
         t.elapsed()
     );
 }
+
+/// Presence on a cluster: each channel's presence keys and events live on the shard of its
+/// slot (channels spread over all three masters); an observer on one node starts from the
+/// users on the other, then gets their joins and leaves; the admin counts agree.
+#[tokio::test]
+async fn presence_over_a_three_master_cluster() {
+    use hub_tests::client::{token, SECRET};
+    let cluster = Cluster::start();
+    let url = cluster.url();
+    let mut hubs = Vec::new();
+    for node in ["p0", "p1"] {
+        let hub = Hub::start(&[
+            ("HUB_REDIS_URL", url.as_str()),
+            ("HUB_NODE_ID", node),
+            ("HUB_JWT_SECRET", SECRET),
+            ("HUB_HEARTBEAT_SECS", "2"),
+        ])
+        .await;
+        hub.wait_ready(WAIT).await;
+        hubs.push(hub);
+    }
+    let p = prefix("clp");
+    let channels: Vec<String> = (0..6).map(|i| format!("public:{p}.{i}")).collect();
+    let owners: HashSet<usize> = channels
+        .iter()
+        .map(|c| {
+            let slot =
+                cluster.nodes[0].cli(&["CLUSTER", "KEYSLOT", &format!("hub:present:{{{c}}}")]);
+            cluster.owner_of(slot.trim().parse().unwrap())
+        })
+        .collect();
+    assert!(owners.len() > 1, "channels on more than one master");
+    let q = |sub: &str, extra: &str| {
+        let list: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+        format!(
+            "{}&token={}{extra}",
+            list.join("&"),
+            token(sub, &["*"], 3600)
+        )
+    };
+    let (_u1, _) = hubs[1].connect(&q("u1", ""), &[]).await;
+    let users_of = |hub: &Hub, ch: &str| {
+        let url = hub.admin_url(&format!("/v1/presence?channel={ch}"));
+        let http = hub.http.clone();
+        async move {
+            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            v["users"].clone()
+        }
+    };
+    for c in &channels {
+        let c = c.clone();
+        hub_tests::wait_until("u1 counted", WAIT, || {
+            let c = c.clone();
+            let hub = &hubs[0];
+            async move { users_of(hub, &c).await == json!({"u1": 1}) }
+        })
+        .await;
+    }
+    let (mut watcher, _) = hubs[0].connect(&q("watcher", "&presence=true"), &[]).await;
+    // Per channel: the list (u1, maybe the watcher), then the watcher's join unless listed.
+    let mut lists = 0;
+    let mut joins = HashSet::new();
+    while lists < channels.len() || joins.len() < channels.len() {
+        let e = watcher.next_message(WAIT).await.unwrap();
+        let v = e.json();
+        let ch = v["channel"].as_str().unwrap().to_string();
+        match e.event.as_str() {
+            "hub.presence" => {
+                let users = v["users"].as_array().unwrap();
+                assert!(users.contains(&json!("u1")), "{v}");
+                if users.contains(&json!("watcher")) {
+                    joins.insert(ch.clone());
+                }
+                lists += 1;
+            }
+            "hub.join" if v["sub"] == "watcher" => assert!(joins.insert(ch)),
+            other => panic!("{other}: {v}"),
+        }
+    }
+    let (u2, _) = hubs[1].connect(&q("u2", ""), &[]).await;
+    let mut seen = HashSet::new();
+    while seen.len() < channels.len() {
+        let e = watcher.next_message(WAIT).await.unwrap();
+        assert_eq!(e.event, "hub.join");
+        assert_eq!(e.json()["sub"], "u2");
+        assert!(seen.insert(e.json()["channel"].as_str().unwrap().to_string()));
+    }
+    drop(u2);
+    let mut seen = HashSet::new();
+    while seen.len() < channels.len() {
+        let e = watcher.next_message(WAIT).await.unwrap();
+        assert_eq!(e.event, "hub.leave");
+        assert_eq!(e.json()["sub"], "u2");
+        assert!(seen.insert(e.json()["channel"].as_str().unwrap().to_string()));
+    }
+    for c in &channels {
+        assert_eq!(users_of(&hubs[1], c).await, json!({"u1": 1, "watcher": 1}));
+    }
+}
