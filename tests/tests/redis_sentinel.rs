@@ -171,3 +171,82 @@ async fn a_failover_is_followed_without_a_restart_and_loses_no_acknowledged_mess
     assert!(hub.metric("hub_redis_reconnects_total").await >= 1.0);
     set.primary.stop();
 }
+
+/// Presence through a failover: the counts live in the primary and its replica; after the
+/// sentinel promotes the replica the node reports its counts again and reads its channels'
+/// users again, so the observer's list stays right: a user who left during the failover is
+/// gone from it, one who comes after is a join, and the admin counts agree.
+#[tokio::test]
+async fn presence_follows_a_failover() {
+    use hub_tests::client::{token, SECRET};
+    let mut set = SentinelSet::start();
+    let url = set.url();
+    let hub = Hub::start(&[
+        ("HUB_REDIS_URL", url.as_str()),
+        ("HUB_JWT_SECRET", SECRET),
+        ("HUB_HEARTBEAT_SECS", "2"),
+    ])
+    .await;
+    hub.wait_ready(WAIT).await;
+    let ch = format!("public:{}", prefix("sentpres"));
+    let q = |sub: &str| format!("channel={ch}&token={}", token(sub, &["*"], 3600));
+    let users = |hub: &Hub| {
+        let url = hub.admin_url(&format!("/v1/presence?channel={ch}"));
+        let http = hub.http.clone();
+        async move {
+            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
+            v["users"].clone()
+        }
+    };
+    let (_u1, _) = hub.connect(&q("u1"), &[]).await;
+    let (u2, _) = hub.connect(&q("u2"), &[]).await;
+    hub_tests::wait_until("u1, u2 counted", WAIT, || async {
+        users(&hub).await == serde_json::json!({"u1": 1, "u2": 1})
+    })
+    .await;
+    let (mut watcher, _) = hub
+        .connect(&format!("{}&presence=true", q("watcher")), &[])
+        .await;
+    let mut list: std::collections::BTreeSet<String> = Default::default();
+    // Applies the watcher's events (each must change the list) until the list is `want`.
+    async fn follow(
+        watcher: &mut hub_tests::SseStream,
+        list: &mut std::collections::BTreeSet<String>,
+        want: &[&str],
+    ) {
+        while list.iter().map(String::as_str).collect::<Vec<_>>() != want {
+            let e = watcher.next_message(WAIT).await.expect("stream open");
+            let v = e.json();
+            match e.event.as_str() {
+                "hub.presence" => {
+                    *list = v["users"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|u| u.as_str().unwrap().to_string())
+                        .collect()
+                }
+                "hub.join" => assert!(list.insert(v["sub"].as_str().unwrap().into()), "{v}"),
+                "hub.leave" => assert!(list.remove(v["sub"].as_str().unwrap()), "{v}"),
+                other => panic!("{other}: {v}"),
+            }
+        }
+    }
+    follow(&mut watcher, &mut list, &["u1", "u2", "watcher"]).await;
+
+    let old = set.primary.port;
+    signal(set.primary.pid().unwrap(), "KILL");
+    drop(u2);
+    hub_tests::wait_until("the sentinel promoted the replica", WAIT, || async {
+        set.primary_port().is_some_and(|p| p != old)
+    })
+    .await;
+    hub.wait_ready(WAIT).await;
+    let (_u3, _) = hub.connect(&q("u3"), &[]).await;
+    follow(&mut watcher, &mut list, &["u1", "u3", "watcher"]).await;
+    hub_tests::wait_until("counts on the new primary", WAIT, || async {
+        users(&hub).await == serde_json::json!({"u1": 1, "u3": 1, "watcher": 1})
+    })
+    .await;
+    set.primary.stop();
+}
