@@ -541,6 +541,33 @@ impl SseStream {
         }
     }
 
+    /// Applies this stream's `hub.presence` (the list), `hub.join` and `hub.leave` to `list`
+    /// until it is `want`; every join and leave must change it, and any other event fails.
+    pub async fn follow_presence(
+        &mut self,
+        list: &mut std::collections::BTreeSet<String>,
+        want: &[&str],
+    ) {
+        while list.iter().map(String::as_str).collect::<Vec<_>>() != want {
+            let e = self.next_message(WAIT).await.expect("stream open");
+            let v = e.json();
+            let sub = || v["sub"].as_str().unwrap_or_default().to_string();
+            match e.event.as_str() {
+                "hub.presence" => {
+                    *list = v["users"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|u| u.as_str().map(String::from))
+                        .collect()
+                }
+                "hub.join" => assert!(list.insert(sub()), "join of one listed: {v}"),
+                "hub.leave" => assert!(list.remove(&sub()), "leave of one not listed: {v}"),
+                other => panic!("{other}: {v}"),
+            }
+        }
+    }
+
     /// The next event that is not a comment.
     pub async fn next_message(&mut self, timeout: Duration) -> Option<SseEvent> {
         // One deadline for all: heartbeats must not keep a test waiting forever.

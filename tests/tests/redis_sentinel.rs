@@ -208,31 +208,9 @@ async fn presence_follows_a_failover() {
         .connect(&format!("{}&presence=true", q("watcher")), &[])
         .await;
     let mut list: std::collections::BTreeSet<String> = Default::default();
-    // Applies the watcher's events (each must change the list) until the list is `want`.
-    async fn follow(
-        watcher: &mut hub_tests::SseStream,
-        list: &mut std::collections::BTreeSet<String>,
-        want: &[&str],
-    ) {
-        while list.iter().map(String::as_str).collect::<Vec<_>>() != want {
-            let e = watcher.next_message(WAIT).await.expect("stream open");
-            let v = e.json();
-            match e.event.as_str() {
-                "hub.presence" => {
-                    *list = v["users"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|u| u.as_str().unwrap().to_string())
-                        .collect()
-                }
-                "hub.join" => assert!(list.insert(v["sub"].as_str().unwrap().into()), "{v}"),
-                "hub.leave" => assert!(list.remove(v["sub"].as_str().unwrap()), "{v}"),
-                other => panic!("{other}: {v}"),
-            }
-        }
-    }
-    follow(&mut watcher, &mut list, &["u1", "u2", "watcher"]).await;
+    watcher
+        .follow_presence(&mut list, &["u1", "u2", "watcher"])
+        .await;
 
     let old = set.primary.port;
     signal(set.primary.pid().unwrap(), "KILL");
@@ -243,7 +221,9 @@ async fn presence_follows_a_failover() {
     .await;
     hub.wait_ready(WAIT).await;
     let (_u3, _) = hub.connect(&q("u3"), &[]).await;
-    follow(&mut watcher, &mut list, &["u1", "u3", "watcher"]).await;
+    watcher
+        .follow_presence(&mut list, &["u1", "u3", "watcher"])
+        .await;
     hub_tests::wait_until("counts on the new primary", WAIT, || async {
         users(&hub).await == serde_json::json!({"u1": 1, "u3": 1, "watcher": 1})
     })
