@@ -16,6 +16,8 @@ pub mod envelope;
 pub mod idempotency;
 pub mod position;
 #[cfg(feature = "redis")]
+pub mod presence;
+#[cfg(feature = "redis")]
 pub mod publish;
 pub mod sse;
 pub mod ws;

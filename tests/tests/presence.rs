@@ -386,6 +386,18 @@ async fn an_observer_starts_from_who_is_there_and_a_reconnect_keeps_no_ghost() {
     drop(u1);
     let (_u3, _) = b.connect(&with_token(&ch, "u3"), &[]).await;
     wait_presence(&a, &ch, json!({"u2": 1, "u3": 1}), 0).await;
+    // A Rust backend reads the same straight from Redis.
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let here = protocol::presence::read(&mut conn, &ch).await.unwrap();
+    assert_eq!(
+        here.users,
+        [("u2".to_string(), 1), ("u3".to_string(), 1)].into()
+    );
+    assert_eq!(here.anonymous, 0);
     // Back, on either node: the list as it is now.
     for hub in [&a, &b] {
         let (mut watcher, _) = hub.connect(&watch, &[]).await;
