@@ -37,6 +37,8 @@ struct Channel {
     /// Its readers' streams per user (`sub`), and its readers without a token.
     users: HashMap<Arc<str>, u32>,
     anonymous: u32,
+    /// Its readers that asked for presence (a join or leave touches only them).
+    observers: HashMap<u64, Arc<Session>>,
     /// Joins and leaves heard since it has local readers, read by its observers by cursor.
     log: PresenceLog,
     /// Whether `log` holds every node's users (see [`Registry::presence_claim_seed`]).
@@ -244,7 +246,9 @@ impl Registry {
                 Channel::default()
             });
             if entry.readers.insert(session.seq, session.clone()).is_none() {
-                session.presence_start(ch, entry.log.head());
+                if session.presence_start(ch, entry.log.head()) {
+                    entry.observers.insert(session.seq, session.clone());
+                }
                 match &session.user {
                     Some(u) => *entry.users.entry(u.clone()).or_insert(0) += 1,
                     None => entry.anonymous += 1,
@@ -301,6 +305,7 @@ impl Registry {
             match shard.get_mut(channel.as_str()) {
                 Some(c) => {
                     removed = c.readers.remove(&session.seq).is_some();
+                    c.observers.remove(&session.seq);
                     if removed {
                         match &session.user {
                             Some(u) => {
@@ -614,16 +619,19 @@ impl Registry {
             Recorded::Full(seq) => (seq, true),
         };
         let mut observers = 0;
-        for s in c.readers.values() {
+        for s in c.observers.values() {
             if s.offer_presence(ev, seq) == Offer::Queued {
                 observers += 1;
             }
         }
-        if !full && observers > 0 {
+        if !full {
+            if observers == 0 {
+                c.log.prune(seq);
+            }
             return 0;
         }
         let slowest = c
-            .readers
+            .observers
             .values()
             .filter_map(|s| s.presence_cursor(ev.channel.as_str()))
             .min()
@@ -631,7 +639,7 @@ impl Registry {
         let floor = c.log.prune(slowest);
         let mut lost = 0;
         if floor > slowest {
-            for s in c.readers.values() {
+            for s in c.observers.values() {
                 if s.presence_cursor(ev.channel.as_str())
                     .is_some_and(|at| at < floor)
                 {
@@ -706,7 +714,7 @@ impl Registry {
                 return;
             };
             let lost = Self::end_seed(c, channel, users.as_ref());
-            (lost, c.readers.values().cloned().collect::<Vec<_>>())
+            (lost, c.observers.values().cloned().collect::<Vec<_>>())
         };
         for s in observers {
             s.presence_poke(channel.as_str());
@@ -725,11 +733,7 @@ impl Registry {
                 if matches!(c.seed, Seed::Whole) {
                     c.seed = Seed::Partial;
                 }
-                let observed = c
-                    .readers
-                    .values()
-                    .any(|s| s.presence_cursor(name).is_some());
-                if observed {
+                if !c.observers.is_empty() {
                     out.extend(ChannelName::new(name).ok());
                 }
             }
