@@ -2,10 +2,10 @@
 //!
 //! It admits streams against the node and per-user limits, fans a message out to the local
 //! readers of its channel, closes streams exactly once (keeping every count exact), counts each
-//! channel's streams per user (presence), and finds the streams whose heartbeat, token or
-//! silence is due. It does no I/O and never talks to a
-//! broker or a transport: it reports which channels gained their first or lost their last local
-//! reader, and the node acts on that.
+//! channel's streams per user and keeps its log of joins and leaves for its observers
+//! (presence), and finds the streams whose heartbeat, token or silence is due. It does no I/O
+//! and never talks to a broker or a transport: it reports which channels gained their first or
+//! lost their last local reader, and which need their users read, and the node acts on that.
 
 use crate::broker::Sink;
 use crate::message::Message;

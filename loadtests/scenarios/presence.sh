@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 USERS=${USERS:-10000} NODES=${NODES:-2} RUNS=${RUNS:-3} HEARTBEAT=${HEARTBEAT:-5} AWAY_MS=${AWAY_MS:-500}
+# Each stream's queue (HUB_OUTBOX_LEN): OUTBOX=4 shows the observer's events do not depend on it.
+OUTBOX=${OUTBOX:-256}
 command -v redis-server >/dev/null || { echo "needs redis-server" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario-presence.XXXX)
@@ -24,7 +26,7 @@ run_one() {
         local pub adm
         pub=127.0.0.1:$(free_port) adm=127.0.0.1:$(free_port)
         HUB_BIND=$pub HUB_ADMIN_BIND=$adm HUB_LOG=warn HUB_REDIS_URL=$url HUB_NODE_ID=node$i \
-            HUB_JWT_SECRET=$SECRET HUB_HEARTBEAT_SECS=$HEARTBEAT HUB_MAX_CONNECTIONS_PER_USER=10 \
+            HUB_JWT_SECRET=$SECRET HUB_HEARTBEAT_SECS=$HEARTBEAT HUB_MAX_CONNECTIONS_PER_USER=10 HUB_OUTBOX_LEN=$OUTBOX \
             HUB_MAX_CONNECTIONS=$((USERS + 1000)) target/release/hub > "$OUT/hub$i-$r.out" 2> "$OUT/hub$i-$r.err" &
         pids+=($!); PIDS+=($!)
         wait_for 200 curl -sf "http://$adm/readyz"
