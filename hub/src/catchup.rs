@@ -58,27 +58,26 @@ pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
         if requests.recv_many(&mut batch, BATCH).await == 0 {
             return;
         }
+        // Closed meanwhile: nothing to do.
+        let sessions: Vec<Arc<Session>> = batch
+            .drain(..)
+            .filter_map(|seq| node.registry.get(seq))
+            .collect();
         // Presence changes come from the node's own log: no broker needed.
-        for &seq in &batch {
-            if let Some(session) = node.registry.get(seq) {
-                node.registry.pump_presence(&session);
-            }
+        for session in &sessions {
+            node.registry.pump_presence(session);
         }
         // While the broker's subscriptions are not whole, no read could take a reader live:
         // hold the requests until they are.
         let Some(epoch) = node.broker.live_epoch() else {
             node.broker.wait_whole(RETRY).await;
-            let refill = node.refill.clone();
-            for seq in batch.drain(..) {
-                let _ = refill.send(seq);
+            for session in &sessions {
+                let _ = node.refill.send(session.seq);
             }
             continue;
         };
         let mut groups: HashMap<ChannelName, Vec<Reader>> = HashMap::new();
-        for seq in batch.drain(..) {
-            let Some(session) = node.registry.get(seq) else {
-                continue; // closed meanwhile
-            };
+        for session in sessions {
             for r in session.begin_reads() {
                 groups.entry(r.channel).or_default().push(Reader {
                     session: session.clone(),

@@ -618,14 +618,12 @@ impl Registry {
             Recorded::At(seq) => (seq, false),
             Recorded::Full(seq) => (seq, true),
         };
-        let mut observers = 0;
         for s in c.observers.values() {
-            if s.offer_presence(ev, seq) == Offer::Queued {
-                observers += 1;
-            }
+            s.offer_presence(ev, seq);
         }
         if !full {
-            if observers == 0 {
+            if c.observers.is_empty() {
+                // Nobody to read it: only who is present is kept.
                 c.log.prune(seq);
             }
             return 0;
@@ -856,6 +854,18 @@ mod tests {
         cap: usize,
         user: Option<&str>,
     ) -> (Arc<Session>, Vec<ChannelName>) {
+        open_with(r, chans, cap, user, false)
+    }
+
+    /// A started stream on `chans`, asking for their presence with `presence`; with the
+    /// channels whose subscription was not confirmed.
+    fn open_with(
+        r: &Registry,
+        chans: &[&str],
+        cap: usize,
+        user: Option<&str>,
+        presence: bool,
+    ) -> (Arc<Session>, Vec<ChannelName>) {
         let user: Option<Arc<str>> = user.map(Arc::from);
         assert!(r.try_admit(100, user.as_ref(), 10).is_ok());
         let chans: Vec<ChannelName> = chans.iter().map(|c| ChannelName::new(c).unwrap()).collect();
@@ -873,6 +883,9 @@ mod tests {
             },
             chans.clone(),
         ));
+        if presence {
+            s.want_presence(None);
+        }
         r.register(&s);
         let first = r.add_channels(&s, &chans);
         let starts: Vec<_> = chans
@@ -918,27 +931,7 @@ mod tests {
 
     /// A stream on `channel` that asked for its presence.
     fn observer(r: &Registry, channel: &str, cap: usize) -> Arc<Session> {
-        assert!(r.try_admit(100, None, 10).is_ok());
-        let ch = ChannelName::new(channel).unwrap();
-        let s = Arc::new(Session::new(
-            SessionInit {
-                seq: r.next_seq(),
-                transport: Transport::Sse,
-                envelope: false,
-                user: None,
-                expires_at: None,
-                capacity: cap,
-                now: 0,
-                refill: None,
-                socket: None,
-            },
-            vec![ch.clone()],
-        ));
-        s.want_presence(None);
-        r.register(&s);
-        r.add_channels(&s, std::slice::from_ref(&ch));
-        s.start(&[(ch, StartAt::Live(StreamId::ZERO))], |_| Vec::new());
-        s
+        open_with(r, &[channel], cap, None, true).0
     }
 
     fn change(channel: &str, sub: &str, join: bool) -> Arc<PresenceEvent> {

@@ -178,6 +178,18 @@ impl Hub {
         format!("http://{}{}", self.public, path)
     }
 
+    /// `GET /v1/presence?channel=<ch>` on the admin port: `{"channel","users","anonymous"}`.
+    pub async fn presence(&self, ch: &str) -> Value {
+        self.http
+            .get(self.admin_url(&format!("/v1/presence?channel={ch}")))
+            .send()
+            .await
+            .expect("admin port answers")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }

@@ -7,7 +7,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use hub_tests::client::{next, send, token, try_ws, SECRET};
+use hub_tests::client::{next, send, token, try_ws, Ws, SECRET};
 use hub_tests::{prefix, wait_until, Hub, Redis, SseStream, WAIT};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -44,6 +44,25 @@ async fn starts_alone(watcher: &mut SseStream) {
     }
 }
 
+/// An SSE stream of `sub` on `ch` with `presence=true`, opened.
+async fn watch(hub: &Hub, ch: &str, sub: &str) -> SseStream {
+    let q = format!("{}&presence=true", with_token(ch, sub));
+    hub.connect(&q, &[]).await.0
+}
+
+/// A WebSocket of `sub` subscribed to `ch` with `"presence": true`, past its `subscribed`.
+async fn ws_watch(hub: &Hub, ch: &str, sub: &str) -> Ws {
+    let q = format!("?token={}", token(sub, &["*"], 3600));
+    let mut ws = try_ws(hub.public, &q, &[]).await.unwrap();
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "channel": ch, "presence": true}),
+    )
+    .await;
+    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    ws
+}
+
 /// Follows a watcher's presence from its start (the list comes first) until it is `want`.
 async fn follow(watcher: &mut SseStream, want: &[&str]) {
     let first = watcher.next_message(WAIT).await.expect("stream open");
@@ -71,17 +90,6 @@ async fn node(url: &str, name: &str, extra: &[(&str, &str)]) -> Hub {
     hub
 }
 
-async fn presence(hub: &Hub, ch: &str) -> Value {
-    hub.http
-        .get(hub.admin_url(&format!("/v1/presence?channel={ch}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Waits until the admin endpoint shows `want` as the channel's users and anonymous count.
 async fn wait_presence(hub: &Hub, ch: &str, users: Value, anonymous: u64) {
     let ch2 = ch.to_string();
@@ -91,7 +99,7 @@ async fn wait_presence(hub: &Hub, ch: &str, users: Value, anonymous: u64) {
         || {
             let (users, ch2) = (users.clone(), ch2.clone());
             async move {
-                let p = presence(hub, &ch2).await;
+                let p = hub.presence(&ch2).await;
                 p["users"] == users && p["anonymous"] == anonymous
             }
         },
@@ -112,26 +120,9 @@ async fn one_node_counts_users_and_tells_joins_and_leaves() {
     ])
     .await;
     let ch = format!("public:{}", prefix("presence"));
-    let (mut watcher, _) = hub
-        .connect(
-            &format!("{}&presence=true", with_token(&ch, "watcher")),
-            &[],
-        )
-        .await;
+    let mut watcher = watch(&hub, &ch, "watcher").await;
     starts_alone(&mut watcher).await;
-    let mut ws = try_ws(
-        hub.public,
-        &format!("?token={}", token("w2", &["*"], 3600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    send(
-        &mut ws,
-        json!({"op": "subscribe", "channel": ch, "presence": true}),
-    )
-    .await;
-    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    let mut ws = ws_watch(&hub, &ch, "w2").await;
     let present = next(&mut ws).await;
     assert_eq!(
         present,
@@ -228,12 +219,7 @@ async fn a_killed_node_stops_counting_within_two_heartbeats() {
     let a = start("node-a").await;
     let mut b = start("node-b").await;
     let ch = format!("public:{}", prefix("killed"));
-    let (mut watcher, _) = a
-        .connect(
-            &format!("{}&presence=true", with_token(&ch, "watcher")),
-            &[],
-        )
-        .await;
+    let mut watcher = watch(&a, &ch, "watcher").await;
     starts_alone(&mut watcher).await;
     // Users on the other node: their joins come through Redis.
     let (_u1, _) = b.connect(&with_token(&ch, "u1"), &[]).await;
@@ -285,12 +271,7 @@ async fn counts_come_back_after_redis_restarts_empty() {
     let (_u1, _) = hub.connect(&with_token(&ch, "u1"), &[]).await;
     let (u2, _) = hub.connect(&with_token(&ch, "u2"), &[]).await;
     wait_presence(&hub, &ch, json!({"u1": 1, "u2": 1}), 0).await;
-    let (mut watcher, _) = hub
-        .connect(
-            &format!("{}&presence=true", with_token(&ch, "watcher")),
-            &[],
-        )
-        .await;
+    let mut watcher = watch(&hub, &ch, "watcher").await;
     follow(&mut watcher, &["u1", "u2", "watcher"]).await;
     // Redis goes away; meanwhile u2 leaves (nowhere to publish that), then Redis comes back
     // without its data (no persistence here): the node reports its counts again once its
@@ -322,12 +303,7 @@ async fn a_storm_reaches_an_observer_with_a_tiny_queue_whole() {
     let a = node(&url, "storm-a", &tiny).await;
     let b = node(&url, "storm-b", &tiny).await;
     let ch = format!("public:{}", prefix("storm"));
-    let (mut watcher, _) = a
-        .connect(
-            &format!("{}&presence=true", with_token(&ch, "watcher")),
-            &[],
-        )
-        .await;
+    let mut watcher = watch(&a, &ch, "watcher").await;
     starts_alone(&mut watcher).await;
     const USERS: usize = 600;
     let opens = (0..USERS).map(|i| {
@@ -373,8 +349,7 @@ async fn an_observer_starts_from_who_is_there_and_a_reconnect_keeps_no_ghost() {
     let (_u2, _) = b.connect(&with_token(&ch, "u2"), &[]).await;
     wait_presence(&a, &ch, json!({"u1": 1, "u2": 1}), 0).await;
     // Node a has no reader of the channel yet: it reads the users from Redis.
-    let watch = format!("{}&presence=true", with_token(&ch, "watcher"));
-    let (mut watcher, _) = a.connect(&watch, &[]).await;
+    let mut watcher = watch(&a, &ch, "watcher").await;
     let first = event(&mut watcher).await;
     if first != "present:u1,u2,watcher" {
         assert_eq!(first, "present:u1,u2");
@@ -400,7 +375,7 @@ async fn an_observer_starts_from_who_is_there_and_a_reconnect_keeps_no_ghost() {
     assert_eq!(here.anonymous, 0);
     // Back, on either node: the list as it is now.
     for hub in [&a, &b] {
-        let (mut watcher, _) = hub.connect(&watch, &[]).await;
+        let mut watcher = watch(hub, &ch, "watcher").await;
         let first = event(&mut watcher).await;
         if first != "present:u2,u3,watcher" {
             assert_eq!(first, "present:u2,u3");
@@ -410,19 +385,7 @@ async fn an_observer_starts_from_who_is_there_and_a_reconnect_keeps_no_ghost() {
         wait_presence(&a, &ch, json!({"u2": 1, "u3": 1}), 0).await;
     }
     // A WebSocket subscribe gets the same list as a frame.
-    let mut ws = try_ws(
-        a.public,
-        &format!("?token={}", token("w", &["*"], 3600)),
-        &[],
-    )
-    .await
-    .unwrap();
-    send(
-        &mut ws,
-        json!({"op": "subscribe", "channel": ch, "presence": true}),
-    )
-    .await;
-    assert_eq!(next(&mut ws).await["type"], "subscribed");
+    let mut ws = ws_watch(&a, &ch, "w").await;
     assert_eq!(
         next(&mut ws).await,
         json!({"type": "presence", "channel": ch, "users": ["u2", "u3"]})
@@ -439,8 +402,7 @@ async fn an_embedded_observer_starts_from_who_is_there() {
     let (u2, _) = hub.connect(&with_token(&ch, "u2"), &[]).await;
     wait_presence(&hub, &ch, json!({"u1": 1, "u2": 1}), 0).await;
     drop(u2);
-    let watch = format!("{}&presence=true", with_token(&ch, "watcher"));
-    let (mut watcher, _) = hub.connect(&watch, &[]).await;
+    let mut watcher = watch(&hub, &ch, "watcher").await;
     // u2 may be within its grace (a heartbeat): then it is listed and its leave follows.
     // Whatever the timing, each event is a change to the list and they add up to the truth.
     follow(&mut watcher, &["u1", "watcher"]).await;

@@ -232,20 +232,12 @@ async fn presence_over_a_three_master_cluster() {
         )
     };
     let (_u1, _) = hubs[1].connect(&q("u1", ""), &[]).await;
-    let users_of = |hub: &Hub, ch: &str| {
-        let url = hub.admin_url(&format!("/v1/presence?channel={ch}"));
-        let http = hub.http.clone();
-        async move {
-            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
-            v["users"].clone()
-        }
-    };
     for c in &channels {
         let c = c.clone();
         hub_tests::wait_until("u1 counted", WAIT, || {
             let c = c.clone();
             let hub = &hubs[0];
-            async move { users_of(hub, &c).await == json!({"u1": 1}) }
+            async move { hub.presence(&c).await["users"] == json!({"u1": 1}) }
         })
         .await;
     }
@@ -287,6 +279,9 @@ async fn presence_over_a_three_master_cluster() {
         assert!(seen.insert(e.json()["channel"].as_str().unwrap().to_string()));
     }
     for c in &channels {
-        assert_eq!(users_of(&hubs[1], c).await, json!({"u1": 1, "watcher": 1}));
+        assert_eq!(
+            hubs[1].presence(c).await["users"],
+            json!({"u1": 1, "watcher": 1})
+        );
     }
 }

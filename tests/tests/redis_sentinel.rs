@@ -190,18 +190,10 @@ async fn presence_follows_a_failover() {
     hub.wait_ready(WAIT).await;
     let ch = format!("public:{}", prefix("sentpres"));
     let q = |sub: &str| format!("channel={ch}&token={}", token(sub, &["*"], 3600));
-    let users = |hub: &Hub| {
-        let url = hub.admin_url(&format!("/v1/presence?channel={ch}"));
-        let http = hub.http.clone();
-        async move {
-            let v: serde_json::Value = http.get(url).send().await.unwrap().json().await.unwrap();
-            v["users"].clone()
-        }
-    };
     let (_u1, _) = hub.connect(&q("u1"), &[]).await;
     let (u2, _) = hub.connect(&q("u2"), &[]).await;
     hub_tests::wait_until("u1, u2 counted", WAIT, || async {
-        users(&hub).await == serde_json::json!({"u1": 1, "u2": 1})
+        hub.presence(&ch).await["users"] == serde_json::json!({"u1": 1, "u2": 1})
     })
     .await;
     let (mut watcher, _) = hub
@@ -225,7 +217,7 @@ async fn presence_follows_a_failover() {
         .follow_presence(&mut list, &["u1", "u3", "watcher"])
         .await;
     hub_tests::wait_until("counts on the new primary", WAIT, || async {
-        users(&hub).await == serde_json::json!({"u1": 1, "u3": 1, "watcher": 1})
+        hub.presence(&ch).await["users"] == serde_json::json!({"u1": 1, "u3": 1, "watcher": 1})
     })
     .await;
     set.primary.stop();
