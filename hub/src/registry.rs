@@ -25,6 +25,14 @@ const SHARDS: usize = 64;
 /// back its queued durable messages (see `Session::trim_if_idle`): a reader that sleeps costs
 /// no queued messages.
 const TRIM_AFTER_SECS: u64 = 3;
+/// Readers of one channel from which a message's fan-out is split over the cores: a reader
+/// whose socket the fan-out writes itself (see `session::Sink`) costs a `write`, and one
+/// thread writing 10,000 sockets in turn would make the last wait for all the others.
+const SPLIT_AT: usize = 1024;
+/// Most threads one fan-out uses (the caller's included).
+const SPLIT_MAX: usize = 4;
+/// Stack of a fan-out helper thread: it only offers a message to sessions.
+const SPLIT_STACK: usize = 64 * 1024;
 
 /// A channel with local readers.
 #[derive(Default)]
@@ -124,6 +132,8 @@ pub struct Registry {
     /// a change number (a change after a report was read is never taken for reported).
     presence_dirty: Mutex<HashMap<PresenceKey, (u64, u64)>>,
     presence_changes: AtomicU64,
+    /// Threads a large channel's fan-out is split over (see [`SPLIT_AT`]).
+    cores: usize,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -138,6 +148,22 @@ fn shard_of(key: &str) -> usize {
 
 fn session_shard(seq: u64) -> usize {
     (seq % SHARDS as u64) as usize
+}
+
+/// Offers `msg` to `readers`: (queued, lagged).
+fn offer_all<'a>(
+    readers: impl Iterator<Item = &'a Arc<Session>>,
+    msg: &Arc<Message>,
+) -> (usize, u64) {
+    let (mut queued, mut lagged) = (0, 0);
+    for s in readers {
+        match s.offer(msg) {
+            Offer::Queued => queued += 1,
+            Offer::Lagged => lagged += 1,
+            Offer::Skipped => {}
+        }
+    }
+    (queued, lagged)
 }
 
 /// Streams the tick found due for closing, with the reason.
@@ -158,6 +184,9 @@ impl Registry {
             clock: CoarseClock::new(),
             presence_dirty: Mutex::new(HashMap::new()),
             presence_changes: AtomicU64::new(0),
+            cores: std::thread::available_parallelism()
+                .map_or(1, |n| n.get())
+                .min(SPLIT_MAX),
         }
     }
 
@@ -374,22 +403,45 @@ impl Registry {
         Some(emptied)
     }
 
-    /// Offers `msg` to every local reader of its channel. Returns how many queued it.
+    /// Offers `msg` to every local reader of its channel. Returns how many queued it. A
+    /// channel with [`SPLIT_AT`] readers or more is offered by one thread per core at once
+    /// (scoped threads, joined before returning, so messages stay in order).
     pub fn fanout(&self, msg: &Arc<Message>) -> usize {
-        let mut queued = 0;
-        let mut lagged = 0;
-        {
+        let (queued, lagged) = {
             let shard = self.channels[shard_of(&msg.channel)].lock();
-            if let Some(c) = shard.get(msg.channel.as_str()) {
-                for s in c.readers.values() {
-                    match s.offer(msg) {
-                        Offer::Queued => queued += 1,
-                        Offer::Lagged => lagged += 1,
-                        Offer::Skipped => {}
-                    }
+            match shard.get(msg.channel.as_str()) {
+                None => (0, 0),
+                Some(c) if c.readers.len() < SPLIT_AT || self.cores < 2 => {
+                    offer_all(c.readers.values(), msg)
+                }
+                Some(c) => {
+                    let per = c.readers.len().div_ceil(self.cores);
+                    std::thread::scope(|scope| {
+                        let part =
+                            |k: usize| offer_all(c.readers.values().skip(k * per).take(per), msg);
+                        let helpers: Vec<_> = (1..self.cores)
+                            .map(|k| {
+                                let spawned = std::thread::Builder::new()
+                                    .stack_size(SPLIT_STACK)
+                                    .spawn_scoped(scope, move || part(k));
+                                // No thread (resource limit): this one does that part too.
+                                spawned.map_err(|_| part(k))
+                            })
+                            .collect();
+                        let mut total = part(0);
+                        for h in helpers {
+                            let (q, l) = match h {
+                                Ok(h) => h.join().unwrap_or_default(),
+                                Err(done) => done,
+                            };
+                            total.0 += q;
+                            total.1 += l;
+                        }
+                        total
+                    })
                 }
             }
-        }
+        };
         if lagged > 0 {
             self.metrics.dropped(DropReason::Lagged).increment(lagged);
         }
@@ -867,7 +919,7 @@ mod tests {
         presence: bool,
     ) -> (Arc<Session>, Vec<ChannelName>) {
         let user: Option<Arc<str>> = user.map(Arc::from);
-        assert!(r.try_admit(100, user.as_ref(), 10).is_ok());
+        assert!(r.try_admit(10_000, user.as_ref(), 10).is_ok());
         let chans: Vec<ChannelName> = chans.iter().map(|c| ChannelName::new(c).unwrap()).collect();
         let s = Arc::new(Session::new(
             SessionInit {
@@ -907,6 +959,26 @@ mod tests {
             &env,
             Instant::now(),
         ))
+    }
+
+    #[test]
+    fn a_large_channel_is_offered_by_several_threads_each_reader_once_in_order() {
+        let mut r = reg();
+        r.cores = 3;
+        let readers: Vec<_> = (0..SPLIT_AT * 2 + 7)
+            .map(|_| open(&r, &["big"], 8).0)
+            .collect();
+        for i in 1..=3 {
+            assert_eq!(r.fanout(&msg("big", Some(i))), readers.len());
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        for s in &readers {
+            let mut got = vec![];
+            while let Poll::Ready(Some(Item::Message(m))) = s.poll_item(&mut cx) {
+                got.push(m.position.map(|p| p.ms));
+            }
+            assert_eq!(got, [Some(1), Some(2), Some(3)]);
+        }
     }
 
     fn names(v: &[ChannelName]) -> Vec<&str> {

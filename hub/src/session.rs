@@ -7,10 +7,12 @@
 //! merged, deduplicated by position, when the read lands. A reader that is behind is fed from
 //! history by the catch-up at its own pace, so nothing here grows with how far behind it is.
 //! Owned by the registry and the transport through `Arc`; this module never touches sockets,
-//! wire frames or metrics: the transport renders [`Item`]s.
+//! wire frames or metrics: the transport renders [`Item`]s, and where it owns a bare socket it
+//! may lend a [`Sink`] that the fan-out writes through while the stream's writer is parked.
 
 use crate::message::Message;
 use crate::metrics::CloseReason;
+use bytes::Bytes;
 use parking_lot::Mutex;
 use protocol::{ChannelName, Cursor, StreamId};
 use std::collections::VecDeque;
@@ -43,6 +45,28 @@ pub enum Item {
     Present(Box<PresenceState>),
     /// The last item: why the stream ends.
     End(CloseReason),
+    /// What a [`Sink`] could not write of a frame: written as it is, before anything else.
+    Raw(Bytes),
+}
+
+/// Writes a live message's frame straight to a stream's socket from the fan-out, while the
+/// stream's writer is parked with nothing queued or pending ([`Session::park`]): the message
+/// then costs no queue entry and no wake-up of the writer. Lent by a transport that owns the
+/// bare socket; called under the session's lock, so it must not block or take other locks.
+pub trait Sink: Send + Sync {
+    /// Writes what the socket takes now of `msg`'s frame, counting the delivery if any of it
+    /// went out (and telling `session` it was taken).
+    fn send(&self, msg: &Message, session: &Session) -> Sent;
+}
+
+/// What a [`Sink`] wrote.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Sent {
+    All,
+    /// The frame's rest: the socket took only part of it.
+    Part(Bytes),
+    /// Nothing (the socket is full or failed): the message is queued as usual.
+    Nothing,
 }
 
 /// `join`/`leave` of a user on a channel (shared by every stream that gets it).
@@ -154,6 +178,10 @@ struct State {
     refill_requested: bool,
     next_token: u64,
     waker: Option<Waker>,
+    /// The writer wrote everything and waits; with a sink, live messages are written by the
+    /// fan-out while this holds and the queue is empty. Cleared by every [`Session::poll_item`].
+    parked: bool,
+    sink: Option<Box<dyn Sink>>,
 }
 
 impl State {
@@ -293,6 +321,8 @@ impl Session {
             refill_requested: false,
             next_token: 0,
             waker: None,
+            parked: false,
+            sink: None,
         };
         for name in channels {
             let token = state.take_token();
@@ -428,7 +458,20 @@ impl Session {
                 if let Some(p) = msg.position {
                     st.chans[idx].pos = p;
                 }
-                st.queue.push_back(Item::Message(msg.clone()));
+                let sent = match &st.sink {
+                    Some(sink) if st.parked && st.queue.is_empty() => sink.send(msg, self),
+                    _ => Sent::Nothing,
+                };
+                if sent != Sent::Nothing {
+                    if let Some(p) = msg.position {
+                        st.chans[idx].taken = p;
+                    }
+                }
+                match sent {
+                    Sent::All => return Offer::Queued,
+                    Sent::Part(rest) => st.queue.push_back(Item::Raw(rest)),
+                    Sent::Nothing => st.queue.push_back(Item::Message(msg.clone())),
+                }
                 Self::wake(st);
                 Offer::Queued
             }
@@ -948,7 +991,9 @@ impl Session {
                 .iter()
                 .filter(|i| matches!(i, Item::Message(_)))
                 .count();
-            st.queue = VecDeque::new();
+            // A frame's rest stays: the last item must not follow half a frame.
+            st.queue.retain(|i| matches!(i, Item::Raw(_)));
+            st.queue.shrink_to_fit();
         }
         st.waiting = VecDeque::new();
         st.queue.push_back(Item::End(reason));
@@ -961,6 +1006,7 @@ impl Session {
     /// catch-up for history when a channel is behind and half the queue has been written.
     pub fn poll_item(&self, cx: &mut Context<'_>) -> Poll<Option<Item>> {
         let mut st = self.state.lock();
+        st.parked = false;
         if let Some(item) = st.queue.pop_front() {
             match &item {
                 Item::Message(m) => {
@@ -1016,6 +1062,33 @@ impl Session {
             self.request_refill();
         }
         Poll::Pending
+    }
+
+    /// Lends the transport's sink (see [`Sink`]).
+    pub fn attach(&self, sink: Box<dyn Sink>) {
+        self.state.lock().sink = Some(sink);
+    }
+
+    /// Takes the sink back (the socket is closing); no write through it follows.
+    pub fn detach(&self) {
+        let sink = {
+            let mut st = self.state.lock();
+            st.parked = false;
+            st.sink.take()
+        };
+        drop(sink);
+    }
+
+    /// The writer has written everything and waits for the next item: live messages may go
+    /// through the sink until the writer polls for an item again (or [`Session::unpark`]).
+    pub fn park(&self) {
+        let mut st = self.state.lock();
+        st.parked = st.sink.is_some() && st.queue.is_empty() && !st.ending;
+    }
+
+    /// The writer is about to write bytes of its own (not from the queue).
+    pub fn unpark(&self) {
+        self.state.lock().parked = false;
     }
 
     /// Items queued now (for tests and stats).
@@ -1140,6 +1213,7 @@ mod tests {
                 Item::Presence(p) => format!("{}:{}", if p.join { "join" } else { "leave" }, p.sub),
                 Item::Present(p) => format!("present:{}", p.users.join(",")),
                 Item::End(_) => "end".into(),
+                Item::Raw(b) => format!("raw:{}", String::from_utf8_lossy(&b)),
             });
         }
         out
@@ -1389,6 +1463,106 @@ mod tests {
         assert!(s.presence_due().is_empty(), "caught up");
         assert_eq!(s.offer_presence(&ev("a", true), 4), Offer::Queued);
         assert_eq!(drain(&s), ["join:u"], "queued directly again");
+    }
+
+    /// A socket that takes what the test scripts, and keeps what it took.
+    #[derive(Default)]
+    struct Script {
+        takes: Mutex<VecDeque<usize>>,
+        wrote: Mutex<Vec<String>>,
+    }
+
+    impl Sink for Arc<Script> {
+        fn send(&self, msg: &Message, session: &Session) -> Sent {
+            let frame = Bytes::from(msg.data_json.trim_matches('"').to_string());
+            let n = self
+                .takes
+                .lock()
+                .pop_front()
+                .unwrap_or(usize::MAX)
+                .min(frame.len());
+            if n == 0 {
+                return Sent::Nothing;
+            }
+            self.wrote
+                .lock()
+                .push(String::from_utf8_lossy(&frame[..n]).into_owned());
+            session.took(7);
+            if n == frame.len() {
+                Sent::All
+            } else {
+                Sent::Part(frame.slice(n..))
+            }
+        }
+    }
+
+    #[test]
+    fn a_parked_writer_lets_the_fanout_write_and_anything_queued_goes_first() {
+        let s = live(&["a"], 4);
+        let sock = Arc::new(Script::default());
+        s.attach(Box::new(sock.clone()));
+        // Not parked yet: queued.
+        s.offer(&msg("a", Some(1), "m1"));
+        assert_eq!(drain(&s), ["m1"]);
+        s.park();
+        assert_eq!(s.offer(&msg("a", Some(2), "m2")), Offer::Queued);
+        assert_eq!(s.queued(), 0, "written by the fan-out, not queued");
+        assert_eq!(*sock.wrote.lock(), ["m2"]);
+        assert_eq!(s.last_taken.load(Ordering::Relaxed), 7);
+        // A short write: the frame's rest is queued and everything after it follows it.
+        sock.takes.lock().extend([1]);
+        s.offer(&msg("a", Some(3), "m3"));
+        s.offer(&msg("a", Some(4), "m4"));
+        assert_eq!(*sock.wrote.lock(), ["m2", "m"]);
+        // Already written (or started): an older position is not offered again.
+        assert_eq!(s.offer(&msg("a", Some(3), "m3")), Offer::Skipped);
+        assert_eq!(drain(&s), ["raw:3", "m4"]);
+        // The socket is full: queued, and the writer (woken) writes it.
+        s.park();
+        sock.takes.lock().extend([0]);
+        s.offer(&msg("a", Some(5), "m5"));
+        assert_eq!(drain(&s), ["m5"]);
+        // Something of the writer's own queued (a heartbeat): messages queue behind it.
+        s.park();
+        assert!(s.push_heartbeat());
+        s.offer(&msg("a", Some(6), "m6"));
+        // The writer about to write bytes of its own.
+        assert_eq!(drain(&s), ["hb", "m6"]);
+        s.park();
+        s.unpark();
+        s.offer(&msg("a", Some(7), "m7"));
+        assert_eq!(drain(&s), ["m7"]);
+        // Taken back: nothing is written through it again.
+        s.park();
+        s.detach();
+        s.offer(&msg("a", Some(8), "m8"));
+        assert_eq!(drain(&s), ["m8"]);
+        assert_eq!(*sock.wrote.lock(), ["m2", "m"]);
+    }
+
+    #[test]
+    fn a_dropped_queue_keeps_a_frames_rest_and_a_sleeper_rewinds_to_what_was_written() {
+        let s = live(&["a"], 2);
+        let sock = Arc::new(Script::default());
+        s.attach(Box::new(sock.clone()));
+        s.park();
+        sock.takes.lock().extend([1]);
+        s.offer(&msg("a", Some(1), "m1"));
+        s.offer(&msg("a", Some(2), "m2"));
+        assert_eq!(s.finish(CloseReason::Slow, true), 1);
+        assert_eq!(drain(&s), ["raw:1", "end"]);
+        // Written through the sink counts as taken: the queue gives back only what follows.
+        let s = live(&["a"], 1);
+        s.attach(Box::new(sock.clone()));
+        s.park();
+        s.offer(&msg("a", Some(1), "m1"));
+        s.unpark();
+        s.offer(&msg("a", Some(2), "m2"));
+        s.offer(&msg("a", Some(3), "m3"));
+        s.last_taken.store(0, Ordering::Relaxed);
+        s.trim_if_idle(1);
+        assert_eq!(s.queued(), 0);
+        assert_eq!(s.position_of("a"), Some(id(1)));
     }
 
     #[test]

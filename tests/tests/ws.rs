@@ -332,3 +332,54 @@ async fn repeated_resumes_on_one_socket_are_rate_limited() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_socket_that_stops_reading_while_messages_flow_gets_every_frame_whole_and_in_order() {
+    // While the client keeps up, the fan-out writes its frames to the socket itself; once the
+    // socket is full, the rest is queued (a frame cut at the socket's edge is finished first)
+    // and, past the queue, caught up from history; the client's pings are answered in between.
+    // A frame cut, interleaved with a pong, or repeated would break the client's parsing or
+    // the order checked here. Rounds: each fills the socket once more (frames of 16 KB, so
+    // that the socket takes one in part when it is nearly full), then reads it all.
+    let hub = Hub::start(&[("HUB_HISTORY_LEN", "5000")]).await;
+    let ch = format!("{}.flow", prefix("ws"));
+    let mut w = ws(&hub).await;
+    subscribe(&mut w, &ch).await;
+    let pad = "x".repeat(16_000);
+    let (per_round, rounds) = (40, 6);
+    let (mut got, mut pongs) = (0, 0);
+    for round in 0..rounds {
+        for i in round * per_round..(round + 1) * per_round {
+            hub.publish(&ch, None, json!(format!("{i:04}{pad}")), true)
+                .await;
+            if i % 10 == 0 {
+                w.send(Message::Ping(vec![1, 2, 3].into())).await.unwrap();
+            }
+        }
+        while got < (round + 1) * per_round {
+            let m = tokio::time::timeout(WAIT, w.next())
+                .await
+                .unwrap_or_else(|_| panic!("frame {got} in time"))
+                .expect("socket open")
+                .expect("a whole frame");
+            match m {
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).expect("JSON frame");
+                    let data = v["data"].as_str().expect("data");
+                    assert_eq!(data, format!("{got:04}{pad}"), "frame {got}");
+                    got += 1;
+                }
+                Message::Pong(p) => {
+                    assert_eq!(&p[..], [1, 2, 3]);
+                    pongs += 1;
+                }
+                Message::Ping(_) => {}
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+    }
+    assert!(pongs >= 1, "the client's pings were answered");
+    // Live again afterwards.
+    hub.publish(&ch, None, json!("after"), false).await;
+    assert_eq!(next(&mut w).await["data"], "after");
+}

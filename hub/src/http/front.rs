@@ -9,8 +9,10 @@
 //! (BENCHMARKS.md, "A leaner HTTP/1.1 path for streams": the figures behind this module).
 
 use crate::http::error::ApiError;
+use crate::message::Message;
 use crate::node::Node;
 use crate::peer::PeerSocket;
+use crate::session::{Sent, Session, Sink};
 use crate::transport;
 use crate::transport::sse::{self, SseBody, StreamHead};
 use crate::transport::ws::{WsBody, WsHead};
@@ -234,7 +236,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
         Ok(opened) => {
             let head = response_head(opened.allow.as_ref());
             run(Writer {
-                io,
+                io: Arc::new(io),
                 body: Some(opened.body),
                 pending: head,
                 discarded: 0,
@@ -275,6 +277,11 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             let head = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
             );
+            let io = Arc::new(io);
+            body.attach(Box::new(DirectWs {
+                io: io.clone(),
+                node,
+            }));
             run(Writer {
                 io,
                 body: Some(body),
@@ -296,9 +303,11 @@ async fn run<B: Outbound>(mut writer: Writer<B>) {
     if !(&mut writer).await {
         return;
     }
-    let Writer {
-        mut io, pending, ..
-    } = writer;
+    let Writer { io, pending, .. } = writer;
+    // The body is gone and took its sink back: the socket is the writer's alone again.
+    let Ok(mut io) = Arc::try_unwrap(io) else {
+        return;
+    };
     let _ = tokio::time::timeout(Duration::from_secs(LINGER_SECS), async {
         io.write_all(&pending).await?;
         io.shutdown().await?;
@@ -422,6 +431,8 @@ trait Outbound: Unpin {
     fn wants_input(&self) -> bool;
     /// The client's bytes; `false` when they mean nothing here (dropped and counted).
     fn input(&mut self, bytes: &[u8]) -> bool;
+    /// Everything is written and the body has nothing ready: the writer waits.
+    fn park(&self) {}
 }
 
 impl Outbound for SseBody {
@@ -447,13 +458,58 @@ impl Outbound for WsBody {
         self.feed(bytes);
         true
     }
+    fn park(&self) {
+        WsBody::park(self);
+    }
+}
+
+/// A WebSocket's [`Sink`]: the fan-out writes a live message's shared frame to the socket
+/// itself while the socket's writer is parked, as many as the socket takes without blocking.
+/// Per message and socket that saves the queue entry, the wake-up of the connection's task and
+/// its poll (BENCHMARKS.md, WebSocket fan-out).
+struct DirectWs {
+    io: Arc<TcpStream>,
+    node: Arc<Node>,
+}
+
+impl Sink for DirectWs {
+    fn send(&self, msg: &Message, session: &Session) -> Sent {
+        let frame = msg.ws_frame();
+        let sent = match self.io.try_write(&frame) {
+            Ok(n) if n == frame.len() => Sent::All,
+            Ok(n) if n > 0 => Sent::Part(frame.slice(n..)),
+            _ => return Sent::Nothing,
+        };
+        let metrics = &self.node.metrics;
+        metrics.delivered.increment(1);
+        metrics.latency.record(msg.received.elapsed().as_secs_f64());
+        session.took(self.node.registry.clock.now());
+        sent
+    }
+}
+
+/// `poll_write_vectored` on a socket shared with its [`Sink`] (which writes only while the
+/// writer is parked, so the two never write at once).
+fn poll_writev(
+    io: &TcpStream,
+    cx: &mut Context<'_>,
+    bufs: &[IoSlice<'_>],
+) -> Poll<io::Result<usize>> {
+    loop {
+        std::task::ready!(io.poll_write_ready(cx))?;
+        match io.try_write_vectored(bufs) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            done => return Poll::Ready(done),
+        }
+    }
 }
 
 /// Writes a stream's frames to its socket and reads the socket for the client's bytes and its
 /// close. Ends (and, dropped, releases the stream) when the client closes, a write fails, or
 /// the stream ends.
 struct Writer<B> {
-    io: TcpStream,
+    /// Shared with the body's sink, if it lent one.
+    io: Arc<TcpStream>,
     /// `None` once the body ended (the stream is released; its last bytes may be pending).
     body: Option<B>,
     /// Bytes taken from the body and not yet written (a slow reader's, or the head).
@@ -495,7 +551,8 @@ impl<B: Outbound> Writer<B> {
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             while !self.pending.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &self.pending))?;
+                let n =
+                    std::task::ready!(poll_writev(&self.io, cx, &[IoSlice::new(&self.pending)]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -524,8 +581,7 @@ impl<B: Outbound> Writer<B> {
             }
             if count > 0 {
                 let slices: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| IoSlice::new(&batch[i]));
-                let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count])
-                {
+                let written = match poll_writev(&self.io, cx, &slices[..count]) {
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => 0,
@@ -538,6 +594,7 @@ impl<B: Outbound> Writer<B> {
                 return Poll::Ready(Ok(()));
             }
             if count == 0 {
+                body.park();
                 return Poll::Pending;
             }
         }

@@ -345,6 +345,7 @@ impl SseBody {
             }
             Item::Reply(_) => None,
             Item::End(reason) => last_frame(self.stream.session.seq, reason, node.config.retry_ms),
+            Item::Raw(bytes) => Some(bytes),
         }
     }
 }

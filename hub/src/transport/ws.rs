@@ -398,6 +398,16 @@ impl WsBody {
         self.state == State::Open && self.read.len() < 2 * MAX_CLIENT_FRAME
     }
 
+    /// Lets the fan-out write live messages to the socket while the writer is parked.
+    pub fn attach(&self, sink: Box<dyn crate::session::Sink>) {
+        self.session().attach(sink);
+    }
+
+    /// The writer has nothing to write and waits (see `Session::park`).
+    pub fn park(&self) {
+        self.session().park();
+    }
+
     /// The client's bytes, read by the caller; handled at the next `poll_next`.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.read.extend_from_slice(bytes);
@@ -616,6 +626,7 @@ impl WsBody {
                 "users": p.users.iter().map(|u| &**u).collect::<Vec<&str>>(),
             }))),
             Item::Opened(_) => None,
+            Item::Raw(bytes) => Some(bytes),
             Item::End(reason) => {
                 // The hub ended the stream (shutdown, slow, stale, token expired, the client's
                 // close).
@@ -642,6 +653,13 @@ fn reply_to(session: &Arc<Session>, node: &Arc<Node>, reply: Reply) {
     }
 }
 
+impl Drop for WsBody {
+    fn drop(&mut self) {
+        // The socket closes with the connection: nothing may write through the sink after.
+        self.stream.session.detach();
+    }
+}
+
 impl MessageBody for WsBody {
     type Error = std::convert::Infallible;
 
@@ -657,10 +675,14 @@ impl MessageBody for WsBody {
         if this.state == State::Closed {
             return Poll::Ready(None);
         }
+        // Frames of its own (not from the session's queue) stop the fan-out's direct writes
+        // first (see `Session::park`).
         if let Some(last) = this.poll_input(cx) {
+            this.session().unpark();
             return Poll::Ready(Some(Ok(last)));
         }
         if !this.pongs.is_empty() {
+            this.session().unpark();
             let mut out = BytesMut::new();
             for p in this.pongs.drain(..) {
                 out.extend_from_slice(&p);
@@ -671,7 +693,7 @@ impl MessageBody for WsBody {
             let item = match this.stream.session.poll_item(cx) {
                 Poll::Ready(Some(item)) => item,
                 Poll::Ready(None) => {
-                    // Ended and drained without an End item: close now.
+                    // Ended and drained without an End item: close now (`poll_item` unparked).
                     this.state = State::Closed;
                     return Poll::Ready(Some(Ok(wire::close(1000, ""))));
                 }
