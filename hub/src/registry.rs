@@ -14,7 +14,7 @@ use crate::presence_log::{PresenceLog, Recorded, MAX_KEPT};
 use crate::session::{Offer, PresenceEvent, Session};
 use parking_lot::Mutex;
 use protocol::ChannelName;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -37,8 +37,9 @@ const SPLIT_STACK: usize = 64 * 1024;
 /// A channel with local readers.
 #[derive(Default)]
 struct Channel {
-    /// Its readers, by session sequence number.
-    readers: HashMap<u64, Arc<Session>>,
+    /// Its readers, by session sequence number: a message reaches them in the order they
+    /// connected (oldest first), and each part of a split fan-out is a run of neighbours.
+    readers: BTreeMap<u64, Arc<Session>>,
     /// The broker confirmed it delivers this channel (see [`Registry::confirm_subscribed`]);
     /// until then every new reader makes sure of it, after that none needs to wait.
     subscribed: bool,
