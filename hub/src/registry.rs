@@ -151,20 +151,34 @@ fn session_shard(seq: u64) -> usize {
     (seq % SHARDS as u64) as usize
 }
 
-/// Offers `msg` to `readers`: (queued, lagged).
-fn offer_all<'a>(
-    readers: impl Iterator<Item = &'a Arc<Session>>,
-    msg: &Arc<Message>,
-) -> (usize, u64) {
-    let (mut queued, mut lagged) = (0, 0);
+/// What one fan-out did: messages queued, written to sockets, lost to readers behind.
+#[derive(Default)]
+struct Offered {
+    queued: usize,
+    written: u64,
+    lagged: u64,
+}
+
+impl std::ops::AddAssign for Offered {
+    fn add_assign(&mut self, o: Offered) {
+        self.queued += o.queued;
+        self.written += o.written;
+        self.lagged += o.lagged;
+    }
+}
+
+/// Offers `msg` to `readers`.
+fn offer_all<'a>(readers: impl Iterator<Item = &'a Arc<Session>>, msg: &Arc<Message>) -> Offered {
+    let mut out = Offered::default();
     for s in readers {
         match s.offer(msg) {
-            Offer::Queued => queued += 1,
-            Offer::Lagged => lagged += 1,
+            Offer::Queued => out.queued += 1,
+            Offer::Written => out.written += 1,
+            Offer::Lagged => out.lagged += 1,
             Offer::Skipped => {}
         }
     }
-    (queued, lagged)
+    out
 }
 
 /// Streams the tick found due for closing, with the reason.
@@ -404,14 +418,14 @@ impl Registry {
         Some(emptied)
     }
 
-    /// Offers `msg` to every local reader of its channel. Returns how many queued it. A
+    /// Offers `msg` to every local reader of its channel. Returns how many took it. A
     /// channel with [`SPLIT_AT`] readers or more is offered by one thread per core at once
     /// (scoped threads, joined before returning, so messages stay in order).
     pub fn fanout(&self, msg: &Arc<Message>) -> usize {
-        let (queued, lagged) = {
+        let offered = {
             let shard = self.channels[shard_of(&msg.channel)].lock();
             match shard.get(msg.channel.as_str()) {
-                None => (0, 0),
+                None => Offered::default(),
                 Some(c) if c.readers.len() < SPLIT_AT || self.cores < 2 => {
                     offer_all(c.readers.values(), msg)
                 }
@@ -431,22 +445,26 @@ impl Registry {
                             .collect();
                         let mut total = part(0);
                         for h in helpers {
-                            let (q, l) = match h {
+                            total += match h {
                                 Ok(h) => h.join().unwrap_or_default(),
                                 Err(done) => done,
                             };
-                            total.0 += q;
-                            total.1 += l;
                         }
                         total
                     })
                 }
             }
         };
-        if lagged > 0 {
-            self.metrics.dropped(DropReason::Lagged).increment(lagged);
+        if offered.lagged > 0 {
+            self.metrics
+                .dropped(DropReason::Lagged)
+                .increment(offered.lagged);
         }
-        queued
+        // Counted here, once per fan-out: queued ones are counted when the transport takes them.
+        if offered.written > 0 {
+            self.metrics.delivered.increment(offered.written);
+        }
+        offered.queued + offered.written as usize
     }
 
     /// One tick of the node's clock: gives back the queued durable messages of streams that

@@ -54,8 +54,8 @@ pub enum Item {
 /// then costs no queue entry and no wake-up of the writer. Lent by a transport that owns the
 /// bare socket; called under the session's lock, so it must not block or take other locks.
 pub trait Sink: Send + Sync {
-    /// Writes what the socket takes now of `msg`'s frame, counting the delivery if any of it
-    /// went out (and telling `session` it was taken).
+    /// Writes what the socket takes now of `msg`'s frame (telling `session` it was taken if
+    /// any of it went out; the caller counts the delivery).
     fn send(&self, msg: &Message, session: &Session) -> Sent;
 }
 
@@ -103,6 +103,9 @@ pub enum Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Queued,
+    /// Written to the socket through the stream's [`Sink`] (all of it, or its rest queued):
+    /// the caller counts the delivery.
+    Written,
     /// Not for this stream now: already delivered (an older position), not subscribed, left to
     /// history because the reader is behind, or the stream is ending.
     Skipped,
@@ -467,13 +470,19 @@ impl Session {
                         st.chans[idx].taken = p;
                     }
                 }
-                match sent {
-                    Sent::All => return Offer::Queued,
-                    Sent::Part(rest) => st.queue.push_back(Item::Raw(rest)),
-                    Sent::Nothing => st.queue.push_back(Item::Message(msg.clone())),
-                }
+                let offer = match sent {
+                    Sent::All => return Offer::Written,
+                    Sent::Part(rest) => {
+                        st.queue.push_back(Item::Raw(rest));
+                        Offer::Written
+                    }
+                    Sent::Nothing => {
+                        st.queue.push_back(Item::Message(msg.clone()));
+                        Offer::Queued
+                    }
+                };
                 Self::wake(st);
-                Offer::Queued
+                offer
             }
             Read::Live => {
                 // Fell behind: history carries it from its position on (the catch-up is asked
@@ -1505,7 +1514,7 @@ mod tests {
         s.offer(&msg("a", Some(1), "m1"));
         assert_eq!(drain(&s), ["m1"]);
         s.park();
-        assert_eq!(s.offer(&msg("a", Some(2), "m2")), Offer::Queued);
+        assert_eq!(s.offer(&msg("a", Some(2), "m2")), Offer::Written);
         assert_eq!(s.queued(), 0, "written by the fan-out, not queued");
         assert_eq!(*sock.wrote.lock(), ["m2"]);
         assert_eq!(s.last_taken.load(Ordering::Relaxed), 7);

@@ -480,9 +480,11 @@ impl Sink for DirectWs {
             Ok(n) if n > 0 => Sent::Part(frame.slice(n..)),
             _ => return Sent::Nothing,
         };
-        let metrics = &self.node.metrics;
-        metrics.delivered.increment(1);
-        metrics.latency.record(msg.received.elapsed().as_secs_f64());
+        // Counted delivered by the fan-out (once per message, not per socket).
+        self.node
+            .metrics
+            .latency
+            .record(msg.received.elapsed().as_secs_f64());
         session.took(self.node.registry.clock.now());
         sent
     }
