@@ -4,7 +4,8 @@
 //! readers of its channel, closes streams exactly once (keeping every count exact), counts each
 //! channel's streams per user and keeps its log of joins and leaves for its observers
 //! (presence), and finds the streams whose heartbeat, token or silence is due. It does no I/O
-//! and never talks to a broker or a transport: it reports which channels gained their first or
+//! of its own (a session may write its socket through its transport's sink when offered a
+//! message) and never talks to a broker or a transport: it reports which channels gained their first or
 //! lost their last local reader, and which need their users read, and the node acts on that.
 
 use crate::broker::Sink;
@@ -419,7 +420,7 @@ impl Registry {
     }
 
     /// Offers `msg` to every local reader of its channel. Returns how many took it. A
-    /// channel with [`SPLIT_AT`] readers or more is offered by one thread per core at once
+    /// channel with `SPLIT_AT` readers or more is offered by one thread per core at once
     /// (scoped threads, joined before returning, so messages stay in order).
     pub fn fanout(&self, msg: &Arc<Message>) -> usize {
         let offered = {

@@ -2,7 +2,8 @@
 //! most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers, within `REQUEST_HEAD_SECS`), serves a
 //! plain HTTP/1.x `GET /v1/sse` on the bare socket, and hands every other connection, with the
 //! bytes already read, to actix-http. It holds no buffer for the life of a stream: the head
-//! buffer is dropped before the stream opens, and frames are written from the shared messages.
+//! buffer is dropped before the stream opens, and frames are written from the shared messages
+//! (a WebSocket's by the fan-out itself while its writer waits: `DirectWs`).
 //!
 //! Why: actix-http's dispatcher keeps an 8 KiB read and an 8 KiB write buffer for the whole
 //! life of every connection, and copies each frame into the second; a stream needs neither

@@ -5,6 +5,8 @@
 //! connection can take bytes, the body reads the client's frames (`subscribe` / `unsubscribe`
 //! through the node's channel-start routine, pings, close) and writes the session's items; a
 //! message's frame is built once (`Message::ws_frame`) and the same bytes go to every socket.
+//! On the public port's front, while the body has nothing to write, the fan-out writes those
+//! bytes to the socket itself (`session::Sink`); the body unparks before writing its own.
 //! A bad frame gets an error frame and the socket stays open; what a client can make the body
 //! hold is bounded (one frame of [`MAX_CLIENT_FRAME`] being read, one subscribe at a time).
 
