@@ -24,6 +24,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::Uri;
 use actix_web::ResponseError;
 use bytes::{Buf, Bytes, BytesMut};
+use std::borrow::Borrow;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::os::fd::AsRawFd;
@@ -237,7 +238,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
         Ok(opened) => {
             let head = response_head(opened.allow.as_ref());
             run(Writer {
-                io: Arc::new(io),
+                io,
                 body: Some(opened.body),
                 pending: head,
                 discarded: 0,
@@ -300,13 +301,13 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
 /// [`LINGER_SECS`] its last bytes are written, the write side is shut, and the connection is
 /// read on until the client closes: closing a socket with unread bytes resets it, and the
 /// client could lose those last bytes.
-async fn run<B: Outbound>(mut writer: Writer<B>) {
+async fn run<B: Outbound, S: Socket>(mut writer: Writer<B, S>) {
     if !(&mut writer).await {
         return;
     }
     let Writer { io, pending, .. } = writer;
     // The body is gone and took its sink back: the socket is the writer's alone again.
-    let Ok(mut io) = Arc::try_unwrap(io) else {
+    let Some(mut io) = io.into_stream() else {
         return;
     };
     let _ = tokio::time::timeout(Duration::from_secs(LINGER_SECS), async {
@@ -491,6 +492,25 @@ impl Sink for DirectWs {
     }
 }
 
+/// A stream's socket as its writer holds it: alone (SSE) or shared with a [`Sink`] (WebSocket;
+/// an SSE stream does not pay for the sharing).
+trait Socket: Borrow<TcpStream> + Unpin {
+    /// The socket alone again (its sink was taken back), for the last bytes and the close.
+    fn into_stream(self) -> Option<TcpStream>;
+}
+
+impl Socket for TcpStream {
+    fn into_stream(self) -> Option<TcpStream> {
+        Some(self)
+    }
+}
+
+impl Socket for Arc<TcpStream> {
+    fn into_stream(self) -> Option<TcpStream> {
+        Arc::try_unwrap(self).ok()
+    }
+}
+
 /// `poll_write_vectored` on a socket shared with its [`Sink`] (which writes only while the
 /// writer is parked, so the two never write at once).
 fn poll_writev(
@@ -510,9 +530,9 @@ fn poll_writev(
 /// Writes a stream's frames to its socket and reads the socket for the client's bytes and its
 /// close. Ends (and, dropped, releases the stream) when the client closes, a write fails, or
 /// the stream ends.
-struct Writer<B> {
-    /// Shared with the body's sink, if it lent one.
-    io: Arc<TcpStream>,
+struct Writer<B, S> {
+    /// The socket, or (a WebSocket's) shared with the body's sink.
+    io: S,
     /// `None` once the body ended (the stream is released; its last bytes may be pending).
     body: Option<B>,
     /// Bytes taken from the body and not yet written (a slow reader's, or the head).
@@ -520,20 +540,20 @@ struct Writer<B> {
     discarded: usize,
 }
 
-impl<B: Outbound> Writer<B> {
+impl<B: Outbound, S: Socket> Writer<B, S> {
     /// Reads the client's bytes into the body while it takes them.
     fn poll_read_side(&mut self, cx: &mut Context<'_>) -> ReadSide {
         loop {
             if !self.body.as_ref().is_some_and(B::wants_input) {
                 return ReadSide::Held;
             }
-            match self.io.poll_read_ready(cx) {
+            match self.io.borrow().poll_read_ready(cx) {
                 Poll::Pending => return ReadSide::Waiting,
                 Poll::Ready(Err(_)) => return ReadSide::Gone,
                 Poll::Ready(Ok(())) => {}
             }
             let mut scratch = [0u8; 512];
-            match self.io.try_read(&mut scratch) {
+            match self.io.borrow().try_read(&mut scratch) {
                 Ok(0) => return ReadSide::Gone,
                 Ok(n) => {
                     if !self.body.as_mut().is_some_and(|b| b.input(&scratch[..n])) {
@@ -554,8 +574,11 @@ impl<B: Outbound> Writer<B> {
     fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
             while !self.pending.is_empty() {
-                let n =
-                    std::task::ready!(poll_writev(&self.io, cx, &[IoSlice::new(&self.pending)]))?;
+                let n = std::task::ready!(poll_writev(
+                    self.io.borrow(),
+                    cx,
+                    &[IoSlice::new(&self.pending)]
+                ))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -584,7 +607,7 @@ impl<B: Outbound> Writer<B> {
             }
             if count > 0 {
                 let slices: [IoSlice<'_>; BATCH] = std::array::from_fn(|i| IoSlice::new(&batch[i]));
-                let written = match poll_writev(&self.io, cx, &slices[..count]) {
+                let written = match poll_writev(self.io.borrow(), cx, &slices[..count]) {
                     Poll::Ready(Ok(n)) => n,
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => 0,
@@ -631,7 +654,7 @@ fn unwritten(batch: &mut [Bytes], mut written: usize) -> Bytes {
 
 /// `true` when the hub ended the stream (the body is dropped; its last bytes may be pending),
 /// `false` when the client left or the connection failed.
-impl<B: Outbound> Future for Writer<B> {
+impl<B: Outbound, S: Socket> Future for Writer<B, S> {
     type Output = bool;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<bool> {
@@ -659,7 +682,7 @@ impl<B: Outbound> Future for Writer<B> {
     }
 }
 
-impl<B: Outbound> Writer<B> {
+impl<B: Outbound, S: Socket> Writer<B, S> {
     fn finish(out: Poll<io::Result<()>>) -> Poll<bool> {
         match out {
             Poll::Pending => Poll::Pending,
