@@ -233,3 +233,62 @@ async fn clients_that_close_and_reopen_at_once_at_the_cap_are_never_refused() {
     );
     wait_open(&hub, 0.0, 0.0, Instant::now() + RELEASE, "all released").await;
 }
+
+#[tokio::test]
+async fn websockets_that_reset_while_messages_flow_are_released_and_the_others_miss_nothing() {
+    // While a socket keeps up, the fan-out writes to it directly; a client that resets then
+    // makes that write fail (or land in a dead socket). Each must be released at once with an
+    // exact count, and the sockets that stay must get every message, whole and in order.
+    let hub = Hub::start(&[]).await;
+    let ch = prefix("wsreset");
+    let mut socks = Vec::new();
+    for _ in 0..60 {
+        let mut w = try_ws(hub.public, "", &[]).await.unwrap();
+        hub_tests::client::subscribe(&mut w, &ch).await;
+        socks.push(w);
+    }
+    let gone = socks.split_off(30);
+    let mut gone = Some(gone);
+    let mut reset_at = None;
+    for i in 0..200 {
+        hub.publish(&ch, None, serde_json::json!(i), true).await;
+        if i == 50 {
+            for w in gone.take().unwrap() {
+                match w.get_ref() {
+                    tokio_tungstenite::MaybeTlsStream::Plain(tcp) => socket2::SockRef::from(tcp)
+                        .set_linger(Some(Duration::ZERO))
+                        .unwrap(),
+                    _ => unreachable!("plain test connection"),
+                }
+                drop(w);
+            }
+            reset_at = Some(Instant::now());
+        }
+    }
+    let reset_at = reset_at.unwrap();
+    wait_open(
+        &hub,
+        0.0,
+        30.0,
+        reset_at + WAIT,
+        "the 30 reset sockets released",
+    )
+    .await;
+    for w in &mut socks {
+        for i in 0..200 {
+            assert_eq!(hub_tests::client::next(w).await["data"], i);
+        }
+    }
+    let m = hub.metrics().await;
+    let closed: f64 = ["client", "error", "slow", "stale"]
+        .iter()
+        .map(|r| {
+            hub_tests::metric_value(
+                &m,
+                &format!(r#"hub_connections_closed_total{{transport="ws",reason="{r}"}}"#),
+            )
+        })
+        .sum();
+    assert_eq!(closed, 30.0, "each reset socket closed once");
+    assert_eq!(hub.stats().await["connections"]["total"], 30);
+}
