@@ -447,7 +447,11 @@ impl Registry {
                         let mut total = part(0);
                         for h in helpers {
                             total += match h {
-                                Ok(h) => h.join().unwrap_or_default(),
+                                Ok(h) => h.join().unwrap_or_else(|_| {
+                                    // A bug, not input: the node stays up, and says so.
+                                    tracing::error!(channel = %msg.channel, "a fan-out thread panicked; its part of the readers missed this message");
+                                    Offered::default()
+                                }),
                                 Err(done) => done,
                             };
                         }

@@ -465,24 +465,24 @@ impl Session {
                     Some(sink) if st.parked && st.queue.is_empty() => sink.send(msg, self),
                     _ => Sent::Nothing,
                 };
-                if sent != Sent::Nothing {
-                    if let Some(p) = msg.position {
-                        st.chans[idx].taken = p;
-                    }
-                }
-                let offer = match sent {
-                    Sent::All => return Offer::Written,
-                    Sent::Part(rest) => {
-                        st.queue.push_back(Item::Raw(rest));
-                        Offer::Written
-                    }
+                let rest = match sent {
                     Sent::Nothing => {
                         st.queue.push_back(Item::Message(msg.clone()));
-                        Offer::Queued
+                        Self::wake(st);
+                        return Offer::Queued;
                     }
+                    Sent::All => None,
+                    Sent::Part(rest) => Some(rest),
                 };
-                Self::wake(st);
-                offer
+                // Written (a rest goes out before anything else): taken by the transport.
+                if let Some(p) = msg.position {
+                    st.chans[idx].taken = p;
+                }
+                if let Some(rest) = rest {
+                    st.queue.push_back(Item::Raw(rest));
+                    Self::wake(st);
+                }
+                Offer::Written
             }
             Read::Live => {
                 // Fell behind: history carries it from its position on (the catch-up is asked
