@@ -489,12 +489,13 @@ impl Registry {
         let mut due = Vec::new();
         let now = self.clock.now();
         let mut sent = 0;
+        let mut lagged = 0;
         let turn = tick % every;
         let idle_since = now.saturating_sub(TRIM_AFTER_SECS);
         for shard in self.sessions.iter() {
             let shard = shard.lock();
             for s in shard.values() {
-                s.trim_if_idle(idle_since);
+                lagged += s.trim_if_idle(idle_since);
                 if s.is_presence_lost() {
                     due.push((s.clone(), CloseReason::Slow));
                 } else if s.expires_at().is_some_and(|e| e <= now_unix) {
@@ -513,6 +514,9 @@ impl Registry {
             }
         }
         self.metrics.heartbeats.increment(sent);
+        self.metrics
+            .dropped(DropReason::Lagged)
+            .increment(lagged as u64);
         due
     }
 

@@ -1095,9 +1095,19 @@ impl Session {
         st.parked = st.sink.is_some() && st.queue.is_empty() && !st.ending;
     }
 
-    /// The writer is about to write bytes of its own (not from the queue).
-    pub fn unpark(&self) {
-        self.state.lock().parked = false;
+    /// The writer is about to write bytes of its own (not from the queue): the fan-out stops
+    /// writing to the socket, and the rest of a frame it cut at the socket's edge, if one is
+    /// queued, is handed back: those bytes must go out before any of the writer's own.
+    pub fn unpark(&self) -> Option<Bytes> {
+        let mut st = self.state.lock();
+        st.parked = false;
+        // A rest is always first: the fan-out writes only to an empty queue.
+        if matches!(st.queue.front(), Some(Item::Raw(_))) {
+            if let Some(Item::Raw(rest)) = st.queue.pop_front() {
+                return Some(rest);
+            }
+        }
+        None
     }
 
     /// Items queued now (for tests and stats).
@@ -1108,10 +1118,11 @@ impl Session {
     /// A reader that fell behind and whose transport took nothing since `idle_since` (coarse
     /// seconds) — it sleeps — gives back its queued durable messages: each channel rewinds to
     /// what was taken and continues from history when the reader reads on, so a sleeping
-    /// stream holds none. Queued ephemeral messages (and replies) stay queued.
-    pub fn trim_if_idle(&self, idle_since: u64) {
+    /// stream holds none. Queued ephemeral messages (and replies) stay queued. Returns the
+    /// ephemeral messages lost (buffered for a read that the rewind made void).
+    pub fn trim_if_idle(&self, idle_since: u64) -> usize {
         if self.last_taken.load(Ordering::Relaxed) > idle_since {
-            return;
+            return 0;
         }
         let mut st = self.state.lock();
         if st.ending
@@ -1121,7 +1132,7 @@ impl Session {
                 .iter()
                 .any(|i| matches!(i, Item::Message(m) if m.position.is_some()))
         {
-            return;
+            return 0;
         }
         let mut kept = VecDeque::new();
         for item in std::mem::take(&mut st.queue) {
@@ -1141,16 +1152,31 @@ impl Session {
                 }
             }
         }
-        for (c, p) in st.chans.iter_mut().zip(rewind) {
-            if c.fresh || c.pos == p {
+        let mut lagged = 0;
+        for (i, at) in rewind.into_iter().enumerate() {
+            let c = &mut st.chans[i];
+            if c.fresh || c.pos == at {
                 continue;
             }
-            c.pos = p;
-            if c.read == Read::Live {
-                c.read = Read::Behind;
+            c.pos = at;
+            match c.read {
+                // A read not issued yet starts from the rewound position anyway.
+                Read::Reading { .. } if c.unread => {}
+                // A read in flight began after the old position: its page would skip what
+                // lies between. It no longer applies (its token is void); the reader reads
+                // again from the rewound position, and the live messages buffered for it are
+                // left to history.
+                Read::Reading { .. } => {
+                    c.read = Read::Behind;
+                    c.lost = false;
+                    let name = c.name.clone();
+                    lagged += st.drop_waiting(&name);
+                }
+                Read::Live | Read::Behind => c.read = Read::Behind,
             }
         }
         st.queue = kept;
+        lagged
     }
 
     /// A sign of life (SSE: an item written; WebSocket: a frame from the client).
@@ -1395,6 +1421,78 @@ mod tests {
         assert_eq!(drain(&s), ["e"], "the ephemeral one stays");
         let read = s.begin_reads()[0].clone();
         assert_eq!(read.after, id(1), "rewound to what was taken");
+    }
+
+    /// Issue 21, defect 3: a sleeper's queue was trimmed while another of its channels had a
+    /// history read in flight; the channel rewound but kept the read, whose page began after
+    /// the old position, so the messages between were never delivered.
+    #[test]
+    fn a_trim_while_a_read_is_in_flight_loses_nothing() {
+        let s = live(&["a", "b"], 8);
+        for n in 1..=6 {
+            s.offer(&msg("a", Some(n), &format!("a{n}")));
+        }
+        s.offer(&msg("b", Some(1), "b1"));
+        s.offer(&msg("a", Some(7), "a7"));
+        assert_eq!(
+            s.offer(&msg("a", Some(8), "a8")),
+            Offer::Skipped,
+            "a falls behind"
+        );
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(
+            matches!(s.poll_item(&mut cx), Poll::Ready(Some(_))),
+            "a1 taken"
+        );
+        s.took(1);
+        // A reconnection to the broker: b must check its position too.
+        s.fall_behind();
+        let reads = s.begin_reads();
+        let read = |c: &str| {
+            reads
+                .iter()
+                .find(|r| r.channel.as_str() == c)
+                .cloned()
+                .unwrap()
+        };
+        let (ra, rb) = (read("a"), read("b"));
+        assert_eq!((ra.after, rb.after), (id(7), id(1)));
+        // a's page fills the queue and leaves it behind; b's read is still under way.
+        let a8 = [msg("a", Some(8), "a8")];
+        s.feed("a", ra.token, &page(&a8, 9, true));
+        // The reader sleeps: its durable messages are given back.
+        s.trim_if_idle(5);
+        // b's read lands with what followed b1.
+        let history_b = [msg("b", Some(1), "b1"), msg("b", Some(2), "b2")];
+        s.feed("b", rb.token, &page(&history_b[1..], 2, false));
+        // The catch-up goes on until nothing is behind; collect what b gets.
+        let history_a: Vec<_> = (1..=9)
+            .map(|n| msg("a", Some(n), &format!("a{n}")))
+            .collect();
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            got.extend(drain(&s));
+            for r in s.begin_reads() {
+                let h: &[Arc<Message>] = if r.channel.as_str() == "a" {
+                    &history_a
+                } else {
+                    &history_b
+                };
+                let from = h.partition_point(|m| m.position <= Some(r.after));
+                let tail = h.last().and_then(|m| m.position).unwrap().ms;
+                s.feed(r.channel.as_str(), r.token, &page(&h[from..], tail, false));
+            }
+        }
+        got.extend(drain(&s));
+        let b: Vec<_> = got.iter().filter(|d| d.starts_with('b')).cloned().collect();
+        assert_eq!(
+            b,
+            ["b1", "b2"],
+            "every message of b once, in order: {got:?}"
+        );
+        let a: Vec<_> = got.iter().filter(|d| d.starts_with('a')).cloned().collect();
+        let want: Vec<_> = (2..=9).map(|n| format!("a{n}")).collect();
+        assert_eq!(a, want, "every message of a after what was taken");
     }
 
     #[test]

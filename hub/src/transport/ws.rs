@@ -678,16 +678,18 @@ impl MessageBody for WsBody {
             return Poll::Ready(None);
         }
         // Frames of its own (not from the session's queue) stop the fan-out's direct writes
-        // first (see `Session::park`).
-        if let Some(last) = this.poll_input(cx) {
-            this.session().unpark();
-            return Poll::Ready(Some(Ok(last)));
-        }
-        if !this.pongs.is_empty() {
-            this.session().unpark();
+        // first (see `Session::park`), and follow the rest of a frame the fan-out cut.
+        let last = this.poll_input(cx);
+        if last.is_some() || !this.pongs.is_empty() {
             let mut out = BytesMut::new();
+            if let Some(rest) = this.session().unpark() {
+                out.extend_from_slice(&rest);
+            }
             for p in this.pongs.drain(..) {
                 out.extend_from_slice(&p);
+            }
+            if let Some(last) = last {
+                out.extend_from_slice(&last);
             }
             return Poll::Ready(Some(Ok(out.freeze())));
         }
@@ -707,6 +709,115 @@ impl MessageBody for WsBody {
                 return Poll::Ready(Some(Ok(bytes)));
             }
         }
+    }
+}
+
+/// The body against a real in-process node, with a sink standing in for a socket that takes
+/// only part of a frame.
+#[cfg(test)]
+mod body_tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+    use super::*;
+    use crate::message::Message;
+    use crate::session::{Sent, Sink};
+    use clap::Parser as _;
+    use protocol::{Envelope, StreamId};
+    use std::task::Waker;
+    use std::time::{Duration, Instant};
+
+    /// Takes the first [`Cut::TAKES`] bytes of each frame offered, as a full socket would.
+    struct Cut(Arc<parking_lot::Mutex<Vec<u8>>>);
+
+    impl Cut {
+        const TAKES: usize = 10;
+    }
+
+    impl Sink for Cut {
+        fn send(&self, msg: &Message, _: &Session) -> Sent {
+            let frame = msg.ws_frame();
+            self.0.lock().extend_from_slice(&frame[..Self::TAKES]);
+            Sent::Part(frame.slice(Self::TAKES..))
+        }
+    }
+
+    /// A client frame (masked with a zero key, which leaves the payload as it is).
+    fn client_frame(op: u8, payload: &[u8]) -> Vec<u8> {
+        assert!(payload.len() < 126);
+        let mut f = vec![0x80 | op, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// What the body writes now, without waiting.
+    fn now(body: &mut WsBody) -> Option<Bytes> {
+        let mut cx = Context::from_waker(Waker::noop());
+        match Pin::new(body).poll_next(&mut cx) {
+            Poll::Ready(Some(Ok(b))) => Some(b),
+            _ => None,
+        }
+    }
+
+    /// The next bytes the body writes, within a bounded wait.
+    async fn next(body: &mut WsBody) -> Bytes {
+        let polled = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_next(cx));
+        match tokio::time::timeout(Duration::from_secs(10), polled).await {
+            Ok(Some(Ok(b))) => b,
+            other => panic!("the body wrote nothing: {other:?}"),
+        }
+    }
+
+    /// Issue 21, defect 2: a ping read while the rest of a frame the fan-out cut was queued
+    /// had its pong written inside that frame, and the client saw a corrupt stream.
+    #[tokio::test]
+    async fn a_pong_waits_for_the_rest_of_a_frame_the_fanout_cut() {
+        let node = Node::new(crate::Config::try_parse_from(["hub"]).unwrap())
+            .await
+            .unwrap();
+        let mut body = open(&node, None, None, None).await.unwrap();
+        let written = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        body.attach(Box::new(Cut(written.clone())));
+        body.feed(&client_frame(
+            0x1,
+            br#"{"op":"subscribe","channel":"public:cut"}"#,
+        ));
+        let reply = next(&mut body).await;
+        assert!(
+            String::from_utf8_lossy(&reply).contains(r#""type":"subscribed""#),
+            "{reply:?}"
+        );
+        assert_eq!(now(&mut body), None, "nothing else to write");
+        body.park();
+
+        let env = Envelope {
+            event: None,
+            data: serde_json::json!("x".repeat(40)),
+        };
+        let channel = ChannelName::new("public:cut").unwrap();
+        let msg = Arc::new(Message::new(
+            channel,
+            Some(StreamId::new(u64::MAX / 2, 0)),
+            &env,
+            Instant::now(),
+        ));
+        assert_eq!(node.registry.fanout(&msg), 1);
+        let frame = msg.ws_frame();
+        assert_eq!(
+            *written.lock(),
+            frame[..Cut::TAKES],
+            "the socket took part of it"
+        );
+
+        // The client pings before the rest is written.
+        body.feed(&client_frame(0x9, b"hi"));
+        let mut out = Vec::new();
+        while let Some(b) = now(&mut body) {
+            out.extend_from_slice(&b);
+        }
+        let pong = wire::frame(OpCode::Pong, b"hi");
+        let mut want = frame[Cut::TAKES..].to_vec();
+        want.extend_from_slice(&pong);
+        assert_eq!(out, want, "the frame's rest, then the pong");
+        node.stop();
     }
 }
 
