@@ -52,6 +52,8 @@ pub struct OpenRequest {
     pub rewind: usize,
     /// `presence=true`: `hub.join`/`hub.leave` of every channel.
     pub presence: bool,
+    /// One stream of an HTTP/2 connection (see `Session::multiplexed`).
+    pub multiplexed: bool,
 }
 
 /// Where a channel of a stream should start.
@@ -271,6 +273,7 @@ impl Node {
                 now: self.registry.clock.now(),
                 refill: Some(self.refill.clone()),
                 socket: req.socket,
+                multiplexed: req.multiplexed,
             },
             req.channels.clone(),
         ));

@@ -113,13 +113,26 @@ impl Refusal {
         })
     }
 
-    /// Seconds a client should wait before retrying (`Retry-After`), for 503s.
+    /// Seconds a client should wait before retrying (`Retry-After`), for refusals that pass
+    /// (503 and 429).
     pub fn retry_after(&self) -> Option<u64> {
         match self.kind {
-            Kind::Capacity => Some(5),
+            Kind::Capacity | Kind::UserLimit => Some(5),
             Kind::Draining => Some(1),
             Kind::Unavailable => Some(2),
             _ => None,
+        }
+    }
+
+    /// For a refusal that passes, the `hub.reconnect` reason an EventSource is told instead of
+    /// the status (it would close for good on anything but 200); `None` for those that do not.
+    pub fn passing(&self) -> Option<&'static str> {
+        match self.kind {
+            Kind::Capacity => Some("capacity"),
+            Kind::UserLimit => Some("user_limit"),
+            Kind::Draining => Some("draining"),
+            Kind::Unavailable => Some("unavailable"),
+            Kind::BadRequest | Kind::Unauthorized | Kind::Forbidden | Kind::TooLarge => None,
         }
     }
 }

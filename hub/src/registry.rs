@@ -496,6 +496,9 @@ impl Registry {
             let shard = shard.lock();
             for s in shard.values() {
                 lagged += s.trim_if_idle(idle_since);
+                if s.multiplexed {
+                    s.poke();
+                }
                 if s.is_presence_lost() {
                     due.push((s.clone(), CloseReason::Slow));
                 } else if s.expires_at().is_some_and(|e| e <= now_unix) {
@@ -960,6 +963,7 @@ mod tests {
                 now: 0,
                 refill: None,
                 socket: None,
+                multiplexed: false,
             },
             chans.clone(),
         ));

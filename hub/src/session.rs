@@ -280,6 +280,10 @@ pub struct Session {
     expires_at: AtomicU64,
     /// The connection's socket, to tell a vanished client (see [`crate::peer`]).
     pub socket: Option<crate::peer::PeerSocket>,
+    /// One stream of an HTTP/2 connection: the HTTP server notices the client's reset of it
+    /// only when its body is polled, so the tick wakes its writer every second
+    /// ([`Session::poke`]) to look.
+    pub multiplexed: bool,
     /// Items the queue holds before a live channel falls behind.
     capacity: usize,
     /// Coarse clock reading (seconds) of the last sign of life: an item the transport took
@@ -309,6 +313,7 @@ pub struct SessionInit {
     pub now: u64,
     pub refill: Option<UnboundedSender<u64>>,
     pub socket: Option<crate::peer::PeerSocket>,
+    pub multiplexed: bool,
 }
 
 impl Session {
@@ -352,6 +357,7 @@ impl Session {
             user: init.user,
             expires_at: AtomicU64::new(init.expires_at.unwrap_or(0)),
             socket: init.socket,
+            multiplexed: init.multiplexed,
             capacity: init.capacity.max(1),
             last_write: AtomicU64::new(init.now),
             last_taken: AtomicU64::new(init.now),
@@ -1073,6 +1079,15 @@ impl Session {
         Poll::Pending
     }
 
+    /// Wakes the writer without giving it anything, so that it looks at its connection (see
+    /// [`Session::multiplexed`]).
+    pub fn poke(&self) {
+        let waker = self.state.lock().waker.take();
+        if let Some(w) = waker {
+            w.wake();
+        }
+    }
+
     /// Lends the transport's sink (see [`Sink`]).
     pub fn attach(&self, sink: Box<dyn Sink>) {
         self.state.lock().sink = Some(sink);
@@ -1229,6 +1244,7 @@ mod tests {
                 now: 0,
                 refill: None,
                 socket: None,
+                multiplexed: false,
             },
             channels.iter().map(|c| chan(c)).collect(),
         )

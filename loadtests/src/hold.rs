@@ -433,8 +433,11 @@ async fn connect(
         let resume = last_id
             .map(|id| format!("Last-Event-ID: {id}\r\n"))
             .unwrap_or_default();
+        // No `Accept: text/event-stream`: a refusal then comes as its status (503, 429), which
+        // is how the generator counts refusals by reason (an EventSource would get a 200 with
+        // `hub.reconnect` instead).
         format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n{resume}\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{resume}\r\n",
             args.target
         )
     };

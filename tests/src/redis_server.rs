@@ -154,10 +154,19 @@ impl Redis {
         Redis::start_as(access, &["--requirepass", password])
     }
 
+    /// Starts a standalone server on `port` (a node was pointed there before it existed).
+    pub fn start_on(port: u16) -> Redis {
+        Redis::start_at(port, Access::default(), &[])
+    }
+
     fn start_as(access: Access, extra: &[&str]) -> Redis {
+        Redis::start_at(free_port(), access, extra)
+    }
+
+    fn start_at(port: u16, access: Access, extra: &[&str]) -> Redis {
         let mut r = Redis {
             child: None,
-            port: free_port(),
+            port,
             dir: scratch("redis"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             access,

@@ -265,3 +265,101 @@ async fn a_bad_certificate_configuration_stops_the_node_at_start() {
         assert!(err.contains(says), "{env:?}: {err}");
     }
 }
+
+/// Within this after a client closes or resets, its stream is released. The contract says 1 s;
+/// an idle HTTP/2 stream is looked at by the node's one-second tick, so it may take the tick
+/// plus the poll.
+const RELEASE_H2: Duration = Duration::from_millis(1500);
+const RELEASE: Duration = Duration::from_secs(1);
+
+/// Issue 21, defect 1: at the default heartbeat (30 s, so that no write can release them),
+/// an HTTP/2 stream reset by its client, the rest of its connection closed, HTTP/1.1 SSE and
+/// WebSocket over TLS closed (FIN) or reset (RST): each released within the contract's time.
+#[tokio::test]
+async fn every_tls_transport_releases_a_closed_stream_at_once_at_the_default_heartbeat() {
+    const SSE: &str = r#"hub_connections{transport="sse"}"#;
+    const WS: &str = r#"hub_connections{transport="ws"}"#;
+    let certs = TlsCerts::make();
+    let hub = https_hub(&certs, &[]).await;
+    let ch = prefix("tls-release");
+
+    // HTTP/2: three streams on one connection; one reset, then the connection closes.
+    let io = tls(&hub, &certs, &[b"h2"]).await;
+    let (mut client, conn) = h2::client::handshake(io).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut s = H2Stream::open(&mut client, &format!("channel={ch}")).await;
+        assert_eq!(s.next().await.0, "hub.connected");
+        streams.push(s);
+    }
+    hub.wait_metric(SSE, 3.0, WAIT).await;
+    let mut gone = streams.remove(1);
+    gone.send.send_reset(h2::Reason::CANCEL);
+    hub.wait_metric(SSE, 2.0, RELEASE_H2).await;
+    // The connection ends (its task stopped: the TCP connection closes).
+    conn.abort();
+    drop((streams, gone, client));
+    hub.wait_metric(SSE, 0.0, RELEASE_H2).await;
+
+    // HTTP/1.1 SSE over TLS: a close, then a reset.
+    for rst in [false, true] {
+        let mut io = tls(&hub, &certs, &[b"http/1.1"]).await;
+        let req = format!("GET /v1/sse?channel={ch} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+        io.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("event: hub.connected") {
+            let n = tokio::time::timeout(WAIT, io.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&chunk[..n]);
+        }
+        hub.wait_metric(SSE, 1.0, WAIT).await;
+        close_or_reset(io.into_inner().0, rst);
+        hub.wait_metric(SSE, 0.0, RELEASE).await;
+    }
+
+    // WebSocket over TLS: a close, then a reset.
+    for rst in [false, true] {
+        let io = tls(&hub, &certs, &[b"http/1.1"]).await;
+        let (mut ws, _) = tokio_tungstenite::client_async("wss://127.0.0.1/v1/ws", io)
+            .await
+            .unwrap();
+        ws.send(tokio_tungstenite::tungstenite::Message::text(
+            json!({"op": "subscribe", "channel": ch}).to_string(),
+        ))
+        .await
+        .unwrap();
+        tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        hub.wait_metric(WS, 1.0, WAIT).await;
+        close_or_reset(ws.into_inner().into_inner().0, rst);
+        hub.wait_metric(WS, 0.0, RELEASE).await;
+    }
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="sse",reason="client"}"#)
+            .await,
+        5.0
+    );
+    assert_eq!(
+        hub.metric(r#"hub_connections_closed_total{transport="ws",reason="client"}"#)
+            .await,
+        2.0
+    );
+}
+
+/// Closes a connection (FIN) or resets it (RST: SO_LINGER 0, then close).
+fn close_or_reset(c: tokio::net::TcpStream, rst: bool) {
+    if rst {
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+    }
+    drop(c);
+}

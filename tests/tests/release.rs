@@ -64,6 +64,24 @@ async fn a_closed_stream_is_released_within_a_second() {
     assert_eq!(hub.stats().await["connections"]["total"], 3);
 }
 
+/// At the default heartbeat, plain SSE and WebSocket streams whose client resets (RST) are
+/// released within 1 s, like those that close.
+#[tokio::test]
+async fn a_reset_stream_is_released_within_a_second() {
+    let hub = Hub::start(&[]).await;
+    let ch = prefix("reset");
+    let sse = raw_request(&hub, &format!("channel={ch}"), None).await;
+    let ws = try_ws(hub.public, "", &[]).await.unwrap();
+    wait_open(&hub, 1.0, 1.0, Instant::now() + WAIT, "two streams").await;
+    let reset_at = Instant::now();
+    reset(sse);
+    match ws.into_inner() {
+        tokio_tungstenite::MaybeTlsStream::Plain(c) => reset(c),
+        _ => unreachable!("a plain ws:// connection"),
+    }
+    wait_open(&hub, 0.0, 0.0, reset_at + RELEASE, "released within 1 s").await;
+}
+
 #[tokio::test]
 async fn churn_at_the_cap_is_never_refused() {
     let hub = Hub::start(&[("HUB_MAX_CONNECTIONS", "100")]).await;

@@ -15,6 +15,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// A refusal that passes (capacity, user limit, draining, broker away): the reason an
+    /// EventSource is told, with a 200, instead of the status (see `sse::refusal_answer`).
+    pub passing: Option<&'static str>,
 }
 
 impl ApiError {
@@ -24,6 +27,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            passing: None,
         }
     }
     pub fn bad_request(message: impl Into<String>) -> ApiError {
@@ -67,6 +71,7 @@ impl From<Refusal> for ApiError {
             status,
             code: r.code(),
             retry_after: r.retry_after(),
+            passing: r.passing(),
             message: r.message,
         }
     }

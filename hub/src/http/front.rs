@@ -73,6 +73,9 @@ pub struct StreamRequest {
     pub last_event_id: Option<String>,
     /// `Sec-WebSocket-Accept` for an upgrade.
     pub ws_accept: Option<String>,
+    /// `Accept: text/event-stream` (an EventSource): a refusal that passes is a 200 telling
+    /// it to come back (see `sse::refusal_body`).
+    pub event_stream: bool,
 }
 
 impl StreamRequest {
@@ -146,6 +149,8 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
             if out.authorization.is_none() {
                 out.authorization = Some(value.to_str().unwrap_or("").to_owned());
             }
+        } else if name.eq_ignore_ascii_case("accept") {
+            out.event_stream |= sse::wants_event_stream(Some(h.value));
         } else if name.eq_ignore_ascii_case("last-event-id") && out.last_event_id.is_none() {
             if let Ok(v) = value.to_str() {
                 out.last_event_id = Some(v.to_owned());
@@ -224,6 +229,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
             bearer: req.bearer(),
             last_event_id: req.last_event_id.as_deref(),
             socket: Some(socket),
+            reset_watch: None,
         },
     ));
     // A client that leaves while its stream opens (Redis slow, a catch-up read) drops the
@@ -233,7 +239,8 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
         opened = opening => opened,
         () = client_gone(&io, None) => return,
     };
-    drop(req);
+    let (origin, event_stream) = (req.origin, req.event_stream);
+    drop(req.query);
     match opened {
         Ok(opened) => {
             let head = response_head(opened.allow.as_ref());
@@ -245,7 +252,16 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
             })
             .await
         }
-        Err(e) => refuse(io, &e).await,
+        Err(e) => match event_stream.then(|| sse::refusal_body(&e)).flatten() {
+            // Refused for a reason that passes: the EventSource is told to come back.
+            Some(body) => {
+                let allow = crate::http::cors::allow_origin(origin.as_ref(), &node.origins);
+                let mut answer = BytesMut::from(&response_head(allow.ok().flatten().as_ref())[..]);
+                answer.extend_from_slice(&body);
+                send_and_close(io, &answer).await
+            }
+            None => refuse(io, &e).await,
+        },
     }
 }
 
@@ -328,10 +344,14 @@ async fn run<B: Outbound, S: Socket>(mut writer: Writer<B, S>) {
 }
 
 /// Answers a refused request and closes the connection.
-async fn refuse(mut io: TcpStream, e: &ApiError) {
-    let answer = error_answer(e).await;
+async fn refuse(io: TcpStream, e: &ApiError) {
+    send_and_close(io, &error_answer(e).await).await
+}
+
+/// Writes a whole answer (within [`ANSWER_SECS`]) and closes the connection.
+async fn send_and_close(mut io: TcpStream, answer: &[u8]) {
     let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
-        io.write_all(&answer).await?;
+        io.write_all(answer).await?;
         io.shutdown().await
     })
     .await;

@@ -114,6 +114,9 @@ pub struct StreamHead<'a> {
     pub bearer: Option<&'a str>,
     pub last_event_id: Option<&'a str>,
     pub socket: Option<crate::peer::PeerSocket>,
+    /// An HTTP/2 stream's request body, watched for the client's reset of the stream (see
+    /// [`SseBody::reset_watch`]); `None` on HTTP/1.
+    pub reset_watch: Option<web::Payload>,
 }
 
 /// A stream that passed every check and took its slot: the CORS answer and the body.
@@ -155,11 +158,13 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             socket: head.socket,
             rewind: q.rewind as usize,
             presence: q.presence,
+            multiplexed: head.reset_watch.is_some(),
         })
         .await?;
     Ok(Opened {
         allow,
         body: SseBody {
+            reset_watch: head.reset_watch.map(Box::new),
             _live: node.track_transport(),
             positions: vec![StreamId::ZERO; channels.len()],
             channels,
@@ -176,26 +181,81 @@ pub const HEADERS: [(&str, &str); 3] = [
     ("x-accel-buffering", "no"),
 ];
 
+/// The least `retry:` a refused EventSource is told: no browser comes back sooner than this.
+const MIN_REFUSAL_RETRY_MS: u64 = 1000;
+/// How far a refused EventSource's `retry:` is spread around the `Retry-After` (one part in
+/// five either way), so that browsers refused together do not all come back together.
+const REFUSAL_JITTER_DIVISOR: u64 = 5;
+
+/// Whether a request's `Accept` header asks for an event stream, as every EventSource's does.
+pub fn wants_event_stream(accept: Option<&[u8]>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(|b| *b == b',').any(|part| {
+            let kind = part.split(|b| *b == b';').next().unwrap_or_default();
+            kind.trim_ascii().eq_ignore_ascii_case(b"text/event-stream")
+        })
+    })
+}
+
+/// The body that tells an EventSource to come back later, for a refusal that passes: a
+/// browser's EventSource closes for good on any status but 200, but reconnects after a stream
+/// that ends. So: `retry:` (the refusal's `Retry-After`, jittered, at least a second), one
+/// `hub.reconnect` with the reason, and the end. `None` for refusals that do not pass.
+pub fn refusal_body(e: &ApiError) -> Option<Bytes> {
+    let reason = e.passing?;
+    let base = e.retry_after.unwrap_or(1).saturating_mul(1000);
+    let jitter = base / REFUSAL_JITTER_DIVISOR;
+    let retry = (base - jitter + fastrand::u64(0..=2 * jitter)).max(MIN_REFUSAL_RETRY_MS);
+    let mut buf = BytesMut::with_capacity(96);
+    sse::write_retry(&mut buf, retry);
+    let data = format!("{{\"reason\":\"{reason}\",\"retry_ms\":{retry}}}");
+    sse::write_event(&mut buf, Some(EVENT_RECONNECT), &data);
+    Some(buf.freeze())
+}
+
 /// `GET /v1/sse` through actix's router (the public port's front serves plain HTTP/1.x stream
 /// requests itself and hands only the others here).
-pub async fn stream(req: HttpRequest, node: web::Data<Node>) -> Result<HttpResponse, ApiError> {
+pub async fn stream(
+    req: HttpRequest,
+    node: web::Data<Node>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let node = node.into_inner();
+    let http2 = req.version() == actix_web::http::Version::HTTP_2;
     let headers = req.headers();
-    let opened = open(
+    let origin = headers.get(header::ORIGIN);
+    let opening = open(
         &node,
         StreamHead {
             query: req.query_string(),
-            origin: headers.get(header::ORIGIN),
+            origin,
             bearer: bearer(&req),
             last_event_id: headers.get("last-event-id").and_then(|v| v.to_str().ok()),
             socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
+            reset_watch: http2.then_some(payload),
         },
     )
-    .await?;
+    .await;
     let mut res = HttpResponse::Ok();
     for h in HEADERS {
         res.insert_header(h);
     }
+    let opened = match opening {
+        Ok(opened) => opened,
+        Err(e) => {
+            let accept = headers.get(header::ACCEPT).map(HeaderValue::as_bytes);
+            let body = wants_event_stream(accept)
+                .then(|| refusal_body(&e))
+                .flatten();
+            let Some(body) = body else { return Err(e) };
+            // Refused for a reason that passes: the EventSource is told to come back.
+            cors::apply(
+                &mut res,
+                cors::allow_origin(origin, &node.origins).ok().flatten(),
+            );
+            return Ok(res.body(body));
+        }
+    };
     // A stream is never followed by another request on its connection (EventSource opens a
     // new one): close it when the stream ends, rather than holding an idle keep-alive socket
     // that a stopping node would have to wait for. (An HTTP/2 stream ends alone; its
@@ -262,11 +322,35 @@ pub struct SseBody {
     positions: Vec<StreamId>,
     /// A message frame whose `id:` line was just returned (multi-channel streams).
     next: Option<Bytes>,
+    /// An HTTP/2 stream's request body. actix-http's HTTP/2 dispatcher awaits the body's next
+    /// chunk without watching the stream for the client's reset (RST_STREAM) or the
+    /// connection's end, so an idle stream would be held until its next heartbeat is written
+    /// (30 s by default). The request's receiving side ends in error on either; while idle,
+    /// the body looks at it on every poll, and the tick pokes it each second
+    /// ([`crate::session::Session::poke`]). Boxed: HTTP/1 streams pay one pointer.
+    reset_watch: Option<Box<web::Payload>>,
     /// Counts this stream as alive until the HTTP server drops the body.
     _live: TransportGuard,
 }
 
 impl SseBody {
+    /// Whether an HTTP/2 client reset this stream or lost its connection (see
+    /// [`SseBody::reset_watch`]). A request body sent with the stream (EventSource sends
+    /// none) is read and dropped; flow control bounds it.
+    fn client_reset(&mut self, cx: &mut Context<'_>) -> bool {
+        use futures_util::Stream as _;
+        let Some(watch) = self.reset_watch.as_mut() else {
+            return false;
+        };
+        loop {
+            match Pin::new(&mut **watch).poll_next(cx) {
+                Poll::Ready(Some(Ok(_))) => continue,
+                Poll::Ready(Some(Err(_))) => return true,
+                Poll::Ready(None) | Poll::Pending => return false,
+            }
+        }
+    }
+
     fn cursor(&self) -> String {
         Cursor::encode(self.stream.session.fingerprint, &self.positions)
     }
@@ -368,7 +452,13 @@ impl MessageBody for SseBody {
             let item = match self.stream.session.poll_item(cx) {
                 Poll::Ready(Some(item)) => item,
                 Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if self.client_reset(cx) {
+                        self.stream.close(CloseReason::Client);
+                        return Poll::Ready(None);
+                    }
+                    return Poll::Pending;
+                }
             };
             let now = self.stream.node().registry.clock.now();
             self.stream.session.touch(now);

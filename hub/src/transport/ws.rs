@@ -256,6 +256,7 @@ pub async fn open(
             socket,
             rewind: 0,
             presence: false,
+            multiplexed: false,
         })
         .await?;
     Ok(WsBody {
