@@ -212,7 +212,7 @@ fn count_lagged(node: &Node, lagged: usize) {
 /// Asks again for these streams after a pause (a failed read must not spin).
 fn retry_later(node: &Arc<Node>, seqs: Vec<u64>) {
     let refill = node.refill.clone();
-    tokio::spawn(async move {
+    node.spawn(async move {
         tokio::time::sleep(RETRY).await;
         for seq in seqs {
             let _ = refill.send(seq);

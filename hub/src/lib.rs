@@ -16,7 +16,7 @@
 //! - [`peer`]: whether a stream's client still acknowledges (the kernel's view of its socket).
 //! - [`http`]: the public and admin route tables, CORS, JSON errors.
 //! - [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
-//! - [`shutdown`]: signal handling and the drain.
+//! - [`shutdown`]: signal handling and the drain. [`tasks`]: background tasks, aborted at stop.
 //! - [`metrics`]: metric names and pre-resolved handles.
 //!
 //! [`run`] serves a node on listeners the caller bound until a shutdown future resolves, so a
@@ -39,6 +39,7 @@ pub mod refusal;
 pub mod registry;
 pub mod session;
 pub mod shutdown;
+pub mod tasks;
 pub mod ticker;
 pub mod tls;
 pub mod transport;

@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
-use tokio::task::AbortHandle;
 
 /// Locks that order a channel's subscribe and unsubscribe at the broker: enough stripes that
 /// unrelated channels rarely wait on each other.
@@ -88,7 +87,7 @@ pub struct Node {
     admit_waiters: AtomicUsize,
     /// SSE bodies and WebSocket tasks still alive: a stopping node lets them flush first.
     transports: Arc<AtomicUsize>,
-    tasks: parking_lot::Mutex<Vec<AbortHandle>>,
+    tasks: crate::tasks::Tasks,
     pub started: Instant,
     /// Presence as the embedded broker keeps it (unused in Redis mode).
     pub presence: crate::presence::MemoryPresence,
@@ -182,7 +181,7 @@ impl Node {
             draining: AtomicBool::new(false),
             admit_waiters: AtomicUsize::new(0),
             transports: Arc::new(AtomicUsize::new(0)),
-            tasks: parking_lot::Mutex::new(Vec::new()),
+            tasks: crate::tasks::Tasks::new(),
             started: Instant::now(),
             presence: crate::presence::MemoryPresence::default(),
             config,
@@ -194,14 +193,12 @@ impl Node {
 
     /// Runs a background task until [`Node::stop`].
     pub fn spawn(&self, task: impl std::future::Future<Output = ()> + Send + 'static) {
-        self.tasks.lock().push(tokio::spawn(task).abort_handle());
+        self.tasks.spawn(task);
     }
 
     /// Stops the node's background tasks and the broker's.
     pub fn stop(&self) {
-        for t in self.tasks.lock().drain(..) {
-            t.abort();
-        }
+        self.tasks.stop();
         self.broker.shutdown();
     }
 
@@ -469,7 +466,7 @@ impl Node {
                 continue;
             }
             let node = self.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 let Broker::Redis(b) = &node.broker else {
                     return;
                 };
@@ -562,5 +559,63 @@ async fn unsubscriber(node: Arc<Node>, mut emptied: UnboundedReceiver<ChannelNam
         if !node.registry.has_readers(&ch) {
             node.broker.unsubscribe(&ch).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+    use super::*;
+    use clap::Parser as _;
+
+    /// Issue 21, defect 5: a release woke only the first waiter, which may be a user still at
+    /// its own limit, while another opening, which the place would admit, waited the whole
+    /// `ADMIT_WAIT` and was refused.
+    #[tokio::test]
+    async fn a_released_place_goes_to_a_waiter_it_can_admit() {
+        let config = Config::try_parse_from([
+            "hub",
+            "--max-connections",
+            "2",
+            "--max-connections-per-user",
+            "1",
+        ])
+        .unwrap();
+        let node = Node::new(config).await.unwrap();
+        let (alice, bob, carol): (Arc<str>, Arc<str>, Arc<str>) =
+            ("alice".into(), "bob".into(), "carol".into());
+        node.admit(Some(&alice)).await.unwrap();
+        node.admit(Some(&bob)).await.unwrap();
+        // Alice waits first (at her own limit), then carol (the node is full).
+        let waiting = |n: usize| {
+            let node = node.clone();
+            async move {
+                while node.admit_waiters.load(Ordering::Acquire) < n {
+                    tokio::task::yield_now().await;
+                }
+            }
+        };
+        let alice_again = tokio::spawn({
+            let (node, alice) = (node.clone(), alice.clone());
+            async move { node.admit(Some(&alice)).await }
+        });
+        waiting(1).await;
+        let carol_in = tokio::spawn({
+            let (node, carol) = (node.clone(), carol.clone());
+            async move { node.admit(Some(&carol)).await }
+        });
+        waiting(2).await;
+        node.registry.release(Some(&bob));
+        let admitted = tokio::time::timeout(ADMIT_WAIT / 2, carol_in).await;
+        assert!(
+            matches!(admitted, Ok(Ok(Ok(())))),
+            "carol takes bob's place at once: {admitted:?}"
+        );
+        assert_eq!(
+            alice_again.await.unwrap(),
+            Err(RejectReason::UserLimit),
+            "alice stays at her limit"
+        );
+        node.stop();
     }
 }

@@ -176,7 +176,7 @@ fn offer_all<'a>(readers: impl Iterator<Item = &'a Arc<Session>>, msg: &Arc<Mess
             Offer::Queued => out.queued += 1,
             Offer::Written => out.written += 1,
             Offer::Lagged => out.lagged += 1,
-            Offer::Skipped => {}
+            Offer::Skipped | Offer::Behind => {}
         }
     }
     out
@@ -236,7 +236,7 @@ impl Registry {
         Ok(())
     }
 
-    fn release(&self, user: Option<&Arc<str>>) {
+    pub(crate) fn release(&self, user: Option<&Arc<str>>) {
         self.admitted.fetch_sub(1, Ordering::AcqRel);
         if let Some(u) = user {
             let mut users = self.users.lock();
@@ -247,10 +247,12 @@ impl Registry {
                 }
             }
         }
-        self.released.notify_one();
+        // Every waiter looks (at most `ADMIT_WAITERS`): the first in line may be a user still
+        // at its own limit, for whom this place is no use, while another waits for it.
+        self.released.notify_waiters();
     }
 
-    /// Notified (one waiter per release) whenever a place is released.
+    /// Notified (every waiter) whenever a place is released.
     pub fn releases(&self) -> &tokio::sync::Notify {
         &self.released
     }

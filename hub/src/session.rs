@@ -111,6 +111,9 @@ pub enum Offer {
     Skipped,
     /// An ephemeral message this reader fell behind on: lost to it (counted `lagged`).
     Lagged,
+    /// A presence change left for the catch-up, which feeds it from the channel's log when
+    /// the observer has room (see [`Session::offer_presence`]).
+    Behind,
 }
 
 /// A reply or hub event did not fit even in the control slack: the client sends but does not
@@ -640,7 +643,8 @@ impl Session {
     /// Offers the presence change `seq` of its channel's log. An observer that has read the
     /// log up to it and has room gets the shared event now; any other is left behind and
     /// the catch-up feeds it from the log at its pace ([`Session::presence_room`]): so no
-    /// change is lost to a full queue. `Skipped` for a stream that does not observe it.
+    /// change is lost to a full queue (`Behind`). `Skipped` for a stream that does not observe
+    /// it.
     pub fn offer_presence(&self, ev: &Arc<PresenceEvent>, seq: u64) -> Offer {
         let mut st = self.state.lock();
         if st.ending {
@@ -669,7 +673,7 @@ impl Session {
         if due {
             self.request_refill();
         }
-        Offer::Queued
+        Offer::Behind
     }
 
     /// The channels whose presence changes the catch-up should feed now.
@@ -1563,7 +1567,7 @@ mod tests {
         s.want_presence(Some("a"));
         assert!(s.presence_start("a", 1) && !s.presence_start("b", 0));
         // Owed the users present first: a change waits behind them.
-        assert_eq!(s.offer_presence(&ev("a", true), 2), Offer::Queued);
+        assert_eq!(s.offer_presence(&ev("a", true), 2), Offer::Behind);
         assert_eq!(s.presence_room("a"), Some((1, 4, true)));
         s.presence_fed("a", 1, Some(Arc::from(vec![Arc::from("v")])), vec![], 1, 2);
         assert_eq!(s.presence_room("a"), Some((1, 3, false)));
@@ -1576,7 +1580,7 @@ mod tests {
         for i in 0..4 {
             s.offer(&msg("a", Some(i + 1), "m"));
         }
-        assert_eq!(s.offer_presence(&ev("a", false), 3), Offer::Queued);
+        assert_eq!(s.offer_presence(&ev("a", false), 3), Offer::Behind);
         assert_eq!(s.presence_room("a"), None, "no room yet");
         assert_eq!(drain(&s).len(), 4);
         assert_eq!(s.presence_due(), [chan("a")]);

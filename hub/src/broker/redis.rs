@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
-use tokio::task::AbortHandle;
 
 /// The function library, with `__PLACEHOLDERS__` for the configuration.
 const LIBRARY: &str = include_str!("hub.lua");
@@ -160,7 +159,7 @@ pub struct RedisBroker {
     whole: AtomicBool,
     /// Notified when `whole` turns true (the catch-up waits on it).
     whole_again: tokio::sync::Notify,
-    tasks: parking_lot::Mutex<Vec<AbortHandle>>,
+    tasks: crate::tasks::Tasks,
 }
 
 fn timeout_err(what: &str) -> BrokerError {
@@ -256,33 +255,29 @@ impl RedisBroker {
             epoch: AtomicU64::new(1),
             whole: AtomicBool::new(false),
             whole_again: tokio::sync::Notify::new(),
-            tasks: parking_lot::Mutex::new(Vec::new()),
+            tasks: crate::tasks::Tasks::new(),
         });
         // The receivers are taken before connecting, so the first connection is seen too.
         let messages = broker.sub.message_rx();
         let sub_connected = broker.sub.reconnect_rx();
         let cmd_connected = broker.client.reconnect_rx();
         let errors = broker.client.error_rx();
-        let mut tasks = vec![
-            tokio::spawn(log_errors(errors)).abort_handle(),
-            tokio::spawn(broker.clone().receive_loop(messages, sub_connected)).abort_handle(),
-            tokio::spawn(broker.clone().ping_loop()).abort_handle(),
-            tokio::spawn(broker.clone().reload_loop(cmd_connected)).abort_handle(),
-        ];
+        let tasks = &broker.tasks;
+        tasks.spawn(log_errors(errors));
+        tasks.spawn(broker.clone().receive_loop(messages, sub_connected));
+        tasks.spawn(broker.clone().ping_loop());
+        tasks.spawn(broker.clone().reload_loop(cmd_connected));
         if cluster {
-            tasks.push(tokio::spawn(broker.clone().shard_loop()).abort_handle());
+            tasks.spawn(broker.clone().shard_loop());
         }
-        tasks.push(broker.client.connect().abort_handle());
-        tasks.push(broker.sub.connect().abort_handle());
-        broker.tasks.lock().extend(tasks);
+        tasks.keep(broker.client.connect().abort_handle());
+        tasks.keep(broker.sub.connect().abort_handle());
         Ok(broker)
     }
 
     /// Stops the background tasks (the node is stopping).
     pub fn shutdown(&self) {
-        for t in self.tasks.lock().drain(..) {
-            t.abort();
-        }
+        self.tasks.stop();
     }
 
     /// See [`crate::broker::Broker::live_epoch`].
@@ -824,8 +819,8 @@ impl RedisBroker {
                     self.whole.store(false, Ordering::Release);
                     self.lost_messages();
                     let me = self.clone();
-                    let task = tokio::spawn(async move { me.resubscribe().await });
-                    self.tasks.lock().push(task.abort_handle());
+                    // Kept until it finishes: a later reconnection prunes it.
+                    self.tasks.spawn(async move { me.resubscribe().await });
                 }
                 m = messages.recv() => match m {
                     Ok(m) => {
