@@ -17,6 +17,7 @@
 //! - [`http`]: the public and admin route tables, CORS, JSON errors.
 //! - [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
 //! - [`shutdown`]: signal handling and the drain. [`tasks`]: background tasks, aborted at stop.
+//! - [`domain`]: transports, close and refusal reasons (the labels clients and metrics see).
 //! - [`metrics`]: metric names and pre-resolved handles.
 //!
 //! [`run`] serves a node on listeners the caller bound until a shutdown future resolves, so a
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod broker;
 pub mod catchup;
 pub mod config;
+pub mod domain;
 pub mod healthcheck;
 pub mod history;
 pub mod http;

@@ -3,6 +3,7 @@
 //! Handles are resolved once at start-up so that hot paths do an atomic add, never a map lookup.
 //! This module does not decide when things happen; callers record them.
 
+use crate::domain::{CloseReason, RejectReason, Transport};
 use metrics::{Counter, Gauge, Key, KeyName, Label, Metadata, Recorder, SharedString, Unit};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::fmt::Write as _;
@@ -90,98 +91,6 @@ impl LatencyHistogram {
         let sum = self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "{DELIVERY_LATENCY}_sum {sum}");
         let _ = writeln!(out, "{DELIVERY_LATENCY}_count {count}");
-    }
-}
-
-/// Stream transports; the index into per-transport handles.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Sse = 0,
-    Ws = 1,
-}
-
-impl Transport {
-    pub const ALL: [Transport; 2] = [Transport::Sse, Transport::Ws];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Transport::Sse => "sse",
-            Transport::Ws => "ws",
-        }
-    }
-}
-
-/// Why a stream ended; the `reason` label of `hub_connections_closed_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum CloseReason {
-    Client = 1,
-    Slow = 2,
-    Stale = 3,
-    Shutdown = 4,
-    TokenExpired = 5,
-    Error = 6,
-}
-
-impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
-        CloseReason::Client,
-        CloseReason::Slow,
-        CloseReason::Stale,
-        CloseReason::Shutdown,
-        CloseReason::TokenExpired,
-        CloseReason::Error,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CloseReason::Client => "client",
-            CloseReason::Slow => "slow",
-            CloseReason::Stale => "stale",
-            CloseReason::Shutdown => "shutdown",
-            CloseReason::TokenExpired => "token_expired",
-            CloseReason::Error => "error",
-        }
-    }
-    pub fn from_u8(v: u8) -> Option<CloseReason> {
-        CloseReason::ALL.into_iter().find(|r| *r as u8 == v)
-    }
-    fn index(self) -> usize {
-        self as usize - 1
-    }
-}
-
-/// Why a stream was refused; the `reason` label of `hub_connections_rejected_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RejectReason {
-    Capacity = 0,
-    UserLimit = 1,
-    Unauthorized = 2,
-    Forbidden = 3,
-    BadRequest = 4,
-    Draining = 5,
-    /// Beyond the contract's labels: the broker cannot serve streams now (Redis down).
-    Unavailable = 6,
-}
-
-impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
-        RejectReason::Capacity,
-        RejectReason::UserLimit,
-        RejectReason::Unauthorized,
-        RejectReason::Forbidden,
-        RejectReason::BadRequest,
-        RejectReason::Draining,
-        RejectReason::Unavailable,
-    ];
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RejectReason::Capacity => "capacity",
-            RejectReason::UserLimit => "user_limit",
-            RejectReason::Unauthorized => "unauthorized",
-            RejectReason::Forbidden => "forbidden",
-            RejectReason::BadRequest => "bad_request",
-            RejectReason::Draining => "draining",
-            RejectReason::Unavailable => "unavailable",
-        }
     }
 }
 

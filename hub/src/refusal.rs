@@ -4,7 +4,7 @@
 //! The core (node, auth, transports' checks) returns a [`Refusal`]; `http::error` alone turns it
 //! into a response. Nothing here counts or logs.
 
-use crate::metrics::RejectReason;
+use crate::domain::RejectReason;
 
 /// The kinds of refusal, each with one status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

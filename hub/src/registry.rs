@@ -9,8 +9,9 @@
 //! lost their last local reader, and which need their users read, and the node acts on that.
 
 use crate::broker::Sink;
+use crate::domain::{CloseReason, RejectReason, Transport};
 use crate::message::Message;
-use crate::metrics::{CloseReason, DropReason, Metrics, RejectReason, Transport};
+use crate::metrics::{DropReason, Metrics};
 use crate::presence_log::{PresenceLog, Recorded, MAX_KEPT};
 use crate::session::{Offer, PresenceEvent, Session};
 use parking_lot::Mutex;

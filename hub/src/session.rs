@@ -10,8 +10,8 @@
 //! wire frames or metrics: the transport renders [`Item`]s, and where it owns a bare socket it
 //! may lend a [`Sink`] that the fan-out writes through while the stream's writer is parked.
 
+use crate::domain::CloseReason;
 use crate::message::Message;
-use crate::metrics::CloseReason;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use protocol::{ChannelName, Cursor, StreamId};
@@ -271,7 +271,7 @@ pub struct Session {
     pub seq: u64,
     /// The `connection_id` clients see.
     pub id: uuid::Uuid,
-    pub transport: crate::metrics::Transport,
+    pub transport: crate::domain::Transport,
     /// Fingerprint of the channel list an SSE stream opened with (for its cursor).
     pub fingerprint: u32,
     /// `envelope=true`: each data is the JSON envelope with the channel.
@@ -308,7 +308,7 @@ pub struct Session {
 /// What a new session needs besides its channels.
 pub struct SessionInit {
     pub seq: u64,
-    pub transport: crate::metrics::Transport,
+    pub transport: crate::domain::Transport,
     pub envelope: bool,
     pub user: Option<Arc<str>>,
     pub expires_at: Option<u64>,
@@ -531,8 +531,8 @@ impl Session {
     pub fn push_heartbeat(&self) -> bool {
         let mut st = self.state.lock();
         let room = match self.transport {
-            crate::metrics::Transport::Sse => st.queue.is_empty(),
-            crate::metrics::Transport::Ws => st.queue.len() < self.capacity + CONTROL_SLACK,
+            crate::domain::Transport::Sse => st.queue.is_empty(),
+            crate::domain::Transport::Ws => st.queue.len() < self.capacity + CONTROL_SLACK,
         };
         if st.ending || !st.started || !room {
             return false;
@@ -1032,7 +1032,7 @@ impl Session {
                     if let Some(p) = m.position {
                         // An SSE stream's channels never change: one channel needs no lookup.
                         let single =
-                            self.transport == crate::metrics::Transport::Sse && st.chans.len() == 1;
+                            self.transport == crate::domain::Transport::Sse && st.chans.len() == 1;
                         let at = if single {
                             Some(0)
                         } else {
@@ -1216,7 +1216,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Transport;
+    use crate::domain::Transport;
     use protocol::Envelope;
     use std::time::Instant;
 

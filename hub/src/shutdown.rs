@@ -4,7 +4,7 @@
 //! Closing in small batches keeps a deploy from becoming a reconnect storm on the other nodes.
 //! This module does not stop the HTTP servers; `lib::run` does that after the drain.
 
-use crate::metrics::CloseReason;
+use crate::domain::CloseReason;
 use crate::node::Node;
 use std::time::Duration;
 

@@ -40,10 +40,10 @@ pub async fn run(node: Arc<Node>) {
                 .tick(done, every, now_unix, stale_after, vanished)
             {
                 match reason {
-                    crate::metrics::CloseReason::TokenExpired => {
+                    crate::domain::CloseReason::TokenExpired => {
                         tracing::info!(connection_id = %s.id, "closing stream: its token expired")
                     }
-                    crate::metrics::CloseReason::Slow => {
+                    crate::domain::CloseReason::Slow => {
                         tracing::info!(connection_id = %s.id, "closing slow stream: it fell too far behind its channel's presence changes")
                     }
                     _ => {

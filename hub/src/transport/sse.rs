@@ -6,9 +6,9 @@
 //! `id:` line is written per stream); it never waits on other streams, and dropping it closes
 //! the stream.
 
+use crate::domain::{CloseReason, Transport};
 use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
-use crate::metrics::{CloseReason, Transport};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
 use crate::refusal::Refusal;
 use crate::session::Item;

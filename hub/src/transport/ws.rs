@@ -11,9 +11,9 @@
 //! hold is bounded (one frame of [`MAX_CLIENT_FRAME`] being read, one subscribe at a time).
 
 use crate::auth::{Auth, Claims};
+use crate::domain::{CloseReason, Transport};
 use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
-use crate::metrics::{CloseReason, Transport};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard, Want};
 use crate::refusal::Refusal;
 use crate::session::{Item, Reply, Session};
