@@ -245,14 +245,14 @@ impl Config {
             (None, Some(_)) => return Err("HUB_TLS_KEY is set without HUB_TLS_CERT".into()),
         }
         if let Some(url) = &self.redis_url {
-            use crate::broker::connection::SCHEMES;
+            use crate::redis_url::SCHEMES;
             if !SCHEMES.iter().any(|s| url.starts_with(s)) {
                 return Err(format!(
                     "HUB_REDIS_URL must start with one of {}",
                     SCHEMES.join(", ")
                 ));
             }
-            crate::broker::connection::config(url, self.redis_ca_file.as_deref())?;
+            crate::redis_url::config(url, self.redis_ca_file.as_deref())?;
         } else if self.redis_ca_file.is_some() {
             return Err("HUB_REDIS_CA_FILE is set without HUB_REDIS_URL".into());
         }

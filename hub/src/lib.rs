@@ -10,6 +10,7 @@
 //! - [`catchup`]: bounded, shared history reads for readers that are behind.
 //! - [`message`]: a message framed once, shared by every reader.
 //! - [`broker`]: where messages are published and read back from (embedded or Redis).
+//!   [`redis_url`]: `HUB_REDIS_URL`'s forms turned into the Redis client's configuration.
 //! - [`history`]: the embedded broker's in-memory channel history.
 //! - [`transport`]: SSE and WebSocket: check the request, render the items.
 //! - [`auth`]: who may read which channel. [`refusal`]: why a request is refused.
@@ -37,6 +38,7 @@ pub mod node;
 pub mod peer;
 pub mod presence;
 pub mod presence_log;
+pub mod redis_url;
 pub mod refusal;
 pub mod registry;
 pub mod session;

@@ -5,7 +5,6 @@
 //! bounded history reads. Which channels it receives is decided by the node (first local reader
 //! subscribes, last one unsubscribes).
 
-pub mod connection;
 pub mod local;
 pub mod redis;
 

@@ -198,7 +198,7 @@ impl RedisBroker {
             settings.history_ttl_secs,
             settings.max_message_bytes,
         );
-        let config = crate::broker::connection::config(url, settings.redis_ca_file.as_deref())
+        let config = crate::redis_url::config(url, settings.redis_ca_file.as_deref())
             .map_err(anyhow::Error::msg)?;
         let cluster = config.server.is_clustered();
         let mut builder = Builder::from_config(config);
