@@ -15,7 +15,8 @@
 //! - [`transport`]: SSE and WebSocket: check the request, render the items.
 //! - [`auth`]: who may read which channel. [`refusal`]: why a request is refused.
 //! - [`peer`]: whether a stream's client still acknowledges (the kernel's view of its socket).
-//! - [`http`]: the public and admin route tables, CORS, JSON errors.
+//! - [`server`]: the public port (its front door for stream requests) and the admin port.
+//! - [`http`]: JSON error answers, CORS, bearer credentials.
 //! - [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
 //! - [`shutdown`]: signal handling and the drain. [`tasks`]: background tasks, aborted at stop.
 //! - [`domain`]: transports, close and refusal reasons (the labels clients and metrics see).
@@ -41,6 +42,7 @@ pub mod presence_log;
 pub mod redis_url;
 pub mod refusal;
 pub mod registry;
+pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod tasks;
@@ -178,7 +180,7 @@ fn public_port(
         .run())
 }
 
-/// The public port: the front ([`http::front`]) reads each request head and serves plain
+/// The public port: the front ([`server::front`]) reads each request head and serves plain
 /// stream requests itself; actix-http (configured as `HttpServer` would be) answers the rest.
 fn public_server(
     node: &std::sync::Arc<Node>,
@@ -194,10 +196,12 @@ fn public_server(
         actix_service::fn_factory(move || {
             let (node, data) = (node.clone(), data.clone());
             async move {
-                let app = App::new().app_data(data).configure(http::public::configure);
+                let app = App::new()
+                    .app_data(data)
+                    .configure(server::public::configure);
                 let http = stream_http()
                     .on_connect_ext(
-                        |io: &http::front::Conn, ext: &mut actix_web::dev::Extensions| {
+                        |io: &server::front::Conn, ext: &mut actix_web::dev::Extensions| {
                             ext.insert(io.socket());
                         },
                     )
@@ -209,7 +213,7 @@ fn public_server(
                     move |io: actix_web::rt::net::TcpStream| {
                         let (node, http) = (node.clone(), http.clone());
                         async move {
-                            http::front::serve(node, io, head_secs, |conn| async move {
+                            server::front::serve(node, io, head_secs, |conn| async move {
                                 let peer = conn.peer_addr();
                                 if let Err(e) =
                                     http.call((conn, actix_http::Protocol::Http1, peer)).await
@@ -243,7 +247,7 @@ fn public_tls_server(
     let factory = move || {
         let app = App::new()
             .app_data(data.clone())
-            .configure(http::public::configure);
+            .configure(server::public::configure);
         stream_http()
             .on_connect_ext(|io: &Tls, ext: &mut actix_web::dev::Extensions| {
                 use std::os::fd::AsRawFd;
@@ -297,7 +301,7 @@ pub async fn run(
     let admin = HttpServer::new(move || {
         App::new()
             .app_data(d.clone())
-            .configure(http::admin::configure)
+            .configure(server::admin::configure)
     })
     .workers(1)
     .disable_signals()

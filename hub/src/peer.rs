@@ -13,7 +13,7 @@
 
 use std::os::fd::RawFd;
 
-/// The socket of a public connection, recorded at accept (by [`crate::http::front`]).
+/// The socket of a public connection, recorded at accept (by [`crate::server::front`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerSocket(pub RawFd);
 

@@ -1,17 +1,12 @@
-//! HTTP surfaces: the public port (streams and health only) and the admin port.
-//!
-//! Route tables and small handlers live here; stream logic lives in `transport`, policy in
-//! `node`. Every error answer is JSON (see [`error`]).
+//! The HTTP vocabulary the transports and the servers share: JSON error answers ([`error`]),
+//! CORS ([`cors`]) and bearer credentials. It knows no route and no node; the route tables
+//! live in `server`.
 
-pub mod admin;
 pub mod cors;
 pub mod error;
-pub mod front;
-pub mod public;
 
-use crate::node::Node;
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::HttpRequest;
 
 /// The credential of an `Authorization: Bearer <credential>` header, if there is one.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
@@ -22,40 +17,4 @@ pub fn bearer(req: &HttpRequest) -> Option<&str> {
 pub fn bearer_credential(value: &str) -> Option<&str> {
     let (scheme, rest) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-}
-
-/// `GET /healthz`: the process is alive.
-pub async fn healthz() -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "status": "ok" }))
-}
-
-/// `GET /readyz`: 200 only while this node accepts streams.
-pub async fn readyz(node: web::Data<Node>) -> Result<HttpResponse, error::ApiError> {
-    if node.is_draining() {
-        return Err(error::ApiError::unavailable(
-            "not_ready",
-            "draining: this node is shutting down",
-            1,
-        ));
-    }
-    if !node.broker.is_up() {
-        return Err(error::ApiError::unavailable(
-            "not_ready",
-            "the broker subscription is down",
-            1,
-        ));
-    }
-    Ok(HttpResponse::Ok().json(serde_json::json!({ "status": "ready" })))
-}
-
-/// A resource with the given GET handler whose other methods answer a JSON 405.
-pub fn get_only<F, Args>(path: &str, handler: F) -> actix_web::Resource
-where
-    F: actix_web::Handler<Args>,
-    Args: actix_web::FromRequest + 'static,
-    F::Output: actix_web::Responder + 'static,
-{
-    web::resource(path)
-        .route(web::get().to(handler))
-        .default_service(web::to(error::method_not_allowed))
 }

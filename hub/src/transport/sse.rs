@@ -105,7 +105,7 @@ pub fn check_channels(names: &[String], max: usize) -> Result<Vec<ChannelName>, 
 }
 
 /// What a stream request says, from whichever HTTP front read it (actix's router, or the
-/// public port's own reader of stream requests, [`crate::http::front`]).
+/// public port's own reader of stream requests, [`crate::server::front`]).
 pub struct StreamHead<'a> {
     /// The query string, without `?`.
     pub query: &'a str,

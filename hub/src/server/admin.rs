@@ -3,10 +3,11 @@
 //! Publishing checks the key, the size (before parsing) and the body, then hands the message
 //! to the node. Nothing here is reachable from the public port.
 
+use crate::http::error;
 use crate::http::error::ApiError;
-use crate::http::{error, get_only, healthz, readyz};
 use crate::metrics::{DropReason, Source};
 use crate::node::Node;
+use crate::server::{get_only, healthz, readyz};
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use protocol::envelope::PublishResponse;
@@ -46,7 +47,7 @@ async fn publish(
     mut body: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     if let Some(key) = &node.config.publish_key {
-        let given = super::bearer(&req);
+        let given = crate::http::bearer(&req);
         if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
             return Err(ApiError::unauthorized(
                 "publishing needs Authorization: Bearer <HUB_PUBLISH_KEY>",

@@ -83,7 +83,7 @@ impl StreamRequest {
     fn bearer(&self) -> Option<&str> {
         self.authorization
             .as_deref()
-            .and_then(super::bearer_credential)
+            .and_then(crate::http::bearer_credential)
     }
 }
 

@@ -1,6 +1,7 @@
 //! The public port: `/v1/sse`, `/v1/ws` and health. Nothing else is served here.
 
-use crate::http::{error, get_only, healthz, readyz};
+use crate::http::error;
+use crate::server::{get_only, healthz, readyz};
 use crate::transport::{sse, ws};
 use actix_web::http::Method;
 use actix_web::web;
