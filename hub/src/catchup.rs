@@ -14,7 +14,7 @@
 //! grow with how far behind it is. It never writes to sockets or holds a lock across a read.
 
 use crate::node::Node;
-use crate::session::{PageView, Session};
+use crate::stream::{PageView, Session};
 use futures_util::StreamExt;
 use protocol::{ChannelName, StreamId};
 use std::collections::HashMap;

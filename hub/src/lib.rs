@@ -6,7 +6,7 @@
 //! - [`node`]: owns the registry, the broker and the catch-up as siblings, and the flows that
 //!   need them together: open a stream, start a channel, close, publish, drain.
 //! - [`registry`]: local streams and their channels; admission, fan-out, exact counts (no I/O).
-//! - [`session`]: one stream's channels, read positions and bounded queue of typed items.
+//! - [`stream`]: one stream's channels, read positions, presence cursors and bounded queue.
 //! - [`catchup`]: bounded, shared history reads for readers that are behind.
 //! - [`message`]: a message framed once, shared by every reader.
 //! - [`broker`]: where messages are published and read back from (embedded or Redis).
@@ -43,8 +43,8 @@ pub mod redis_url;
 pub mod refusal;
 pub mod registry;
 pub mod server;
-pub mod session;
 pub mod shutdown;
+pub mod stream;
 pub mod tasks;
 pub mod ticker;
 pub mod tls;

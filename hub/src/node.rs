@@ -14,7 +14,7 @@ use crate::domain::{CloseReason, RejectReason, Transport};
 use crate::metrics::{Metrics, Source};
 use crate::refusal::Refusal;
 use crate::registry::Registry;
-use crate::session::{Item, Session, SessionInit, StartAt};
+use crate::stream::{Item, Session, SessionInit, StartAt};
 use protocol::{ChannelName, Envelope, StreamId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -5,7 +5,7 @@
 use crate::broker::Broker;
 use crate::node::Node;
 use crate::registry::PresenceCount;
-use crate::session::PresenceEvent;
+use crate::stream::PresenceEvent;
 use parking_lot::Mutex;
 use protocol::ChannelName;
 use std::collections::HashMap;

@@ -13,7 +13,7 @@ use crate::domain::{CloseReason, RejectReason, Transport};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
 use crate::presence_log::{PresenceLog, Recorded, MAX_KEPT};
-use crate::session::{Offer, PresenceEvent, Session};
+use crate::stream::{Offer, PresenceEvent, Session};
 use parking_lot::Mutex;
 use protocol::ChannelName;
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +28,7 @@ const SHARDS: usize = 64;
 /// no queued messages.
 const TRIM_AFTER_SECS: u64 = 3;
 /// Readers of one channel from which a message's fan-out is split over the cores: a reader
-/// whose socket the fan-out writes itself (see `session::Sink`) costs a `write`, and one
+/// whose socket the fan-out writes itself (see `stream::DirectSink`) costs a `write`, and one
 /// thread writing 10,000 sockets in turn would make the last wait for all the others.
 const SPLIT_AT: usize = 1024;
 /// Most threads one fan-out uses (the caller's included).
@@ -922,7 +922,7 @@ impl Sink for Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{Item, SessionInit, StartAt};
+    use crate::stream::{Item, SessionInit, StartAt};
     use protocol::{Envelope, StreamId};
     use std::task::{Context, Poll, Waker};
 

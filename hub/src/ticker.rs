@@ -32,9 +32,8 @@ pub async fn run(node: Arc<Node>) {
             let now_unix = crate::broker::local::now_ms() / 1000;
             let stale_after = node.config.stale_after_secs;
             let silent_ms = (every * 1000).min(u64::from(u32::MAX)) as u32;
-            let vanished = |s: &crate::session::Session| {
-                s.socket.is_some_and(|p| peer::vanished(p, silent_ms))
-            };
+            let vanished =
+                |s: &crate::stream::Session| s.socket.is_some_and(|p| peer::vanished(p, silent_ms));
             for (s, reason) in node
                 .registry
                 .tick(done, every, now_unix, stale_after, vanished)

@@ -38,7 +38,7 @@ pub trait Sink: Send + Sync + 'static {
     /// its position against history before it takes live messages again.
     fn fall_behind(&self);
     /// A user joined or left a channel (on some node): readers that asked are told.
-    fn presence(&self, ev: &Arc<crate::session::PresenceEvent>);
+    fn presence(&self, ev: &Arc<crate::stream::PresenceEvent>);
     /// The channels the node has local readers for (what a reconnection subscribes again).
     fn channels(&self) -> Vec<ChannelName>;
 }

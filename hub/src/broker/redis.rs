@@ -673,7 +673,7 @@ impl RedisBroker {
         }
         match serde_json::from_slice::<Ev>(payload) {
             Ok(ev) if ev.kind == "join" || ev.kind == "leave" => {
-                self.sink.presence(&Arc::new(crate::session::PresenceEvent {
+                self.sink.presence(&Arc::new(crate::stream::PresenceEvent {
                     channel,
                     sub: Arc::from(ev.sub),
                     join: ev.kind == "join",

@@ -13,7 +13,7 @@ use crate::http::error::ApiError;
 use crate::message::Message;
 use crate::node::Node;
 use crate::peer::PeerSocket;
-use crate::session::{Sent, Session, Sink};
+use crate::stream::{DirectSink, Sent, Session};
 use crate::transport;
 use crate::transport::sse::{self, SseBody, StreamHead};
 use crate::transport::ws::{WsBody, WsHead};
@@ -494,7 +494,7 @@ struct DirectWs {
     node: Arc<Node>,
 }
 
-impl Sink for DirectWs {
+impl DirectSink for DirectWs {
     fn send(&self, msg: &Message, session: &Session) -> Sent {
         let frame = msg.ws_frame();
         let sent = match self.io.try_write(&frame) {

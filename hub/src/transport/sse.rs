@@ -11,7 +11,7 @@ use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
 use crate::refusal::Refusal;
-use crate::session::Item;
+use crate::stream::Item;
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -327,7 +327,7 @@ pub struct SseBody {
     /// connection's end, so an idle stream would be held until its next heartbeat is written
     /// (30 s by default). The request's receiving side ends in error on either; while idle,
     /// the body looks at it on every poll, and the tick pokes it each second
-    /// ([`crate::session::Session::poke`]). Boxed: HTTP/1 streams pay one pointer.
+    /// ([`crate::stream::Session::poke`]). Boxed: HTTP/1 streams pay one pointer.
     reset_watch: Option<Box<web::Payload>>,
     /// Counts this stream as alive until the HTTP server drops the body.
     _live: TransportGuard,

@@ -6,7 +6,7 @@
 //! through the node's channel-start routine, pings, close) and writes the session's items; a
 //! message's frame is built once (`Message::ws_frame`) and the same bytes go to every socket.
 //! On the public port's front, while the body has nothing to write, the fan-out writes those
-//! bytes to the socket itself (`session::Sink`); the body unparks before writing its own.
+//! bytes to the socket itself (`stream::DirectSink`); the body unparks before writing its own.
 //! A bad frame gets an error frame and the socket stays open; what a client can make the body
 //! hold is bounded (one frame of [`MAX_CLIENT_FRAME`] being read, one subscribe at a time).
 
@@ -16,7 +16,7 @@ use crate::http::error::ApiError;
 use crate::http::{bearer, cors};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard, Want};
 use crate::refusal::Refusal;
-use crate::session::{Item, Reply, Session};
+use crate::stream::{Item, Reply, Session};
 use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, ProtocolError};
 use actix_web::body::{BodySize, MessageBody};
@@ -402,7 +402,7 @@ impl WsBody {
     }
 
     /// Lets the fan-out write live messages to the socket while the writer is parked.
-    pub fn attach(&self, sink: Box<dyn crate::session::Sink>) {
+    pub fn attach(&self, sink: Box<dyn crate::stream::DirectSink>) {
         self.session().attach(sink);
     }
 
@@ -720,7 +720,7 @@ mod body_tests {
     #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
     use super::*;
     use crate::message::Message;
-    use crate::session::{Sent, Sink};
+    use crate::stream::{DirectSink, Sent};
     use clap::Parser as _;
     use protocol::{Envelope, StreamId};
     use std::task::Waker;
@@ -733,7 +733,7 @@ mod body_tests {
         const TAKES: usize = 10;
     }
 
-    impl Sink for Cut {
+    impl DirectSink for Cut {
         fn send(&self, msg: &Message, _: &Session) -> Sent {
             let frame = msg.ws_frame();
             self.0.lock().extend_from_slice(&frame[..Self::TAKES]);
