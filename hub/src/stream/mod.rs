@@ -68,7 +68,7 @@ impl State {
     /// `live_only`, the stream is not ending); `None` for a read that no longer applies.
     fn reading(&self, channel: &str, token: u64, live_only: bool) -> Option<usize> {
         let i = self.index(channel)?;
-        let ok = self.chans[i].read == (Read::Reading { token }) && !(live_only && self.ending);
+        let ok = self.chans[i].read.is_read(token) && !(live_only && self.ending);
         ok.then_some(i)
     }
 
@@ -162,19 +162,7 @@ impl Session {
         };
         for name in channels {
             let token = state.take_token();
-            state.chans.push(Chan {
-                name,
-                pos: StreamId::ZERO,
-                taken: StreamId::ZERO,
-                read: Read::Reading { token },
-                lost: false,
-                fresh: true,
-                unread: false,
-                presence: false,
-                presence_behind: false,
-                presence_at: 0,
-                presence_fresh: false,
-            });
+            state.chans.push(Chan::new(name, token));
         }
         Session {
             seq: init.seq,
@@ -252,7 +240,7 @@ impl Session {
             && st
                 .chans
                 .iter()
-                .any(|c| c.read == Read::Behind || c.unread || c.presence_behind);
+                .any(|c| c.read == Read::Behind || c.read.is_due() || c.presence_behind);
         if due {
             st.refill_requested = true;
         }
@@ -273,22 +261,7 @@ impl Session {
                 // Most sockets hold one channel or a few: grow by one, not to four at once
                 // (massif: 336 bytes per WebSocket for a single channel).
                 st.chans.reserve_exact(1);
-                st.chans.insert(
-                    at,
-                    Chan {
-                        name,
-                        pos: StreamId::ZERO,
-                        taken: StreamId::ZERO,
-                        read: Read::Reading { token },
-                        lost: false,
-                        fresh: true,
-                        unread: false,
-                        presence: false,
-                        presence_behind: false,
-                        presence_at: 0,
-                        presence_fresh: false,
-                    },
-                );
+                st.chans.insert(at, Chan::new(name, token));
                 true
             }
         }

@@ -5,7 +5,7 @@
 //! before anything else, the writer's own frames included ([`Session::unpark`]).
 //! Never blocks on the reader and never grows past the capacity (plus the control slack).
 
-use super::reading::Read;
+use super::reading::{Read, Stage};
 use super::{Full, Item, Offer, Reply, Session, CONTROL_SLACK};
 use crate::domain::CloseReason;
 use crate::message::Message;
@@ -65,7 +65,7 @@ impl Session {
                     st.waiting.push_back(msg.clone());
                     Offer::Queued
                 } else {
-                    st.chans[idx].lost = true;
+                    st.chans[idx].read.lose();
                     lost()
                 }
             }
@@ -312,20 +312,21 @@ impl Session {
         let mut lagged = 0;
         for (i, at) in rewind.into_iter().enumerate() {
             let c = &mut st.chans[i];
-            if c.fresh || c.pos == at {
+            if c.read.is_starting() || c.pos == at {
                 continue;
             }
             c.pos = at;
             match c.read {
                 // A read not issued yet starts from the rewound position anyway.
-                Read::Reading { .. } if c.unread => {}
+                Read::Reading {
+                    stage: Stage::Due, ..
+                } => {}
                 // A read in flight began after the old position: its page would skip what
                 // lies between. It no longer applies (its token is void); the reader reads
                 // again from the rewound position, and the live messages buffered for it are
                 // left to history.
                 Read::Reading { .. } => {
                     c.read = Read::Behind;
-                    c.lost = false;
                     let name = c.name.clone();
                     lagged += st.drop_waiting(&name);
                 }

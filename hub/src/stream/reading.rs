@@ -22,15 +22,78 @@ pub enum StartAt {
     Reset(StreamId),
 }
 
+/// How a channel is read: one state, no loose flags.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Read {
+    /// The fan-out queues its messages.
     Live,
     /// More than the queue holds behind; waits for the catch-up.
     Behind,
-    /// A history read (or the start) is in flight; live messages are buffered in `waiting`.
+    /// Live messages are buffered in `waiting` until what is under way lands: the channel's
+    /// start, or the history read `token`.
     Reading {
         token: u64,
+        stage: Stage,
+        /// A live message was lost meanwhile (the buffer was full): what lands cannot take
+        /// the reader live.
+        lost: bool,
     },
+}
+
+/// Where a [`Read::Reading`] channel is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    /// Subscribed but not started yet (see [`Session::start`]).
+    Starting,
+    /// Its position must be checked against history; the catch-up has not issued the read.
+    Due,
+    /// The read is issued (or the start is being completed): its page goes to
+    /// [`Session::feed`].
+    Issued,
+}
+
+impl Read {
+    /// A channel whose start is still to come.
+    pub(super) fn starting(token: u64) -> Read {
+        Read::Reading {
+            token,
+            stage: Stage::Starting,
+            lost: false,
+        }
+    }
+
+    pub(super) fn is_starting(&self) -> bool {
+        matches!(
+            self,
+            Read::Reading {
+                stage: Stage::Starting,
+                ..
+            }
+        )
+    }
+
+    /// A read the catch-up should issue.
+    pub(super) fn is_due(&self) -> bool {
+        matches!(
+            self,
+            Read::Reading {
+                stage: Stage::Due,
+                ..
+            }
+        )
+    }
+
+    /// Whether this is the read `token`, at whatever stage.
+    pub(super) fn is_read(&self, token: u64) -> bool {
+        matches!(self, Read::Reading { token: t, .. } if *t == token)
+    }
+
+    /// Marks what is under way as unable to take the reader live.
+    pub(super) fn lose(&mut self) {
+        if let Read::Reading { lost, .. } = self {
+            *lost = true;
+        }
+    }
 }
 
 /// One channel of a stream.
@@ -42,13 +105,6 @@ pub(super) struct Chan {
     /// Last position the transport took (what a trimmed queue rewinds to).
     pub(super) taken: StreamId,
     pub(super) read: Read,
-    /// A live message for this channel was lost while Reading (the buffer was full): the read
-    /// that lands cannot take the reader live.
-    pub(super) lost: bool,
-    /// Subscribed but not started yet (see [`Session::start`]).
-    pub(super) fresh: bool,
-    /// Reading (buffering live messages) whose read the catch-up has not issued yet.
-    pub(super) unread: bool,
     /// The client asked for this channel's `join`/`leave` events.
     pub(super) presence: bool,
     /// Presence changes not all queued: the catch-up feeds them from the channel's log
@@ -59,6 +115,28 @@ pub(super) struct Chan {
     /// Owed the channel's users as they are now ([`Item::Present`]) before any change.
     pub(super) presence_fresh: bool,
 }
+
+impl Chan {
+    /// A channel just subscribed: `Reading` until its start.
+    pub(super) fn new(name: ChannelName, token: u64) -> Chan {
+        Chan {
+            name,
+            pos: StreamId::ZERO,
+            taken: StreamId::ZERO,
+            read: Read::starting(token),
+            presence: false,
+            presence_behind: false,
+            presence_at: 0,
+            presence_fresh: false,
+        }
+    }
+}
+
+/// Each channel of a stream costs this (most streams have one): checked at compile time.
+const _: () = assert!(std::mem::size_of::<Chan>() <= CHAN_BYTES);
+/// The bound of [`Chan`]'s size: name (16), two positions (32), the read state (16),
+/// the presence cursor (8) and its flags.
+const CHAN_BYTES: usize = 80;
 
 /// A history read a stream needs (see [`Session::begin_reads`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,9 +191,11 @@ impl Session {
             if st.chans[i].read == Read::Live {
                 let token = st.take_token();
                 let c = &mut st.chans[i];
-                c.read = Read::Reading { token };
-                c.lost = false;
-                c.unread = true;
+                c.read = Read::Reading {
+                    token,
+                    stage: Stage::Due,
+                    lost: false,
+                };
             }
         }
         let due = self.refill_due(&mut st);
@@ -143,10 +223,14 @@ impl Session {
         for (name, at) in starts {
             let Some(i) = st.index(name) else { continue };
             let c = &mut st.chans[i];
-            if !c.fresh {
+            let Read::Reading { stage, .. } = &mut c.read else {
+                continue;
+            };
+            if *stage != Stage::Starting {
                 continue;
             }
-            c.fresh = false;
+            // Completed below, in this same step: live or behind.
+            *stage = Stage::Issued;
             let start = match *at {
                 StartAt::Live(p) | StartAt::Resume(p) | StartAt::Reset(p) => p,
             };
@@ -156,7 +240,6 @@ impl Session {
                 StartAt::Resume(p) => {
                     c.pos = p;
                     c.read = Read::Behind;
-                    c.lost = false;
                     lagged += st.drop_waiting(name);
                 }
                 StartAt::Reset(p) => {
@@ -196,8 +279,7 @@ impl Session {
     /// A lost buffered message, or a queue that fills up, leaves it behind instead.
     fn go_live(&self, st: &mut State, i: usize, fed: &mut Fed) {
         let name = st.chans[i].name.clone();
-        if st.chans[i].lost {
-            st.chans[i].lost = false;
+        if matches!(st.chans[i].read, Read::Reading { lost: true, .. }) {
             st.chans[i].read = Read::Behind;
             fed.lagged += st.drop_waiting(&name);
             return;
@@ -239,17 +321,22 @@ impl Session {
         let mut reads = Vec::new();
         for i in 0..st.chans.len() {
             let token = match st.chans[i].read {
-                Read::Behind => {
-                    let token = st.take_token();
-                    st.chans[i].read = Read::Reading { token };
-                    st.chans[i].lost = false;
-                    token
-                }
-                Read::Reading { token } if st.chans[i].unread => token,
+                Read::Behind => st.take_token(),
+                Read::Reading {
+                    token,
+                    stage: Stage::Due,
+                    ..
+                } => token,
                 _ => continue,
             };
             let c = &mut st.chans[i];
-            c.unread = false;
+            // A read due keeps what it knows of lost messages; one from behind starts clean.
+            let lost = matches!(c.read, Read::Reading { lost: true, .. });
+            c.read = Read::Reading {
+                token,
+                stage: Stage::Issued,
+                lost,
+            };
             reads.push(ReadRequest {
                 channel: c.name.clone(),
                 after: c.pos,
@@ -271,7 +358,9 @@ impl Session {
         let (name, pos) = (st.chans[i].name.clone(), st.chans[i].pos);
         st.queue.push_back(Item::Reset(Box::new(vec![(name, pos)])));
         fed.reset = true;
-        st.chans[i].lost = false;
+        if let Read::Reading { lost, .. } = &mut st.chans[i].read {
+            *lost = false;
+        }
         self.go_live(&mut st, i, &mut fed);
         Self::wake(st);
         fed

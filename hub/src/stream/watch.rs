@@ -114,7 +114,8 @@ impl Session {
         let i = st.index(channel)?;
         let c = &st.chans[i];
         // After the channel's start (its `subscribed` reply, the stream's opening).
-        let fits = st.started && !c.fresh && !st.ending && st.queue.len() < self.capacity;
+        let fits =
+            st.started && !c.read.is_starting() && !st.ending && st.queue.len() < self.capacity;
         (c.presence && c.presence_behind && fits).then(|| {
             (
                 c.presence_at,
