@@ -131,8 +131,18 @@ async fn a_draining_node_and_a_node_without_redis_tell_an_eventsource_to_come_ba
 
     let _redis = Redis::start_on(port);
     hub.wait_ready(WAIT).await;
-    let (_held, _) = hub.connect(&format!("channel={ch}"), &[]).await;
-    // Draining (the held stream keeps it draining for up to HUB_DRAIN_SECS).
+    // Draining: 100 held streams keep it draining for 10 s (one closed per tenth of a second
+    // over HUB_DRAIN_SECS=30); with fewer the drain is over at once.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(
+            hub_tests::raw_get(hub.public, &format!("/v1/sse?channel={ch}"), &[], None).await,
+        );
+    }
+    wait_until("100 streams open", WAIT, || async {
+        hub.stats().await["connections"]["total"] == 100
+    })
+    .await;
     hub.terminate();
     wait_until("draining", WAIT, || async { !hub.is_ready().await }).await;
     let e = told_to_come_back(&hub, &format!("channel={ch}"), &[]).await;
@@ -140,6 +150,7 @@ async fn a_draining_node_and_a_node_without_redis_tell_an_eventsource_to_come_ba
     assert_eq!(hub.metric(&rejected("draining")).await, 1.0);
     assert_eq!(hub.metric(&rejected("unavailable")).await, 2.0);
     assert!(hub.wait_exit(Duration::from_secs(40)).await.success());
+    drop(held);
 }
 
 const PAGE: &str = r#"<!doctype html>
