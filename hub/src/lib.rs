@@ -5,7 +5,7 @@
 //! - [`config`]: `HUB_*` settings, checked before anything binds.
 //! - [`node`]: owns the registry, the broker and the catch-up as siblings, and the flows that
 //!   need them together: open a stream, start a channel, close, publish, drain.
-//! - [`registry`]: local streams and their channels; admission, fan-out, exact counts (no I/O).
+//! - [`channels`]: local streams and their channels; admission, fan-out, exact counts (no I/O).
 //! - [`stream`]: one stream's channels, read positions, presence cursors and bounded queue.
 //! - [`catchup`]: bounded, shared history reads for readers that are behind.
 //! - [`message`]: a message framed once, shared by every reader.
@@ -28,6 +28,7 @@
 pub mod auth;
 pub mod broker;
 pub mod catchup;
+pub mod channels;
 pub mod config;
 pub mod domain;
 pub mod healthcheck;
@@ -41,7 +42,6 @@ pub mod presence;
 pub mod presence_log;
 pub mod redis_url;
 pub mod refusal;
-pub mod registry;
 pub mod server;
 pub mod shutdown;
 pub mod stream;

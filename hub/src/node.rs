@@ -9,11 +9,11 @@
 use crate::auth::Auth;
 use crate::broker::{Broker, LocalBroker, RedisBroker, Sink};
 use crate::catchup;
+use crate::channels::Registry;
 use crate::config::{Config, Origins};
 use crate::domain::{CloseReason, RejectReason, Transport};
 use crate::metrics::{Metrics, Source};
 use crate::refusal::Refusal;
-use crate::registry::Registry;
 use crate::stream::{Item, Session, SessionInit, StartAt};
 use protocol::{ChannelName, Envelope, StreamId};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

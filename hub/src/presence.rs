@@ -3,8 +3,8 @@
 //! It never blocks a stream and holds no stream; cost per join and lease rules: see [`run`].
 
 use crate::broker::Broker;
+use crate::channels::PresenceCount;
 use crate::node::Node;
-use crate::registry::PresenceCount;
 use crate::stream::PresenceEvent;
 use parking_lot::Mutex;
 use protocol::ChannelName;
