@@ -8,3 +8,4 @@
 pub mod socket;
 pub mod sse;
 pub mod ws;
+pub mod ws_frames;
