@@ -6,6 +6,16 @@
 //! a burst it could not keep up with) it tells the sink that every reader fell behind, so that
 //! readers check their positions against history; it never reads history itself for them, so
 //! the receive loop (and the self-ping it carries) never waits on a read.
+//!
+//! Here: connecting, names, subscribing, publishing, reading. [`library`]: the function
+//! library's loading; [`presence`]: counts, leases and users over Redis; [`watch`]: the receive
+//! loop, resubscribing and the self-ping.
+
+mod library;
+mod presence;
+mod watch;
+
+use library::{LIBRARY, LIBRARY_VERSION};
 
 use crate::broker::{BrokerError, Page, Sink};
 use crate::message::Message;
@@ -23,11 +33,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast::error::RecvError;
 
-/// The function library, with `__PLACEHOLDERS__` for the configuration.
-const LIBRARY: &str = include_str!("hub.lua");
-/// This build's library version. A node never replaces a loaded library of a higher version;
-/// every version keeps the functions and arguments of the ones before it.
-pub const LIBRARY_VERSION: i64 = 5;
 /// Prefix of live channels (`hub:ch:<channel>`, or `hub:ch:{<channel>}` in cluster mode):
 /// ephemeral publishes.
 pub const LIVE_PREFIX: &str = "hub:ch:";
@@ -35,8 +40,6 @@ pub const LIVE_PREFIX: &str = "hub:ch:";
 pub const DURABLE_PREFIX: &str = "hub:dur:";
 /// Prefix of presence channels (`hub:pres:<channel>`): `join`/`leave` from `hub_presence`.
 pub const PRESENCE_PREFIX: &str = "hub:pres:";
-/// The sorted set of presence leases (node -> expiry by Redis's clock).
-const PRESENCE_NODES: &str = "hub:presence:nodes";
 
 /// Which of a hub channel's pub/sub channels a message came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,15 +49,9 @@ enum Carries {
     Presence,
 }
 
-/// The channels a node has presence counts on (a set; what a survivor clears when it dies).
-fn presence_channels_key(node: &str) -> String {
-    format!("hub:presence:chans:{{{node}}}")
-}
 /// A durable id further ahead of this node's clock than this cannot have come from history
 /// (Redis's clock makes the ids): it is dropped and counted.
 const FUTURE_SLACK_MS: u64 = 3_600_000;
-/// How often the loaded library is checked again (a node of version 1 replaces any library).
-const LIBRARY_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// How often the node pings itself through its subscription.
 const PING_EVERY: Duration = Duration::from_secs(1);
 /// A subscription that delivered no ping for this long is considered dead and reconnected.
@@ -103,13 +100,6 @@ async fn log_errors(
             Err(RecvError::Closed) => return,
         }
     }
-}
-
-/// A library found loaded in Redis.
-struct LoadedLibrary {
-    version: i64,
-    /// History length, TTL (ms), largest envelope (zeros for version 1, which cannot tell).
-    settings: [i64; 3],
 }
 
 /// A durable notification, `"<id> <envelope>"`: the id (which must be one history could
@@ -306,115 +296,6 @@ impl RedisBroker {
         }
     }
 
-    async fn load_library(&self, replace: bool) -> Result<(), BrokerError> {
-        if self.cluster {
-            within(
-                "FUNCTION LOAD",
-                self.client
-                    .function_load_cluster::<(), _>(replace, self.library.clone()),
-            )
-            .await
-        } else {
-            within(
-                "FUNCTION LOAD",
-                self.client
-                    .function_load::<Value, _>(replace, self.library.clone()),
-            )
-            .await
-            .map(|_| ())
-        }
-    }
-
-    /// The loaded library: `None` if there is none; version 1 had no `hub_version`.
-    async fn loaded_library(&self) -> Result<Option<LoadedLibrary>, BrokerError> {
-        let answer: Result<Vec<i64>, BrokerError> = within(
-            "FCALL_RO hub_version",
-            self.client
-                .fcall_ro("hub_version", Vec::<String>::new(), Vec::<String>::new()),
-        )
-        .await;
-        match answer {
-            Ok(v) => match v[..] {
-                [version, max_len, ttl_ms, max_bytes, ..] => Ok(Some(LoadedLibrary {
-                    version,
-                    settings: [max_len, ttl_ms, max_bytes],
-                })),
-                _ => Err(BrokerError(
-                    "hub_version answered something unexpected".into(),
-                )),
-            },
-            Err(e) if e.0.to_ascii_lowercase().contains("function not found") => {
-                let list: Value = within(
-                    "FUNCTION LIST",
-                    self.client.function_list(Some("hub"), false),
-                )
-                .await?;
-                let exists = matches!(&list, Value::Array(a) if !a.is_empty());
-                Ok(exists.then_some(LoadedLibrary {
-                    version: 1,
-                    settings: [0; 3],
-                }))
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Makes sure a library of this version or a newer one is loaded: loads it when there is
-    /// none, replaces an older one, keeps a newer one, and logs when the loaded one of the same
-    /// version has other settings (they apply to every node; this one does not overwrite them).
-    async fn ensure_library(&self) -> Result<(), BrokerError> {
-        let ours = [self.settings[0], self.settings[1], self.settings[2]];
-        for _ in 0..3 {
-            match self.loaded_library().await? {
-                None => match self.load_library(false).await {
-                    Ok(()) => {
-                        tracing::info!(version = LIBRARY_VERSION, "hub library loaded");
-                        return Ok(());
-                    }
-                    // Another node loaded one meanwhile: look again.
-                    Err(e) if e.0.contains("already exists") => continue,
-                    Err(e) => return Err(e),
-                },
-                Some(l) if l.version < LIBRARY_VERSION => {
-                    self.load_library(true).await?;
-                    tracing::info!(
-                        from = l.version,
-                        to = LIBRARY_VERSION,
-                        "hub library upgraded"
-                    );
-                    return Ok(());
-                }
-                Some(l) if l.version > LIBRARY_VERSION => {
-                    if !self.newer_noted.swap(true, Ordering::AcqRel) {
-                        tracing::info!(
-                            loaded = l.version,
-                            ours = LIBRARY_VERSION,
-                            "a newer hub library is loaded; this node uses it"
-                        );
-                    }
-                    return Ok(());
-                }
-                Some(l) => {
-                    if l.settings != ours && !self.mismatch_noted.swap(true, Ordering::AcqRel) {
-                        tracing::warn!(
-                            loaded_history_len = l.settings[0],
-                            loaded_ttl_ms = l.settings[1],
-                            loaded_max_bytes = l.settings[2],
-                            this_history_len = ours[0],
-                            this_ttl_ms = ours[1],
-                            this_max_bytes = ours[2],
-                            "the hub library loaded in Redis has other settings than this node                              (HUB_HISTORY_LEN, HUB_HISTORY_TTL_SECS, HUB_MAX_MESSAGE_BYTES): the                              loaded ones apply to every node; to change them, run FUNCTION DELETE                              hub once every node has the new settings"
-                        );
-                    }
-                    return Ok(());
-                }
-            }
-        }
-        Err(BrokerError(
-            "the hub library kept changing while it was being loaded".into(),
-        ))
-    }
-
     fn live_name(&self, channel: &str) -> String {
         if self.cluster {
             format!("{LIVE_PREFIX}{{{channel}}}")
@@ -428,14 +309,6 @@ impl RedisBroker {
             format!("{DURABLE_PREFIX}{{{channel}}}")
         } else {
             format!("{DURABLE_PREFIX}{channel}")
-        }
-    }
-
-    fn presence_name(&self, channel: &str) -> String {
-        if self.cluster {
-            format!("{PRESENCE_PREFIX}{{{channel}}}")
-        } else {
-            format!("{PRESENCE_PREFIX}{channel}")
         }
     }
 
@@ -660,360 +533,6 @@ impl RedisBroker {
                 self.sink.deliver(&msg);
             }
             Err(e) => self.drop_malformed(&channel, &e),
-        }
-    }
-
-    /// `{"type":"join"|"leave","sub":"..."}` from `hub_presence`, to the readers that asked.
-    fn on_presence(&self, channel: ChannelName, payload: &[u8]) {
-        #[derive(serde::Deserialize)]
-        struct Ev {
-            #[serde(rename = "type")]
-            kind: String,
-            sub: String,
-        }
-        match serde_json::from_slice::<Ev>(payload) {
-            Ok(ev) if ev.kind == "join" || ev.kind == "leave" => {
-                self.sink.presence(&Arc::new(crate::stream::PresenceEvent {
-                    channel,
-                    sub: Arc::from(ev.sub),
-                    join: ev.kind == "join",
-                }))
-            }
-            _ => {
-                self.metrics.dropped(DropReason::Malformed).increment(1);
-                tracing::warn!(channel = %channel, "dropped a presence event that is not one");
-            }
-        }
-    }
-
-    /// Sets this node's presence counts of one channel (`anonymous`: `None` if unchanged),
-    /// through `FCALL hub_presence`; `join`/`leave` go out from the function.
-    pub async fn presence_set(
-        &self,
-        channel: &str,
-        node: &str,
-        anonymous: Option<u32>,
-        users: &[(Arc<str>, u32)],
-    ) -> Result<(), BrokerError> {
-        let mut args = Vec::with_capacity(2 + 2 * users.len());
-        args.push(node.to_string());
-        args.push(anonymous.map_or_else(|| "-".to_string(), |n| n.to_string()));
-        for (u, n) in users {
-            args.push(u.to_string());
-            args.push(n.to_string());
-        }
-        let _: i64 = within(
-            "FCALL hub_presence",
-            self.client
-                .fcall("hub_presence", vec![channel.to_string()], args),
-        )
-        .await?;
-        within(
-            "SADD",
-            self.client
-                .sadd::<i64, _, _>(presence_channels_key(node), channel.to_string()),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Renews this node's presence lease (`lease_ms`) and removes the counts of nodes whose
-    /// lease ran out (their `leave`s go out from the function). Returns the nodes removed.
-    pub async fn presence_lease(
-        &self,
-        node: &str,
-        lease_ms: u64,
-    ) -> Result<Vec<String>, BrokerError> {
-        let dead: Vec<String> = within(
-            "FCALL hub_presence_lease",
-            self.client.fcall(
-                "hub_presence_lease",
-                vec![PRESENCE_NODES.to_string()],
-                vec![node.to_string(), lease_ms.to_string()],
-            ),
-        )
-        .await?;
-        for d in &dead {
-            self.presence_forget(d).await?;
-        }
-        Ok(dead)
-    }
-
-    /// Removes every count a node left (a dead node, or this one's from before a restart).
-    pub async fn presence_forget(&self, node: &str) -> Result<(), BrokerError> {
-        let key = presence_channels_key(node);
-        let channels: Vec<String> = within("SMEMBERS", self.client.smembers(key.clone())).await?;
-        for ch in channels {
-            let _: i64 = within(
-                "FCALL hub_presence_drop",
-                self.client
-                    .fcall("hub_presence_drop", vec![ch], vec![node.to_string()]),
-            )
-            .await?;
-        }
-        within("DEL", self.client.del::<i64, _>(key)).await?;
-        within(
-            "ZREM",
-            self.client
-                .zrem::<i64, _, _>(PRESENCE_NODES, node.to_string()),
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// A channel's users (streams per `sub`) and anonymous streams over every node.
-    pub async fn presence_read(
-        &self,
-        channel: &str,
-    ) -> Result<(Vec<(String, u64)>, u64), BrokerError> {
-        let flat: Vec<String> = within(
-            "FCALL_RO hub_presence_read",
-            self.client.fcall_ro(
-                "hub_presence_read",
-                vec![channel.to_string()],
-                Vec::<String>::new(),
-            ),
-        )
-        .await?;
-        let mut users = Vec::new();
-        let mut anonymous = 0;
-        for pair in flat.chunks(2) {
-            let [field, n] = pair else { break };
-            let n: u64 = n.parse().unwrap_or(0);
-            match field.strip_prefix('=') {
-                Some(sub) => users.push((sub.to_string(), n)),
-                None => anonymous += n,
-            }
-        }
-        Ok((users, anonymous))
-    }
-
-    /// Messages may have been lost: readers must check history before taking live messages
-    /// again, and reads in flight cannot vouch for live delivery.
-    fn lost_messages(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        self.sink.fall_behind();
-    }
-
-    /// Delivers pub/sub messages in the order they arrive. After a reconnection every reader
-    /// falls behind before any message of the new connection is delivered (so none can jump a
-    /// gap), and the channels are subscribed again beside this loop.
-    async fn receive_loop(
-        self: Arc<Self>,
-        mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
-        mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
-    ) {
-        loop {
-            tokio::select! {
-                biased;
-                r = reconnects.recv() => {
-                    match r {
-                        Ok(server) => tracing::info!(%server, "subscriber connected; subscribing"),
-                        Err(RecvError::Lagged(_)) => {}
-                        Err(RecvError::Closed) => return,
-                    }
-                    if self.connected_once.swap(true, Ordering::AcqRel) {
-                        self.metrics.redis_reconnects.increment(1);
-                    }
-                    self.set_up(false);
-                    self.whole.store(false, Ordering::Release);
-                    self.lost_messages();
-                    let me = self.clone();
-                    // Kept until it finishes: a later reconnection prunes it.
-                    self.tasks.spawn(async move { me.resubscribe().await });
-                }
-                m = messages.recv() => match m {
-                    Ok(m) => {
-                        if let Some(bytes) = m.value.as_bytes() {
-                            self.on_message(&m.channel, bytes);
-                        }
-                    }
-                    Err(RecvError::Lagged(n)) => {
-                        tracing::warn!(lost = n, "pub/sub messages were lost in a burst; readers catch up from history");
-                        self.lost_messages();
-                    }
-                    Err(RecvError::Closed) => return,
-                },
-            }
-        }
-    }
-
-    /// Subscribes every channel with local readers (and the self-ping) again after a
-    /// reconnection, retrying until it succeeds or another reconnection takes over; then the
-    /// subscriptions are whole again and readers that fell behind catch up.
-    async fn resubscribe(&self) {
-        let epoch = self.epoch.load(Ordering::Acquire);
-        loop {
-            let _one = self.resubscribing.lock().await;
-            if self.epoch.load(Ordering::Acquire) != epoch {
-                return; // a newer reconnection resubscribes
-            }
-            let mut names = self.names(&self.sink.channels());
-            names.push(self.ping_channel.clone());
-            match self.subscribe_raw(&names).await {
-                Ok(()) => {
-                    if self.epoch.load(Ordering::Acquire) == epoch {
-                        self.set_whole();
-                        // Readers that asked for history meanwhile were left behind: ask again.
-                        self.sink.fall_behind();
-                        tracing::info!(channels = (names.len() - 1) / 2, "resubscribed");
-                    }
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.0, "resubscribe failed; retrying");
-                }
-            }
-            drop(_one);
-            tokio::time::sleep(RESUBSCRIBE_RETRY).await;
-        }
-    }
-
-    /// Cluster mode: re-issues shard subscriptions (a slot migration drops them silently)
-    /// when the slot map changes (read every [`SLOT_CHECK_EVERY`]), and every
-    /// [`SHARD_RESUBSCRIBE_EVERY`] in any case.
-    ///
-    /// Whatever was published to a dropped one is lost to this node, so every reader first
-    /// starts checking its position against history (buffering live messages, so none jumps
-    /// the gap), the subscriptions are re-issued, and once they are in place the catch-up reads
-    /// what each reader may have missed: one shared read per channel.
-    async fn shard_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(SLOT_CHECK_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last = Instant::now();
-        // The slot map as of the last check (the subscriber's routing table when it connected,
-        // before the first): fred may refresh its table by itself (a MOVED answer to a new
-        // subscription) without moving the subscriptions made before.
-        let mut seen: Option<String> = None;
-        loop {
-            tick.tick().await;
-            if !self.is_up() {
-                continue; // a reconnection resubscribes and checks everything anyway
-            }
-            let before = format!("{:?}", self.sub.cached_cluster_state());
-            let reference = seen.take().unwrap_or(before);
-            let moved = match self.sub.sync_cluster().await {
-                Ok(()) => {
-                    let now = format!("{:?}", self.sub.cached_cluster_state());
-                    let moved = now != reference;
-                    seen = Some(now);
-                    moved
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "reading the cluster's slot map failed");
-                    seen = Some(reference);
-                    false
-                }
-            };
-            if !moved && last.elapsed() < SHARD_RESUBSCRIBE_EVERY {
-                continue;
-            }
-            if moved {
-                tracing::info!("the cluster's slot map changed: re-issuing shard subscriptions");
-            }
-            last = Instant::now();
-            let _one = self.resubscribing.lock().await;
-            self.whole.store(false, Ordering::Release);
-            self.lost_messages();
-            let names = self.names(&self.sink.channels());
-            if let Err(e) = self.subscribe_raw(&names).await {
-                tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
-            }
-            self.set_whole();
-        }
-    }
-
-    /// The subscriptions of the current epoch are in place again.
-    fn set_whole(&self) {
-        self.whole.store(true, Ordering::Release);
-        self.whole_again.notify_waiters();
-    }
-
-    /// Resolves once the subscriptions are whole (at once if they are), or after `limit`.
-    pub async fn wait_whole(&self, limit: Duration) {
-        let again = self.whole_again.notified();
-        tokio::pin!(again);
-        again.as_mut().enable();
-        if self.whole.load(Ordering::Acquire) {
-            return;
-        }
-        let _ = tokio::time::timeout(limit, again).await;
-    }
-
-    /// Publishes a ping to itself every second; declares the subscription down (and forces a
-    /// reconnection) when none came back for `PING_DEADLINE`.
-    async fn ping_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(PING_EVERY);
-        let mut forced_at: Option<Instant> = None;
-        let mut waiting_since = Instant::now();
-        loop {
-            tick.tick().await;
-            let ping = if self.cluster {
-                self.client
-                    .spublish::<i64, _, _>(self.ping_channel.clone(), "ping")
-                    .await
-            } else {
-                self.client
-                    .publish::<i64, _, _>(self.ping_channel.clone(), "ping")
-                    .await
-            };
-            if let Err(e) = ping {
-                tracing::debug!(error = %e, "ping publish failed");
-            }
-            let now = self.started.elapsed().as_millis() as u64;
-            // Before the first ping arrives, the age counts from start-up.
-            let last = self.last_ping.load(Ordering::Acquire);
-            let age = Duration::from_millis(now.saturating_sub(last));
-            let fresh = age < PING_DEADLINE;
-            self.set_up(fresh && last > 0 && self.sub.is_connected());
-            if !self.is_up() && waiting_since.elapsed() >= WAITING_LOG_EVERY {
-                waiting_since = Instant::now();
-                tracing::warn!("Redis does not answer (or the hub functions are not loaded): this node is not ready");
-            }
-            if self.is_up() {
-                waiting_since = Instant::now();
-            }
-            if !fresh
-                && self.sub.is_connected()
-                && forced_at.is_none_or(|t| t.elapsed() > PING_DEADLINE)
-            {
-                tracing::warn!(silent_for = ?age, "the subscription delivers nothing; reconnecting it");
-                forced_at = Some(Instant::now());
-                if let Err(e) = self.sub.force_reconnection().await {
-                    tracing::warn!(error = %e, "forced reconnection failed");
-                }
-            }
-        }
-    }
-
-    /// Reloads the function library whenever the command connection comes back (a restarted
-    /// or failed-over Redis may have lost it).
-    async fn reload_loop(
-        self: Arc<Self>,
-        mut connected: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
-    ) {
-        let mut check = tokio::time::interval(LIBRARY_CHECK_EVERY);
-        loop {
-            tokio::select! {
-                r = connected.recv() => match r {
-                    Ok(_) | Err(RecvError::Lagged(_)) => {
-                        // A new connection: a restarted or failed-over Redis may have lost it.
-                        self.library_loaded.store(false, Ordering::Release);
-                        while let Err(e) = self.ensure_library().await {
-                            tracing::warn!(error = %e.0, "loading the hub functions failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                        self.library_loaded.store(true, Ordering::Release);
-                    }
-                    Err(RecvError::Closed) => return,
-                },
-                _ = check.tick(), if self.library_loaded.load(Ordering::Acquire) => {
-                    // A node of version 1 replaces whatever is loaded when it starts.
-                    if let Err(e) = self.ensure_library().await {
-                        tracing::debug!(error = %e.0, "checking the hub library failed");
-                    }
-                }
-            }
         }
     }
 }

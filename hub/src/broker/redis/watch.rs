@@ -1,0 +1,205 @@
+//! Keeping the Redis side whole: the subscriber's receive loop, resubscribing after a
+//! reconnection (and sharded subscriptions after slot moves), and the self-ping through
+//! pub/sub that notices a subscription that died silently.
+
+use super::*;
+
+impl RedisBroker {
+    /// Messages may have been lost: readers must check history before taking live messages
+    /// again, and reads in flight cannot vouch for live delivery.
+    pub(super) fn lost_messages(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.sink.fall_behind();
+    }
+
+    /// Delivers pub/sub messages in the order they arrive. After a reconnection every reader
+    /// falls behind before any message of the new connection is delivered (so none can jump a
+    /// gap), and the channels are subscribed again beside this loop.
+    pub(super) async fn receive_loop(
+        self: Arc<Self>,
+        mut messages: tokio::sync::broadcast::Receiver<fred::types::Message>,
+        mut reconnects: tokio::sync::broadcast::Receiver<fred::types::config::Server>,
+    ) {
+        loop {
+            tokio::select! {
+                biased;
+                r = reconnects.recv() => {
+                    match r {
+                        Ok(server) => tracing::info!(%server, "subscriber connected; subscribing"),
+                        Err(RecvError::Lagged(_)) => {}
+                        Err(RecvError::Closed) => return,
+                    }
+                    if self.connected_once.swap(true, Ordering::AcqRel) {
+                        self.metrics.redis_reconnects.increment(1);
+                    }
+                    self.set_up(false);
+                    self.whole.store(false, Ordering::Release);
+                    self.lost_messages();
+                    let me = self.clone();
+                    // Kept until it finishes: a later reconnection prunes it.
+                    self.tasks.spawn(async move { me.resubscribe().await });
+                }
+                m = messages.recv() => match m {
+                    Ok(m) => {
+                        if let Some(bytes) = m.value.as_bytes() {
+                            self.on_message(&m.channel, bytes);
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::warn!(lost = n, "pub/sub messages were lost in a burst; readers catch up from history");
+                        self.lost_messages();
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+            }
+        }
+    }
+
+    /// Subscribes every channel with local readers (and the self-ping) again after a
+    /// reconnection, retrying until it succeeds or another reconnection takes over; then the
+    /// subscriptions are whole again and readers that fell behind catch up.
+    pub(super) async fn resubscribe(&self) {
+        let epoch = self.epoch.load(Ordering::Acquire);
+        loop {
+            let _one = self.resubscribing.lock().await;
+            if self.epoch.load(Ordering::Acquire) != epoch {
+                return; // a newer reconnection resubscribes
+            }
+            let mut names = self.names(&self.sink.channels());
+            names.push(self.ping_channel.clone());
+            match self.subscribe_raw(&names).await {
+                Ok(()) => {
+                    if self.epoch.load(Ordering::Acquire) == epoch {
+                        self.set_whole();
+                        // Readers that asked for history meanwhile were left behind: ask again.
+                        self.sink.fall_behind();
+                        tracing::info!(channels = (names.len() - 1) / 2, "resubscribed");
+                    }
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.0, "resubscribe failed; retrying");
+                }
+            }
+            drop(_one);
+            tokio::time::sleep(RESUBSCRIBE_RETRY).await;
+        }
+    }
+
+    /// Cluster mode: re-issues shard subscriptions (a slot migration drops them silently)
+    /// when the slot map changes (read every [`SLOT_CHECK_EVERY`]), and every
+    /// [`SHARD_RESUBSCRIBE_EVERY`] in any case.
+    ///
+    /// Whatever was published to a dropped one is lost to this node, so every reader first
+    /// starts checking its position against history (buffering live messages, so none jumps
+    /// the gap), the subscriptions are re-issued, and once they are in place the catch-up reads
+    /// what each reader may have missed: one shared read per channel.
+    pub(super) async fn shard_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(SLOT_CHECK_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last = Instant::now();
+        // The slot map as of the last check (the subscriber's routing table when it connected,
+        // before the first): fred may refresh its table by itself (a MOVED answer to a new
+        // subscription) without moving the subscriptions made before.
+        let mut seen: Option<String> = None;
+        loop {
+            tick.tick().await;
+            if !self.is_up() {
+                continue; // a reconnection resubscribes and checks everything anyway
+            }
+            let before = format!("{:?}", self.sub.cached_cluster_state());
+            let reference = seen.take().unwrap_or(before);
+            let moved = match self.sub.sync_cluster().await {
+                Ok(()) => {
+                    let now = format!("{:?}", self.sub.cached_cluster_state());
+                    let moved = now != reference;
+                    seen = Some(now);
+                    moved
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading the cluster's slot map failed");
+                    seen = Some(reference);
+                    false
+                }
+            };
+            if !moved && last.elapsed() < SHARD_RESUBSCRIBE_EVERY {
+                continue;
+            }
+            if moved {
+                tracing::info!("the cluster's slot map changed: re-issuing shard subscriptions");
+            }
+            last = Instant::now();
+            let _one = self.resubscribing.lock().await;
+            self.whole.store(false, Ordering::Release);
+            self.lost_messages();
+            let names = self.names(&self.sink.channels());
+            if let Err(e) = self.subscribe_raw(&names).await {
+                tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
+            }
+            self.set_whole();
+        }
+    }
+
+    /// The subscriptions of the current epoch are in place again.
+    pub(super) fn set_whole(&self) {
+        self.whole.store(true, Ordering::Release);
+        self.whole_again.notify_waiters();
+    }
+
+    /// Resolves once the subscriptions are whole (at once if they are), or after `limit`.
+    pub async fn wait_whole(&self, limit: Duration) {
+        let again = self.whole_again.notified();
+        tokio::pin!(again);
+        again.as_mut().enable();
+        if self.whole.load(Ordering::Acquire) {
+            return;
+        }
+        let _ = tokio::time::timeout(limit, again).await;
+    }
+
+    /// Publishes a ping to itself every second; declares the subscription down (and forces a
+    /// reconnection) when none came back for `PING_DEADLINE`.
+    pub(super) async fn ping_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PING_EVERY);
+        let mut forced_at: Option<Instant> = None;
+        let mut waiting_since = Instant::now();
+        loop {
+            tick.tick().await;
+            let ping = if self.cluster {
+                self.client
+                    .spublish::<i64, _, _>(self.ping_channel.clone(), "ping")
+                    .await
+            } else {
+                self.client
+                    .publish::<i64, _, _>(self.ping_channel.clone(), "ping")
+                    .await
+            };
+            if let Err(e) = ping {
+                tracing::debug!(error = %e, "ping publish failed");
+            }
+            let now = self.started.elapsed().as_millis() as u64;
+            // Before the first ping arrives, the age counts from start-up.
+            let last = self.last_ping.load(Ordering::Acquire);
+            let age = Duration::from_millis(now.saturating_sub(last));
+            let fresh = age < PING_DEADLINE;
+            self.set_up(fresh && last > 0 && self.sub.is_connected());
+            if !self.is_up() && waiting_since.elapsed() >= WAITING_LOG_EVERY {
+                waiting_since = Instant::now();
+                tracing::warn!("Redis does not answer (or the hub functions are not loaded): this node is not ready");
+            }
+            if self.is_up() {
+                waiting_since = Instant::now();
+            }
+            if !fresh
+                && self.sub.is_connected()
+                && forced_at.is_none_or(|t| t.elapsed() > PING_DEADLINE)
+            {
+                tracing::warn!(silent_for = ?age, "the subscription delivers nothing; reconnecting it");
+                forced_at = Some(Instant::now());
+                if let Err(e) = self.sub.force_reconnection().await {
+                    tracing::warn!(error = %e, "forced reconnection failed");
+                }
+            }
+        }
+    }
+}
