@@ -11,7 +11,6 @@
 //! - [`message`]: a message framed once, shared by every reader.
 //! - [`broker`]: where messages are published and read back from (embedded or Redis).
 //!   [`redis_url`]: `HUB_REDIS_URL`'s forms turned into the Redis client's configuration.
-//! - [`history`]: the embedded broker's in-memory channel history.
 //! - [`transport`]: SSE and WebSocket: check the request, render the items.
 //! - [`auth`]: who may read which channel. [`refusal`]: why a request is refused.
 //! - [`peer`]: whether a stream's client still acknowledges (the kernel's view of its socket).
@@ -32,7 +31,6 @@ pub mod channels;
 pub mod config;
 pub mod domain;
 pub mod healthcheck;
-pub mod history;
 pub mod http;
 pub mod message;
 pub mod metrics;

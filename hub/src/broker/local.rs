@@ -6,7 +6,7 @@
 //! delivery. It keeps nothing per stream.
 
 use crate::broker::{Page, Sink};
-use crate::history::MemoryHistory;
+use super::history::MemoryHistory;
 use crate::message::Message;
 use crate::metrics::{Metrics, Source};
 use parking_lot::Mutex;

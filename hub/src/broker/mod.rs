@@ -5,6 +5,7 @@
 //! bounded history reads. Which channels it receives is decided by the node (first local reader
 //! subscribes, last one unsubscribes).
 
+pub mod history;
 pub mod local;
 pub mod redis;
 
