@@ -13,8 +13,11 @@
 //! scenario, BENCHMARKS.md). A reader takes only what fits in its queue, so its memory does not
 //! grow with how far behind it is. It never writes to sockets or holds a lock across a read.
 
-use crate::node::Node;
+use crate::broker::Broker;
+use crate::channels::Registry;
+use crate::metrics::Metrics;
 use crate::stream::{PageView, Session};
+use crate::tasks::Tasks;
 use futures_util::StreamExt;
 use protocol::{ChannelName, StreamId};
 use std::collections::HashMap;
@@ -41,6 +44,17 @@ pub fn channel() -> (UnboundedSender<u64>, UnboundedReceiver<u64>) {
     tokio::sync::mpsc::unbounded_channel()
 }
 
+/// What the catch-up works with: the node's registry and broker, its metrics, the channel
+/// streams ask on, and the node's task list (retries run there). Built by the node; holds no
+/// reference back to it.
+pub struct CatchUp {
+    pub registry: Arc<Registry>,
+    pub broker: Arc<Broker>,
+    pub metrics: Arc<Metrics>,
+    pub refill: UnboundedSender<u64>,
+    pub tasks: Arc<Tasks>,
+}
+
 /// One reader of one channel in a round.
 struct Reader {
     session: Arc<Session>,
@@ -50,7 +64,7 @@ struct Reader {
 }
 
 /// Serves requests until the node stops (the task is aborted then).
-pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
+pub async fn run(ctx: Arc<CatchUp>, mut requests: UnboundedReceiver<u64>) {
     let mut batch = Vec::with_capacity(64);
     // Failed reads in a row, per channel (only channels failing now are in it).
     let failing: Failing = parking_lot::Mutex::new(HashMap::new());
@@ -61,18 +75,18 @@ pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
         // Closed meanwhile: nothing to do.
         let sessions: Vec<Arc<Session>> = batch
             .drain(..)
-            .filter_map(|seq| node.registry.get(seq))
+            .filter_map(|seq| ctx.registry.get(seq))
             .collect();
         // Presence changes come from the node's own log: no broker needed.
         for session in &sessions {
-            node.registry.pump_presence(session);
+            ctx.registry.pump_presence(session);
         }
         // While the broker's subscriptions are not whole, no read could take a reader live:
         // hold the requests until they are.
-        let Some(epoch) = node.broker.live_epoch() else {
-            node.broker.wait_whole(RETRY).await;
+        let Some(epoch) = ctx.broker.live_epoch() else {
+            ctx.broker.wait_whole(RETRY).await;
             for session in &sessions {
-                let _ = node.refill.send(session.seq);
+                let _ = ctx.refill.send(session.seq);
             }
             continue;
         };
@@ -89,7 +103,7 @@ pub async fn run(node: Arc<Node>, mut requests: UnboundedReceiver<u64>) {
         }
         futures_util::stream::iter(groups)
             .for_each_concurrent(CONCURRENCY, |(channel, readers)| {
-                serve(&node, channel, readers, epoch, &failing)
+                serve(&ctx, channel, readers, epoch, &failing)
             })
             .await;
     }
@@ -99,7 +113,7 @@ type Failing = parking_lot::Mutex<HashMap<ChannelName, u32>>;
 
 /// Serves one channel's readers with as few page reads as their positions allow.
 async fn serve(
-    node: &Arc<Node>,
+    ctx: &Arc<CatchUp>,
     channel: ChannelName,
     mut readers: Vec<Reader>,
     epoch: u64,
@@ -117,8 +131,8 @@ async fn serve(
     let mut again = Vec::new();
     while next < readers.len() {
         let after = readers[next].pos;
-        node.metrics.history_reads.increment(1);
-        let page = match node.broker.read(&channel, after, count).await {
+        ctx.metrics.history_reads.increment(1);
+        let page = match ctx.broker.read(&channel, after, count).await {
             Ok(p) => {
                 failing.lock().remove(&channel);
                 p
@@ -135,7 +149,7 @@ async fn serve(
                 if failures >= GIVE_UP_AFTER {
                     failing.lock().remove(&channel);
                     tracing::warn!(channel = %channel, error = %e, "history cannot be read; its readers get hub.reset and go on live");
-                    node.metrics.history_unreadable.increment(1);
+                    ctx.metrics.history_unreadable.increment(1);
                     for r in &readers[next..] {
                         r.session.give_up_read(&channel, r.token);
                     }
@@ -146,15 +160,12 @@ async fn serve(
                 for r in &readers[next..] {
                     lagged += r.session.abort_read(&channel, r.token);
                 }
-                count_lagged(node, lagged);
-                retry_later(
-                    node,
-                    readers[next..].iter().map(|r| r.session.seq).collect(),
-                );
+                count_lagged(ctx, lagged);
+                retry_later(ctx, readers[next..].iter().map(|r| r.session.seq).collect());
                 return;
             }
         };
-        let live_ok = node.broker.live_epoch() == Some(epoch);
+        let live_ok = ctx.broker.live_epoch() == Some(epoch);
         // The page covers positions up to its last entry (or, for an empty page, the reader
         // it was read for). Readers before the floor are reset; all of them are served.
         let end = page.last.unwrap_or(after);
@@ -193,26 +204,26 @@ async fn serve(
                 next += 1;
             }
         }
-        node.metrics.history_replayed.increment(replayed as u64);
-        count_lagged(node, lagged);
+        ctx.metrics.history_replayed.increment(replayed as u64);
+        count_lagged(ctx, lagged);
     }
     for seq in again {
-        let _ = node.refill.send(seq);
+        let _ = ctx.refill.send(seq);
     }
 }
 
-fn count_lagged(node: &Node, lagged: usize) {
+fn count_lagged(ctx: &CatchUp, lagged: usize) {
     if lagged > 0 {
-        node.metrics
+        ctx.metrics
             .dropped(crate::metrics::DropReason::Lagged)
             .increment(lagged as u64);
     }
 }
 
 /// Asks again for these streams after a pause (a failed read must not spin).
-fn retry_later(node: &Arc<Node>, seqs: Vec<u64>) {
-    let refill = node.refill.clone();
-    node.spawn(async move {
+fn retry_later(ctx: &Arc<CatchUp>, seqs: Vec<u64>) {
+    let refill = ctx.refill.clone();
+    ctx.tasks.spawn(async move {
         tokio::time::sleep(RETRY).await;
         for seq in seqs {
             let _ = refill.send(seq);

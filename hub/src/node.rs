@@ -77,7 +77,7 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
     pub registry: Arc<Registry>,
-    pub broker: Broker,
+    pub broker: Arc<Broker>,
     /// Where streams that are behind ask the catch-up for history (by sequence number).
     pub(crate) refill: UnboundedSender<u64>,
     /// Channels that lost their last local reader, for the unsubscriber.
@@ -88,7 +88,7 @@ pub struct Node {
     admit_waiters: AtomicUsize,
     /// SSE bodies and WebSocket tasks still alive: a stopping node lets them flush first.
     transports: Arc<AtomicUsize>,
-    tasks: crate::tasks::Tasks,
+    tasks: Arc<crate::tasks::Tasks>,
     pub started: Instant,
     /// Presence as the embedded broker keeps it (unused in Redis mode).
     pub presence: crate::presence::MemoryPresence,
@@ -175,19 +175,26 @@ impl Node {
             metrics,
             auth,
             registry,
-            broker,
+            broker: Arc::new(broker),
             refill,
             emptied,
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             draining: AtomicBool::new(false),
             admit_waiters: AtomicUsize::new(0),
             transports: Arc::new(AtomicUsize::new(0)),
-            tasks: crate::tasks::Tasks::new(),
+            tasks: Arc::new(crate::tasks::Tasks::new()),
             started: Instant::now(),
             presence: crate::presence::MemoryPresence::default(),
             config,
         });
-        node.spawn(catchup::run(node.clone(), refill_rx));
+        let catchup = Arc::new(catchup::CatchUp {
+            registry: node.registry.clone(),
+            broker: node.broker.clone(),
+            metrics: node.metrics.clone(),
+            refill: node.refill.clone(),
+            tasks: node.tasks.clone(),
+        });
+        node.spawn(catchup::run(catchup, refill_rx));
         node.spawn(unsubscriber(node.clone(), emptied_rx));
         Ok(node)
     }
@@ -461,14 +468,14 @@ impl Node {
             if !self.registry.presence_claim_seed(&ch) {
                 continue;
             }
-            if !matches!(self.broker, Broker::Redis(_)) {
+            if !matches!(*self.broker, Broker::Redis(_)) {
                 let users = self.presence.read(&ch).users.into_keys().collect();
                 self.registry.presence_seed(&ch, Some(users));
                 continue;
             }
             let node = self.clone();
             self.spawn(async move {
-                let Broker::Redis(b) = &node.broker else {
+                let Broker::Redis(b) = &*node.broker else {
                     return;
                 };
                 for attempt in 1..=SEED_ATTEMPTS {

@@ -107,7 +107,7 @@ pub async fn run(node: Arc<Node>) {
         let (users, anonymous) = node.registry.presence_gauges();
         node.metrics.presence_users.set(users as f64);
         node.metrics.presence_anonymous.set(anonymous as f64);
-        match &node.broker {
+        match &*node.broker {
             Broker::Local(_) => {
                 for c in node.registry.take_presence(grace) {
                     if let Some(ev) = node.presence.apply(&c) {

@@ -5,8 +5,8 @@
 //! every stream sees a channel in position order, and a history read never interleaves with a
 //! delivery. It keeps nothing per stream.
 
-use crate::broker::{Page, Sink};
 use super::history::MemoryHistory;
+use crate::broker::{Page, Sink};
 use crate::message::Message;
 use crate::metrics::{Metrics, Source};
 use parking_lot::Mutex;

@@ -129,7 +129,8 @@ async fn presence(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespons
         .ok_or_else(|| ApiError::bad_request("the channel is required: ?channel=NAME"))?;
     let channel = ChannelName::new(&channel)
         .map_err(|e| ApiError::bad_request(format!("invalid channel: {e}")))?;
-    let (users, anonymous): (serde_json::Map<String, serde_json::Value>, u64) = match &node.broker {
+    let (users, anonymous): (serde_json::Map<String, serde_json::Value>, u64) = match &*node.broker
+    {
         crate::broker::Broker::Local(_) => {
             let t = node.presence.read(channel.as_str());
             (
