@@ -37,7 +37,6 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod presence;
-pub mod presence_log;
 pub mod redis_url;
 pub mod refusal;
 pub mod server;
@@ -310,7 +309,6 @@ pub async fn run(
     let mut public_task = actix_web::rt::spawn(public);
     let mut admin_task = actix_web::rt::spawn(admin);
     node.spawn(ticker::run(node.clone()));
-    node.spawn(presence::run(node.clone()));
 
     println!(
         "hub listening public={public_addr} admin={admin_addr} node={}",

@@ -13,6 +13,7 @@ use crate::channels::Registry;
 use crate::config::{Config, Origins};
 use crate::domain::{CloseReason, RejectReason, Transport};
 use crate::metrics::{Metrics, Source};
+use crate::presence::{MemoryPresence, Store};
 use crate::refusal::Refusal;
 use crate::stream::{Item, Session, SessionInit, StartAt};
 use protocol::{ChannelName, Envelope, StreamId};
@@ -31,8 +32,6 @@ const ADMIT_WAIT: Duration = Duration::from_millis(500);
 /// Streams that may wait for a place at once; beyond, refusals are immediate (a flood at the
 /// cap must not hold a thousand requests open).
 const ADMIT_WAITERS: usize = 256;
-/// Reads of a channel's users (Redis) before its observers start from what the node heard.
-const SEED_ATTEMPTS: u32 = 5;
 
 /// What a transport asks for when a stream opens.
 pub struct OpenRequest {
@@ -91,7 +90,7 @@ pub struct Node {
     tasks: Arc<crate::tasks::Tasks>,
     pub started: Instant,
     /// Presence as the embedded broker keeps it (unused in Redis mode).
-    pub presence: crate::presence::MemoryPresence,
+    pub presence: Arc<crate::presence::Store>,
 }
 
 /// Keeps one transport counted in `Node::live_transports` while it lives.
@@ -148,24 +147,23 @@ impl Node {
         metrics.connections_max.set(config.max_connections as f64);
         let registry = Arc::new(Registry::new(metrics.clone()));
         let sink: Arc<dyn Sink> = registry.clone();
-        let broker = match &config.redis_url {
+        // The broker and the presence store, siblings: which broker runs is decided here once.
+        let (broker, presence) = match &config.redis_url {
             None => {
                 metrics.redis_up.set(1.0);
-                Broker::Local(LocalBroker::new(
+                let broker = Broker::Local(LocalBroker::new(
                     sink,
                     metrics.clone(),
                     config.history_len as usize,
                     config.history_ttl_secs,
                     config.idempotency_secs,
-                ))
+                ));
+                (broker, Store::Memory(MemoryPresence::default()))
             }
-            Some(url) => Broker::Redis(RedisBroker::start(
-                url,
-                &config,
-                &name,
-                sink,
-                metrics.clone(),
-            )?),
+            Some(url) => {
+                let redis = RedisBroker::start(url, &config, &name, sink, metrics.clone())?;
+                (Broker::Redis(redis.clone()), Store::Redis(redis))
+            }
         };
         let (refill, refill_rx) = catchup::channel();
         let (emptied, emptied_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -184,7 +182,7 @@ impl Node {
             transports: Arc::new(AtomicUsize::new(0)),
             tasks: Arc::new(crate::tasks::Tasks::new()),
             started: Instant::now(),
-            presence: crate::presence::MemoryPresence::default(),
+            presence: Arc::new(presence),
             config,
         });
         let catchup = Arc::new(catchup::CatchUp {
@@ -195,6 +193,15 @@ impl Node {
             tasks: node.tasks.clone(),
         });
         node.spawn(catchup::run(catchup, refill_rx));
+        let reporter = Arc::new(crate::presence::Reporter {
+            registry: node.registry.clone(),
+            store: node.presence.clone(),
+            metrics: node.metrics.clone(),
+            node: node.name.clone(),
+            grace: node.config.heartbeat_secs,
+            tasks: node.tasks.clone(),
+        });
+        node.spawn(crate::presence::run(reporter));
         node.spawn(unsubscriber(node.clone(), emptied_rx));
         Ok(node)
     }
@@ -457,47 +464,9 @@ impl Node {
         Ok(())
     }
 
-    /// Reads the users over every node of each channel whose presence log is not known whole
-    /// (see [`Registry::presence_claim_seed`]) and hands them to the registry. Embedded: at
-    /// once. Redis: one `FCALL_RO hub_presence_read` per channel in a task of its own (a
-    /// stream that goes away meanwhile leaves nothing waiting), retried up to 5 times half a
-    /// second apart; after that the log goes on with what this node heard (logged) until the
-    /// next observer has it read again.
-    pub fn seed_presence(self: &Arc<Self>, channels: Vec<ChannelName>) {
-        for ch in channels {
-            if !self.registry.presence_claim_seed(&ch) {
-                continue;
-            }
-            if !matches!(*self.broker, Broker::Redis(_)) {
-                let users = self.presence.read(&ch).users.into_keys().collect();
-                self.registry.presence_seed(&ch, Some(users));
-                continue;
-            }
-            let node = self.clone();
-            self.spawn(async move {
-                let Broker::Redis(b) = &*node.broker else {
-                    return;
-                };
-                for attempt in 1..=SEED_ATTEMPTS {
-                    match b.presence_read(&ch).await {
-                        Ok((users, _)) => {
-                            let users = users
-                                .into_iter()
-                                .filter(|(_, n)| *n > 0)
-                                .map(|(u, _)| Arc::from(u))
-                                .collect();
-                            node.registry.presence_seed(&ch, Some(users));
-                            return;
-                        }
-                        Err(e) if attempt == SEED_ATTEMPTS => {
-                            tracing::warn!(channel = %ch, error = %e, "presence: reading the channel's users failed; its observers start from what this node heard");
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
-                    }
-                }
-                node.registry.presence_seed(&ch, None);
-            });
-        }
+    /// Has the users of these channels read for their observers (see [`crate::presence::seed`]).
+    pub fn seed_presence(&self, channels: Vec<ChannelName>) {
+        crate::presence::seed(&self.registry, &self.presence, &self.tasks, channels);
     }
 
     /// Takes a stream off a channel (WebSocket unsubscribe, or a channel that failed to start).

@@ -1,7 +1,7 @@
 //! The node's local registry: which streams are open and which channels each one reads.
 //! [`admission`] holds the limits, [`fanout`] offers a message to a channel's readers,
 //! [`tick`] keeps the coarse clock and finds what is due, [`presence`] keeps each channel's
-//! users and log of joins and leaves under the channel's lock.
+//! users and log of joins and leaves ([`presence_log`]) under the channel's lock.
 //!
 //! It admits streams against the node and per-user limits, fans a message out to the local
 //! readers of its channel, closes streams exactly once (keeping every count exact), counts each
@@ -14,16 +14,17 @@
 mod admission;
 mod fanout;
 mod presence;
+pub mod presence_log;
 mod tick;
 
 pub use presence::PresenceCount;
 pub use tick::{CoarseClock, Due};
 
 use crate::broker::Sink;
+use crate::channels::presence_log::PresenceLog;
 use crate::domain::{CloseReason, Transport};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
-use crate::presence_log::PresenceLog;
 use crate::stream::{PresenceEvent, Session};
 use parking_lot::Mutex;
 use presence::{PresenceKey, Seed};

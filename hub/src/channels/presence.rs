@@ -4,8 +4,8 @@
 //! the counts; the catch-up pumps observers that are behind.
 
 use super::{shard_of, Channel, Registry};
+use crate::channels::presence_log::{Recorded, MAX_KEPT};
 use crate::metrics::DropReason;
-use crate::presence_log::{Recorded, MAX_KEPT};
 use crate::stream::{PresenceEvent, Session};
 use protocol::ChannelName;
 use std::sync::atomic::Ordering;
@@ -18,7 +18,7 @@ pub(super) enum Seed {
     #[default]
     Partial,
     /// The users over every node are being read; changes heard meanwhile wait here and are
-    /// applied after them (bounded: past [`crate::presence_log::MAX_KEPT`] the read is not
+    /// applied after them (bounded: past [`crate::channels::presence_log::MAX_KEPT`] the read is not
     /// waited for).
     Reading(Vec<Arc<PresenceEvent>>),
     /// From that read on.

@@ -229,7 +229,7 @@ fn an_observer_that_never_reads_holds_a_bounded_log_and_is_closed_as_slow() {
     let stuck = observer(&r, "c", 4);
     let reader = observer(&r, "c", 4);
     let mut view = std::collections::BTreeSet::new();
-    let n = crate::presence_log::MAX_KEPT + 10;
+    let n = crate::channels::presence_log::MAX_KEPT + 10;
     for i in 0..n {
         r.presence_event(&change("c", &format!("u{}", i / 2), i % 2 == 0));
         if i % 1000 == 0 {
@@ -246,7 +246,7 @@ fn an_observer_that_never_reads_holds_a_bounded_log_and_is_closed_as_slow() {
     assert!(!due.iter().any(|(s, _)| Arc::ptr_eq(s, &reader)));
     let shard = r.channels[shard_of("c")].lock();
     let log = &shard.get("c").unwrap().log;
-    assert!(log.head() - log.floor() < crate::presence_log::MAX_KEPT as u64);
+    assert!(log.head() - log.floor() < crate::channels::presence_log::MAX_KEPT as u64);
 }
 
 #[test]

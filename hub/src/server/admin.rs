@@ -129,29 +129,16 @@ async fn presence(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespons
         .ok_or_else(|| ApiError::bad_request("the channel is required: ?channel=NAME"))?;
     let channel = ChannelName::new(&channel)
         .map_err(|e| ApiError::bad_request(format!("invalid channel: {e}")))?;
-    let (users, anonymous): (serde_json::Map<String, serde_json::Value>, u64) = match &*node.broker
-    {
-        crate::broker::Broker::Local(_) => {
-            let t = node.presence.read(channel.as_str());
-            (
-                t.users
-                    .iter()
-                    .map(|(u, n)| (u.to_string(), (*n).into()))
-                    .collect(),
-                u64::from(t.anonymous),
-            )
-        }
-        crate::broker::Broker::Redis(b) => {
-            let (users, anonymous) = b.presence_read(channel.as_str()).await.map_err(|e| {
-                tracing::warn!(error = %e, "reading presence failed");
-                ApiError::from(crate::refusal::Refusal::unavailable())
-            })?;
-            (
-                users.into_iter().map(|(u, n)| (u, n.into())).collect(),
-                anonymous,
-            )
-        }
-    };
+    let table = node.presence.read(channel.as_str()).await.map_err(|e| {
+        tracing::warn!(error = %e, "reading presence failed");
+        ApiError::from(crate::refusal::Refusal::unavailable())
+    })?;
+    let users: serde_json::Map<String, serde_json::Value> = table
+        .users
+        .iter()
+        .map(|(u, n)| (u.to_string(), (*n).into()))
+        .collect();
+    let anonymous = table.anonymous;
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "channel": channel.as_str(),
         "users": users,

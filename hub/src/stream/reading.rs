@@ -108,7 +108,7 @@ pub(super) struct Chan {
     /// The client asked for this channel's `join`/`leave` events.
     pub(super) presence: bool,
     /// Presence changes not all queued: the catch-up feeds them from the channel's log
-    /// (see [`crate::presence_log`]) when the queue has room.
+    /// (see [`crate::channels::presence_log`]) when the queue has room.
     pub(super) presence_behind: bool,
     /// The channel's presence log read up to here (its cursor).
     pub(super) presence_at: u64,

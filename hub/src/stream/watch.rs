@@ -1,5 +1,5 @@
 //! Presence cursors: for each channel whose `join`/`leave` the client asked for, how far it
-//! has read the channel's presence log (see [`crate::presence_log`]). A change goes straight
+//! has read the channel's presence log (see [`crate::channels::presence_log`]). A change goes straight
 //! into the queue only when the observer has read everything before it and has room; any other
 //! is left to the catch-up, which feeds it from the log at the reader's pace.
 

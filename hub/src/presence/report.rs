@@ -2,68 +2,30 @@
 //! coalesced, to the embedded table or to Redis with a lease, and turns them into `join`/`leave`.
 //! It never blocks a stream and holds no stream; cost per join and lease rules: see [`run`].
 
-use crate::broker::Broker;
-use crate::channels::PresenceCount;
-use crate::node::Node;
-use crate::stream::PresenceEvent;
-use parking_lot::Mutex;
+use super::store::Store;
+use crate::channels::Registry;
+use crate::metrics::Metrics;
+use crate::tasks::Tasks;
 use protocol::ChannelName;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// A channel's users (streams per `sub`) and anonymous streams.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Table {
-    pub users: HashMap<Arc<str>, u32>,
-    pub anonymous: u32,
-}
+/// Attempts at reading a channel's users from Redis before its log goes on with what this
+/// node heard (half a second apart).
+const SEED_ATTEMPTS: u32 = 5;
 
-/// The embedded broker's presence: the reported counts, from which `join`/`leave` follow.
-#[derive(Default)]
-pub struct MemoryPresence {
-    tables: Mutex<HashMap<Arc<str>, Table>>,
-}
-
-impl MemoryPresence {
-    /// Applies one count; the `join`/`leave` it makes, if any.
-    fn apply(&self, c: &PresenceCount) -> Option<Arc<PresenceEvent>> {
-        let mut tables = self.tables.lock();
-        let table = tables.entry(c.channel.clone()).or_default();
-        let event = match &c.sub {
-            None => {
-                table.anonymous = c.streams;
-                None
-            }
-            Some(sub) => {
-                let before = if c.streams > 0 {
-                    table.users.insert(sub.clone(), c.streams)
-                } else {
-                    table.users.remove(sub)
-                };
-                let was = before.unwrap_or(0) > 0;
-                let is = c.streams > 0;
-                (was != is)
-                    .then(|| ChannelName::new(&c.channel).ok())
-                    .flatten()
-                    .map(|channel| {
-                        Arc::new(PresenceEvent {
-                            channel,
-                            sub: sub.clone(),
-                            join: is,
-                        })
-                    })
-            }
-        };
-        if table.users.is_empty() && table.anonymous == 0 {
-            tables.remove(&c.channel);
-        }
-        event
-    }
-
-    pub fn read(&self, channel: &str) -> Table {
-        self.tables.lock().get(channel).cloned().unwrap_or_default()
-    }
+/// What the reporter works with, built by the node (no reference back to it).
+pub struct Reporter {
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub metrics: Arc<Metrics>,
+    /// This node's name: its counts and its lease in Redis.
+    pub node: String,
+    /// How long a user's 0 is held back (one heartbeat).
+    pub grace: u64,
+    /// Where seed reads run (aborted when the node stops).
+    pub tasks: Arc<Tasks>,
 }
 
 /// One channel's changed counts: the anonymous streams (if changed) and users' streams.
@@ -87,8 +49,8 @@ fn lease_ms(heartbeat_secs: u64) -> u64 {
 /// renewal (`hub_presence_lease`), which runs out after 2 heartbeats (less 2 s) and makes the
 /// survivors remove a dead node's counts and send its users' `leave`s. A failed write is
 /// retried the next second; a reconnection reports everything again.
-pub async fn run(node: Arc<Node>) {
-    let grace = node.config.heartbeat_secs;
+pub async fn run(r: Arc<Reporter>) {
+    let grace = r.grace;
     let mut interval = tokio::time::interval(Duration::from_secs(1));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Redis: what this node left there before a restart under the same name goes first.
@@ -102,35 +64,40 @@ pub async fn run(node: Arc<Node>) {
         interval.tick().await;
         if reseed_at.is_some_and(|t| t <= tokio::time::Instant::now()) {
             reseed_at = None;
-            node.seed_presence(node.registry.presence_unseed_all());
+            seed(
+                &r.registry,
+                &r.store,
+                &r.tasks,
+                r.registry.presence_unseed_all(),
+            );
         }
-        let (users, anonymous) = node.registry.presence_gauges();
-        node.metrics.presence_users.set(users as f64);
-        node.metrics.presence_anonymous.set(anonymous as f64);
-        match &*node.broker {
-            Broker::Local(_) => {
-                for c in node.registry.take_presence(grace) {
-                    if let Some(ev) = node.presence.apply(&c) {
-                        node.registry.presence_event(&ev);
+        let (users, anonymous) = r.registry.presence_gauges();
+        r.metrics.presence_users.set(users as f64);
+        r.metrics.presence_anonymous.set(anonymous as f64);
+        match &*r.store {
+            Store::Memory(table) => {
+                for c in r.registry.take_presence(grace) {
+                    if let Some(ev) = table.apply(&c) {
+                        r.registry.presence_event(&ev);
                     }
                 }
             }
-            Broker::Redis(b) => {
+            Store::Redis(b) => {
                 if !b.is_up() {
                     continue;
                 }
                 if !registered {
-                    if let Err(e) = b.presence_forget(&node.name).await {
+                    if let Err(e) = b.presence_forget(&r.node).await {
                         tracing::debug!(error = %e, "presence: clearing this node's old counts failed");
                         continue;
                     }
                     registered = true;
-                    node.registry.presence_mark_all();
+                    r.registry.presence_mark_all();
                 }
                 let now = b.live_epoch();
                 if now.is_some() && now != epoch {
                     if epoch.is_some() {
-                        node.registry.presence_mark_all();
+                        r.registry.presence_mark_all();
                         // Changes published while the subscription was down were missed: the
                         // logs are read again, a heartbeat later, once the other nodes have
                         // reported their counts again too (a Redis that restarted empty).
@@ -138,7 +105,7 @@ pub async fn run(node: Arc<Node>) {
                     }
                     epoch = now;
                 }
-                let changes = node.registry.take_presence(grace);
+                let changes = r.registry.take_presence(grace);
                 let mut by_channel: HashMap<Arc<str>, ChannelCounts> = HashMap::new();
                 for c in &changes {
                     let e = by_channel.entry(c.channel.clone()).or_default();
@@ -148,17 +115,14 @@ pub async fn run(node: Arc<Node>) {
                     }
                 }
                 for (channel, (anonymous, users)) in by_channel {
-                    if let Err(e) = b
-                        .presence_set(&channel, &node.name, anonymous, &users)
-                        .await
-                    {
+                    if let Err(e) = b.presence_set(&channel, &r.node, anonymous, &users).await {
                         tracing::debug!(channel = %channel, error = %e, "presence: a write failed; retried");
-                        node.registry.presence_retry(
+                        r.registry.presence_retry(
                             changes.iter().filter(|c| c.channel == channel).cloned(),
                         );
                     }
                 }
-                match b.presence_lease(&node.name, lease_ms(grace)).await {
+                match b.presence_lease(&r.node, lease_ms(grace)).await {
                     Ok(dead) => {
                         for d in dead {
                             tracing::info!(node = %d, "presence: a node's lease ran out; its users are removed");
@@ -171,42 +135,54 @@ pub async fn run(node: Arc<Node>) {
     }
 }
 
+/// Reads the users over every node of each channel whose presence log is not known whole (see
+/// `Registry::presence_claim_seed`) and hands them to the registry. Embedded: at once. Redis:
+/// one `FCALL_RO hub_presence_read` per channel in a task of its own (a stream that goes away
+/// meanwhile leaves nothing waiting), retried up to [`SEED_ATTEMPTS`] times half a second
+/// apart; after that the log goes on with what this node heard (logged) until the next
+/// observer has it read again.
+pub fn seed(
+    registry: &Arc<Registry>,
+    store: &Arc<Store>,
+    tasks: &Tasks,
+    channels: Vec<ChannelName>,
+) {
+    for ch in channels {
+        if !registry.presence_claim_seed(&ch) {
+            continue;
+        }
+        if let Some(users) = store.users_now(&ch) {
+            registry.presence_seed(&ch, Some(users));
+            continue;
+        }
+        let (registry, store) = (registry.clone(), store.clone());
+        tasks.spawn(async move {
+            for attempt in 1..=SEED_ATTEMPTS {
+                match store.read(&ch).await {
+                    Ok(table) => {
+                        let users = table
+                            .users
+                            .into_iter()
+                            .filter(|(_, n)| *n > 0)
+                            .map(|(u, _)| u)
+                            .collect();
+                        registry.presence_seed(&ch, Some(users));
+                        return;
+                    }
+                    Err(e) if attempt == SEED_ATTEMPTS => {
+                        tracing::warn!(channel = %ch, error = %e, "presence: reading the channel's users failed; its observers start from what this node heard");
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+            registry.presence_seed(&ch, None);
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn count(ch: &str, sub: Option<&str>, streams: u32) -> PresenceCount {
-        PresenceCount {
-            channel: Arc::from(ch),
-            sub: sub.map(Arc::from),
-            streams,
-        }
-    }
-
-    #[test]
-    fn joins_and_leaves_follow_a_users_count_crossing_zero() {
-        let p = MemoryPresence::default();
-        let ev = p.apply(&count("c", Some("u"), 1)).unwrap();
-        assert!(ev.join && &*ev.sub == "u" && ev.channel.as_str() == "c");
-        assert!(
-            p.apply(&count("c", Some("u"), 2)).is_none(),
-            "a second stream"
-        );
-        assert!(
-            p.apply(&count("c", None, 3)).is_none(),
-            "anonymous are never named"
-        );
-        assert_eq!(p.read("c").users.get("u"), Some(&2));
-        assert_eq!(p.read("c").anonymous, 3);
-        assert!(!p.apply(&count("c", Some("u"), 0)).unwrap().join);
-        assert!(
-            p.apply(&count("c", Some("u"), 0)).is_none(),
-            "a repeat changes nothing"
-        );
-        p.apply(&count("c", None, 0));
-        assert_eq!(p.read("c"), Table::default());
-        assert!(p.tables.lock().is_empty(), "an empty channel is forgotten");
-    }
 
     #[test]
     fn a_lease_outlives_a_heartbeat_and_ends_within_two() {
