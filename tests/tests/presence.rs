@@ -116,7 +116,7 @@ async fn one_node_counts_users_and_tells_joins_and_leaves() {
     let hub = Hub::start(&[
         ("HUB_JWT_SECRET", SECRET),
         ("HUB_HEARTBEAT_SECS", "2"),
-        ("HUB_STALE_AFTER_SECS", "10"),
+        ("HUB_STALE_AFTER_SECS", "30"),
     ])
     .await;
     let ch = format!("public:{}", prefix("presence"));

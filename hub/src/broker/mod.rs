@@ -19,14 +19,37 @@ use std::sync::Arc;
 
 /// A broker failure. Logged by whoever gets it; clients only learn that they may retry.
 #[derive(Debug, thiserror::Error)]
-#[error("broker unavailable: {0}")]
-pub struct BrokerError(pub String);
+pub enum BrokerError {
+    /// Redis did not answer `what` within the command timeout.
+    #[error("broker unavailable: Redis did not answer {what} within {after:?}")]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
+    /// Redis answered `what` with an error reply (a key of the wrong type, a script error, a
+    /// function that is not loaded): asking again will not help.
+    #[error("broker unavailable: {what}: Redis answered {reply}")]
+    Refused { what: String, reply: String },
+    /// The connection failed or was lost, or the client gave up on `what`.
+    #[error("broker unavailable: {what}: {error}")]
+    Failed { what: String, error: String },
+    /// Redis answered something this build cannot read.
+    #[error("broker unavailable: {0}")]
+    Unexpected(String),
+}
 
 impl BrokerError {
-    /// Redis answered with an error (a key of the wrong type, a script error): asking again
-    /// will not help. Timeouts and lost connections are not such answers.
+    /// Redis answered with an error: asking again will not help. Timeouts and lost
+    /// connections are not such answers.
     pub fn answered(&self) -> bool {
-        self.0.contains("WRONGTYPE") || self.0.contains("ERR ")
+        matches!(self, BrokerError::Refused { .. })
+    }
+
+    /// Redis answered with an error reply that says `words` (case-insensitive), as in
+    /// `ERR Function not found`.
+    pub fn says(&self, words: &str) -> bool {
+        matches!(self, BrokerError::Refused { reply, .. }
+            if reply.to_ascii_lowercase().contains(&words.to_ascii_lowercase()))
     }
 }
 

@@ -55,11 +55,11 @@ impl RedisBroker {
                     version,
                     settings: [max_len, ttl_ms, max_bytes],
                 })),
-                _ => Err(BrokerError(
+                _ => Err(BrokerError::Unexpected(
                     "hub_version answered something unexpected".into(),
                 )),
             },
-            Err(e) if e.0.to_ascii_lowercase().contains("function not found") => {
+            Err(e) if e.says("function not found") => {
                 let list: Value = within(
                     "FUNCTION LIST",
                     self.client.function_list(Some("hub"), false),
@@ -88,7 +88,7 @@ impl RedisBroker {
                         return Ok(());
                     }
                     // Another node loaded one meanwhile: look again.
-                    Err(e) if e.0.contains("already exists") => continue,
+                    Err(e) if e.says("already exists") => continue,
                     Err(e) => return Err(e),
                 },
                 Some(l) if l.version < LIBRARY_VERSION => {
@@ -126,7 +126,7 @@ impl RedisBroker {
                 }
             }
         }
-        Err(BrokerError(
+        Err(BrokerError::Unexpected(
             "the hub library kept changing while it was being loaded".into(),
         ))
     }
@@ -145,7 +145,7 @@ impl RedisBroker {
                         // A new connection: a restarted or failed-over Redis may have lost it.
                         self.library_loaded.store(false, Ordering::Release);
                         while let Err(e) = self.ensure_library().await {
-                            tracing::warn!(error = %e.0, "loading the hub functions failed; retrying");
+                            tracing::warn!(error = %e, "loading the hub functions failed; retrying");
                             tokio::time::sleep(Duration::from_millis(500)).await;
                         }
                         self.library_loaded.store(true, Ordering::Release);
@@ -155,7 +155,7 @@ impl RedisBroker {
                 _ = check.tick(), if self.library_loaded.load(Ordering::Acquire) => {
                     // A node of version 1 replaces whatever is loaded when it starts.
                     if let Err(e) = self.ensure_library().await {
-                        tracing::debug!(error = %e.0, "checking the hub library failed");
+                        tracing::debug!(error = %e, "checking the hub library failed");
                     }
                 }
             }

@@ -153,9 +153,35 @@ pub struct RedisBroker {
 }
 
 fn timeout_err(what: &str) -> BrokerError {
-    BrokerError(format!(
-        "Redis did not answer {what} within {COMMAND_TIMEOUT:?}"
-    ))
+    BrokerError::Timeout {
+        what: what.to_string(),
+        after: COMMAND_TIMEOUT,
+    }
+}
+
+/// Sorts a client error: an error reply from Redis (its first word an error code in capitals,
+/// `ERR`, `WRONGTYPE`, `NOSCRIPT`...: fred keeps only the text for most of them) is `Refused`;
+/// anything else (connection, I/O, the client's own limits) is `Failed`.
+fn client_err(what: &str, e: &fred::error::Error) -> BrokerError {
+    use fred::error::ErrorKind;
+    let reply = e.details();
+    let code = reply.split_whitespace().next().unwrap_or("");
+    let is_reply = matches!(
+        e.kind(),
+        ErrorKind::Unknown | ErrorKind::InvalidArgument | ErrorKind::InvalidCommand
+    ) && code.len() >= 3
+        && code.bytes().all(|b| b.is_ascii_uppercase());
+    if is_reply {
+        BrokerError::Refused {
+            what: what.to_string(),
+            reply: reply.to_string(),
+        }
+    } else {
+        BrokerError::Failed {
+            what: what.to_string(),
+            error: e.to_string(),
+        }
+    }
 }
 
 async fn within<T>(
@@ -164,7 +190,7 @@ async fn within<T>(
 ) -> Result<T, BrokerError> {
     match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
         Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(BrokerError(format!("{what}: {e}"))),
+        Ok(Err(e)) => Err(client_err(what, &e)),
         Err(_) => Err(timeout_err(what)),
     }
 }
@@ -377,7 +403,7 @@ impl RedisBroker {
         };
         if let Err(e) = res {
             // A reconnection subscribes only the channels that have readers, so nothing stays.
-            tracing::debug!(channel = %channel, error = %e.0, "unsubscribe failed");
+            tracing::debug!(channel = %channel, error = %e, "unsubscribe failed");
         }
     }
 
@@ -428,7 +454,7 @@ impl RedisBroker {
         .await?;
         reply
             .parse()
-            .map_err(|_| BrokerError("hub_rewind answered something unexpected".into()))
+            .map_err(|_| BrokerError::Unexpected("hub_rewind answered something unexpected".into()))
     }
 
     /// At most `count` messages after `after` (`None`: only the tail and floor), through
@@ -449,7 +475,7 @@ impl RedisBroker {
             ),
         )
         .await?;
-        let bad = || BrokerError("hub_read answered something unexpected".into());
+        let bad = || BrokerError::Unexpected("hub_read answered something unexpected".into());
         let id_at = |i: usize| -> Result<StreamId, BrokerError> {
             reply
                 .get(i)
@@ -540,6 +566,33 @@ impl RedisBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_replies_are_refusals_and_the_rest_failures() {
+        use fred::error::{Error, ErrorKind};
+        let e = client_err(
+            "FCALL_RO hub_version",
+            &Error::new(ErrorKind::Unknown, "ERR Function not found"),
+        );
+        assert!(e.answered() && e.says("function NOT found"), "{e:?}");
+        let e = client_err(
+            "XRANGE",
+            &Error::new(
+                ErrorKind::InvalidArgument,
+                "WRONGTYPE Operation against a key holding the wrong kind of value",
+            ),
+        );
+        assert!(e.answered() && !e.says("function not found"), "{e:?}");
+        for (kind, text) in [
+            (ErrorKind::IO, "Connection reset by peer"),
+            (ErrorKind::Canceled, "Canceled."),
+            (ErrorKind::Unknown, "Connection closed"),
+        ] {
+            let e = client_err("PUBLISH", &Error::new(kind, text));
+            assert!(!e.answered() && !e.says("connection"), "{e:?}");
+        }
+        assert!(!timeout_err("PING").answered());
+    }
 
     #[test]
     fn durable_notifications_need_a_plausible_id() {

@@ -78,7 +78,7 @@ impl RedisBroker {
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e.0, "resubscribe failed; retrying");
+                    tracing::warn!(error = %e, "resubscribe failed; retrying");
                 }
             }
             drop(_one);
@@ -134,7 +134,7 @@ impl RedisBroker {
             self.lost_messages();
             let names = self.names(&self.sink.channels());
             if let Err(e) = self.subscribe_raw(&names).await {
-                tracing::warn!(error = %e.0, "re-issuing shard subscriptions failed");
+                tracing::warn!(error = %e, "re-issuing shard subscriptions failed");
             }
             self.set_whole();
         }
