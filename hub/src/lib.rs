@@ -1,25 +1,29 @@
 //! hub: a real-time connection hub. Browsers hold SSE or WebSocket streams here; services
 //! publish to channels (over HTTP, or over Redis in Redis mode); the hub fans each message out.
 //!
-//! The map:
-//! - [`config`]: `HUB_*` settings, checked before anything binds.
-//! - [`node`]: owns the registry, the broker and the catch-up as siblings, and the flows that
-//!   need them together: open a stream, start a channel, close, publish, drain.
-//! - [`channels`]: local streams and their channels; admission, fan-out, exact counts (no I/O).
-//! - [`stream`]: one stream's channels, read positions, presence cursors and bounded queue.
-//! - [`catchup`]: bounded, shared history reads for readers that are behind.
-//! - [`message`]: a message framed once, shared by every reader.
-//! - [`broker`]: where messages are published and read back from (embedded or Redis).
-//!   [`redis_url`]: `HUB_REDIS_URL`'s forms turned into the Redis client's configuration.
-//! - [`transport`]: SSE and WebSocket: check the request, render the items.
-//! - [`auth`]: who may read which channel. [`refusal`]: why a request is refused.
-//! - [`peer`]: whether a stream's client still acknowledges (the kernel's view of its socket).
-//! - [`server`]: the public port (its front door for stream requests) and the admin port.
-//! - [`http`]: JSON error answers, CORS, bearer credentials.
-//! - [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
-//! - [`shutdown`]: signal handling and the drain. [`tasks`]: background tasks, aborted at stop.
+//! The map, from the bottom up: a module uses only modules listed before it (no cycles).
 //! - [`domain`]: transports, close and refusal reasons (the labels clients and metrics see).
-//! - [`metrics`]: metric names and pre-resolved handles.
+//!   [`message`]: a message framed once, shared by every reader. [`tasks`]: background tasks,
+//!   aborted at stop. [`peer`]: whether a stream's client still acknowledges.
+//! - [`config`]: `HUB_*` settings, checked before anything binds ([`redis_url`], [`tls`]).
+//!   [`metrics`]: metric names and pre-resolved handles. [`refusal`]: why a request is
+//!   refused. [`auth`]: who may read which channel.
+//! - [`stream`]: one stream: its channels' read positions, presence cursors and bounded queue,
+//!   behind one lock.
+//! - [`broker`]: where messages are published and read back from (embedded, with its
+//!   in-memory history, or Redis with its function library).
+//! - [`channels`]: the local registry: admission, membership, fan-out, the tick's findings,
+//!   each channel's presence counts and log (no I/O).
+//! - [`presence`]: the presence store (memory or Redis) and the once-a-second reporter.
+//! - [`catchup`]: bounded, shared history reads for readers that are behind.
+//! - [`node`]: owns the registry, the broker, the presence store and the catch-up as
+//!   siblings, and the flows that need them together: open a stream, start a channel, close,
+//!   publish, drain.
+//! - [`http`]: JSON error answers, CORS, bearer credentials. [`transport`]: SSE and
+//!   WebSocket: check the request, render the items, write a bare socket.
+//! - [`server`]: the public port (its front door for stream requests) and the admin port.
+//!   [`ticker`]: heartbeats, token expiry, stale streams, sweeps, metric upkeep on one tick.
+//!   [`shutdown`]: signal handling and the drain. [`healthcheck`]: the container's probe.
 //!
 //! [`run`] serves a node on listeners the caller bound until a shutdown future resolves, so a
 //! test or benchmark can start one in-process; [`serve`] is what the binary runs.

@@ -1,6 +1,6 @@
 //! Wire types shared by the hub, its tests, load generators and Rust publishers.
 //!
-//! Nothing here does I/O. The map:
+//! Nothing here does I/O but the Redis helpers behind the `redis` feature. The map:
 //! - [`channel`]: channel-name validation ([`ChannelName`]).
 //! - [`envelope`]: the publish envelope `{"event", "data"}` and the HTTP publish body.
 //! - [`sse`]: Server-Sent Events framing (`id:`, `event:`, `retry:`, multi-line `data:`, comments).
@@ -10,6 +10,7 @@
 //! - [`idempotency`]: what an idempotency key of a durable publish may be.
 //! - `publish` (feature `redis`): `publish_durable` (and `publish_durable_once`, with an
 //!   idempotency key) / `publish_ephemeral` for Rust services.
+//! - `presence` (feature `redis`): `read`, a channel's users over every node, from Redis.
 
 pub mod channel;
 pub mod envelope;

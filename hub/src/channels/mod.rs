@@ -1,6 +1,6 @@
 //! The node's local registry: which streams are open and which channels each one reads.
-//! [`admission`] holds the limits, [`fanout`] offers a message to a channel's readers,
-//! [`tick`] keeps the coarse clock and finds what is due, [`presence`] keeps each channel's
+//! `admission` holds the limits, `fanout` offers a message to a channel's readers,
+//! `tick` keeps the coarse clock and finds what is due, `presence` keeps each channel's
 //! users and log of joins and leaves ([`presence_log`]) under the channel's lock.
 //!
 //! It admits streams against the node and per-user limits, fans a message out to the local

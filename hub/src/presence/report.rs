@@ -138,7 +138,7 @@ pub async fn run(r: Arc<Reporter>) {
 /// Reads the users over every node of each channel whose presence log is not known whole (see
 /// `Registry::presence_claim_seed`) and hands them to the registry. Embedded: at once. Redis:
 /// one `FCALL_RO hub_presence_read` per channel in a task of its own (a stream that goes away
-/// meanwhile leaves nothing waiting), retried up to [`SEED_ATTEMPTS`] times half a second
+/// meanwhile leaves nothing waiting), retried up to `SEED_ATTEMPTS` times half a second
 /// apart; after that the log goes on with what this node heard (logged) until the next
 /// observer has it read again.
 pub fn seed(

@@ -27,7 +27,7 @@ pub enum Item {
     Present(Box<PresenceState>),
     /// The last item: why the stream ends.
     End(CloseReason),
-    /// What a [`DirectSink`] could not write of a frame: written as it is, before anything else.
+    /// What a [`super::DirectSink`] could not write of a frame: written as it is, before anything else.
     Raw(Bytes),
 }
 
@@ -65,7 +65,7 @@ pub enum Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
     Queued,
-    /// Written to the socket through the stream's [`DirectSink`] (all of it, or its rest queued):
+    /// Written to the socket through the stream's [`super::DirectSink`] (all of it, or its rest queued):
     /// the caller counts the delivery.
     Written,
     /// Not for this stream now: already delivered (an older position), not subscribed, left to
@@ -74,7 +74,7 @@ pub enum Offer {
     /// An ephemeral message this reader fell behind on: lost to it (counted `lagged`).
     Lagged,
     /// A presence change left for the catch-up, which feeds it from the channel's log when
-    /// the observer has room (see [`Session::offer_presence`]).
+    /// the observer has room (see [`super::Session::offer_presence`]).
     Behind,
 }
 

@@ -1,11 +1,11 @@
 //! One stream: its channels with their read positions, its bounded queue of items, and its
 //! presence cursors, all behind one small lock per stream.
 //!
-//! - [`item`]: what a stream queues (items, replies) and what an offer did.
-//! - [`queue`]: the bounded queue the transport pulls from, the writer's park and the
+//! - `item`: what a stream queues (items, replies) and what an offer did.
+//! - `queue`: the bounded queue the transport pulls from, the writer's park and the
 //!   fan-out's direct writes through a transport's [`DirectSink`] (a frame's rest goes first).
-//! - [`reading`]: each channel's position and how it is read (live, behind, reading history).
-//! - [`watch`]: presence cursors of the channels whose joins and leaves the client asked for.
+//! - `reading`: each channel's position and how it is read (live, behind, reading history).
+//! - `watch`: presence cursors of the channels whose joins and leaves the client asked for.
 //!
 //! Lock order: a channel's lock in the registry (or the fan-out's shard lock), then this
 //! stream's lock; never the other way round, never two streams' locks at once, and no waker is

@@ -32,7 +32,7 @@ const LINGER_SECS: u64 = 2;
 
 /// Runs a stream to its end. When the hub ended it (drain, slow, expiry, a refused frame), the
 /// stream is released at once (a stopping node does not wait for slow readers), then within
-/// [`LINGER_SECS`] its last bytes are written, the write side is shut, and the connection is
+/// `LINGER_SECS` its last bytes are written, the write side is shut, and the connection is
 /// read on until the client closes: closing a socket with unread bytes resets it, and the
 /// client could lose those last bytes.
 pub async fn run<B: Outbound, S: Socket>(mut writer: Writer<B, S>) {
@@ -112,7 +112,7 @@ impl Outbound for WsBody {
     }
 }
 
-/// A WebSocket's [`Sink`]: the fan-out writes a live message's shared frame to the socket
+/// A WebSocket's [`DirectSink`]: the fan-out writes a live message's shared frame to the socket
 /// itself while the socket's writer is parked, as many as the socket takes without blocking.
 /// Per message and socket that saves the queue entry, the wake-up of the connection's task and
 /// its poll (BENCHMARKS.md, WebSocket fan-out).
@@ -139,7 +139,7 @@ impl DirectSink for DirectWs {
     }
 }
 
-/// A stream's socket as its writer holds it: alone (SSE) or shared with a [`Sink`] (WebSocket;
+/// A stream's socket as its writer holds it: alone (SSE) or shared with a [`DirectSink`] (WebSocket;
 /// an SSE stream does not pay for the sharing).
 pub trait Socket: Borrow<TcpStream> + Unpin {
     /// The socket alone again (its sink was taken back), for the last bytes and the close.

@@ -115,7 +115,7 @@ pub struct StreamHead<'a> {
     pub last_event_id: Option<&'a str>,
     pub socket: Option<crate::peer::PeerSocket>,
     /// An HTTP/2 stream's request body, watched for the client's reset of the stream (see
-    /// [`SseBody::reset_watch`]); `None` on HTTP/1.
+    /// `SseBody::reset_watch`); `None` on HTTP/1.
     pub reset_watch: Option<web::Payload>,
 }
 

@@ -7,8 +7,8 @@
 //! readers check their positions against history; it never reads history itself for them, so
 //! the receive loop (and the self-ping it carries) never waits on a read.
 //!
-//! Here: connecting, names, subscribing, publishing, reading. [`library`]: the function
-//! library's loading; [`presence`]: counts, leases and users over Redis; [`watch`]: the receive
+//! Here: connecting, names, subscribing, publishing, reading. `library`: the function
+//! library's loading; `presence`: counts, leases and users over Redis; `watch`: the receive
 //! loop, resubscribing and the self-ping.
 
 mod library;
