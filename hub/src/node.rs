@@ -51,7 +51,7 @@ pub struct OpenRequest {
     pub rewind: usize,
     /// `presence=true`: `hub.join`/`hub.leave` of every channel.
     pub presence: bool,
-    /// One stream of an HTTP/2 connection (see `Session::multiplexed`).
+    /// One stream of an HTTP/2 connection (see `Session::is_multiplexed`).
     pub multiplexed: bool,
 }
 

@@ -38,6 +38,29 @@ async fn tls(hub: &Hub, certs: &TlsCerts, alpn: &[&[u8]]) -> TlsStream<tokio::ne
         .unwrap()
 }
 
+/// An HTTP/1.1 SSE stream over TLS, read up to its `hub.connected`: the connection and what
+/// was read.
+async fn tls_sse(
+    hub: &Hub,
+    certs: &TlsCerts,
+    channel: &str,
+) -> (TlsStream<tokio::net::TcpStream>, Vec<u8>) {
+    let mut io = tls(hub, certs, &[b"http/1.1"]).await;
+    let req = format!("GET /v1/sse?channel={channel} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    io.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains("event: hub.connected") {
+        let n = tokio::time::timeout(WAIT, io.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&chunk[..n]);
+    }
+    (io, got)
+}
+
 async fn https_hub(certs: &TlsCerts, extra: &[(&str, &str)]) -> Hub {
     let (cert, key) = (certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
     let mut env = vec![("HUB_TLS_CERT", cert), ("HUB_TLS_KEY", key)];
@@ -186,20 +209,7 @@ async fn http1_sse_and_websocket_over_tls_and_the_admin_port_stays_plain() {
     let certs = TlsCerts::make();
     let hub = https_hub(&certs, &[]).await;
     // HTTP/1.1 SSE.
-    let mut io = tls(&hub, &certs, &[b"http/1.1"]).await;
-    io.write_all(b"GET /v1/sse?channel=public:h1 HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .unwrap();
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("event: hub.connected") {
-        let n = tokio::time::timeout(WAIT, io.read(&mut chunk))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-        got.extend_from_slice(&chunk[..n]);
-    }
+    let (_io, got) = tls_sse(&hub, &certs, "public:h1").await;
     let head = String::from_utf8_lossy(&got).to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("content-type: text/event-stream"), "{head}");
@@ -304,19 +314,7 @@ async fn every_tls_transport_releases_a_closed_stream_at_once_at_the_default_hea
 
     // HTTP/1.1 SSE over TLS: a close, then a reset.
     for rst in [false, true] {
-        let mut io = tls(&hub, &certs, &[b"http/1.1"]).await;
-        let req = format!("GET /v1/sse?channel={ch} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
-        io.write_all(req.as_bytes()).await.unwrap();
-        let mut got = Vec::new();
-        let mut chunk = [0u8; 4096];
-        while !String::from_utf8_lossy(&got).contains("event: hub.connected") {
-            let n = tokio::time::timeout(WAIT, io.read(&mut chunk))
-                .await
-                .unwrap()
-                .unwrap();
-            assert!(n > 0);
-            got.extend_from_slice(&chunk[..n]);
-        }
+        let (io, _) = tls_sse(&hub, &certs, &ch).await;
         hub.wait_metric(SSE, 1.0, WAIT).await;
         close_or_reset(io.into_inner().0, rst);
         hub.wait_metric(SSE, 0.0, RELEASE).await;

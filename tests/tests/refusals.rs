@@ -29,6 +29,21 @@ fn many_headers() -> Vec<(String, String)> {
         .collect()
 }
 
+/// Opens `n` raw streams on `channel` that are never read, and waits until the node holds
+/// `total` streams: a drain closes one per tenth of a second, so many keep a node draining.
+async fn hold(hub: &Hub, channel: &str, n: usize, total: u64) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let path = format!("/v1/sse?channel={channel}");
+        held.push(hub_tests::raw_get(hub.public, &path, &[], None).await);
+    }
+    wait_until(&format!("{total} streams open"), WAIT, || async {
+        hub.stats().await["connections"]["total"] == total
+    })
+    .await;
+    held
+}
+
 /// Opens a stream that must be refused with a 200 telling the EventSource to come back:
 /// returns its one event (after checking that the stream then ends).
 async fn told_to_come_back(hub: &Hub, query: &str, extra: &[(&str, &str)]) -> SseEvent {
@@ -133,16 +148,7 @@ async fn a_draining_node_and_a_node_without_redis_tell_an_eventsource_to_come_ba
     hub.wait_ready(WAIT).await;
     // Draining: 100 held streams keep it draining for 10 s (one closed per tenth of a second
     // over HUB_DRAIN_SECS=30); with fewer the drain is over at once.
-    let mut held = Vec::new();
-    for _ in 0..100 {
-        held.push(
-            hub_tests::raw_get(hub.public, &format!("/v1/sse?channel={ch}"), &[], None).await,
-        );
-    }
-    wait_until("100 streams open", WAIT, || async {
-        hub.stats().await["connections"]["total"] == 100
-    })
-    .await;
+    let held = hold(&hub, &ch, 100, 100).await;
     hub.terminate();
     wait_until("draining", WAIT, || async { !hub.is_ready().await }).await;
     let e = told_to_come_back(&hub, &format!("channel={ch}"), &[]).await;
@@ -310,16 +316,7 @@ async fn an_eventsource_in_chromium_survives_redis_away_and_a_draining_node() {
     // Draining: 300 held streams keep the node draining for 30 s (one closed per tenth of a
     // second). A page opened then is refused as draining and retries by itself; when the
     // node is gone, it goes on retrying until the node that replaces it takes it.
-    let mut held = Vec::new();
-    for _ in 0..300 {
-        held.push(
-            hub_tests::raw_get(hub.public, &format!("/v1/sse?channel={ch}"), &[], None).await,
-        );
-    }
-    wait_until("301 streams open", WAIT, || async {
-        hub.stats().await["connections"]["total"] == 301
-    })
-    .await;
+    let held = hold(&hub, &ch, 300, 301).await;
     hub.terminate();
     wait_until("draining", WAIT, || async { !hub.is_ready().await }).await;
     let second = Page::open(&hub.url(&format!("/v1/sse?channel={ch}"))).await;

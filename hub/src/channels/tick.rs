@@ -67,7 +67,7 @@ impl Registry {
             let shard = shard.lock();
             for s in shard.values() {
                 lagged += s.trim_if_idle(idle_since);
-                if s.multiplexed {
+                if s.is_multiplexed() {
                     s.poke();
                 }
                 if s.is_presence_lost() {

@@ -108,10 +108,6 @@ pub struct Session {
     expires_at: AtomicU64,
     /// The connection's socket, to tell a vanished client (see [`crate::peer`]).
     pub socket: Option<crate::peer::PeerSocket>,
-    /// One stream of an HTTP/2 connection: the HTTP server notices the client's reset of it
-    /// only when its body is polled, so the tick wakes its writer every second
-    /// ([`Session::poke`]) to look.
-    pub multiplexed: bool,
     /// Items the queue holds before a live channel falls behind.
     capacity: usize,
     /// Coarse clock reading (seconds) of the last sign of life: an item the transport took
@@ -122,13 +118,25 @@ pub struct Session {
     last_taken: AtomicU64,
     /// 0 while open, else the `CloseReason` that ended it (first one wins).
     closed: AtomicU8,
-    /// An observer that fell so far behind its channel's presence log that changes it had not
-    /// read were forgotten: the tick closes it as slow.
-    presence_lost: std::sync::atomic::AtomicBool,
+    /// [`FLAG_PRESENCE_LOST`] and [`FLAG_MULTIPLEXED`]: one byte, where the stream's other
+    /// small fields leave room (a separate `bool` cost 8 bytes per stream).
+    flags: AtomicU8,
     /// Where this stream asks for history reads (its `seq`); `None` in unit tests.
     refill: Option<UnboundedSender<u64>>,
     state: Mutex<State>,
 }
+
+/// An observer that fell so far behind its channel's presence log that changes it had not read
+/// were forgotten: the tick closes it as slow.
+const FLAG_PRESENCE_LOST: u8 = 1;
+/// One stream of an HTTP/2 connection: the HTTP server notices the client's reset of it only
+/// when its body is polled, so the tick wakes its writer every second ([`Session::poke`]) to
+/// look.
+const FLAG_MULTIPLEXED: u8 = 2;
+
+/// Every open stream costs this much besides its channels and queue: checked at compile time
+/// (240 bytes on x86-64 before the split into modules; it must not grow).
+const _: () = assert!(std::mem::size_of::<Session>() <= 240);
 
 /// What a new session needs besides its channels.
 pub struct SessionInit {
@@ -173,12 +181,15 @@ impl Session {
             user: init.user,
             expires_at: AtomicU64::new(init.expires_at.unwrap_or(0)),
             socket: init.socket,
-            multiplexed: init.multiplexed,
             capacity: init.capacity.max(1),
             last_write: AtomicU64::new(init.now),
             last_taken: AtomicU64::new(init.now),
             closed: AtomicU8::new(0),
-            presence_lost: std::sync::atomic::AtomicBool::new(false),
+            flags: AtomicU8::new(if init.multiplexed {
+                FLAG_MULTIPLEXED
+            } else {
+                0
+            }),
             refill: init.refill,
             state: Mutex::new(state),
         }
@@ -303,6 +314,11 @@ impl Session {
     /// The transport took an item.
     pub fn took(&self, now: u64) {
         self.last_taken.store(now, Ordering::Relaxed);
+    }
+
+    /// One stream of an HTTP/2 connection (see [`FLAG_MULTIPLEXED`]).
+    pub fn is_multiplexed(&self) -> bool {
+        self.flags.load(Ordering::Relaxed) & FLAG_MULTIPLEXED != 0
     }
 
     pub fn last_write(&self) -> u64 {

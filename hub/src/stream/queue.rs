@@ -222,7 +222,7 @@ impl Session {
     }
 
     /// Wakes the writer without giving it anything, so that it looks at its connection (see
-    /// [`Session::multiplexed`]).
+    /// [`Session::is_multiplexed`]).
     pub fn poke(&self) {
         let waker = self.state.lock().waker.take();
         if let Some(w) = waker {

@@ -161,10 +161,11 @@ impl Session {
     /// Changes this observer had not read were forgotten (its channel's log hit its bound):
     /// it is closed as slow at the next tick.
     pub fn presence_lost(&self) {
-        self.presence_lost.store(true, Ordering::Relaxed);
+        self.flags
+            .fetch_or(super::FLAG_PRESENCE_LOST, Ordering::Relaxed);
     }
 
     pub fn is_presence_lost(&self) -> bool {
-        self.presence_lost.load(Ordering::Relaxed)
+        self.flags.load(Ordering::Relaxed) & super::FLAG_PRESENCE_LOST != 0
     }
 }
