@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scenario=${1:?usage: compare.sh <scenario.sh>}
-: "${OLD:?OLD must name the other build's hub binary}"
+: "${OLD:?OLD must name the hub binary of the other build}"
 [ -x "$OLD" ] || { echo "OLD=$OLD is not an executable" >&2; exit 1; }
 PAIRS=${PAIRS:-3}
 export PEERS=${PEERS:-hub} RUNS=1
