@@ -108,7 +108,9 @@ loadgen_run() {
         if [ "$MODE" = redis ]; then args+=(--redis "$REDIS_URL"); else args+=(--http "http://${NADM[0]}"); fi
         args+=(--channel "public:${pre}c{n}")
     else
-        if [ "$TRANSPORT" = ws ]; then args+=(--ws --path "/ws/${pre}c{ch}"); else args+=(--path "/sub/${pre}c{ch}"); fi
+        # Nchan serves an EventSource subscriber only to `Accept: text/event-stream` (the hub is
+        # asked without it, so that its refusals come as statuses, counted by reason).
+        if [ "$TRANSPORT" = ws ]; then args+=(--ws --path "/ws/${pre}c{ch}"); else args+=(--path "/sub/${pre}c{ch}" --accept-event-stream); fi
         args+=(--raw-post "http://${NPUB[0]}/pub?id={channel}" --channel "${pre}c{n}")
     fi
     if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS"); fi

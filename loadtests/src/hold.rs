@@ -70,6 +70,12 @@ pub struct StreamOpts {
     /// Reconnect an SSE stream that ended, with `Last-Event-ID` set to the last `id:` seen.
     #[arg(long)]
     pub reconnect: bool,
+    /// Send `Accept: text/event-stream`, as an EventSource does. Nchan needs it to serve an
+    /// EventSource subscriber; the hub is asked without it by default, so that a refusal comes
+    /// as its status (503, 429) and is counted by reason (an EventSource gets a 200 with
+    /// `hub.reconnect` instead, which would read as a stream that opened and ended).
+    #[arg(long)]
+    pub accept_event_stream: bool,
     /// Reconnect delay: a stream waits a random time below this before its first attempt, and
     /// this long between failed attempts.
     #[arg(long, default_value_t = 1000)]
@@ -112,6 +118,9 @@ impl StreamOpts {
         }
         if self.reconnect {
             a.push("--reconnect".into());
+        }
+        if self.accept_event_stream {
+            a.push("--accept-event-stream".into());
         }
         for (flag, v) in [
             ("--wake-ms", self.wake_ms),
@@ -433,11 +442,13 @@ async fn connect(
         let resume = last_id
             .map(|id| format!("Last-Event-ID: {id}\r\n"))
             .unwrap_or_default();
-        // No `Accept: text/event-stream`: a refusal then comes as its status (503, 429), which
-        // is how the generator counts refusals by reason (an EventSource would get a 200 with
-        // `hub.reconnect` instead).
+        let accept = if args.stream.accept_event_stream {
+            "Accept: text/event-stream\r\n"
+        } else {
+            ""
+        };
         format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\n{resume}\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}{resume}\r\n",
             args.target
         )
     };
