@@ -114,9 +114,8 @@ pub struct StreamHead<'a> {
     pub bearer: Option<&'a str>,
     pub last_event_id: Option<&'a str>,
     pub socket: Option<crate::peer::PeerSocket>,
-    /// An HTTP/2 stream's request body, watched for the client's reset of the stream (see
-    /// `SseBody::reset_watch`); `None` on HTTP/1.
-    pub reset_watch: Option<web::Payload>,
+    /// One stream of an HTTP/2 connection (its body is then a [`WatchedBody`]).
+    pub multiplexed: bool,
 }
 
 /// A stream that passed every check and took its slot: the CORS answer and the body.
@@ -158,13 +157,12 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             socket: head.socket,
             rewind: q.rewind as usize,
             presence: q.presence,
-            multiplexed: head.reset_watch.is_some(),
+            multiplexed: head.multiplexed,
         })
         .await?;
     Ok(Opened {
         allow,
         body: SseBody {
-            reset_watch: head.reset_watch.map(Box::new),
             _live: node.track_transport(),
             positions: vec![StreamId::ZERO; channels.len()],
             channels,
@@ -232,7 +230,7 @@ pub async fn stream(
             bearer: bearer(&req),
             last_event_id: headers.get("last-event-id").and_then(|v| v.to_str().ok()),
             socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
-            reset_watch: http2.then_some(payload),
+            multiplexed: http2,
         },
     )
     .await;
@@ -260,11 +258,18 @@ pub async fn stream(
     // new one): close it when the stream ends, rather than holding an idle keep-alive socket
     // that a stopping node would have to wait for. (An HTTP/2 stream ends alone; its
     // connection carries the page's other streams.)
-    if req.version() < actix_web::http::Version::HTTP_2 {
+    if !http2 {
         res.force_close();
     }
     cors::apply(&mut res, opened.allow);
-    Ok(res.body(opened.body))
+    Ok(if http2 {
+        res.body(WatchedBody {
+            body: opened.body,
+            watch: payload,
+        })
+    } else {
+        res.body(opened.body)
+    })
 }
 
 /// `OPTIONS /v1/sse` (CORS preflight).
@@ -322,35 +327,61 @@ pub struct SseBody {
     positions: Vec<StreamId>,
     /// A message frame whose `id:` line was just returned (multi-channel streams).
     next: Option<Bytes>,
-    /// An HTTP/2 stream's request body. actix-http's HTTP/2 dispatcher awaits the body's next
-    /// chunk without watching the stream for the client's reset (RST_STREAM) or the
-    /// connection's end, so an idle stream would be held until its next heartbeat is written
-    /// (30 s by default). The request's receiving side ends in error on either; while idle,
-    /// the body looks at it on every poll, and the tick pokes it each second
-    /// ([`crate::stream::Session::poke`]). Boxed: HTTP/1 streams pay one pointer.
-    reset_watch: Option<Box<web::Payload>>,
     /// Counts this stream as alive until the HTTP server drops the body.
     _live: TransportGuard,
 }
 
-impl SseBody {
-    /// Whether an HTTP/2 client reset this stream or lost its connection (see
-    /// [`SseBody::reset_watch`]). A request body sent with the stream (EventSource sends
-    /// none) is read and dropped; flow control bounds it.
+/// The body of an SSE stream on an HTTP/2 connection: the stream's body, and its request's
+/// body watched for the client's reset. actix-http's HTTP/2 dispatcher awaits the body's next
+/// chunk without watching the stream for the client's reset (RST_STREAM) or the connection's
+/// end, so an idle stream would be held until its next heartbeat is written (30 s by default).
+/// The request's receiving side ends in error on either; while the stream is idle the body
+/// looks at it on every poll, and the tick pokes it each second
+/// ([`crate::stream::Session::poke`]). A wrapper, so that the streams of the front (HTTP/1)
+/// carry nothing for it.
+pub struct WatchedBody {
+    body: SseBody,
+    watch: web::Payload,
+}
+
+impl WatchedBody {
+    /// Whether the client reset this stream or lost its connection. A request body sent with
+    /// the stream (EventSource sends none) is read and dropped; flow control bounds it.
     fn client_reset(&mut self, cx: &mut Context<'_>) -> bool {
         use futures_util::Stream as _;
-        let Some(watch) = self.reset_watch.as_mut() else {
-            return false;
-        };
         loop {
-            match Pin::new(&mut **watch).poll_next(cx) {
+            match Pin::new(&mut self.watch).poll_next(cx) {
                 Poll::Ready(Some(Ok(_))) => continue,
                 Poll::Ready(Some(Err(_))) => return true,
                 Poll::Ready(None) | Poll::Pending => return false,
             }
         }
     }
+}
 
+impl MessageBody for WatchedBody {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> BodySize {
+        BodySize::Stream
+    }
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.body).poll_next(cx) {
+            Poll::Pending if this.client_reset(cx) => {
+                this.body.stream.close(CloseReason::Client);
+                Poll::Ready(None)
+            }
+            other => other,
+        }
+    }
+}
+
+impl SseBody {
     fn cursor(&self) -> String {
         Cursor::encode(self.stream.session.fingerprint, &self.positions)
     }
@@ -452,13 +483,7 @@ impl MessageBody for SseBody {
             let item = match self.stream.session.poll_item(cx) {
                 Poll::Ready(Some(item)) => item,
                 Poll::Ready(None) => return Poll::Ready(None),
-                Poll::Pending => {
-                    if self.client_reset(cx) {
-                        self.stream.close(CloseReason::Client);
-                        return Poll::Ready(None);
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             };
             let now = self.stream.node().registry.clock.now();
             self.stream.session.touch(now);
