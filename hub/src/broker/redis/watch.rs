@@ -74,6 +74,12 @@ impl RedisBroker {
                         // Readers that asked for history meanwhile were left behind: ask again.
                         self.sink.fall_behind();
                         tracing::info!(channels = (names.len() - 1) / 2, "resubscribed");
+                        // Prove the subscription now: the ping loop's last ping may have gone
+                        // out before it was in place, and a starting node would wait for the
+                        // next one (a second longer refusing streams as unavailable).
+                        if let Err(e) = within("PUBLISH ping", self.ping()).await {
+                            tracing::debug!(error = %e, "ping publish failed");
+                        }
                     }
                     return;
                 }
@@ -159,22 +165,27 @@ impl RedisBroker {
 
     /// Publishes a ping to itself every second; declares the subscription down (and forces a
     /// reconnection) when none came back for `PING_DEADLINE`.
+    /// Publishes one self-ping on this node's ping channel (it comes back through the
+    /// subscription, see `on_message`).
+    async fn ping(&self) -> Result<i64, fred::error::Error> {
+        if self.cluster {
+            self.client
+                .spublish::<i64, _, _>(self.ping_channel.clone(), "ping")
+                .await
+        } else {
+            self.client
+                .publish::<i64, _, _>(self.ping_channel.clone(), "ping")
+                .await
+        }
+    }
+
     pub(super) async fn ping_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(PING_EVERY);
         let mut forced_at: Option<Instant> = None;
         let mut waiting_since = Instant::now();
         loop {
             tick.tick().await;
-            let ping = if self.cluster {
-                self.client
-                    .spublish::<i64, _, _>(self.ping_channel.clone(), "ping")
-                    .await
-            } else {
-                self.client
-                    .publish::<i64, _, _>(self.ping_channel.clone(), "ping")
-                    .await
-            };
-            if let Err(e) = ping {
+            if let Err(e) = self.ping().await {
                 tracing::debug!(error = %e, "ping publish failed");
             }
             let now = self.started.elapsed().as_millis() as u64;
