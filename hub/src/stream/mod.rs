@@ -316,7 +316,7 @@ impl Session {
         self.last_taken.store(now, Ordering::Relaxed);
     }
 
-    /// One stream of an HTTP/2 connection (see [`FLAG_MULTIPLEXED`]).
+    /// One stream of an HTTP/2 connection: the tick pokes it each second (see [`Session::poke`]).
     pub fn is_multiplexed(&self) -> bool {
         self.flags.load(Ordering::Relaxed) & FLAG_MULTIPLEXED != 0
     }

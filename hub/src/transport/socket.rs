@@ -158,7 +158,7 @@ impl Socket for Arc<TcpStream> {
     }
 }
 
-/// `poll_write_vectored` on a socket shared with its [`Sink`] (which writes only while the
+/// `poll_write_vectored` on a socket shared with its [`DirectSink`] (which writes only while the
 /// writer is parked, so the two never write at once).
 fn poll_writev(
     io: &TcpStream,
