@@ -251,10 +251,9 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
 /// Answers a refused stream request: an EventSource refused for a reason that passes is told
 /// to come back (a 200, see `sse::refusal_body`); any other gets the status.
 async fn refused(io: TcpStream, node: &Node, req: StreamRequest, e: &ApiError) {
-    match req.event_stream.then(|| sse::refusal_body(e)).flatten() {
-        Some(body) => {
-            let allow = crate::http::cors::allow_origin(req.origin.as_ref(), &node.origins);
-            let mut answer = BytesMut::from(&response_head(allow.ok().flatten().as_ref())[..]);
+    match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
+        Some((allow, body)) => {
+            let mut answer = BytesMut::from(&response_head(allow.as_ref())[..]);
             answer.extend_from_slice(&body);
             send_and_close(io, &answer).await
         }

@@ -211,6 +211,23 @@ pub fn refusal_body(e: &ApiError) -> Option<Bytes> {
     Some(buf.freeze())
 }
 
+/// What a refused stream request asked by an EventSource (`event_stream`) gets instead of the
+/// status, for a refusal that passes: the origin CORS allows, and [`refusal_body`]. `None`
+/// when the status stands (another client, or a refusal that does not pass). Both HTTP
+/// readers (the front, and actix's router) answer with it.
+pub fn come_back(
+    node: &Node,
+    e: &ApiError,
+    event_stream: bool,
+    origin: Option<&HeaderValue>,
+) -> Option<(Option<HeaderValue>, Bytes)> {
+    let body = event_stream.then(|| refusal_body(e)).flatten()?;
+    Some((
+        cors::allow_origin(origin, &node.origins).ok().flatten(),
+        body,
+    ))
+}
+
 /// `GET /v1/sse` through actix's router (the public port's front serves plain HTTP/1.x stream
 /// requests itself and hands only the others here).
 pub async fn stream(
@@ -242,15 +259,11 @@ pub async fn stream(
         Ok(opened) => opened,
         Err(e) => {
             let accept = headers.get(header::ACCEPT).map(HeaderValue::as_bytes);
-            let body = wants_event_stream(accept)
-                .then(|| refusal_body(&e))
-                .flatten();
-            let Some(body) = body else { return Err(e) };
-            // Refused for a reason that passes: the EventSource is told to come back.
-            cors::apply(
-                &mut res,
-                cors::allow_origin(origin, &node.origins).ok().flatten(),
-            );
+            let Some((allow, body)) = come_back(&node, &e, wants_event_stream(accept), origin)
+            else {
+                return Err(e);
+            };
+            cors::apply(&mut res, allow);
             return Ok(res.body(body));
         }
     };
