@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::refusal::Refusal;
+use crate::revocations::{Revocations, TokenId};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use protocol::ChannelName;
 use std::sync::Arc;
@@ -23,9 +24,25 @@ pub struct Claims {
     pub exp: u64,
     #[serde(default)]
     pub channels: Vec<String>,
+    /// The token's id, for revocation by `jti`.
+    #[serde(default)]
+    pub jti: Option<String>,
+    /// When it was issued, for revocation by `sub` + `before`.
+    #[serde(default)]
+    pub iat: Option<u64>,
 }
 
 impl Claims {
+    /// What a revocation is checked against: `None` when the token has neither `jti` nor `iat`.
+    pub fn token_id(&self) -> Option<Arc<TokenId>> {
+        (self.jti.is_some() || self.iat.is_some()).then(|| {
+            Arc::new(TokenId {
+                jti: self.jti.as_deref().map(Into::into),
+                iat: self.iat,
+            })
+        })
+    }
+
     /// Whether this token may read `channel` (public channels aside).
     pub fn grants(&self, channel: &str) -> bool {
         channel.strip_prefix(USER_PREFIX) == Some(self.sub.as_str())
@@ -44,6 +61,13 @@ pub fn pattern_matches(pattern: &str, channel: &str) -> bool {
     }
 }
 
+/// Now, in Unix seconds.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// Who a stream belongs to, once authorized.
 #[derive(Debug, Clone, Default)]
 pub struct Grant {
@@ -55,10 +79,29 @@ pub struct Grant {
     pub claims: Option<Arc<Claims>>,
 }
 
+impl Grant {
+    /// The grant of verified claims (a token's, or the authorization hook's with its
+    /// `expires_at`).
+    pub fn of(claims: Arc<Claims>, expires_at: Option<u64>) -> Grant {
+        Grant {
+            user: Some(Arc::from(claims.sub.as_str())),
+            expires_at,
+            claims: Some(claims),
+        }
+    }
+
+    /// The token's id for revocations.
+    pub fn token_id(&self) -> Option<Arc<TokenId>> {
+        self.claims.as_ref().and_then(|c| c.token_id())
+    }
+}
+
 /// The configured keys, each with the one algorithm it verifies, and the issuer and audience a
 /// token must name (when configured).
 pub struct Auth {
     keys: Vec<(Algorithm, DecodingKey)>,
+    /// Tokens refused before their `exp` (`POST /v1/revoke`), kept current by the node.
+    pub revocations: Revocations,
     issuer: Option<String>,
     audience: Option<String>,
 }
@@ -92,6 +135,7 @@ impl Auth {
         }
         Ok(Auth {
             keys,
+            revocations: Revocations::default(),
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
         })
@@ -130,8 +174,9 @@ impl Auth {
         }
         v.set_required_spec_claims(&required);
         match jsonwebtoken::decode::<Claims>(token, key, &v) {
-            Ok(data) if !data.claims.sub.is_empty() => Ok(data.claims),
-            Ok(_) => Err("the token's sub is empty"),
+            Ok(data) if data.claims.sub.is_empty() => Err("the token's sub is empty"),
+            Ok(data) if self.is_revoked(&data.claims) => Err("the token has been revoked"),
+            Ok(data) => Ok(data.claims),
             Err(e) => Err(match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
                 jsonwebtoken::errors::ErrorKind::InvalidSignature => {
@@ -152,6 +197,16 @@ impl Auth {
         }
     }
 
+    /// Whether verified claims are revoked now.
+    pub fn is_revoked(&self, claims: &Claims) -> bool {
+        self.revocations.is_revoked_parts(
+            &claims.sub,
+            claims.jti.as_deref(),
+            claims.iat,
+            now_secs(),
+        )
+    }
+
     /// Whether a stream holding `claims` (or no token) may read `channel` (WebSocket
     /// subscribe): 401 without a token for a protected channel, 403 when the token does not
     /// grant it.
@@ -168,6 +223,28 @@ impl Auth {
             }
             Some(_) => Ok(()),
         }
+    }
+
+    /// The channels of `channels` that need a grant (all but `public:*`).
+    pub fn protected(channels: &[ChannelName]) -> impl Iterator<Item = &str> {
+        channels
+            .iter()
+            .map(|c| c.as_str())
+            .filter(|c| !c.starts_with(PUBLIC_PREFIX))
+    }
+
+    /// The grant of `claims` for `channels`, or 403 naming the first they do not grant.
+    pub fn grant(
+        claims: Arc<Claims>,
+        channels: &[ChannelName],
+        expires_at: Option<u64>,
+    ) -> Result<Grant, Refusal> {
+        if let Some(refused) = Self::protected(channels).find(|c| !claims.grants(c)) {
+            return Err(Refusal::forbidden(format!(
+                "the grant does not include channel {refused}"
+            )));
+        }
+        Ok(Grant::of(claims, expires_at))
     }
 
     /// Decides a request for `channels` with an optional bearer token: 401 when a protected
@@ -205,11 +282,8 @@ impl Auth {
                 "the token does not grant channel {refused}"
             )));
         }
-        Ok(Grant {
-            user: Some(Arc::from(claims.sub.as_str())),
-            expires_at: Some(claims.exp),
-            claims: Some(claims),
-        })
+        let exp = claims.exp;
+        Ok(Grant::of(claims, Some(exp)))
     }
 }
 
@@ -223,6 +297,8 @@ mod tests {
             sub: sub.into(),
             exp: 0,
             channels: channels.iter().map(|s| s.to_string()).collect(),
+            jti: None,
+            iat: None,
         }
     }
 
@@ -282,6 +358,7 @@ mod tests {
             )],
             issuer: Some("api".into()),
             audience: None,
+            revocations: Revocations::default(),
         }
     }
 

@@ -155,6 +155,32 @@ pub struct Config {
     #[arg(long, env = "HUB_JWT_AUDIENCE", value_name = "HUB_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 
+    /// Name of a cookie that carries the stream token when neither `Authorization` nor
+    /// `?token=` does.
+    #[arg(long, env = "HUB_JWT_COOKIE", value_name = "HUB_JWT_COOKIE")]
+    pub jwt_cookie: Option<String>,
+
+    /// How long a revocation by `sub` + `before` is kept (seconds).
+    #[arg(long, env = "HUB_REVOKE_KEEP_SECS", value_name = "HUB_REVOKE_KEEP_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(1..=366 * 86_400))]
+    pub revoke_keep_secs: u64,
+
+    /// The backend's authorization hook (http:// or https://): a stream request without a
+    /// token is authorized by a POST there.
+    #[arg(long, env = "HUB_AUTH_URL", value_name = "HUB_AUTH_URL")]
+    pub auth_url: Option<String>,
+
+    /// How long the authorization hook may take (milliseconds); slower is 503.
+    #[arg(long, env = "HUB_AUTH_TIMEOUT_MS", value_name = "HUB_AUTH_TIMEOUT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub auth_timeout_ms: u64,
+
+    /// Calls to the authorization hook in flight at once; requests beyond it (and a bounded
+    /// few waiting) get 503 at once.
+    #[arg(long, env = "HUB_AUTH_CONCURRENCY", value_name = "HUB_AUTH_CONCURRENCY", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub auth_concurrency: u64,
+
     /// Reconnection delay sent to clients in `retry:` (milliseconds).
     #[arg(long, env = "HUB_RETRY_MS", value_name = "HUB_RETRY_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
@@ -266,6 +292,22 @@ impl Config {
             || matches!(&self.jwt_audience, Some(s) if s.is_empty())
         {
             return Err("HUB_JWT_ISSUER and HUB_JWT_AUDIENCE must not be empty when set".into());
+        }
+        if let Some(name) = &self.jwt_cookie {
+            let token_char = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+            if name.is_empty() || !name.bytes().all(token_char) {
+                return Err(format!("HUB_JWT_COOKIE {name:?} is not a cookie name"));
+            }
+        }
+        if let Some(url) = &self.auth_url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(format!(
+                        "HUB_AUTH_URL {url:?} must be an http:// or https:// URL"
+                    ))
+                }
+            }
         }
         if matches!(&self.publish_key, Some(k) if k.is_empty()) {
             return Err(

@@ -29,16 +29,22 @@ pub enum CloseReason {
     Shutdown = 4,
     TokenExpired = 5,
     Error = 6,
+    /// Ended by the backend (`POST /v1/disconnect`).
+    Disconnected = 7,
+    /// Its token was revoked (`POST /v1/revoke`).
+    Revoked = 8,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::Client,
         CloseReason::Slow,
         CloseReason::Stale,
         CloseReason::Shutdown,
         CloseReason::TokenExpired,
         CloseReason::Error,
+        CloseReason::Disconnected,
+        CloseReason::Revoked,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -48,6 +54,8 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::TokenExpired => "token_expired",
             CloseReason::Error => "error",
+            CloseReason::Disconnected => "disconnected",
+            CloseReason::Revoked => "revoked",
         }
     }
     pub fn from_u8(v: u8) -> Option<CloseReason> {

@@ -29,10 +29,12 @@
 //! test or benchmark can start one in-process; [`serve`] is what the binary runs.
 
 pub mod auth;
+pub mod authhook;
 pub mod broker;
 pub mod catchup;
 pub mod channels;
 pub mod config;
+pub mod control;
 pub mod domain;
 pub mod healthcheck;
 pub mod http;
@@ -43,6 +45,7 @@ pub mod peer;
 pub mod presence;
 pub mod redis_url;
 pub mod refusal;
+pub mod revocations;
 pub mod server;
 pub mod shutdown;
 pub mod stream;

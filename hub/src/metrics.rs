@@ -146,7 +146,7 @@ pub struct Metrics {
     pub connections: [Gauge; 2],
     pub connections_max: Gauge,
     pub opened: [Counter; 2],
-    closed: [[Counter; 6]; 2],
+    closed: [[Counter; CloseReason::ALL.len()]; 2],
     rejected: [Counter; 7],
     pub channels: Gauge,
     received: [Counter; 3],

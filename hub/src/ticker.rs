@@ -58,6 +58,7 @@ pub async fn run(node: Arc<Node>) {
                 }
                 node.registry.reconcile();
                 node.broker.sweep();
+                node.refresh_revocations();
                 tracing::debug!(closed = stale.len(), "sweep done");
             }
             if done.is_multiple_of(UPKEEP_EVERY_SECS) {

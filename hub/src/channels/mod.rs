@@ -25,6 +25,7 @@ use crate::channels::presence_log::PresenceLog;
 use crate::domain::{CloseReason, Transport};
 use crate::message::Message;
 use crate::metrics::{DropReason, Metrics};
+use crate::revocations::TokenId;
 use crate::stream::{PresenceEvent, Session};
 use parking_lot::Mutex;
 use presence::{PresenceKey, Seed};
@@ -56,6 +57,7 @@ struct Channel {
     seed: Seed,
 }
 type ChannelShard = Mutex<HashMap<Arc<str>, Channel>>;
+type TokenShard = Mutex<HashMap<u64, Arc<TokenId>>>;
 type SessionShard = Mutex<HashMap<u64, Arc<Session>>>;
 
 /// Counts taken from the registry itself (the truth the gauges are reconciled with).
@@ -70,6 +72,10 @@ pub struct Counts {
 pub struct Registry {
     channels: Box<[ChannelShard]>,
     sessions: Box<[SessionShard]>,
+    /// The `jti` and `iat` of streams whose token has either, by sequence number, sharded as
+    /// `sessions` (kept beside the stream, not in it: most streams have none, and a stream's
+    /// size is bounded).
+    tokens: Box<[TokenShard]>,
     /// Streams admitted (open or being opened); the node limit applies to it.
     admitted: AtomicUsize,
     /// Streams admitted per token `sub`.
@@ -109,6 +115,7 @@ impl Registry {
         Registry {
             channels: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             sessions: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            tokens: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             admitted: AtomicUsize::new(0),
             users: Mutex::new(HashMap::new()),
             open: [AtomicUsize::new(0), AtomicUsize::new(0)],
@@ -139,6 +146,45 @@ impl Registry {
         self.open[t as usize].fetch_add(1, Ordering::Relaxed);
         self.metrics.connections[t as usize].increment(1.0);
         self.metrics.opened[t as usize].increment(1);
+    }
+
+    /// Records (or, for a refreshed token, replaces) the id of an open stream's token.
+    pub fn set_token(&self, session: &Session, token: Option<Arc<TokenId>>) {
+        let mut map = self.tokens[session_shard(session.seq)].lock();
+        match token {
+            Some(t) if session.close_reason().is_none() => {
+                map.insert(session.seq, t);
+            }
+            _ => {
+                map.remove(&session.seq);
+            }
+        }
+    }
+
+    /// The id of a stream's token, if it has a token with a `jti` or an `iat`.
+    pub fn token_of(&self, session: &Session) -> Option<Arc<TokenId>> {
+        self.tokens[session_shard(session.seq)]
+            .lock()
+            .get(&session.seq)
+            .cloned()
+    }
+
+    /// The open streams `pick` chooses (a disconnect's or a revocation's targets).
+    pub fn streams_where(&self, pick: impl Fn(&Session) -> bool) -> Vec<Arc<Session>> {
+        let mut out = Vec::new();
+        for shard in self.sessions.iter() {
+            out.extend(shard.lock().values().filter(|s| pick(s)).cloned());
+        }
+        out
+    }
+
+    /// The local readers of a channel.
+    pub fn readers_of(&self, channel: &str) -> Vec<Arc<Session>> {
+        self.channels[shard_of(channel)]
+            .lock()
+            .get(channel)
+            .map(|c| c.readers.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Makes `session` a reader of `channels`. Returns those whose subscription at the broker
@@ -251,6 +297,17 @@ impl Registry {
     /// Closes a session once: unregisters it, releases its place, counts it, ends its queue.
     /// Returns the channels left without local readers, or `None` if it was already closed.
     pub fn close(&self, session: &Arc<Session>, reason: CloseReason) -> Option<Vec<ChannelName>> {
+        self.close_saying(session, reason, None)
+    }
+
+    /// [`Registry::close`], with the backend's reason for a disconnect or a revocation, which
+    /// the stream gets as its last event.
+    pub fn close_saying(
+        &self,
+        session: &Arc<Session>,
+        reason: CloseReason,
+        note: Option<Arc<str>>,
+    ) -> Option<Vec<ChannelName>> {
         if !session.mark_closed(reason) {
             return None;
         }
@@ -258,6 +315,9 @@ impl Registry {
             .lock()
             .remove(&session.seq)
             .is_some();
+        self.tokens[session_shard(session.seq)]
+            .lock()
+            .remove(&session.seq);
         let emptied: Vec<ChannelName> = session
             .channels()
             .into_iter()
@@ -274,13 +334,17 @@ impl Registry {
             self.metrics.stale_closed.increment(1);
         }
         // A stream that cannot be written (stale, error) or is dropped for misbehaving (slow)
-        // gets nothing more; the others get what is queued, then their last item.
-        let discard = matches!(
+        // gets nothing more; the others get what is queued, then their last item. One the
+        // backend ended (disconnected, revoked) gets nothing more either: it ends within a
+        // second whatever it had queued, and a revoked token must not be served further. Those
+        // messages are not counted as dropped: the client is not losing them by reading slowly.
+        let lost = matches!(
             reason,
             CloseReason::Slow | CloseReason::Stale | CloseReason::Error
         );
-        let dropped = session.finish(reason, discard);
-        if dropped > 0 {
+        let ended = matches!(reason, CloseReason::Disconnected | CloseReason::Revoked);
+        let dropped = session.finish(reason, lost || ended, note);
+        if dropped > 0 && lost {
             self.metrics
                 .dropped(DropReason::Slow)
                 .increment(dropped as u64);

@@ -36,9 +36,19 @@ pub fn allow_origin(
     }))
 }
 
-/// Adds the CORS answer headers.
+/// Whether an allowed origin may send credentials (cookies): an origin `HUB_ALLOWED_ORIGINS`
+/// names, never `*` (browsers refuse credentials with a wildcard anyway).
+pub fn with_credentials(allow: &HeaderValue) -> bool {
+    allow != "*"
+}
+
+/// Adds the CORS answer headers: with a named origin, `Access-Control-Allow-Credentials`, so
+/// that `new EventSource(url, {withCredentials: true})` sends its cookies across origins.
 pub fn apply(res: &mut HttpResponseBuilder, allow: Option<HeaderValue>) {
     if let Some(v) = allow {
+        if with_credentials(&v) {
+            res.insert_header((header::ACCESS_CONTROL_ALLOW_CREDENTIALS, "true"));
+        }
         res.insert_header((header::ACCESS_CONTROL_ALLOW_ORIGIN, v));
         res.insert_header((header::VARY, "Origin"));
     }

@@ -13,6 +13,25 @@ pub fn bearer(req: &HttpRequest) -> Option<&str> {
     bearer_credential(req.headers().get(header::AUTHORIZATION)?.to_str().ok()?)
 }
 
+/// The `Authorization` header, as text.
+pub fn authorization(req: &HttpRequest) -> Option<&str> {
+    req.headers().get(header::AUTHORIZATION)?.to_str().ok()
+}
+
+/// Every `Cookie` header joined with `; ` (HTTP/2 clients may send one per cookie).
+pub fn cookies(req: &HttpRequest) -> Option<String> {
+    let mut all = req
+        .headers()
+        .get_all(header::COOKIE)
+        .filter_map(|v| v.to_str().ok());
+    let first = all.next()?;
+    Some(all.fold(first.to_owned(), |mut acc, v| {
+        acc.push_str("; ");
+        acc.push_str(v);
+        acc
+    }))
+}
+
 /// The credential of an `Authorization` header's value `Bearer <credential>`.
 pub fn bearer_credential(value: &str) -> Option<&str> {
     let (scheme, rest) = value.split_once(' ')?;

@@ -24,6 +24,17 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .default_service(web::to(error::method_not_allowed)),
     )
     .service(
+        web::resource("/v1/disconnect")
+            .route(web::post().to(super::backend::disconnect))
+            .default_service(web::to(error::method_not_allowed)),
+    )
+    .service(
+        web::resource("/v1/revoke")
+            .route(web::post().to(super::backend::revoke))
+            .route(web::delete().to(super::backend::lift))
+            .default_service(web::to(error::method_not_allowed)),
+    )
+    .service(
         web::resource("/v1/presence")
             .route(web::get().to(presence))
             .default_service(web::to(error::method_not_allowed)),
@@ -40,27 +51,55 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `POST /v1/publish`.
-async fn publish(
-    req: HttpRequest,
-    node: web::Data<Node>,
-    mut body: web::Payload,
-) -> Result<HttpResponse, ApiError> {
+/// `Authorization: Bearer <HUB_PUBLISH_KEY>`, when the key is set: publishing and control
+/// from the backend need it.
+pub fn check_key(req: &HttpRequest, node: &Node) -> Result<(), ApiError> {
     if let Some(key) = &node.config.publish_key {
-        let given = crate::http::bearer(&req);
+        let given = crate::http::bearer(req);
         if !given.is_some_and(|g| same_secret(g.as_bytes(), key.as_bytes())) {
             return Err(ApiError::unauthorized(
-                "publishing needs Authorization: Bearer <HUB_PUBLISH_KEY>",
+                "this needs Authorization: Bearer <HUB_PUBLISH_KEY>",
             ));
         }
     }
+    Ok(())
+}
+
+/// Reads a request body of at most `max` bytes (413 beyond, unread).
+pub async fn read_body(
+    req: &HttpRequest,
+    mut body: web::Payload,
+    max: usize,
+) -> Result<web::BytesMut, ApiError> {
     // actix reads the body of a request that asks to upgrade until the connection closes,
     // whatever its Content-Length says: it would never end, so it is refused unread.
     if req.headers().contains_key(actix_web::http::header::UPGRADE) {
         return Err(ApiError::bad_request(
-            "publishing does not upgrade the connection: send it without an Upgrade header",
+            "the admin port does not upgrade connections: send it without an Upgrade header",
         ));
     }
+    let mut buf = web::BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk =
+            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
+        if buf.len() + chunk.len() > max {
+            return Err(ApiError::too_large(format!(
+                "the body is {} bytes or more; at most {max} here",
+                buf.len() + chunk.len()
+            )));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+
+/// `POST /v1/publish`.
+async fn publish(
+    req: HttpRequest,
+    node: web::Data<Node>,
+    body: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    check_key(&req, &node)?;
     let max = node.config.max_message_bytes as usize;
     let too_large = |size: usize| {
         node.metrics.dropped(DropReason::TooLarge).increment(1);
@@ -68,15 +107,16 @@ async fn publish(
             "message is {size} bytes or more; the limit is {max} (HUB_MAX_MESSAGE_BYTES)"
         ))
     };
-    let mut buf = web::BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let chunk =
-            chunk.map_err(|e| ApiError::bad_request(format!("could not read the body: {e}")))?;
-        if buf.len() + chunk.len() > max + BODY_OVERHEAD {
-            return Err(too_large(buf.len() + chunk.len()));
+    let buf = match read_body(&req, body, max + BODY_OVERHEAD).await {
+        Ok(buf) => buf,
+        Err(e)
+            if actix_web::ResponseError::status_code(&e)
+                == actix_web::http::StatusCode::PAYLOAD_TOO_LARGE =>
+        {
+            return Err(too_large(max + BODY_OVERHEAD))
         }
-        buf.extend_from_slice(&chunk);
-    }
+        Err(e) => return Err(e),
+    };
     let malformed = |msg: String| {
         node.metrics.dropped(DropReason::Malformed).increment(1);
         ApiError::bad_request(msg)

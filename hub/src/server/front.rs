@@ -61,21 +61,14 @@ pub struct StreamRequest {
     pub query: String,
     pub origin: Option<HeaderValue>,
     pub authorization: Option<String>,
+    /// Every `Cookie` header, joined with `; `.
+    pub cookie: Option<String>,
     pub last_event_id: Option<String>,
     /// `Sec-WebSocket-Accept` for an upgrade.
     pub ws_accept: Option<String>,
     /// `Accept: text/event-stream` (an EventSource): a refusal that passes is a 200 telling
     /// it to come back (see `sse::refusal_body`).
     pub event_stream: bool,
-}
-
-impl StreamRequest {
-    /// The credential of `Authorization: Bearer <credential>`, if sent.
-    fn bearer(&self) -> Option<&str> {
-        self.authorization
-            .as_deref()
-            .and_then(crate::http::bearer_credential)
-    }
 }
 
 /// Reads a request head. A stream request is `GET /v1/sse[?query]` over HTTP/1.0 or 1.1 with
@@ -140,6 +133,15 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
             if out.authorization.is_none() {
                 out.authorization = Some(value.to_str().unwrap_or("").to_owned());
             }
+        } else if name.eq_ignore_ascii_case("cookie") {
+            let v = value.to_str().unwrap_or("");
+            match &mut out.cookie {
+                Some(all) => {
+                    all.push_str("; ");
+                    all.push_str(v);
+                }
+                None => out.cookie = Some(v.to_owned()),
+            }
         } else if name.eq_ignore_ascii_case("accept") {
             out.event_stream |= sse::wants_event_stream(Some(h.value));
         } else if name.eq_ignore_ascii_case("last-event-id") && out.last_event_id.is_none() {
@@ -191,7 +193,7 @@ where
             drop(buf);
             // Boxed: the opening (token check, slot, catch-up) must not size the task that
             // lives as long as the stream.
-            Box::pin(stream(node, io, socket, req)).await
+            Box::pin(stream(node, io, socket, Box::new(req))).await
         }
         Ok(Ok(Some(Head::Ws(req)))) => {
             drop(buf);
@@ -211,13 +213,17 @@ where
     }
 }
 
-async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamRequest) {
+/// `req` is boxed: the request is dropped before the stream runs, but the task's size is set
+/// by everything it holds at any await (see `the_task_of_a_stream_stays_small`).
+async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<StreamRequest>) {
     let opening = Box::pin(sse::open(
         &node,
         StreamHead {
             query: &req.query,
             origin: req.origin.as_ref(),
-            bearer: req.bearer(),
+            authorization: req.authorization.as_deref(),
+            cookie: req.cookie.as_deref(),
+            remote: io.peer_addr().ok(),
             last_event_id: req.last_event_id.as_deref(),
             socket: Some(socket),
             multiplexed: false,
@@ -250,7 +256,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamR
 
 /// Answers a refused stream request: an EventSource refused for a reason that passes is told
 /// to come back (a 200, see `sse::refusal_body`); any other gets the status.
-async fn refused(io: TcpStream, node: &Node, req: StreamRequest, e: &ApiError) {
+async fn refused(io: TcpStream, node: &Node, req: Box<StreamRequest>, e: &ApiError) {
     match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
         Some((allow, body)) => {
             let mut answer = BytesMut::from(&response_head(allow.as_ref())[..]);
@@ -262,21 +268,17 @@ async fn refused(io: TcpStream, node: &Node, req: StreamRequest, e: &ApiError) {
 }
 
 async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamRequest) {
-    let checked = transport::ws::check(
-        &node,
-        &WsHead {
-            query: &req.query,
-            origin: req.origin.as_ref(),
-            bearer: req.bearer(),
-        },
-    );
-    let claims = match checked {
-        Ok(claims) => claims,
-        Err(e) => return refuse(io, &e).await,
+    let head = WsHead {
+        query: &req.query,
+        origin: req.origin.as_ref(),
+        authorization: req.authorization.as_deref(),
+        cookie: req.cookie.as_deref(),
+        remote: io.peer_addr().ok(),
     };
-    let accept = req.ws_accept.unwrap_or_default();
-    drop(req.query);
-    let opening = Box::pin(transport::ws::open(&node, claims, Some(socket), None));
+    if let Err(e) = transport::ws::check_origin(&node, &head) {
+        return refuse(io, &e).await;
+    }
+    let opening = Box::pin(transport::ws::open(&node, &head, Some(socket), None));
     // Frames a client sends before the 101 (it should not) are kept for the socket.
     let mut early = BytesMut::new();
     let opened = tokio::select! {
@@ -288,9 +290,12 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
         Ok(mut body) => {
             body.feed(&early);
             drop(early);
+            let accept = req.ws_accept.as_deref().unwrap_or_default();
             let head = format!(
                 "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
             );
+            // Nothing of the request is kept for the socket's life (the task stays small).
+            drop(req);
             let io = Arc::new(io);
             body.attach(Box::new(DirectWs {
                 io: io.clone(),
@@ -360,6 +365,9 @@ pub fn response_head(allow: Option<&HeaderValue>) -> Bytes {
         head.extend_from_slice(b"access-control-allow-origin: ");
         head.extend_from_slice(origin.as_bytes());
         head.extend_from_slice(b"\r\nvary: Origin\r\n");
+        if crate::http::cors::with_credentials(origin) {
+            head.extend_from_slice(b"access-control-allow-credentials: true\r\n");
+        }
     }
     head.extend_from_slice(b"connection: close\r\n\r\n");
     head.freeze()
@@ -485,7 +493,7 @@ mod tests {
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (io, _) = listener.accept().await.expect("accept");
         let socket = PeerSocket(io.as_raw_fd());
-        let task = stream(node.clone(), io, socket, StreamRequest::default());
+        let task = stream(node.clone(), io, socket, Box::default());
         let bytes = std::mem::size_of_val(&task);
         drop(task);
         node.stop();

@@ -3,6 +3,7 @@
 //! and small handlers live here; stream logic lives in `transport`, policy in `node`.
 
 pub mod admin;
+pub mod backend;
 pub mod front;
 pub mod public;
 

@@ -25,6 +25,9 @@ pub enum Item {
     Presence(Arc<PresenceEvent>),
     /// Who is on a channel when a stream starts observing it (its changes follow).
     Present(Box<PresenceState>),
+    /// The backend ended the stream (a disconnect or a revocation), with its reason: just
+    /// before [`Item::End`].
+    Disconnect(Arc<str>),
     /// The last item: why the stream ends.
     End(CloseReason),
     /// What a [`super::DirectSink`] could not write of a frame: written as it is, before anything else.

@@ -138,8 +138,14 @@ impl Session {
     }
 
     /// Ends the queue: optionally drops what is queued (returning how many messages that was),
-    /// then queues [`Item::End`]; the transport ends after it.
-    pub fn finish(&self, reason: CloseReason, discard_queued: bool) -> usize {
+    /// then queues the backend's `note` ([`Item::Disconnect`]) if there is one, and
+    /// [`Item::End`]; the transport ends after it.
+    pub fn finish(
+        &self,
+        reason: CloseReason,
+        discard_queued: bool,
+        note: Option<Arc<str>>,
+    ) -> usize {
         let mut st = self.state.lock();
         let mut dropped = 0;
         if discard_queued {
@@ -153,6 +159,9 @@ impl Session {
             st.queue.shrink_to_fit();
         }
         st.waiting = VecDeque::new();
+        if let Some(note) = note {
+            st.queue.push_back(Item::Disconnect(note));
+        }
         st.queue.push_back(Item::End(reason));
         st.ending = true;
         Self::wake(st);

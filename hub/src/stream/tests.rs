@@ -59,6 +59,7 @@ fn drain(s: &Session) -> Vec<String> {
             Item::Presence(p) => format!("{}:{}", if p.join { "join" } else { "leave" }, p.sub),
             Item::Present(p) => format!("present:{}", p.users.join(",")),
             Item::End(_) => "end".into(),
+            Item::Disconnect(note) => format!("disconnect {note}"),
             Item::Raw(b) => format!("raw:{}", String::from_utf8_lossy(&b)),
         });
     }
@@ -467,7 +468,7 @@ fn a_dropped_queue_keeps_a_frames_rest_and_a_sleeper_rewinds_to_what_was_written
     sock.takes.lock().extend([1]);
     s.offer(&msg("a", Some(1), "m1"));
     s.offer(&msg("a", Some(2), "m2"));
-    assert_eq!(s.finish(CloseReason::Slow, true), 1);
+    assert_eq!(s.finish(CloseReason::Slow, true, None), 1);
     assert_eq!(drain(&s), ["raw:1", "end"]);
     // Written through the sink counts as taken: the queue gives back only what follows.
     let s = live(&["a"], 1);
@@ -487,7 +488,7 @@ fn a_dropped_queue_keeps_a_frames_rest_and_a_sleeper_rewinds_to_what_was_written
 fn finish_ends_with_the_reason() {
     let s = live(&["a"], 4);
     s.offer(&msg("a", Some(1), "x"));
-    assert_eq!(s.finish(CloseReason::Stale, true), 1);
+    assert_eq!(s.finish(CloseReason::Stale, true, None), 1);
     assert_eq!(drain(&s), ["end"]);
     let mut cx = Context::from_waker(Waker::noop());
     assert!(matches!(s.poll_item(&mut cx), Poll::Ready(None)));

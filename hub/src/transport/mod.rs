@@ -5,6 +5,7 @@
 //! a bare socket when the public port's front serves it. Nothing below the transports (node,
 //! channels, stream) formats a wire frame.
 
+pub mod credentials;
 pub mod socket;
 pub mod sse;
 pub mod ws;

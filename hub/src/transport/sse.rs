@@ -7,11 +7,12 @@
 //! the stream.
 
 use crate::domain::{CloseReason, Transport};
+use crate::http::cors;
 use crate::http::error::ApiError;
-use crate::http::{bearer, cors};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
 use crate::refusal::Refusal;
 use crate::stream::Item;
+use crate::transport::credentials::{self, Credentials};
 use actix_web::body::{BodySize, MessageBody};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
@@ -27,6 +28,8 @@ pub const EVENT_RESET: &str = "hub.reset";
 pub const EVENT_RECONNECT: &str = "hub.reconnect";
 pub const EVENT_JOIN: &str = "hub.join";
 pub const EVENT_LEAVE: &str = "hub.leave";
+/// The backend ended the stream (a disconnect, a revoked token): `{"reason": "..."}`.
+pub const EVENT_DISCONNECT: &str = "hub.disconnect";
 /// Who is on a channel when the stream starts observing it.
 pub const EVENT_PRESENCE: &str = "hub.presence";
 
@@ -110,8 +113,12 @@ pub struct StreamHead<'a> {
     /// The query string, without `?`.
     pub query: &'a str,
     pub origin: Option<&'a HeaderValue>,
-    /// The credential of `Authorization: Bearer`, if sent.
-    pub bearer: Option<&'a str>,
+    /// The `Authorization` header, if sent.
+    pub authorization: Option<&'a str>,
+    /// The `Cookie` header(s), joined.
+    pub cookie: Option<&'a str>,
+    /// The client's address.
+    pub remote: Option<std::net::SocketAddr>,
     pub last_event_id: Option<&'a str>,
     pub socket: Option<crate::peer::PeerSocket>,
     /// One stream of an HTTP/2 connection (its body is then a [`WatchedBody`]).
@@ -139,11 +146,17 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             .into());
     }
     let allow = cors::allow_origin(head.origin, &node.origins).map_err(|r| node.refuse(r))?;
-    let token = head.bearer.or(q.token.as_deref());
-    let grant = node
-        .auth
-        .authorize(&channels, token)
+    let creds = Credentials {
+        authorization: head.authorization,
+        query_token: q.token.as_deref(),
+        cookie: head.cookie,
+        origin: head.origin.and_then(|o| o.to_str().ok()),
+        remote: head.remote,
+    };
+    let grant = credentials::grant(node, &channels, Transport::Sse, &creds)
+        .await
         .map_err(|r| node.refuse(r))?;
+    let token = grant.token_id();
     let last_event_id = head.last_event_id.map(str::to_owned).or(q.last_event_id);
 
     let stream = node
@@ -154,6 +167,7 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             last_event_id,
             user: grant.user,
             expires_at: grant.expires_at,
+            token,
             socket: head.socket,
             rewind: q.rewind as usize,
             presence: q.presence,
@@ -239,12 +253,15 @@ pub async fn stream(
     let http2 = req.version() == actix_web::http::Version::HTTP_2;
     let headers = req.headers();
     let origin = headers.get(header::ORIGIN);
+    let cookie = crate::http::cookies(&req);
     let opening = open(
         &node,
         StreamHead {
             query: req.query_string(),
             origin,
-            bearer: bearer(&req),
+            authorization: crate::http::authorization(&req),
+            cookie: cookie.as_deref(),
+            remote: req.peer_addr(),
             last_event_id: headers.get("last-event-id").and_then(|v| v.to_str().ok()),
             socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
             multiplexed: http2,
@@ -313,7 +330,12 @@ fn last_frame(seq: u64, reason: CloseReason, retry_ms: u64) -> Option<Bytes> {
     let retry = match reason {
         CloseReason::Shutdown => retry_ms + spread(seq, retry_ms),
         CloseReason::Slow | CloseReason::TokenExpired => retry_ms,
-        CloseReason::Client | CloseReason::Stale | CloseReason::Error => return None,
+        // The backend's own event (`hub.disconnect`) came just before.
+        CloseReason::Client
+        | CloseReason::Stale
+        | CloseReason::Error
+        | CloseReason::Disconnected
+        | CloseReason::Revoked => return None,
     };
     let mut buf = BytesMut::with_capacity(96);
     sse::write_retry(&mut buf, retry);
@@ -472,6 +494,12 @@ impl SseBody {
                 Some(buf.freeze())
             }
             Item::Reply(_) => None,
+            Item::Disconnect(note) => {
+                let data = serde_json::json!({ "reason": &*note }).to_string();
+                let mut buf = BytesMut::with_capacity(data.len() + 32);
+                sse::write_event(&mut buf, Some(EVENT_DISCONNECT), &data);
+                Some(buf.freeze())
+            }
             Item::End(reason) => last_frame(self.stream.session.seq, reason, node.config.retry_ms),
             Item::Raw(bytes) => Some(bytes),
         }

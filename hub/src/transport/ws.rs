@@ -12,13 +12,15 @@
 
 use crate::auth::{Auth, Claims};
 use crate::domain::{CloseReason, Transport};
+use crate::http::cors;
 use crate::http::error::ApiError;
-use crate::http::{bearer, cors};
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard, Want};
 use crate::refusal::Refusal;
 use crate::stream::{Item, Reply, Session};
+use crate::transport::credentials::{self, Credentials};
 use crate::transport::ws_frames::{
     close_code, error_frame, parse_frame, reply_frame, text, Budget, Command, Subscribe,
+    DISCONNECT_CODE,
 };
 use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, ProtocolError};
@@ -54,45 +56,53 @@ pub struct WsHead<'a> {
     /// The query string, without `?`.
     pub query: &'a str,
     pub origin: Option<&'a HeaderValue>,
-    /// The credential of `Authorization: Bearer`, if sent.
-    pub bearer: Option<&'a str>,
+    /// The `Authorization` header, if sent.
+    pub authorization: Option<&'a str>,
+    /// The `Cookie` header(s), joined.
+    pub cookie: Option<&'a str>,
+    /// The client's address.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
-/// The origin and token checks of an upgrade: the token's claims, if a token was sent.
-pub fn check(node: &Arc<Node>, head: &WsHead<'_>) -> Result<Option<Arc<Claims>>, ApiError> {
-    // Another origin: 403. No Origin header (a server-side client): allowed.
+/// The origin check of an upgrade: another origin is 403; no `Origin` header (a server-side
+/// client) is allowed.
+pub fn check_origin(node: &Arc<Node>, head: &WsHead<'_>) -> Result<(), ApiError> {
     cors::allow_origin(head.origin, &node.origins).map_err(|r| node.refuse(r))?;
-    let query_token = form_urlencoded::parse(head.query.as_bytes())
-        .find(|(k, _)| k == "token")
-        .map(|(_, v)| v.into_owned());
-    let token = head.bearer.map(str::to_owned).or(query_token);
-    match token {
-        None => Ok(None),
-        Some(t) => match node.auth.verify(&t) {
-            Ok(c) => Ok(Some(Arc::new(c))),
-            Err(why) => Err(node
-                .refuse(Refusal::unauthorized(format!("invalid token: {why}")))
-                .into()),
-        },
-    }
+    Ok(())
 }
 
-/// Takes a stream slot for a checked upgrade. `input` is the client's bytes as actix reads
-/// them, or `None` when the caller feeds them ([`WsBody::feed`]).
+/// Authorizes an upgrade whose origin passed (its token, else the backend's hook) and takes a
+/// stream slot. `input` is the client's bytes as actix reads them, or `None` when the caller
+/// feeds them ([`WsBody::feed`]). Cancel-safe: a client that goes away holds nothing.
 pub async fn open(
     node: &Arc<Node>,
-    claims: Option<Arc<Claims>>,
+    head: &WsHead<'_>,
     socket: Option<crate::peer::PeerSocket>,
     input: Option<web::Payload>,
 ) -> Result<WsBody, ApiError> {
+    let query_token = form_urlencoded::parse(head.query.as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned());
+    let creds = Credentials {
+        authorization: head.authorization,
+        query_token: query_token.as_deref(),
+        cookie: head.cookie,
+        origin: head.origin.and_then(|o| o.to_str().ok()),
+        remote: head.remote,
+    };
+    let grant = credentials::grant(node, &[], Transport::Ws, &creds)
+        .await
+        .map_err(|r| node.refuse(r))?;
+    let token = grant.token_id();
     let stream = node
         .open(OpenRequest {
             transport: Transport::Ws,
             channels: Vec::new(),
             envelope: false,
             last_event_id: None,
-            user: claims.as_ref().map(|c| Arc::from(c.sub.as_str())),
-            expires_at: claims.as_ref().map(|c| c.exp),
+            user: grant.user,
+            expires_at: grant.expires_at,
+            token,
             socket,
             rewind: 0,
             presence: false,
@@ -102,7 +112,7 @@ pub async fn open(
     Ok(WsBody {
         _live: node.track_transport(),
         stream,
-        claims,
+        claims: grant.claims,
         resumes: Budget::new(RESUME_BURST, RESUMES_PER_SEC),
         refreshes: Budget::new(REFRESH_BURST, REFRESHES_PER_SEC),
         input,
@@ -122,21 +132,22 @@ pub async fn upgrade(
     node: web::Data<Node>,
 ) -> Result<HttpResponse, ApiError> {
     let node = node.into_inner();
-    let claims = check(
-        &node,
-        &WsHead {
-            query: req.query_string(),
-            origin: req.headers().get(header::ORIGIN),
-            bearer: bearer(&req),
-        },
-    )?;
+    let cookie = crate::http::cookies(&req);
+    let head = WsHead {
+        query: req.query_string(),
+        origin: req.headers().get(header::ORIGIN),
+        authorization: crate::http::authorization(&req),
+        cookie: cookie.as_deref(),
+        remote: req.peer_addr(),
+    };
+    check_origin(&node, &head)?;
     let mut res = actix_http::ws::handshake(req.head()).map_err(|e| {
         node.refuse(Refusal::bad_request(format!(
             "not a WebSocket upgrade: {e}"
         )))
     })?;
     let socket = req.conn_data::<crate::peer::PeerSocket>().copied();
-    let body = open(&node, claims, socket, Some(body)).await?;
+    let body = open(&node, &head, socket, Some(body)).await?;
     Ok(res.body(body).map_into_boxed_body().into())
 }
 
@@ -348,6 +359,9 @@ impl WsBody {
         let exp = claims.exp;
         let claims = Arc::new(claims);
         self.session().set_expires_at(exp);
+        self.node()
+            .registry
+            .set_token(self.session(), claims.token_id());
         self.claims = Some(claims.clone());
         self.reply(Reply::Refreshed(exp));
         for channel in self.session().channels() {
@@ -470,6 +484,7 @@ impl WsBody {
             }))),
             Item::Opened(_) => None,
             Item::Raw(bytes) => Some(bytes),
+            Item::Disconnect(note) => Some(error_frame(DISCONNECT_CODE, &note, None)),
             Item::End(reason) => {
                 // The hub ended the stream (shutdown, slow, stale, token expired, the client's
                 // close).
@@ -614,7 +629,14 @@ mod body_tests {
         let node = Node::new(crate::Config::try_parse_from(["hub"]).unwrap())
             .await
             .unwrap();
-        let mut body = open(&node, None, None, None).await.unwrap();
+        let head = WsHead {
+            query: "",
+            origin: None,
+            authorization: None,
+            cookie: None,
+            remote: None,
+        };
+        let mut body = open(&node, &head, None, None).await.unwrap();
         let written = Arc::new(parking_lot::Mutex::new(Vec::new()));
         body.attach(Box::new(Cut(written.clone())));
         body.feed(&client_frame(

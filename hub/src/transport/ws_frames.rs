@@ -159,6 +159,10 @@ pub(super) fn reply_frame(reply: &Reply) -> Bytes {
     }
 }
 
+/// The error frame's `code` and the close code of a socket the backend ended (a disconnect, a
+/// revoked token): in the range RFC 6455 leaves to applications.
+pub(super) const DISCONNECT_CODE: u16 = 4000;
+
 /// The close code (RFC 6455 section 7.4) for why the hub ends a socket.
 pub(super) fn close_code(reason: CloseReason) -> u16 {
     match reason {
@@ -168,6 +172,8 @@ pub(super) fn close_code(reason: CloseReason) -> u16 {
         CloseReason::Stale => 1001,        // going away
         CloseReason::Error => 1011,        // internal error
         CloseReason::Client => 1000,       // normal
+        // The backend ended it: the contract's application code.
+        CloseReason::Disconnected | CloseReason::Revoked => DISCONNECT_CODE,
     }
 }
 

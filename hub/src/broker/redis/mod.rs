@@ -11,9 +11,12 @@
 //! library's loading; `presence`: counts, leases and users over Redis; `watch`: the receive
 //! loop, resubscribing and the self-ping.
 
+mod control;
 mod library;
 mod presence;
 mod watch;
+
+pub use control::{ControlHandler, Heard, CONTROL_CHANNEL, REVOKED_KEY};
 
 use library::{LIBRARY, LIBRARY_VERSION};
 
@@ -150,6 +153,11 @@ pub struct RedisBroker {
     /// Notified when `whole` turns true (the catch-up waits on it).
     whole_again: tokio::sync::Notify,
     tasks: crate::tasks::Tasks,
+    /// Who handles control messages and revocation reads (the node, set once it is built).
+    control: std::sync::OnceLock<std::sync::Weak<dyn ControlHandler>>,
+    /// The revocations were read since the last (re)connection: until then the node admits
+    /// nobody (a token revoked while it was away must not pass).
+    revocations_read: AtomicBool,
 }
 
 fn timeout_err(what: &str) -> BrokerError {
@@ -272,6 +280,8 @@ impl RedisBroker {
             whole: AtomicBool::new(false),
             whole_again: tokio::sync::Notify::new(),
             tasks: crate::tasks::Tasks::new(),
+            control: std::sync::OnceLock::new(),
+            revocations_read: AtomicBool::new(false),
         });
         // The receivers are taken before connecting, so the first connection is seen too.
         let messages = broker.sub.message_rx();
@@ -306,9 +316,12 @@ impl RedisBroker {
         self.metrics.received(source).increment(1);
     }
 
-    /// The subscription is proven by a self-ping and the library is loaded.
+    /// The subscription is proven by a self-ping, the library is loaded and the revocations
+    /// were read since the subscription came up.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire) && self.library_loaded.load(Ordering::Acquire)
+        self.up.load(Ordering::Acquire)
+            && self.library_loaded.load(Ordering::Acquire)
+            && self.revocations_read.load(Ordering::Acquire)
     }
 
     fn set_up(&self, up: bool) {
@@ -525,6 +538,9 @@ impl RedisBroker {
             // (a starting node is ready as soon as its first ping returns).
             self.set_up(self.sub.is_connected());
             return;
+        }
+        if live == CONTROL_CHANNEL {
+            return self.on_control(payload);
         }
         let Some((channel, carries)) = self.channel_of(live) else {
             self.metrics.dropped(DropReason::Malformed).increment(1);

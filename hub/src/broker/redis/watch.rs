@@ -33,6 +33,7 @@ impl RedisBroker {
                         self.metrics.redis_reconnects.increment(1);
                     }
                     self.set_up(false);
+                    self.revocations_read.store(false, Ordering::Release);
                     self.whole.store(false, Ordering::Release);
                     self.lost_messages();
                     let me = self.clone();
@@ -66,14 +67,22 @@ impl RedisBroker {
                 return; // a newer reconnection resubscribes
             }
             let mut names = self.names(&self.sink.channels());
+            names.push(CONTROL_CHANNEL.to_string());
             names.push(self.ping_channel.clone());
-            match self.subscribe_raw(&names).await {
+            // Subscribed to the control channel first, then the revocations read: whatever is
+            // revoked from then on is heard, whatever was revoked before is read.
+            let subscribed = match self.subscribe_raw(&names).await {
+                Ok(()) => self.read_revocations().await,
+                Err(e) => Err(e),
+            };
+            match subscribed {
                 Ok(()) => {
+                    self.revocations_read.store(true, Ordering::Release);
                     if self.epoch.load(Ordering::Acquire) == epoch {
                         self.set_whole();
                         // Readers that asked for history meanwhile were left behind: ask again.
                         self.sink.fall_behind();
-                        tracing::info!(channels = (names.len() - 1) / 2, "resubscribed");
+                        tracing::info!(channels = (names.len() - 2) / 3, "resubscribed");
                         // Prove the subscription now: the ping loop's last ping may have gone
                         // out before it was in place, and a starting node would wait for the
                         // next one (a second longer refusing streams as unavailable).
@@ -138,7 +147,8 @@ impl RedisBroker {
             let _one = self.resubscribing.lock().await;
             self.whole.store(false, Ordering::Release);
             self.lost_messages();
-            let names = self.names(&self.sink.channels());
+            let mut names = self.names(&self.sink.channels());
+            names.push(CONTROL_CHANNEL.to_string());
             if let Err(e) = self.subscribe_raw(&names).await {
                 tracing::warn!(error = %e, "re-issuing shard subscriptions failed");
             }

@@ -6,6 +6,8 @@
 //! channels that lost their last reader), publishing and draining. Transports call it; it never
 //! parses HTTP or renders a frame.
 
+mod control;
+
 use crate::auth::Auth;
 use crate::broker::{Broker, LocalBroker, RedisBroker, Sink};
 use crate::catchup;
@@ -44,6 +46,8 @@ pub struct OpenRequest {
     pub user: Option<Arc<str>>,
     /// The token's `exp`, when a token was used.
     pub expires_at: Option<u64>,
+    /// The token's `jti` and `iat` (a hook's grant: when it was granted), for revocations.
+    pub token: Option<Arc<crate::revocations::TokenId>>,
     /// The connection's socket, when actix recorded it.
     pub socket: Option<crate::peer::PeerSocket>,
     /// `rewind=N`: each channel starts with its last N durable messages (0: none). Ignored
@@ -75,6 +79,8 @@ pub struct Node {
     pub origins: Origins,
     pub metrics: Arc<Metrics>,
     pub auth: Auth,
+    /// The backend's authorization hook (`HUB_AUTH_URL`), when set.
+    pub hook: Option<crate::authhook::AuthHook>,
     pub registry: Arc<Registry>,
     pub broker: Arc<Broker>,
     /// Where streams that are behind ask the catch-up for history (by sequence number).
@@ -142,6 +148,7 @@ impl Node {
     pub async fn new(config: Config) -> anyhow::Result<Arc<Node>> {
         let origins = config.origins().map_err(anyhow::Error::msg)?;
         let auth = Auth::from_config(&config).map_err(anyhow::Error::msg)?;
+        let hook = crate::authhook::AuthHook::from_config(&config)?;
         let name = config.node_name();
         let metrics = Arc::new(Metrics::new());
         metrics.connections_max.set(config.max_connections as f64);
@@ -172,6 +179,7 @@ impl Node {
             origins,
             metrics,
             auth,
+            hook,
             registry,
             broker: Arc::new(broker),
             refill,
@@ -203,6 +211,10 @@ impl Node {
         });
         node.spawn(crate::presence::run(reporter));
         node.spawn(unsubscriber(node.clone(), emptied_rx));
+        if let Broker::Redis(redis) = &*node.broker {
+            let handler: Arc<dyn crate::broker::redis::ControlHandler> = node.clone();
+            redis.set_control_handler(Arc::downgrade(&handler));
+        }
         Ok(node)
     }
 
@@ -299,6 +311,10 @@ impl Node {
             stream.session.want_presence(None);
         }
         self.registry.register(&stream.session);
+        if let Err(r) = self.hold_token(&stream.session, req.token) {
+            stream.close(CloseReason::Error);
+            return Err(self.refuse(r));
+        }
         let want: Vec<(ChannelName, Want)> = match &req.last_event_id {
             None => req
                 .channels
@@ -521,7 +537,17 @@ impl Node {
 
     /// Closes a stream (no-op if already closed).
     pub fn close(&self, session: &Arc<Session>, reason: CloseReason) {
-        if let Some(emptied) = self.registry.close(session, reason) {
+        self.close_saying(session, reason, None);
+    }
+
+    /// Closes a stream with the backend's reason (a disconnect, a revocation).
+    pub fn close_saying(
+        &self,
+        session: &Arc<Session>,
+        reason: CloseReason,
+        note: Option<Arc<str>>,
+    ) {
+        if let Some(emptied) = self.registry.close_saying(session, reason, note) {
             self.forget(emptied);
         }
     }
