@@ -131,7 +131,10 @@ async fn a_grant_authorizes_like_a_token() {
     let (mut s, connected) = hub
         .connect(
             "channel=room:1",
-            &[("cookie", "session=abc; theme=dark"), ("origin", "https://app.example")],
+            &[
+                ("cookie", "session=abc; theme=dark"),
+                ("origin", "https://app.example"),
+            ],
         )
         .await;
     assert_eq!(connected.json()["channels"], json!(["room:1"]));
@@ -188,7 +191,11 @@ async fn backend_refusals_pass_and_failures_are_503() {
         let mut s = ask().await;
         let status = s.status;
         assert_eq!(status, 503, "{}", s.error_body().await);
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
     }
     // An EventSource is told to come back, as for any refusal that passes.
     let mut s = hub
@@ -196,9 +203,13 @@ async fn backend_refusals_pass_and_failures_are_503() {
         .await;
     assert_eq!(s.status, 200);
     let e = s.next_message(WAIT).await.unwrap();
-    assert_eq!((e.event.as_str(), e.json()["reason"].clone()), ("hub.reconnect", json!("unavailable")));
     assert_eq!(
-        hub.metric("hub_connections_rejected_total{reason=\"unavailable\"}").await,
+        (e.event.as_str(), e.json()["reason"].clone()),
+        ("hub.reconnect", json!("unavailable"))
+    );
+    assert_eq!(
+        hub.metric("hub_connections_rejected_total{reason=\"unavailable\"}")
+            .await,
         7.0
     );
     // Junk is logged once per kind, however often it comes.
@@ -225,9 +236,14 @@ async fn backend_refusals_pass_and_failures_are_503() {
 async fn a_websocket_is_authorized_once_at_the_upgrade() {
     let backend = Backend::start(Answer::Grant(grant("9", &["room:*"]))).await;
     let hub = hub_with(&backend, &[]).await;
-    let mut ws = try_ws(hub.public, "", &[("cookie", "session=s9")]).await.unwrap();
+    let mut ws = try_ws(hub.public, "", &[("cookie", "session=s9")])
+        .await
+        .unwrap();
     send(&mut ws, json!({"op": "subscribe", "channel": "room:2"})).await;
-    assert_eq!(next(&mut ws).await, json!({"type": "subscribed", "channel": "room:2"}));
+    assert_eq!(
+        next(&mut ws).await,
+        json!({"type": "subscribed", "channel": "room:2"})
+    );
     send(&mut ws, json!({"op": "subscribe", "channel": "other"})).await;
     assert_eq!(next(&mut ws).await["code"], 403);
     let asked = backend.asked();
@@ -252,7 +268,9 @@ async fn expires_at_ends_the_stream_and_a_revocation_by_sub_applies_to_grants() 
     assert_eq!(e.event, "hub.reconnect");
     assert_eq!(e.json()["reason"], "token_expired");
     // A grant already expired is 401.
-    backend.set(Answer::Grant(json!({"sub": "3", "channels": ["*"], "expires_at": now() - 1})));
+    backend.set(Answer::Grant(
+        json!({"sub": "3", "channels": ["*"], "expires_at": now() - 1}),
+    ));
     assert_eq!(hub.sse("channel=room:1", &[]).await.status, 401);
 
     backend.set(Answer::Grant(grant("3", &["room:*"])));
@@ -266,12 +284,17 @@ async fn expires_at_ends_the_stream_and_a_revocation_by_sub_applies_to_grants() 
         .unwrap();
     assert_eq!(res.status().as_u16(), 202);
     let e = s.next_message(Duration::from_secs(1)).await.unwrap();
-    assert_eq!((e.event.as_str(), e.json()), ("hub.disconnect", json!({"reason": "revoked"})));
+    assert_eq!(
+        (e.event.as_str(), e.json()),
+        ("hub.disconnect", json!({"reason": "revoked"}))
+    );
     // A grant made after `before` passes.
     let later = now() + 1;
-    wait_until("a grant after the revocation's instant", Duration::from_secs(5), || async {
-        now() > later
-    })
+    wait_until(
+        "a grant after the revocation's instant",
+        Duration::from_secs(5),
+        || async { now() > later },
+    )
     .await;
     let (s, _) = hub.connect("channel=room:1", &[]).await;
     drop(s);
@@ -281,8 +304,19 @@ async fn expires_at_ends_the_stream_and_a_revocation_by_sub_applies_to_grants() 
 /// not a pile-up.
 #[tokio::test]
 async fn requests_beyond_the_concurrency_are_refused_at_once() {
-    let backend = Backend::start(Answer::Slow(Duration::from_millis(1500), grant("1", &["*"]))).await;
-    let hub = hub_with(&backend, &[("HUB_AUTH_CONCURRENCY", "1"), ("HUB_AUTH_TIMEOUT_MS", "5000")]).await;
+    let backend = Backend::start(Answer::Slow(
+        Duration::from_millis(1500),
+        grant("1", &["*"]),
+    ))
+    .await;
+    let hub = hub_with(
+        &backend,
+        &[
+            ("HUB_AUTH_CONCURRENCY", "1"),
+            ("HUB_AUTH_TIMEOUT_MS", "5000"),
+        ],
+    )
+    .await;
     let started = Instant::now();
     let asks = (0..10).map(|_| {
         let hub = &hub;
