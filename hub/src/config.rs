@@ -175,6 +175,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=60_000))]
     pub auth_timeout_ms: u64,
 
+    /// How long the authorization hook's grant of a request carrying a cookie or an
+    /// `Authorization` header is reused for the same request (its reconnects), in seconds, at
+    /// most until the grant's `expires_at`; 0: every request asks.
+    #[arg(long, env = "HUB_AUTH_CACHE_SECS", value_name = "HUB_AUTH_CACHE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub auth_cache_secs: u64,
+
     /// Calls to the authorization hook in flight at once; requests beyond it (and a bounded
     /// few waiting) get 503 at once.
     #[arg(long, env = "HUB_AUTH_CONCURRENCY", value_name = "HUB_AUTH_CONCURRENCY", default_value_t = 64,

@@ -32,6 +32,10 @@
 #                   later (memory given back after a burst; 0: not read)
 #   LIMIT           longest a run may take, seconds
 #   HUB_BIN HUB_LOG another hub binary (an older build, to compare); its log level (warn)
+#   HOOK=1          the hub authorizes every stream through its authorization hook
+#                   (HUB_AUTH_URL: `loadgen auth-hook`, answering locally, a user per call):
+#                   channels are protected (room:...) instead of public:...; every stream
+#                   sends a session cookie of its own, as browsers do; hub only
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 STREAMS=${STREAMS:-10000} PROCS=${PROCS:-5} COUNT=${COUNT:-20} RUNS=${RUNS:-3} RATE=${RATE:-1}
@@ -40,6 +44,11 @@ STALL=${STALL:-0} PAD=${PAD:-0} STORM=${STORM:-0} STORM_AFTER=${STORM_AFTER:-3}
 RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120} PIN=${PIN:-0}
 AFTER=${AFTER:-0} CAP=${CAP:-20000} CHURN_MS=${CHURN_MS:-0} WAKE_MS=${WAKE_MS:-0} STALL_RCVBUF=${STALL_RCVBUF:-0}
 LEAVE_AFTER=${LEAVE_AFTER:-0} AWAY_MS=${AWAY_MS:-0} STEP_RATES=${STEP_RATES:-} STEP_SECS=${STEP_SECS:-5}
+HOOK=${HOOK:-0} NS=public
+if [ "$HOOK" = 1 ]; then
+    NS=room
+    [[ " $PEERS " == *" nchan "* ]] && { echo "HOOK=1 measures the hub only: set PEERS=hub" >&2; exit 1; }
+fi
 SRV=() GEN=()
 if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
 [ "$NODES" -gt 1 ] && MODE=redis
@@ -76,6 +85,7 @@ start_hub() { # start_hub <i>
     local env=(HUB_BIND="${NPUB[$i]}" HUB_ADMIN_BIND="${NADM[$i]}" HUB_DRAIN_SECS=0 HUB_LOG="${HUB_LOG:-warn}"
                HUB_MAX_CONNECTIONS="$CAP" HUB_NODE_ID="node$i")
     if [ "$MODE" = redis ]; then env+=(HUB_REDIS_URL="$REDIS_URL"); fi
+    if [ "$HOOK" = 1 ]; then env+=(HUB_AUTH_URL="http://$HOOK_ADDR/auth"); fi
     env "${env[@]}" "${SRV[@]}" "${HUB_BIN:-target/release/hub}" >> "$OUT/hub$i.out" 2>> "$OUT/hub$i.err" &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
     wait_for 200 curl -sf "http://${NADM[$i]}/readyz"
@@ -92,6 +102,12 @@ start_nchan() { # start_nchan <i>
     wait_for 200 curl -s -o /dev/null "http://${NPUB[$i]}/pub?id=probe"
 }
 stop_node() { kill -TERM "${NPID[$1]}"; wait "${NPID[$1]}" || true; }
+HOOK_PID="" HOOK_ADDR=""
+if [ "$HOOK" = 1 ]; then
+    HOOK_ADDR=127.0.0.1:$(free_port)
+    "${SRV[@]}" $LOADGEN auth-hook --listen "$HOOK_ADDR" --duration $((LIMIT * RUNS + 600)) > "$OUT/hook.out" 2>&1 &
+    HOOK_PID=$!; PIDS+=("$HOOK_PID")
+fi
 
 # One loadgen run against the started nodes: loadgen <server> <report file> <channel prefix>
 #   <count> <rate>.
@@ -101,12 +117,12 @@ loadgen_run() {
     if [ -n "$REDIS_PID" ]; then args+=(--server-pid "$REDIS_PID"); fi
     if [ "$server" = hub ]; then
         if [ "$TRANSPORT" = ws ]; then
-            args+=(--ws --path /v1/ws --subscribe "{\"op\":\"subscribe\",\"channel\":\"public:${pre}c{ch}\"}")
+            args+=(--ws --path /v1/ws --subscribe "{\"op\":\"subscribe\",\"channel\":\"$NS:${pre}c{ch}\"}")
         else
-            args+=(--path "/v1/sse?channel=public:${pre}c{ch}")
+            args+=(--path "/v1/sse?channel=$NS:${pre}c{ch}")
         fi
         if [ "$MODE" = redis ]; then args+=(--redis "$REDIS_URL"); else args+=(--http "http://${NADM[0]}"); fi
-        args+=(--channel "public:${pre}c{n}")
+        args+=(--channel "$NS:${pre}c{n}")
     else
         # Nchan serves an EventSource subscriber only to `Accept: text/event-stream` (the hub is
         # asked without it, so that its refusals come as statuses, counted by reason).
@@ -114,6 +130,9 @@ loadgen_run() {
         args+=(--raw-post "http://${NPUB[0]}/pub?id={channel}" --channel "${pre}c{n}")
     fi
     if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS"); fi
+    # Opening 10,000 streams at once through the hook is itself a storm: refused first opens
+    # come back, as EventSources would.
+    if [ "$HOOK" = 1 ]; then args+=(--open-retries 20 --session-cookie); fi
     args+=(--churn-ms "$CHURN_MS" --wake-ms "$WAKE_MS" --stall-rcvbuf "$STALL_RCVBUF"
            --leave-after "$LEAVE_AFTER" --away-ms "$AWAY_MS")
     rm -f "$OUT/ready"

@@ -99,6 +99,15 @@ pub struct StreamOpts {
     pub leave_after: u64,
     #[arg(long, default_value_t = 0)]
     pub away_ms: u64,
+    /// A first open refused with a status (503, 429: a client that would come back, as an
+    /// EventSource does) is tried again up to this many times, after a random time below
+    /// `--reconnect-ms` (0: a refused first open counts as failed).
+    #[arg(long, default_value_t = 0)]
+    pub open_retries: u64,
+    /// Every stream sends a session cookie of its own (`Cookie: session=<address>-<index>`),
+    /// the same on every reconnect, as a browser does.
+    #[arg(long)]
+    pub session_cookie: bool,
 }
 
 impl StreamOpts {
@@ -122,12 +131,16 @@ impl StreamOpts {
         if self.accept_event_stream {
             a.push("--accept-event-stream".into());
         }
+        if self.session_cookie {
+            a.push("--session-cookie".into());
+        }
         for (flag, v) in [
             ("--wake-ms", self.wake_ms),
             ("--stall-rcvbuf", u64::from(self.stall_rcvbuf)),
             ("--churn-ms", self.churn_ms),
             ("--leave-after", self.leave_after),
             ("--away-ms", self.away_ms),
+            ("--open-retries", self.open_retries),
         ] {
             if v > 0 {
                 a.extend([flag.into(), v.to_string()]);
@@ -352,6 +365,8 @@ struct Stream {
     /// Returners: it left once already; when it came back.
     left: bool,
     returned_at: Option<Instant>,
+    /// The session cookie it sends (`--session-cookie`).
+    cookie: Option<String>,
 }
 
 impl Stream {
@@ -424,6 +439,7 @@ async fn connect(
     ch: u64,
     last_id: Option<&str>,
     stall: bool,
+    cookie: Option<&str>,
 ) -> anyhow::Result<TcpStream> {
     let sock = tokio::net::TcpSocket::new_v4()?;
     if stall && args.stream.stall_rcvbuf > 0 {
@@ -447,8 +463,11 @@ async fn connect(
         } else {
             ""
         };
+        let cookie = cookie
+            .map(|c| format!("Cookie: {c}\r\n"))
+            .unwrap_or_default();
         format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}{resume}\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}{resume}{cookie}\r\n",
             args.target
         )
     };
@@ -501,7 +520,7 @@ async fn connection(
     stop: &mut watch::Receiver<bool>,
     stall: bool,
 ) -> End {
-    let conn = connect(args, ch, st.last_id.as_deref(), stall);
+    let conn = connect(args, ch, st.last_id.as_deref(), stall, st.cookie.as_deref());
     let mut s = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(30), conn) => match r {
             Ok(Ok(s)) => s,
@@ -688,14 +707,29 @@ async fn one(
         reached: false,
         left: false,
         returned_at: None,
+        cookie: args
+            .stream
+            .session_cookie
+            .then(|| format!("session={}-{index}", args.source)),
     };
     let mut permit = Some(permit);
+    let mut open_retries = args.stream.open_retries;
     loop {
         let end = connection(&args, &shared, &mut st, ch, &mut permit, &mut stop, stall).await;
         // The permit goes when the stream first opens.
         let never_opened = permit.is_some();
         match end {
             End::Stop => break,
+            End::Failed(why) if never_opened && open_retries > 0 && why.starts_with("status ") => {
+                open_retries -= 1;
+                shared.retries.fetch_add(1, Ordering::Relaxed);
+                shared.count_failure(why);
+                let wait = jitter(index + open_retries, args.stream.reconnect_ms);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(wait)) => {}
+                    _ = stop.changed() => break,
+                }
+            }
             End::Failed(why) if never_opened => {
                 shared.failed.fetch_add(1, Ordering::Relaxed);
                 shared.count_failure(why);
@@ -926,6 +960,7 @@ mod tests {
             reached: false,
             left: false,
             returned_at: None,
+            cookie: None,
         };
         let mut lat = Vec::new();
         // 3 and 13 arrive, 23 and 33 are missed, 43 arrives, then 13 again.

@@ -9,12 +9,14 @@
 //!   server's CPU time and memory from /proc, prints a summary and writes JSON.
 //! - `loadgen presence-storm`: N users join a channel, reconnect all at once, leave; the
 //!   presence events an observer gets and the Redis operations each phase cost.
+//! - `loadgen auth-hook`: a backend's authorization hook answering locally (`HUB_AUTH_URL`).
 //! - `loadgen tls-hold`: idle SSE streams over HTTPS, many per HTTP/2 connection or one per
 //!   HTTP/1.1 connection (what a stream costs over each).
 //!
 //! Every mode is bounded in count and time and stops by itself; traffic goes to loopback only.
 
 mod hold;
+mod hook;
 mod presence;
 mod publish;
 mod report;
@@ -33,6 +35,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     Hold(hold::HoldArgs),
+    AuthHook(hook::HookArgs),
     Publish(publish::PublishArgs),
     Run(run::RunArgs),
     TlsHold(tls_hold::TlsHoldArgs),
@@ -41,10 +44,17 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // reqwest is built with rustls but no provider of its own (the hub's choice, unified over
+    // the workspace): ring, as everywhere else.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The hook stands for a backend on machines of its own: it answers on every core.
+    let rt = match cli.cmd {
+        Cmd::AuthHook(_) => tokio::runtime::Builder::new_multi_thread(),
+        _ => tokio::runtime::Builder::new_current_thread(),
+    }
+    .enable_all()
+    .build();
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("loadgen: cannot start a runtime: {e}");
@@ -54,6 +64,7 @@ fn main() -> std::process::ExitCode {
     let res = rt.block_on(async {
         match cli.cmd {
             Cmd::Hold(a) => hold::main(a).await,
+            Cmd::AuthHook(a) => hook::main(a).await,
             Cmd::Publish(a) => publish::main(a)
                 .await
                 .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default())),

@@ -28,6 +28,12 @@ pub use nginx::Nginx;
 pub use redis_server::{free_port, Cluster, Redis, SentinelSet, TlsCerts};
 pub use reqwest;
 
+/// Installs the process's rustls provider (ring, as the hub's): reqwest is built with rustls
+/// but without a provider of its own, and refuses to build a client before one is set.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Default deadline for conditions that should hold almost at once.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -134,10 +140,13 @@ impl Hub {
             admin: field("admin").parse().expect("admin addr"),
             node: field("node"),
             child,
-            http: reqwest::Client::builder()
-                .pool_max_idle_per_host(0)
-                .build()
-                .expect("client"),
+            http: {
+                install_crypto();
+                reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .expect("client")
+            },
             stderr,
         }
     }

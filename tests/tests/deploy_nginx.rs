@@ -25,6 +25,7 @@ async fn two_hubs(redis: &Redis, a: &[(&str, &str)], b: &[(&str, &str)]) -> (Hub
 }
 
 fn client() -> reqwest::Client {
+    hub_tests::install_crypto();
     reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()

@@ -235,6 +235,7 @@ async fn http1_sse_and_websocket_over_tls_and_the_admin_port_stays_plain() {
     );
 
     // Plain HTTP on the TLS port is no stream; the admin port is plain HTTP.
+    hub_tests::install_crypto();
     let plain = reqwest::get(hub.url("/v1/sse?channel=public:x")).await;
     assert!(plain.map(|r| r.status() != 200).unwrap_or(true));
     assert_eq!(hub.metric(r#"hub_connections{transport="sse"}"#).await, 1.0);

@@ -39,6 +39,9 @@ impl Node {
                     Target::ConnectionId(id) => self.registry.streams_where(|s| s.id == *id),
                     Target::Channel(channel) => self.registry.readers_of(channel),
                 };
+                if let (Target::Sub(sub), Some(hook)) = (target, &self.hook) {
+                    hook.forget(sub);
+                }
                 let note: Arc<str> = Arc::from(reason.as_str());
                 for s in &streams {
                     self.close_saying(s, CloseReason::Disconnected, Some(note.clone()));
@@ -53,6 +56,11 @@ impl Node {
                 }
             }
             Control::Revoke { revocation } => {
+                if let (crate::revocations::Revocation::Sub { sub, .. }, Some(hook)) =
+                    (revocation, &self.hook)
+                {
+                    hook.forget(sub);
+                }
                 self.auth.revocations.add(revocation);
                 self.close_revoked();
             }
@@ -111,6 +119,9 @@ impl Node {
     /// (a control message lost with a connection is made good here), in its own task.
     pub fn refresh_revocations(self: &Arc<Self>) {
         self.auth.revocations.prune(crate::auth::now_secs());
+        if let Some(hook) = &self.hook {
+            hook.prune();
+        }
         if let Broker::Redis(redis) = &*self.broker {
             let redis = redis.clone();
             self.spawn(async move {
