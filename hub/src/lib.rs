@@ -7,7 +7,9 @@
 //!   aborted at stop. [`peer`]: whether a stream's client still acknowledges.
 //! - [`config`]: `HUB_*` settings, checked before anything binds ([`redis_url`], [`tls`]).
 //!   [`metrics`]: metric names and pre-resolved handles. [`refusal`]: why a request is
-//!   refused. [`auth`]: who may read which channel.
+//!   refused. [`revocations`]: revoked tokens in memory. [`control`]: disconnects and
+//!   revocations as they travel between nodes. [`auth`]: who may read which channel.
+//!   [`authhook`]: the backend's authorization hook (`HUB_AUTH_URL`).
 //! - [`stream`]: one stream: its channels' read positions, presence cursors and bounded queue,
 //!   behind one lock.
 //! - [`broker`]: where messages are published and read back from (embedded, with its
@@ -18,7 +20,7 @@
 //! - [`catchup`]: bounded, shared history reads for readers that are behind.
 //! - [`node`]: owns the registry, the broker, the presence store and the catch-up as
 //!   siblings, and the flows that need them together: open a stream, start a channel, close,
-//!   publish, drain.
+//!   publish, drain, apply control from the backend.
 //! - [`http`]: JSON error answers, CORS, bearer credentials. [`transport`]: SSE and
 //!   WebSocket: check the request, render the items, write a bare socket.
 //! - [`server`]: the public port (its front door for stream requests) and the admin port.
