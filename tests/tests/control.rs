@@ -64,6 +64,20 @@ async fn ends_with(s: &mut SseStream, reason: &str) {
     assert!(started.elapsed() <= WITHIN * 2, "{:?}", started.elapsed());
 }
 
+/// Asserts the socket gets an error frame 4000 with `reason`, then a close 4000, within
+/// [`WITHIN`] each.
+async fn ws_ends_with(ws: &mut hub_tests::client::Ws, reason: &str) {
+    let frame = tokio::time::timeout(WITHIN, next(ws)).await.unwrap();
+    assert_eq!(
+        frame,
+        json!({"type": "error", "code": 4000, "message": reason})
+    );
+    match tokio::time::timeout(WITHIN, ws.next()).await.unwrap() {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::from(4000)),
+        other => panic!("expected close 4000, got {other:?}"),
+    }
+}
+
 /// Asserts the stream is still open: a message published now reaches it.
 async fn still_open(hub: &Hub, s: &mut SseStream, channel: &str) {
     let data = format!("alive {}", fastrand_like());
@@ -128,15 +142,7 @@ async fn disconnect_by_sub_connection_and_channel_ends_streams_on_every_node() {
     assert_eq!((status, body), (202, json!({"accepted": true})));
     ends_with(&mut on_a, "logout").await;
     ends_with(&mut on_b, "logout").await;
-    let frame = tokio::time::timeout(WITHIN, next(&mut ws)).await.unwrap();
-    assert_eq!(
-        frame,
-        json!({"type": "error", "code": 4000, "message": "logout"})
-    );
-    match tokio::time::timeout(WITHIN, ws.next()).await.unwrap() {
-        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::from(4000)),
-        other => panic!("expected close 4000, got {other:?}"),
-    }
+    ws_ends_with(&mut ws, "logout").await;
     still_open(&a, &mut seven, &room).await;
 
     // By connection id: only that stream, whichever node holds it; the default reason.
@@ -205,15 +211,7 @@ async fn revoking_a_token_by_jti_refuses_it_everywhere_until_lifted() {
     assert_eq!((status, body), (202, json!({"accepted": true})));
     ends_with(&mut s_a, "revoked").await;
     ends_with(&mut s_b, "revoked").await;
-    let frame = tokio::time::timeout(WITHIN, next(&mut ws)).await.unwrap();
-    assert_eq!(
-        frame,
-        json!({"type": "error", "code": 4000, "message": "revoked"})
-    );
-    match tokio::time::timeout(WITHIN, ws.next()).await.unwrap() {
-        Some(Ok(Message::Close(Some(f)))) => assert_eq!(f.code, CloseCode::from(4000)),
-        other => panic!("expected close 4000, got {other:?}"),
-    }
+    ws_ends_with(&mut ws, "revoked").await;
     still_open(&a, &mut kept, &room).await;
     for hub in [&a, &b] {
         assert_eq!(hub.sse(&q(&room, &leaked), &[]).await.status, 401);
