@@ -415,6 +415,15 @@ mod tests {
             (65_536, 1000, 3600)
         );
         assert_eq!(c.origins(), Ok(Origins::Any));
+        assert_eq!(
+            (
+                c.revoke_keep_secs,
+                c.auth_timeout_ms,
+                c.auth_concurrency,
+                c.jwt_cookie.is_none() && c.auth_url.is_none()
+            ),
+            (86_400, 2000, 64, true)
+        );
     }
 
     #[test]
@@ -429,6 +438,23 @@ mod tests {
         assert!(e.contains("HUB_ALLOWED_ORIGINS"), "{e}");
         let e = parse(&["--redis-url", "http://x"]).unwrap_err();
         assert!(e.contains("HUB_REDIS_URL"), "{e}");
+        for bad in ["", "a b", "a;b", "a=b"] {
+            let e = parse(&["--jwt-cookie", bad]).unwrap_err();
+            assert!(e.contains("HUB_JWT_COOKIE"), "{e}");
+        }
+        for bad in ["localhost:3000/auth", "ftp://x/auth", "http://"] {
+            let e = parse(&["--auth-url", bad]).unwrap_err();
+            assert!(e.contains("HUB_AUTH_URL"), "{e}");
+        }
+        assert!(parse(&[
+            "--auth-url",
+            "https://api.internal/hub-auth",
+            "--jwt-cookie",
+            "hub_token"
+        ])
+        .is_ok());
+        let e = parse(&["--auth-concurrency", "0"]).unwrap_err();
+        assert!(e.contains("HUB_AUTH_CONCURRENCY"), "{e}");
     }
 
     #[test]
