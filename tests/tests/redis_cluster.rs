@@ -285,3 +285,57 @@ async fn presence_over_a_three_master_cluster() {
         );
     }
 }
+
+/// Control from the backend on a cluster: the control channel is a shard channel every node
+/// subscribes to, the revocations one hash on its own slot. A disconnect sent to one node ends
+/// the stream on the other; a revocation is refused on both and read by a node that starts
+/// later.
+#[tokio::test]
+async fn disconnect_and_revoke_over_a_three_master_cluster() {
+    use hub_tests::client::{hs256, now, SECRET};
+    let cluster = Cluster::start();
+    let url = cluster.url();
+    let start = || async {
+        let hub = Hub::start(&[("HUB_REDIS_URL", url.as_str()), ("HUB_JWT_SECRET", SECRET)]).await;
+        hub.wait_ready(WAIT).await;
+        hub
+    };
+    let (a, b) = (start().await, start().await);
+    let exp = now() + 600;
+    let t = hs256(json!({"sub": "k1", "exp": exp, "jti": "cl-1", "channels": ["room:*"]}));
+    let q = format!("channel=room:cl&token={t}");
+    let (mut s, _) = b.connect(&q, &[]).await;
+    let post = |hub: &Hub, path: &str, body: serde_json::Value| {
+        hub.http.post(hub.admin_url(path)).json(&body).send()
+    };
+    let res = post(&a, "/v1/disconnect", json!({"sub": "k1"}))
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let e = s
+        .next_message(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (e.event.as_str(), e.json()),
+        ("hub.disconnect", json!({"reason": "disconnected"}))
+    );
+
+    let (mut s, _) = a.connect(&q, &[]).await;
+    let res = post(&b, "/v1/revoke", json!({"jti": "cl-1", "exp": exp}))
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 202);
+    let e = s
+        .next_message(std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (e.event.as_str(), e.json()),
+        ("hub.disconnect", json!({"reason": "revoked"}))
+    );
+    let c = start().await;
+    for hub in [&a, &b, &c] {
+        assert_eq!(hub.sse(&q, &[]).await.status, 401);
+    }
+}
