@@ -12,8 +12,6 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use protocol::ChannelName;
 use std::sync::Arc;
 
-/// Prefix of channels anyone may read.
-pub const PUBLIC_PREFIX: &str = "public:";
 /// Prefix of a user's own channel, `user:<sub>`.
 pub const USER_PREFIX: &str = "user:";
 
@@ -102,6 +100,8 @@ pub struct Auth {
     keys: Vec<(Algorithm, DecodingKey)>,
     /// Tokens refused before their `exp` (`POST /v1/revoke`), kept current by the node.
     pub revocations: Revocations,
+    /// Which channels are readable without a token (anonymous namespaces).
+    namespaces: crate::namespaces::Namespaces,
     issuer: Option<String>,
     audience: Option<String>,
 }
@@ -136,6 +136,7 @@ impl Auth {
         Ok(Auth {
             keys,
             revocations: Revocations::default(),
+            namespaces: config.namespaces.clone(),
             issuer: config.jwt_issuer.clone(),
             audience: config.jwt_audience.clone(),
         })
@@ -210,8 +211,8 @@ impl Auth {
     /// Whether a stream holding `claims` (or no token) may read `channel` (WebSocket
     /// subscribe): 401 without a token for a protected channel, 403 when the token does not
     /// grant it.
-    pub fn check(claims: Option<&Claims>, channel: &str) -> Result<(), Refusal> {
-        if channel.starts_with(PUBLIC_PREFIX) {
+    pub fn check(&self, claims: Option<&Claims>, channel: &str) -> Result<(), Refusal> {
+        if self.namespaces.is_anonymous(channel) {
             return Ok(());
         }
         match claims {
@@ -225,21 +226,26 @@ impl Auth {
         }
     }
 
-    /// The channels of `channels` that need a grant (all but `public:*`).
-    pub fn protected(channels: &[ChannelName]) -> impl Iterator<Item = &str> {
+    /// The channels of `channels` that need a grant (all but those of anonymous namespaces,
+    /// `public:*` by default).
+    pub fn protected<'a>(
+        &'a self,
+        channels: &'a [ChannelName],
+    ) -> impl Iterator<Item = &'a str> + 'a {
         channels
             .iter()
             .map(|c| c.as_str())
-            .filter(|c| !c.starts_with(PUBLIC_PREFIX))
+            .filter(|c| !self.namespaces.is_anonymous(c))
     }
 
     /// The grant of `claims` for `channels`, or 403 naming the first they do not grant.
     pub fn grant(
+        &self,
         claims: Arc<Claims>,
         channels: &[ChannelName],
         expires_at: Option<u64>,
     ) -> Result<Grant, Refusal> {
-        if let Some(refused) = Self::protected(channels).find(|c| !claims.grants(c)) {
+        if let Some(refused) = self.protected(channels).find(|c| !claims.grants(c)) {
             return Err(Refusal::forbidden(format!(
                 "the grant does not include channel {refused}"
             )));
@@ -255,11 +261,7 @@ impl Auth {
         token: Option<&str>,
     ) -> Result<Grant, Refusal> {
         let verified = token.map(|t| self.verify(t));
-        let protected: Vec<&str> = channels
-            .iter()
-            .map(|c| c.as_str())
-            .filter(|c| !c.starts_with(PUBLIC_PREFIX))
-            .collect();
+        let protected: Vec<&str> = self.protected(channels).collect();
         let claims = match verified {
             Some(Ok(c)) => Arc::new(c),
             // Public channels need nothing: a bad token there is ignored, not refused.
@@ -359,6 +361,7 @@ mod tests {
             issuer: Some("api".into()),
             audience: None,
             revocations: Revocations::default(),
+            namespaces: Default::default(),
         }
     }
 

@@ -18,6 +18,15 @@ pub const DEFAULT_ADMIN_BIND: &str = "127.0.0.1:9090";
     about = "Real-time connection hub: SSE streams fed by an embedded or Redis broker"
 )]
 pub struct Config {
+    /// TOML file of settings (top-level keys: these options in lower case without `HUB_`;
+    /// a variable or flag wins) and `[[namespace]]` tables.
+    #[arg(long, env = "HUB_CONFIG", value_name = "HUB_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+
+    /// The namespaces in force (from `HUB_CONFIG`, else `public:` and `""`).
+    #[arg(skip)]
+    pub namespaces: crate::namespaces::Namespaces,
+
     /// Public address: streams and health only.
     #[arg(
         long,
@@ -233,23 +242,105 @@ impl Origins {
     }
 }
 
+/// The settings (key, value as text) and `[[namespace]]` tables of a `HUB_CONFIG` file.
+type FileParts = (Vec<(String, String)>, Vec<crate::namespaces::Namespace>);
+
+/// Reads a `HUB_CONFIG` file; an error is one line naming the file (and the key) and why.
+fn read_file(path: &std::path::Path) -> Result<FileParts, String> {
+    let file = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("HUB_CONFIG {file}: cannot read: {e}"))?;
+    /// The file's shape: `[[namespace]]` tables, and settings.
+    #[derive(serde::Deserialize)]
+    struct Shape {
+        #[serde(default)]
+        namespace: Vec<crate::namespaces::Namespace>,
+        #[serde(flatten)]
+        settings: toml::Table,
+    }
+    let shape: Shape = toml::from_str(&text).map_err(|e| {
+        // Where it is: the line, and the key written on it.
+        let at = e.span().map(|span| {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            let written = text.lines().nth(line - 1).unwrap_or("");
+            match written.split_once('=') {
+                Some((key, _)) => format!("line {line}, key {:?}: ", key.trim()),
+                None => format!("line {line}: "),
+            }
+        });
+        format!(
+            "HUB_CONFIG {file}: {}{}",
+            at.unwrap_or_default(),
+            e.message().lines().next().unwrap_or("not TOML").trim()
+        )
+    })?;
+    let namespaces = shape.namespace;
+    let table = shape.settings;
+    let mut settings = Vec::new();
+    for (key, value) in table {
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            _ => {
+                return Err(format!(
+                    "HUB_CONFIG {file}: key {key:?} must be a string, a number or a boolean"
+                ))
+            }
+        };
+        settings.push((key, text));
+    }
+    Ok((settings, namespaces))
+}
+
 impl Config {
     /// Parses flags and environment, then checks what clap cannot: relations between values.
     /// On error returns one line naming the variable; `--help`/`--version` exit here.
     pub fn from_env_and_args() -> Result<Config, String> {
-        let cfg = match Config::try_parse() {
-            Ok(c) => c,
-            Err(e) => match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-                    e.exit()
-                }
-                _ => {
-                    let text = e.to_string();
-                    let first = text.lines().next().unwrap_or("invalid configuration");
-                    return Err(first.trim_start_matches("error: ").to_string());
-                }
-            },
+        Config::load(std::env::args_os().collect())
+    }
+
+    /// [`Config::from_env_and_args`] with these arguments (the program name first).
+    pub fn load(args: Vec<std::ffi::OsString>) -> Result<Config, String> {
+        let first_line = |e: clap::Error| -> String {
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            ) {
+                e.exit()
+            }
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid configuration");
+            first.trim_start_matches("error: ").to_string()
         };
+        let mut cfg = Config::try_parse_from(&args).map_err(first_line)?;
+        if let Some(path) = cfg.config.clone() {
+            let file = path.display().to_string();
+            let (settings, namespaces) = read_file(&path)?;
+            // The file's settings apply where neither a flag nor a variable gave one.
+            let command = <Config as clap::CommandFactory>::command();
+            let matches = command
+                .clone()
+                .try_get_matches_from(&args)
+                .map_err(first_line)?;
+            let mut with_file = args.clone();
+            for (key, value) in settings {
+                let arg = command
+                    .get_arguments()
+                    .find(|a| a.get_id().as_str() == key && key != "config")
+                    .and_then(|a| a.get_long())
+                    .ok_or_else(|| format!("HUB_CONFIG {file}: unknown key {key:?}"))?;
+                if matches.value_source(&key) == Some(clap::parser::ValueSource::DefaultValue)
+                    || matches.value_source(&key).is_none()
+                {
+                    with_file.push(format!("--{arg}={value}").into());
+                }
+            }
+            cfg = Config::try_parse_from(&with_file)
+                .map_err(|e| format!("HUB_CONFIG {file}: {}", first_line(e)))?;
+            cfg.namespaces = crate::namespaces::Namespaces::from_file_tables(&file, namespaces)?;
+        }
         cfg.check()?;
         Ok(cfg)
     }

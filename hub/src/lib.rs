@@ -7,7 +7,8 @@
 //!   aborted at stop. [`peer`]: whether a stream's client still acknowledges.
 //! - [`config`]: `HUB_*` settings, checked before anything binds ([`redis_url`], [`tls`]).
 //!   [`metrics`]: metric names and pre-resolved handles. [`refusal`]: why a request is
-//!   refused. [`revocations`]: revoked tokens in memory. [`control`]: disconnects and
+//!   refused. [`namespaces`]: options per channel prefix (`HUB_CONFIG`). [`revocations`]:
+//!   revoked tokens in memory. [`control`]: disconnects and
 //!   revocations as they travel between nodes. [`auth`]: who may read which channel.
 //!   [`authhook`]: the backend's authorization hook (`HUB_AUTH_URL`).
 //! - [`stream`]: one stream: its channels' read positions, presence cursors and bounded queue,
@@ -42,6 +43,7 @@ pub mod healthcheck;
 pub mod http;
 pub mod message;
 pub mod metrics;
+pub mod namespaces;
 pub mod node;
 pub mod peer;
 pub mod presence;

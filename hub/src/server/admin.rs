@@ -39,6 +39,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             .route(web::get().to(presence))
             .default_service(web::to(error::method_not_allowed)),
     )
+    .service(get_only("/v1/namespaces", namespaces))
     .service(get_only("/metrics", metrics))
     .service(get_only("/v1/stats", stats))
     .service(get_only("/healthz", healthz))
@@ -184,6 +185,23 @@ async fn presence(req: HttpRequest, node: web::Data<Node>) -> Result<HttpRespons
         "users": users,
         "anonymous": anonymous,
     })))
+}
+
+/// `GET /v1/namespaces`: the namespaces in force, longest prefix first, with the history
+/// settings they inherit filled in.
+async fn namespaces(node: web::Data<Node>) -> HttpResponse {
+    let config = &node.config;
+    let list: Vec<crate::namespaces::Namespace> = config
+        .namespaces
+        .all()
+        .iter()
+        .map(|n| crate::namespaces::Namespace {
+            history_len: Some(n.history_len.unwrap_or(config.history_len)),
+            history_ttl_secs: Some(n.history_ttl_secs.unwrap_or(config.history_ttl_secs)),
+            ..n.clone()
+        })
+        .collect();
+    HttpResponse::Ok().json(serde_json::json!({ "namespaces": list }))
 }
 
 /// `GET /metrics`: Prometheus text.

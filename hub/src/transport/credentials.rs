@@ -3,7 +3,7 @@
 //! the one used); without any, the backend's hook (`HUB_AUTH_URL`) decides when it is set.
 //! Both transports and both HTTP readers go through [`grant`]; nothing here opens a stream.
 
-use crate::auth::{Auth, Grant};
+use crate::auth::Grant;
 use crate::authhook::{Ask, AskHeaders};
 use crate::domain::Transport;
 use crate::node::Node;
@@ -75,12 +75,13 @@ pub async fn grant(
 ) -> Result<Grant, Refusal> {
     let token = creds.token(node.config.jwt_cookie.as_deref());
     let hook = node.hook.as_ref().filter(|_| token.is_none());
-    let needs_grant = transport == Transport::Ws || Auth::protected(channels).next().is_some();
+    let needs_grant = transport == Transport::Ws || node.auth.protected(channels).next().is_some();
     match (hook, needs_grant) {
         (Some(hook), true) => {
             let ask = Ask::new(channels, transport, creds.remote, creds.ask_headers());
             let granted = hook.ask(&ask).await?;
-            Auth::grant(granted.claims, channels, granted.expires_at)
+            node.auth
+                .grant(granted.claims, channels, granted.expires_at)
         }
         _ if transport == Transport::Ws => match token {
             None => Ok(Grant::default()),

@@ -146,6 +146,16 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             .into());
     }
     let allow = cors::allow_origin(head.origin, &node.origins).map_err(|r| node.refuse(r))?;
+    if q.presence {
+        let namespaces = &node.config.namespaces;
+        if let Some(off) = channels.iter().find(|c| !namespaces.of(c).presence) {
+            return Err(node
+                .refuse(Refusal::forbidden(format!(
+                    "presence is off for channel {off}'s namespace"
+                )))
+                .into());
+        }
+    }
     let creds = Credentials {
         authorization: head.authorization,
         query_token: q.token.as_deref(),

@@ -10,7 +10,7 @@
 //! A bad frame gets an error frame and the socket stays open; what a client can make the body
 //! hold is bounded (one frame of [`MAX_CLIENT_FRAME`] being read, one subscribe at a time).
 
-use crate::auth::{Auth, Claims};
+use crate::auth::Claims;
 use crate::domain::{CloseReason, Transport};
 use crate::http::cors;
 use crate::http::error::ApiError;
@@ -365,7 +365,7 @@ impl WsBody {
         self.claims = Some(claims.clone());
         self.reply(Reply::Refreshed(exp));
         for channel in self.session().channels() {
-            if let Err(r) = Auth::check(Some(&claims), channel.as_str()) {
+            if let Err(r) = self.node().auth.check(Some(&claims), channel.as_str()) {
                 self.node().drop_channel(self.session(), &channel);
                 self.reply_error(
                     403,
@@ -386,8 +386,15 @@ impl WsBody {
             presence,
         } = sub;
         let name = channel.as_str();
-        if let Err(r) = Auth::check(self.claims.as_deref(), name) {
+        if let Err(r) = self.node().auth.check(self.claims.as_deref(), name) {
             return self.reply_error(r.status(), &r.message, Some(name));
+        }
+        if presence && !self.node().config.namespaces.of(name).presence {
+            return self.reply_error(
+                403,
+                "presence is off for this channel's namespace",
+                Some(name),
+            );
         }
         let session = self.session().clone();
         let max = self.node().config.max_channels_per_conn as usize;

@@ -1,0 +1,203 @@
+//! Namespaces: options per channel prefix, read from the `[[namespace]]` tables of the
+//! `HUB_CONFIG` file (the longest matching prefix wins; `""` is the default namespace).
+//!
+//! Reading and checking the file and answering "which namespace is this channel in"; it does
+//! not apply the options (auth, the registry, the brokers do).
+
+use serde::{Deserialize, Serialize};
+
+/// The prefix of channels anyone may read by default.
+pub const PUBLIC_PREFIX: &str = "public:";
+
+/// One namespace, as the file writes it and `GET /v1/namespaces` answers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Namespace {
+    pub prefix: String,
+    /// Durable messages kept per channel (0: none); `None`: `HUB_HISTORY_LEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_len: Option<u64>,
+    /// `None`: `HUB_HISTORY_TTL_SECS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_ttl_secs: Option<u64>,
+    /// Readable without a token.
+    #[serde(default)]
+    pub anonymous: bool,
+    /// `presence=true` is allowed (else 403).
+    #[serde(default = "yes")]
+    pub presence: bool,
+    /// Streams per channel on one node (0: no limit).
+    #[serde(default)]
+    pub max_readers: u64,
+    /// HTTP publishes per second per channel and node (0: no limit).
+    #[serde(default)]
+    pub publish_rate: u64,
+    /// At most one message per channel every N ms to a stream (0: off).
+    #[serde(default)]
+    pub conflate_ms: u64,
+    /// Channel and member events go to `HUB_WEBHOOK_URL`.
+    #[serde(default = "yes")]
+    pub webhooks: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Namespace {
+    fn new(prefix: &str, anonymous: bool) -> Namespace {
+        Namespace {
+            prefix: prefix.to_string(),
+            history_len: None,
+            history_ttl_secs: None,
+            anonymous,
+            presence: true,
+            max_readers: 0,
+            publish_rate: 0,
+            conflate_ms: 0,
+            webhooks: true,
+        }
+    }
+}
+
+/// The namespaces in force, longest prefix first (so the first match is the longest).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespaces {
+    list: Vec<Namespace>,
+}
+
+impl Default for Namespaces {
+    /// Without a file: `public:` (anonymous) and `""`.
+    fn default() -> Namespaces {
+        Namespaces::from_list(Vec::new())
+    }
+}
+
+impl Namespaces {
+    /// The file's namespaces, with `public:` (anonymous) and `""` added when it names none.
+    fn from_list(mut list: Vec<Namespace>) -> Namespaces {
+        if !list.iter().any(|n| n.prefix == PUBLIC_PREFIX) {
+            list.push(Namespace::new(PUBLIC_PREFIX, true));
+        }
+        if !list.iter().any(|n| n.prefix.is_empty()) {
+            list.push(Namespace::new("", false));
+        }
+        list.sort_by(|a, b| {
+            b.prefix
+                .len()
+                .cmp(&a.prefix.len())
+                .then(a.prefix.cmp(&b.prefix))
+        });
+        Namespaces { list }
+    }
+
+    /// Checks the `[[namespace]]` tables of `file` (already parsed by serde, unknown keys
+    /// refused there): a duplicate prefix, or a value out of range, is one line naming the
+    /// file, the key and why.
+    pub fn from_file_tables(file: &str, list: Vec<Namespace>) -> Result<Namespaces, String> {
+        let mut seen = std::collections::HashSet::new();
+        for n in &list {
+            if !seen.insert(n.prefix.as_str()) {
+                return Err(format!(
+                    "HUB_CONFIG {file}: namespace prefix {:?} appears twice (prefix must be unique)",
+                    n.prefix
+                ));
+            }
+            if n.prefix.len() > 128 || n.prefix.chars().any(|c| c.is_whitespace() || c == '*') {
+                return Err(format!(
+                    "HUB_CONFIG {file}: namespace prefix {:?}: at most 128 characters, no spaces or *",
+                    n.prefix
+                ));
+            }
+            if n.history_len.is_some_and(|l| l > 1_000_000) {
+                return Err(format!(
+                    "HUB_CONFIG {file}: namespace {:?}: history_len must be 0 to 1000000",
+                    n.prefix
+                ));
+            }
+            if n.history_ttl_secs
+                .is_some_and(|t| t == 0 || t > 30 * 86_400)
+            {
+                return Err(format!(
+                    "HUB_CONFIG {file}: namespace {:?}: history_ttl_secs must be 1 to 2592000",
+                    n.prefix
+                ));
+            }
+        }
+        Ok(Namespaces::from_list(list))
+    }
+
+    /// The namespace of a channel: the longest prefix it starts with.
+    pub fn of(&self, channel: &str) -> &Namespace {
+        // `""` is always there and matches everything.
+        self.list
+            .iter()
+            .find(|n| channel.starts_with(n.prefix.as_str()))
+            .unwrap_or(&self.list[self.list.len() - 1])
+    }
+
+    /// Whether a channel can be read without a token.
+    pub fn is_anonymous(&self, channel: &str) -> bool {
+        self.of(channel).anonymous
+    }
+
+    /// Every namespace, longest prefix first.
+    pub fn all(&self) -> &[Namespace] {
+        &self.list
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ns(prefix: &str) -> Namespace {
+        Namespace::new(prefix, false)
+    }
+
+    #[test]
+    fn without_a_file_public_is_anonymous_and_the_rest_is_not() {
+        let n = Namespaces::default();
+        assert!(n.is_anonymous("public:x"));
+        assert!(!n.is_anonymous("room:1"));
+        assert!(!n.is_anonymous("publicx"));
+        assert_eq!(n.all().len(), 2);
+    }
+
+    #[test]
+    fn the_longest_prefix_wins() {
+        let mut deep = ns("ticker:fx:");
+        deep.conflate_ms = 100;
+        let n = Namespaces::from_file_tables("f", vec![ns("ticker:"), deep]).unwrap();
+        assert_eq!(n.of("ticker:fx:eur").prefix, "ticker:fx:");
+        assert_eq!(n.of("ticker:btc").prefix, "ticker:");
+        assert_eq!(n.of("room:1").prefix, "");
+        assert_eq!(
+            n.of("public:a").prefix,
+            "public:",
+            "kept when the file names none"
+        );
+    }
+
+    #[test]
+    fn a_file_can_close_public_and_open_another() {
+        let mut feed = ns("feed:");
+        feed.anonymous = true;
+        let n = Namespaces::from_file_tables("f", vec![ns("public:"), feed]).unwrap();
+        assert!(!n.is_anonymous("public:x"));
+        assert!(n.is_anonymous("feed:x"));
+    }
+
+    #[test]
+    fn duplicates_and_bad_values_name_the_file_and_key() {
+        let e = Namespaces::from_file_tables("hub.toml", vec![ns("a:"), ns("a:")]).unwrap_err();
+        assert!(
+            e.contains("hub.toml") && e.contains("prefix") && e.contains("\"a:\""),
+            "{e}"
+        );
+        let mut bad = ns("b:");
+        bad.history_ttl_secs = Some(0);
+        let e = Namespaces::from_file_tables("hub.toml", vec![bad]).unwrap_err();
+        assert!(e.contains("history_ttl_secs"), "{e}");
+    }
+}

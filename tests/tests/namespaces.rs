@@ -1,0 +1,189 @@
+//! Namespaces from a `HUB_CONFIG` file (first step of issue 23): top-level settings (a
+//! variable wins), the longest prefix, anonymous namespaces (and `public:` closed by the file),
+//! presence turned off, `GET /v1/namespaces`, and bad files refused at start with one line
+//! naming the file, the key and why.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
+use hub_tests::client::{token, SECRET};
+use hub_tests::{binary, Hub};
+use serde_json::{json, Value};
+use std::process::Command;
+
+fn write(name: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("hub-ns-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+const FILE: &str = r#"
+heartbeat_secs = 7
+history_len = 50
+
+[[namespace]]
+prefix = "public:"
+anonymous = false
+
+[[namespace]]
+prefix = "feed:"
+anonymous = true
+
+[[namespace]]
+prefix = "ticker:"
+history_len = 10
+history_ttl_secs = 60
+presence = false
+
+[[namespace]]
+prefix = "ticker:fx:"
+anonymous = true
+"#;
+
+#[tokio::test]
+async fn a_file_sets_options_per_prefix() {
+    let path = write("hub.toml", FILE);
+    let hub = Hub::start(&[("HUB_CONFIG", &path), ("HUB_JWT_SECRET", SECRET)]).await;
+    let (s, connected) = hub.connect("channel=feed:news", &[]).await;
+    drop(s);
+    assert_eq!(connected.json()["heartbeat_secs"], 7, "the file's setting");
+    // The longest prefix wins; the file closed public:; other channels need a token.
+    for (q, want) in [
+        ("channel=feed:news", 200),
+        ("channel=ticker:fx:eur", 200),
+        ("channel=ticker:btc", 401),
+        ("channel=public:x", 401),
+        ("channel=room:1", 401),
+    ] {
+        assert_eq!(hub.sse(q, &[]).await.status, want, "{q}");
+    }
+    // Presence off in ticker: (not in ticker:fx:, its own namespace with the defaults).
+    let t = token("1", &["*"], 600);
+    assert_eq!(
+        hub.sse(&format!("channel=ticker:btc&presence=true&token={t}"), &[])
+            .await
+            .status,
+        403
+    );
+    let (s, _) = hub
+        .connect(&format!("channel=ticker:btc&token={t}"), &[])
+        .await;
+    drop(s);
+    let (s, _) = hub
+        .connect("channel=ticker:fx:eur&presence=true", &[])
+        .await;
+    drop(s);
+
+    let v: Value = hub
+        .http
+        .get(hub.admin_url("/v1/namespaces"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let prefixes: Vec<&str> = v["namespaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["prefix"].as_str().unwrap())
+        .collect();
+    assert_eq!(prefixes, ["ticker:fx:", "public:", "ticker:", "feed:", ""]);
+    let ticker = &v["namespaces"][2];
+    assert_eq!(
+        (
+            ticker["history_len"].clone(),
+            ticker["history_ttl_secs"].clone(),
+            ticker["presence"].clone()
+        ),
+        (json!(10), json!(60), json!(false))
+    );
+    assert_eq!(
+        v["namespaces"][4]["history_len"], 50,
+        "the file's top-level setting"
+    );
+    assert_eq!(v["namespaces"][4]["history_ttl_secs"], 3600, "the default");
+
+    // A variable wins over the file's key.
+    let env_wins = Hub::start(&[("HUB_CONFIG", &path), ("HUB_HEARTBEAT_SECS", "9")]).await;
+    let (s, connected) = env_wins.connect("channel=feed:x", &[]).await;
+    drop(s);
+    assert_eq!(connected.json()["heartbeat_secs"], 9);
+}
+
+#[tokio::test]
+async fn without_a_file_public_is_the_only_anonymous_namespace() {
+    let hub = Hub::start(&[]).await;
+    let (s, _) = hub.connect("channel=public:x", &[]).await;
+    drop(s);
+    assert_eq!(hub.sse("channel=feed:x", &[]).await.status, 401);
+    let v: Value = hub
+        .http
+        .get(hub.admin_url("/v1/namespaces"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["namespaces"].as_array().unwrap().len(), 2, "{v}");
+    assert_eq!(v["namespaces"][0]["prefix"], "public:");
+    assert_eq!(v["namespaces"][0]["anonymous"], true);
+}
+
+#[test]
+fn bad_files_stop_the_hub_with_one_line_naming_the_file_and_key() {
+    for (name, text, words) in [
+        (
+            "unknown-ns-key.toml",
+            "[[namespace]]\nprefix = \"a:\"\nhistroy_len = 5\n",
+            vec!["histroy_len"],
+        ),
+        (
+            "duplicate.toml",
+            "[[namespace]]\nprefix = \"a:\"\n[[namespace]]\nprefix = \"a:\"\n",
+            vec!["prefix", "\"a:\""],
+        ),
+        ("unknown-key.toml", "heartbeat = 5\n", vec!["heartbeat"]),
+        (
+            "bad-value.toml",
+            "heartbeat_secs = \"soon\"\n",
+            vec!["heartbeat-secs"],
+        ),
+        (
+            "bad-type.toml",
+            "[[namespace]]\nprefix = \"a:\"\nanonymous = \"yes\"\n",
+            vec!["anonymous"],
+        ),
+        ("not-toml.toml", "[[namespace\n", vec!["line 1"]),
+        (
+            "bad-ttl.toml",
+            "[[namespace]]\nprefix = \"a:\"\nhistory_ttl_secs = 0\n",
+            vec!["history_ttl_secs"],
+        ),
+    ] {
+        let path = write(name, text);
+        let out = Command::new(binary("hub"))
+            .env_clear()
+            .env("HUB_BIND", "127.0.0.1:0")
+            .env("HUB_ADMIN_BIND", "127.0.0.1:0")
+            .env("HUB_CONFIG", &path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{name}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{name}: {err}");
+        assert!(err.contains(&path), "{name} names the file: {err}");
+        for w in words {
+            assert!(err.contains(w), "{name} names {w}: {err}");
+        }
+    }
+    let out = Command::new(binary("hub"))
+        .env_clear()
+        .env("HUB_CONFIG", "/nonexistent/hub.toml")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
