@@ -47,6 +47,7 @@ pub mod namespaces;
 pub mod node;
 pub mod peer;
 pub mod presence;
+pub mod ratelimit;
 pub mod redis_url;
 pub mod refusal;
 pub mod revocations;

@@ -187,3 +187,57 @@ fn bad_files_stop_the_hub_with_one_line_naming_the_file_and_key() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `publish_rate`: HTTP publishes per second per channel and node, a burst of the rate, then
+/// 429 with `Retry-After`; other channels are not held back.
+#[tokio::test]
+async fn publish_rate_limits_http_publishes_per_channel() {
+    let path = write(
+        "rate.toml",
+        "[[namespace]]\nprefix = \"public:limited:\"\npublish_rate = 2\n",
+    );
+    let hub = Hub::start(&[("HUB_CONFIG", &path)]).await;
+    let publish = |channel: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.http
+                .post(hub.admin_url("/v1/publish"))
+                .json(&json!({"channel": channel, "data": "x"}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(publish("public:limited:a").await.status().as_u16());
+    }
+    assert_eq!(statuses, [202, 202, 429]);
+    let refused = publish("public:limited:a").await;
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(
+        publish("public:limited:b").await.status().as_u16(),
+        202,
+        "per channel"
+    );
+    assert_eq!(
+        publish("public:other").await.status().as_u16(),
+        202,
+        "other namespaces"
+    );
+    hub_tests::wait_until(
+        "a token is back",
+        std::time::Duration::from_secs(3),
+        || async { publish("public:limited:a").await.status().as_u16() == 202 },
+    )
+    .await;
+}

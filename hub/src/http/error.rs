@@ -52,6 +52,13 @@ impl ApiError {
             ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
         }
     }
+    /// 429 with `Retry-After` (whole seconds, at least 1).
+    pub fn too_many(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
     pub fn not_found() -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
     }

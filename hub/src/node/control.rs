@@ -122,6 +122,9 @@ impl Node {
         if let Some(hook) = &self.hook {
             hook.prune();
         }
+        // A publish bucket idle this long is full again: nothing to remember.
+        self.publishes
+            .prune(std::time::Instant::now(), std::time::Duration::from_secs(1));
         if let Broker::Redis(redis) = &*self.broker {
             let redis = redis.clone();
             self.spawn(async move {

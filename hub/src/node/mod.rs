@@ -95,6 +95,8 @@ pub struct Node {
     transports: Arc<AtomicUsize>,
     tasks: Arc<crate::tasks::Tasks>,
     pub started: Instant,
+    /// HTTP publishes per channel, for namespaces with a `publish_rate`.
+    pub publishes: crate::ratelimit::Buckets<ChannelName>,
     /// Presence as the embedded broker keeps it (unused in Redis mode).
     pub presence: Arc<crate::presence::Store>,
 }
@@ -191,6 +193,7 @@ impl Node {
             tasks: Arc::new(crate::tasks::Tasks::new()),
             started: Instant::now(),
             presence: Arc::new(presence),
+            publishes: Default::default(),
             config,
         });
         let catchup = Arc::new(catchup::CatchUp {

@@ -134,6 +134,22 @@ async fn publish(
         return Err(too_large(size));
     }
     let key = idempotency_key(&req, durable)?;
+    let rate = node.config.namespaces.of(&channel).publish_rate;
+    if rate > 0 {
+        // Burst = the rate (at least 1); beyond it 429 with the whole seconds until a token.
+        let burst = rate as f64;
+        if let Err(wait) = node.publishes.take(
+            channel.clone(),
+            rate as f64,
+            burst,
+            std::time::Instant::now(),
+        ) {
+            return Err(ApiError::too_many(
+                format!("at most {rate} publishes a second on this channel (its namespace's publish_rate)"),
+                wait.as_secs_f64().ceil() as u64,
+            ));
+        }
+    }
     let id = node
         .publish(channel, &env, durable, Source::Http, key)
         .await?;

@@ -1,0 +1,92 @@
+//! Token buckets by key: `rate` tokens a second, bursts of `burst`; a take that finds none
+//! says how long until one is back. Used for HTTP publishes per channel (a namespace's
+//! `publish_rate`). Memory: one small entry per key that was limited recently; full buckets
+//! are dropped by [`Buckets::prune`].
+
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Buckets by key, behind one lock (a take is a few arithmetic operations).
+pub struct Buckets<K> {
+    map: Mutex<HashMap<K, Bucket>>,
+}
+
+impl<K: Eq + Hash> Default for Buckets<K> {
+    fn default() -> Self {
+        Buckets {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash> Buckets<K> {
+    /// Takes one token from `key`'s bucket (filled at `rate` a second up to `burst`, full at
+    /// first): `Err(wait)` when there is none, with the time until there is.
+    pub fn take(&self, key: K, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        let mut map = self.map.lock();
+        let b = map.entry(key).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * rate).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - b.tokens) / rate.max(f64::MIN_POSITIVE),
+            ))
+        }
+    }
+
+    /// Drops the buckets that would be full by `now` (nothing to remember), given each key's
+    /// refill time `full_after`.
+    pub fn prune(&self, now: Instant, full_after: Duration) {
+        self.map
+            .lock()
+            .retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_then_the_rate() {
+        let b = Buckets::default();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert!(b.take("c", 3.0, 3.0, t0).is_ok());
+        }
+        let wait = b.take("c", 3.0, 3.0, t0).unwrap_err();
+        assert!(
+            wait > Duration::from_millis(300) && wait <= Duration::from_millis(334),
+            "{wait:?}"
+        );
+        assert!(b
+            .take("c", 3.0, 3.0, t0 + Duration::from_millis(340))
+            .is_ok());
+        assert!(b.take("other", 3.0, 3.0, t0).is_ok(), "per key");
+        b.prune(t0 + Duration::from_secs(10), Duration::from_secs(1));
+        assert!(b.is_empty());
+    }
+}
