@@ -76,12 +76,14 @@ pub enum RejectReason {
     Forbidden = 3,
     BadRequest = 4,
     Draining = 5,
-    /// Beyond the contract's labels: the broker cannot serve streams now (Redis down).
+    /// The broker cannot serve streams now (Redis down), or the authorization hook cannot.
     Unavailable = 6,
+    /// A channel has its namespace's `max_readers` streams on this node.
+    ChannelLimit = 7,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 7] = [
+    pub const ALL: [RejectReason; 8] = [
         RejectReason::Capacity,
         RejectReason::UserLimit,
         RejectReason::Unauthorized,
@@ -89,6 +91,7 @@ impl RejectReason {
         RejectReason::BadRequest,
         RejectReason::Draining,
         RejectReason::Unavailable,
+        RejectReason::ChannelLimit,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -99,6 +102,7 @@ impl RejectReason {
             RejectReason::BadRequest => "bad_request",
             RejectReason::Draining => "draining",
             RejectReason::Unavailable => "unavailable",
+            RejectReason::ChannelLimit => "channel_limit",
         }
     }
 }

@@ -147,7 +147,7 @@ pub struct Metrics {
     pub connections_max: Gauge,
     pub opened: [Counter; 2],
     closed: [[Counter; CloseReason::ALL.len()]; 2],
-    rejected: [Counter; 7],
+    rejected: [Counter; RejectReason::ALL.len()],
     pub channels: Gauge,
     received: [Counter; 3],
     pub delivered: Counter,

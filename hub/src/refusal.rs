@@ -19,6 +19,8 @@ pub enum Kind {
     TooLarge,
     /// 429: the token's `sub` holds `HUB_MAX_CONNECTIONS_PER_USER` streams on this node.
     UserLimit,
+    /// 429: a channel has its namespace's `max_readers` streams on this node.
+    ChannelLimit,
     /// 503: this node holds `HUB_MAX_CONNECTIONS` streams.
     Capacity,
     /// 503: this node is shutting down.
@@ -65,6 +67,14 @@ impl Refusal {
             "this node is shutting down; connect to another",
         )
     }
+    /// A channel is at its namespace's `max_readers` on this node.
+    pub fn channel_limit(channel: &str, max: u64) -> Refusal {
+        Refusal::new(
+            Kind::ChannelLimit,
+            format!("channel {channel} already has {max} readers on this node (its namespace's max_readers)"),
+        )
+    }
+
     /// The broker failed; the client learns only that it may retry (details are logged).
     pub fn unavailable() -> Refusal {
         Refusal::new(
@@ -80,7 +90,7 @@ impl Refusal {
             Kind::Unauthorized => 401,
             Kind::Forbidden => 403,
             Kind::TooLarge => 413,
-            Kind::UserLimit => 429,
+            Kind::UserLimit | Kind::ChannelLimit => 429,
             Kind::Capacity | Kind::Draining | Kind::Unavailable => 503,
         }
     }
@@ -93,6 +103,7 @@ impl Refusal {
             Kind::Forbidden => "forbidden",
             Kind::TooLarge => "too_large",
             Kind::UserLimit => "user_limit",
+            Kind::ChannelLimit => "channel_limit",
             Kind::Capacity => "capacity",
             Kind::Draining => "draining",
             Kind::Unavailable => "broker_unavailable",
@@ -106,6 +117,7 @@ impl Refusal {
             Kind::Unauthorized => RejectReason::Unauthorized,
             Kind::Forbidden => RejectReason::Forbidden,
             Kind::UserLimit => RejectReason::UserLimit,
+            Kind::ChannelLimit => RejectReason::ChannelLimit,
             Kind::Capacity => RejectReason::Capacity,
             Kind::Draining => RejectReason::Draining,
             Kind::Unavailable => RejectReason::Unavailable,
@@ -117,7 +129,7 @@ impl Refusal {
     /// (503 and 429).
     pub fn retry_after(&self) -> Option<u64> {
         match self.kind {
-            Kind::Capacity | Kind::UserLimit => Some(5),
+            Kind::Capacity | Kind::UserLimit | Kind::ChannelLimit => Some(5),
             Kind::Draining => Some(1),
             Kind::Unavailable => Some(2),
             _ => None,
@@ -130,6 +142,7 @@ impl Refusal {
         match self.kind {
             Kind::Capacity => Some("capacity"),
             Kind::UserLimit => Some("user_limit"),
+            Kind::ChannelLimit => Some("channel_limit"),
             Kind::Draining => Some("draining"),
             Kind::Unavailable => Some("unavailable"),
             Kind::BadRequest | Kind::Unauthorized | Kind::Forbidden | Kind::TooLarge => None,

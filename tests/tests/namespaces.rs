@@ -241,3 +241,61 @@ async fn publish_rate_limits_http_publishes_per_channel() {
     )
     .await;
 }
+
+/// `max_readers`: streams per channel on one node; beyond, 429 `channel_limit` (an EventSource
+/// is told to come back), a WebSocket subscribe gets an error frame 429; a place freed is taken.
+#[tokio::test]
+async fn max_readers_bounds_a_channels_streams_on_a_node() {
+    use hub_tests::client::{next, send, try_ws};
+    let path = write(
+        "readers.toml",
+        "[[namespace]]\nprefix = \"public:few:\"\nanonymous = true\nmax_readers = 2\n",
+    );
+    let hub = Hub::start(&[("HUB_CONFIG", &path)]).await;
+    let (one, _) = hub.connect("channel=public:few:a", &[]).await;
+    let (_two, _) = hub.connect("channel=public:few:a", &[]).await;
+    let mut third = hub.sse("channel=public:few:a", &[]).await;
+    assert_eq!(third.status, 429);
+    assert_eq!(third.header("retry-after"), Some("5"));
+    assert!(third.error_body().await.contains("channel_limit"));
+    // Other channels of the namespace are counted apart; a request naming a full channel
+    // among others is refused whole.
+    let (_b, _) = hub.connect("channel=public:few:b", &[]).await;
+    assert_eq!(
+        hub.sse("channel=public:few:b&channel=public:few:a", &[])
+            .await
+            .status,
+        429
+    );
+    let mut es = hub
+        .sse("channel=public:few:a", &[("accept", "text/event-stream")])
+        .await;
+    assert_eq!(es.status, 200);
+    let e = es.next_message(hub_tests::WAIT).await.unwrap();
+    assert_eq!(
+        (e.event.as_str(), e.json()["reason"].clone()),
+        ("hub.reconnect", json!("channel_limit"))
+    );
+    let mut ws = try_ws(hub.public, "", &[]).await.unwrap();
+    send(
+        &mut ws,
+        json!({"op": "subscribe", "channel": "public:few:a"}),
+    )
+    .await;
+    let frame = next(&mut ws).await;
+    assert_eq!(
+        (frame["code"].clone(), frame["channel"].clone()),
+        (json!(429), json!("public:few:a")),
+        "{frame}"
+    );
+    assert_eq!(
+        hub.metric("hub_connections_rejected_total{reason=\"channel_limit\"}")
+            .await,
+        3.0
+    );
+    drop(one);
+    hub_tests::wait_until("the freed place is taken", hub_tests::WAIT, || async {
+        hub.sse("channel=public:few:a", &[]).await.status == 200
+    })
+    .await;
+}

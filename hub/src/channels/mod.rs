@@ -191,16 +191,38 @@ impl Registry {
     /// is not confirmed yet (a channel that had no local reader before, or whose first reader
     /// is still subscribing it): the caller makes sure of them. Nothing is added to a closed
     /// session.
+    /// `max_readers` says each channel's limit of readers on this node (0: none): a channel at
+    /// its limit is `Err` with its name, and the stream is a reader of none of `channels`.
     pub fn add_channels(
         &self,
         session: &Arc<Session>,
         channels: &[ChannelName],
-    ) -> Vec<ChannelName> {
+        max_readers: impl Fn(&str) -> u64,
+    ) -> Result<Vec<ChannelName>, ChannelName> {
         let mut created = 0;
         let mut unconfirmed = Vec::new();
         let mut changed = Vec::with_capacity(channels.len());
-        for ch in channels {
+        for (i, ch) in channels.iter().enumerate() {
             let mut shard = self.channels[shard_of(ch)].lock();
+            let max = max_readers(ch);
+            let full = max > 0
+                && shard.get(ch.as_str()).is_some_and(|c| {
+                    c.readers.len() as u64 >= max && !c.readers.contains_key(&session.seq)
+                });
+            if full {
+                drop(shard);
+                // Checked under the channel's lock, so the limit is never passed; the channels
+                // added before it are taken off again.
+                self.presence_changed(changed);
+                if created > 0 {
+                    self.channel_count.fetch_add(created, Ordering::Relaxed);
+                    self.metrics.channels.increment(created as f64);
+                }
+                for added in &channels[..i] {
+                    self.unlink(session, added);
+                }
+                return Err(ch.clone());
+            }
             let entry = shard.entry(ch.as_arc().clone()).or_insert_with(|| {
                 created += 1;
                 Channel::default()
@@ -230,7 +252,15 @@ impl Registry {
                 self.unlink(session, ch);
             }
         }
-        unconfirmed
+        Ok(unconfirmed)
+    }
+
+    /// How many local readers a channel has.
+    pub fn reader_count(&self, channel: &str) -> usize {
+        self.channels[shard_of(channel)]
+            .lock()
+            .get(channel)
+            .map_or(0, |c| c.readers.len())
     }
 
     /// Whether the broker confirmed it delivers `channel` (since its current first reader).

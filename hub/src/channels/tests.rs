@@ -56,7 +56,7 @@ fn open_with(
         s.want_presence(None);
     }
     r.register(&s);
-    let first = r.add_channels(&s, &chans);
+    let first = r.add_channels(&s, &chans, |_| 0).expect("no reader limit");
     let starts: Vec<_> = chans
         .iter()
         .map(|c| (c.clone(), StartAt::Live(StreamId::ZERO)))
@@ -370,4 +370,38 @@ fn the_tick_finds_streams_without_writes() {
     assert_eq!(due.len(), 1);
     assert!(Arc::ptr_eq(&due[0].0, &s) && due[0].1 == CloseReason::Stale);
     assert_eq!(r.stale(90).len(), 1);
+}
+
+#[test]
+fn a_channel_at_its_reader_limit_takes_no_more_and_the_stream_reads_none_of_its_channels() {
+    let r = Registry::new(Arc::new(Metrics::new()));
+    let (_first, _) = open(&r, &["room:b"], 8);
+    let a = ChannelName::new("room:a").unwrap();
+    let b = ChannelName::new("room:b").unwrap();
+    let s = Arc::new(Session::new(
+        SessionInit {
+            seq: r.next_seq(),
+            transport: Transport::Sse,
+            envelope: false,
+            user: None,
+            expires_at: None,
+            capacity: 8,
+            now: 0,
+            refill: None,
+            socket: None,
+            multiplexed: false,
+        },
+        vec![a.clone(), b.clone()],
+    ));
+    r.register(&s);
+    let limit = |c: &str| if c == "room:b" { 1 } else { 0 };
+    assert_eq!(r.add_channels(&s, &[a, b.clone()], limit), Err(b));
+    assert_eq!(
+        r.reader_count("room:a"),
+        0,
+        "the channel added before was taken off"
+    );
+    assert_eq!(r.reader_count("room:b"), 1);
+    assert!(!r.has_readers("room:a"));
+    assert_eq!(r.counts().channels, 1);
 }

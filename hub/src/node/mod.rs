@@ -276,6 +276,14 @@ impl Node {
         if !self.broker.is_up() {
             return Err(self.refuse(Refusal::unavailable()));
         }
+        // A channel at its namespace's max_readers: refused before anything is taken (the
+        // registry checks again under the channel's lock, for streams that race here).
+        for ch in &req.channels {
+            let max = self.config.namespaces.of(ch).max_readers;
+            if max > 0 && self.registry.reader_count(ch) as u64 >= max {
+                return Err(self.refuse(Refusal::channel_limit(ch.as_str(), max)));
+            }
+        }
         match self.admit(req.user.as_ref()).await {
             Ok(()) => {}
             Err(RejectReason::UserLimit) => {
@@ -408,7 +416,13 @@ impl Node {
         head: impl FnOnce(&[StreamId]) -> Vec<Item>,
     ) -> Result<(), Refusal> {
         let names: Vec<ChannelName> = want.iter().map(|(c, _)| c.clone()).collect();
-        let unconfirmed = self.registry.add_channels(session, &names);
+        let namespaces = &self.config.namespaces;
+        let unconfirmed = self
+            .registry
+            .add_channels(session, &names, |c| namespaces.of(c).max_readers)
+            .map_err(|full| {
+                Refusal::channel_limit(full.as_str(), namespaces.of(full.as_str()).max_readers)
+            })?;
         if session.close_reason().is_some() {
             // Closed meanwhile: the registry took it off again; channels left without a reader
             // are unsubscribed.
