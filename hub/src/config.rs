@@ -295,6 +295,15 @@ fn read_file(path: &std::path::Path) -> Result<FileParts, String> {
 }
 
 impl Config {
+    /// How many durable messages a channel keeps: its namespace's `history_len`, else
+    /// `HUB_HISTORY_LEN`.
+    pub fn history_len_of(&self, channel: &str) -> u64 {
+        self.namespaces
+            .of(channel)
+            .history_len
+            .unwrap_or(self.history_len)
+    }
+
     /// Parses flags and environment, then checks what clap cannot: relations between values.
     /// On error returns one line naming the variable; `--help`/`--version` exit here.
     pub fn from_env_and_args() -> Result<Config, String> {

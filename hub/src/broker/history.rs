@@ -1,5 +1,6 @@
 //! In-memory channel history for the embedded broker: the last `HUB_HISTORY_LEN` durable
-//! messages per channel, none older than `HUB_HISTORY_TTL_SECS`.
+//! messages per channel, none older than `HUB_HISTORY_TTL_SECS` (or its namespace's
+//! `history_len` and `history_ttl_secs`).
 //!
 //! Assigns positions and answers "what follows position P (at most N of it), and from where on
 //! is history whole?". It knows nothing of readers; the caller delivers inside `append`'s lock
@@ -22,13 +23,19 @@ struct Log {
     floor: StreamId,
     last: StreamId,
     entries: VecDeque<Arc<Message>>,
+    /// The channel's limits (its namespace's, set when the log is made).
+    max_len: usize,
+    ttl_ms: u64,
 }
 
 /// Shared by the embedded broker; positions are `<ms>-<seq>` like Redis stream ids.
 pub struct MemoryHistory {
     shards: Box<[Shard]>,
+    /// The defaults (`HUB_HISTORY_LEN`, `HUB_HISTORY_TTL_SECS`) and the namespaces that
+    /// override them per channel prefix.
     max_len: usize,
     ttl_ms: u64,
+    namespaces: crate::namespaces::Namespaces,
     /// Nothing from before this process can be in memory.
     start_ms: u64,
 }
@@ -41,22 +48,43 @@ fn shard_of(key: &str) -> usize {
 
 impl MemoryHistory {
     pub fn new(max_len: usize, ttl_secs: u64, now_ms: u64) -> MemoryHistory {
+        MemoryHistory::with_namespaces(max_len, ttl_secs, now_ms, Default::default())
+    }
+
+    /// [`MemoryHistory::new`], with namespaces whose `history_len` and `history_ttl_secs`
+    /// override the defaults for their channels.
+    pub fn with_namespaces(
+        max_len: usize,
+        ttl_secs: u64,
+        now_ms: u64,
+        namespaces: crate::namespaces::Namespaces,
+    ) -> MemoryHistory {
         MemoryHistory {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             max_len,
             ttl_ms: ttl_secs * 1000,
+            namespaces,
             start_ms: now_ms,
         }
     }
 
-    /// The oldest position a channel without a log can still vouch for: nothing from before
-    /// start-up or older than the TTL could still be held.
-    fn base(&self, now_ms: u64) -> StreamId {
-        StreamId::new(self.start_ms.max(now_ms.saturating_sub(self.ttl_ms)), 0)
+    /// A channel's length and TTL (ms).
+    fn limits(&self, channel: &str) -> (usize, u64) {
+        let ns = self.namespaces.of(channel);
+        (
+            ns.history_len.map_or(self.max_len, |l| l as usize),
+            ns.history_ttl_secs.map_or(self.ttl_ms, |t| t * 1000),
+        )
     }
 
-    fn trim_expired(&self, log: &mut Log, now_ms: u64) {
-        let horizon = now_ms.saturating_sub(self.ttl_ms);
+    /// The oldest position a channel without a log can still vouch for: nothing from before
+    /// start-up or older than the TTL could still be held.
+    fn base(&self, ttl_ms: u64, now_ms: u64) -> StreamId {
+        StreamId::new(self.start_ms.max(now_ms.saturating_sub(ttl_ms)), 0)
+    }
+
+    fn trim_expired(log: &mut Log, now_ms: u64) {
+        let horizon = now_ms.saturating_sub(log.ttl_ms);
         while log
             .entries
             .front()
@@ -78,7 +106,8 @@ impl MemoryHistory {
         then: impl FnOnce(&Arc<Message>) -> R,
     ) -> (StreamId, R) {
         let mut shard = self.shards[shard_of(channel)].lock();
-        let floor = self.base(now_ms);
+        let (max_len, ttl_ms) = self.limits(channel);
+        let floor = self.base(ttl_ms, now_ms);
         // `last` starts at `now-0`, the tail handed out for a channel without a log, so the
         // first message is strictly after every position a stream could hold for it.
         let log = shard
@@ -87,13 +116,15 @@ impl MemoryHistory {
                 floor,
                 last: StreamId::new(now_ms, 0),
                 entries: VecDeque::new(),
+                max_len,
+                ttl_ms,
             });
-        self.trim_expired(log, now_ms);
+        Self::trim_expired(log, now_ms);
         let id = log.last.next(now_ms);
         let msg = build(id);
         log.last = id;
         log.entries.push_back(msg.clone());
-        while log.entries.len() > self.max_len {
+        while log.entries.len() > log.max_len {
             if let Some(m) = log.entries.pop_front() {
                 log.floor = m.position.unwrap_or(log.floor);
             }
@@ -116,12 +147,12 @@ impl MemoryHistory {
             return Page {
                 entries: Vec::new(),
                 tail: StreamId::new(now_ms, 0),
-                floor: self.base(now_ms),
+                floor: self.base(self.limits(channel).1, now_ms),
                 more: false,
                 last: None,
             };
         };
-        self.trim_expired(log, now_ms);
+        Self::trim_expired(log, now_ms);
         let start = log
             .entries
             .partition_point(|m| m.position.is_some_and(|q| q <= after));
@@ -144,7 +175,7 @@ impl MemoryHistory {
         let Some(log) = shard.get_mut(channel.as_str()) else {
             return StreamId::new(now_ms, 0);
         };
-        self.trim_expired(log, now_ms);
+        Self::trim_expired(log, now_ms);
         let len = log.entries.len();
         if n == 0 {
             return log.last;
@@ -161,8 +192,8 @@ impl MemoryHistory {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             shard.retain(|_, log| {
-                self.trim_expired(log, now_ms);
-                !(log.entries.is_empty() && log.last.ms.saturating_add(self.ttl_ms) < now_ms)
+                Self::trim_expired(log, now_ms);
+                !(log.entries.is_empty() && log.last.ms.saturating_add(log.ttl_ms) < now_ms)
             });
         }
     }

@@ -51,8 +51,33 @@ impl LocalBroker {
         history_ttl_secs: u64,
         idempotency_secs: u64,
     ) -> LocalBroker {
+        LocalBroker::with_namespaces(
+            sink,
+            metrics,
+            history_len,
+            history_ttl_secs,
+            idempotency_secs,
+            Default::default(),
+        )
+    }
+
+    /// [`LocalBroker::new`] whose history follows the namespaces' `history_len` and
+    /// `history_ttl_secs`.
+    pub fn with_namespaces(
+        sink: Arc<dyn Sink>,
+        metrics: Arc<Metrics>,
+        history_len: usize,
+        history_ttl_secs: u64,
+        idempotency_secs: u64,
+        namespaces: crate::namespaces::Namespaces,
+    ) -> LocalBroker {
         LocalBroker {
-            history: MemoryHistory::new(history_len, history_ttl_secs, now_ms()),
+            history: MemoryHistory::with_namespaces(
+                history_len,
+                history_ttl_secs,
+                now_ms(),
+                namespaces,
+            ),
             keys: Mutex::new(Keys::default()),
             key_ms: idempotency_secs * 1000,
             sink,

@@ -160,12 +160,13 @@ impl Node {
         let (broker, presence) = match &config.redis_url {
             None => {
                 metrics.redis_up.set(1.0);
-                let broker = Broker::Local(LocalBroker::new(
+                let broker = Broker::Local(LocalBroker::with_namespaces(
                     sink,
                     metrics.clone(),
                     config.history_len as usize,
                     config.history_ttl_secs,
                     config.idempotency_secs,
+                    config.namespaces.clone(),
                 ));
                 (broker, Store::Memory(MemoryPresence::default()))
             }

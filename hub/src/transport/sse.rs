@@ -137,11 +137,15 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
     let q = parse_query(head.query).map_err(|r| node.refuse(r))?;
     let channels = check_channels(&q.channels, node.config.max_channels_per_conn as usize)
         .map_err(|r| node.refuse(r))?;
-    let history_len = node.config.history_len;
-    if q.rewind > history_len {
+    // Each channel's history length bounds rewind (HUB_HISTORY_LEN, or its namespace's).
+    if let Some((c, len)) = channels
+        .iter()
+        .map(|c| (c, node.config.history_len_of(c)))
+        .find(|(_, len)| q.rewind > *len)
+    {
         return Err(node
             .refuse(Refusal::bad_request(format!(
-                "rewind must be from 0 to {history_len} (HUB_HISTORY_LEN)"
+                "rewind must be from 0 to {len} (the history length of channel {c})"
             )))
             .into());
     }

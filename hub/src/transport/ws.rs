@@ -405,11 +405,11 @@ impl WsBody {
                 Some(name),
             );
         }
-        let history_len = self.node().config.history_len;
+        let history_len = self.node().config.history_len_of(name);
         if rewind > history_len {
             return self.reply_error(
                 400,
-                &format!("rewind must be from 0 to {history_len} (HUB_HISTORY_LEN)"),
+                &format!("rewind must be from 0 to {history_len} (the channel's history length)"),
                 Some(name),
             );
         }
