@@ -103,9 +103,10 @@ impl Namespaces {
                     n.prefix
                 ));
             }
-            if n.prefix.len() > 128 || n.prefix.chars().any(|c| c.is_whitespace() || c == '*') {
+            let channel_char = |c: char| c.is_ascii_alphanumeric() || "_.:@/-".contains(c);
+            if n.prefix.len() > 128 || !n.prefix.chars().all(channel_char) {
                 return Err(format!(
-                    "HUB_CONFIG {file}: namespace prefix {:?}: at most 128 characters, no spaces or *",
+                    "HUB_CONFIG {file}: namespace prefix {:?}: at most 128 characters, each one a channel name may hold (A-Z a-z 0-9 _ . : @ / -)",
                     n.prefix
                 ));
             }
@@ -139,6 +140,29 @@ impl Namespaces {
     /// Whether a channel can be read without a token.
     pub fn is_anonymous(&self, channel: &str) -> bool {
         self.of(channel).anonymous
+    }
+
+    /// The namespaces as the Redis function library reads them: a Lua table of
+    /// `{prefix, history length, TTL ms}`, longest prefix first (the default namespace `""` is
+    /// left out: the library's defaults are the global settings), with each history setting
+    /// filled from `len`/`ttl_secs` where the namespace has none; and a 32-bit hash of it,
+    /// which tells nodes whether they run the same namespaces. Prefixes hold only channel-name
+    /// characters, so they are quoted safely.
+    pub fn lua_table(&self, len: u64, ttl_secs: u64) -> (String, u32) {
+        let mut out = String::from("{");
+        for n in self.list.iter().filter(|n| !n.prefix.is_empty()) {
+            let l = n.history_len.unwrap_or(len);
+            let t = n.history_ttl_secs.unwrap_or(ttl_secs) * 1000;
+            out.push_str(&format!("{{'{}', {l}, {t}}}, ", n.prefix));
+        }
+        out.push('}');
+        // FNV-1a, folded to 32 bits: exact in Lua's numbers.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in out.bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x100_0000_01b3);
+        }
+        (out, (h ^ (h >> 32)) as u32)
     }
 
     /// Every namespace, longest prefix first.
@@ -189,7 +213,23 @@ mod tests {
     }
 
     #[test]
+    fn the_library_table_resolves_defaults_and_leaves_out_the_default_namespace() {
+        let mut t = ns("ticker:");
+        t.history_len = Some(10);
+        let n = Namespaces::from_file_tables("f", vec![t]).unwrap();
+        let (lua, hash) = n.lua_table(1000, 3600);
+        assert_eq!(
+            lua,
+            "{{'ticker:', 10, 3600000}, {'public:', 1000, 3600000}, }"
+        );
+        assert_ne!(hash, Namespaces::default().lua_table(1000, 3600).1);
+        assert_eq!(hash, n.lua_table(1000, 3600).1, "stable");
+    }
+
+    #[test]
     fn duplicates_and_bad_values_name_the_file_and_key() {
+        let e = Namespaces::from_file_tables("hub.toml", vec![ns("it's:")]).unwrap_err();
+        assert!(e.contains("prefix"), "{e}");
         let e = Namespaces::from_file_tables("hub.toml", vec![ns("a:"), ns("a:")]).unwrap_err();
         assert!(
             e.contains("hub.toml") && e.contains("prefix") && e.contains("\"a:\""),

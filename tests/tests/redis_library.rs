@@ -76,7 +76,8 @@ async fn an_ephemeral_publish_cannot_pass_for_a_durable_one() {
     );
 }
 
-/// `FCALL_RO hub_version 0`: [version, history length, TTL ms, max bytes].
+/// `FCALL_RO hub_version 0`: [version, history length, TTL ms, max bytes, idempotency ms,
+/// namespaces hash].
 fn version(redis: &Redis) -> Vec<i64> {
     redis
         .cli(&["FCALL_RO", "hub_version", "0"])
@@ -93,7 +94,7 @@ async fn an_older_library_is_upgraded_and_a_newer_one_is_kept() {
         "#!lua name=hub\nredis.register_function('hub_publish', function(k, a) return 'v1' end)";
     redis.cli(&["FUNCTION", "LOAD", "REPLACE", v1]);
     let hub = redis_hub(&redis, &[]).await;
-    assert_eq!(version(&redis)[0], 5, "upgraded");
+    assert_eq!(version(&redis)[0], 6, "upgraded");
     drop(hub);
     // A library of a later version than this build: kept as it is.
     let v99 = "#!lua name=hub\nredis.register_function{function_name='hub_version', \
@@ -109,7 +110,7 @@ async fn the_first_nodes_settings_are_not_overwritten_by_the_last() {
     let redis = Redis::start();
     let a = redis_hub(&redis, &[("HUB_HISTORY_LEN", "50")]).await;
     let b = redis_hub(&redis, &[("HUB_HISTORY_LEN", "7")]).await;
-    assert_eq!(version(&redis), [5, 50, 3_600_000, 65_536, 300_000]);
+    assert_eq!(version(&redis)[..5], [6, 50, 3_600_000, 65_536, 300_000]);
     wait_until("node b says so", WAIT, || async {
         b.log().contains("other settings than this node")
     })
@@ -137,4 +138,65 @@ async fn durable_messages_are_also_sent_in_the_form_version_1_nodes_read() {
         .unwrap();
     let payload: String = msg.get_payload().unwrap();
     assert_eq!(payload, format!(r#"{id} {{"data":"for old nodes"}}"#));
+}
+
+async fn ns(hub: &Hub) -> serde_json::Value {
+    hub.http
+        .get(hub.admin_url("/v1/namespaces"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Namespaces in Redis: `FCALL hub_publish` from a plain client keeps each channel's history by
+/// its namespace (the library's); a node whose namespaces differ says so loudly and on
+/// `GET /v1/namespaces`, and the first node's stay in force.
+#[tokio::test]
+async fn fcall_publishes_keep_history_by_namespace_and_a_node_with_other_namespaces_says_so() {
+    let dir = std::env::temp_dir().join(format!("hub-rl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let short = file(
+        "short.toml",
+        "[[namespace]]\nprefix = \"public:short:\"\nanonymous = true\nhistory_len = 3\n",
+    );
+    let other = file(
+        "other.toml",
+        "[[namespace]]\nprefix = \"public:short:\"\nanonymous = true\nhistory_len = 4\n",
+    );
+    let redis = Redis::start();
+    let a = redis_hub(&redis, &[("HUB_CONFIG", &short)]).await;
+    let ch = format!("public:short:{}", std::process::id());
+    let long = prefix("long");
+    for i in 0..10 {
+        let env = format!("{{\"data\":{i}}}");
+        redis.cli(&["FCALL", "hub_publish", "1", &ch, &env]);
+        redis.cli(&["FCALL", "hub_publish", "1", &long, &env]);
+    }
+    assert_eq!(redis.cli(&["XLEN", &format!("hub:hist:{{{ch}}}")]), "3");
+    assert_eq!(redis.cli(&["XLEN", &format!("hub:hist:{{{long}}}")]), "10");
+    let (mut s, _) = a.connect(&format!("channel={ch}&rewind=3"), &[]).await;
+    for want in ["7", "8", "9"] {
+        assert_eq!(s.next_message(WAIT).await.unwrap().data, want);
+    }
+    assert_eq!(ns(&a).await["redis_differs"], false);
+    let b = redis_hub(&redis, &[("HUB_CONFIG", &other)]).await;
+    wait_until("node b says its namespaces differ", WAIT, || async {
+        b.log().contains("namespaces in Redis")
+    })
+    .await;
+    assert_eq!(ns(&b).await["redis_differs"], true);
+    redis.cli(&["FCALL", "hub_publish", "1", &ch, "{\"data\":10}"]);
+    assert_eq!(
+        redis.cli(&["XLEN", &format!("hub:hist:{{{ch}}}")]),
+        "3",
+        "the first node's namespaces"
+    );
 }

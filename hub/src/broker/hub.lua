@@ -4,7 +4,7 @@
 -- one is older (`hub_version`); it never replaces a newer one, and with the same version the
 -- settings of the node that loaded it apply to all (a node with other settings logs that).
 --
---   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes, idem_ms}
+--   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes, idem_ms, namespaces hash (version 6)}
 --   FCALL hub_publish 1 <channel> <envelope> [<key>] -> the message id ("<ms>-<seq>")
 --     with an idempotency key (1-128 printable ASCII) already used on the channel within
 --     IDEM_MS: the first call's id, and nothing is published (hub:idem:{<channel>}:<key>).
@@ -47,6 +47,20 @@ local TTL_MS = __TTL_MS__
 local MAX_BYTES = __MAX_BYTES__
 local IDEM_MS = __IDEM_MS__
 local CLUSTER = __CLUSTER__
+-- Namespaces (longest prefix first): {prefix, history length, TTL in ms}; a channel in none of
+-- them keeps MAXLEN and TTL_MS. NS_HASH tells nodes whether they run the same namespaces.
+local NAMESPACES = __NAMESPACES__
+local NS_HASH = __NS_HASH__
+
+-- A channel's history length and TTL (ms): its namespace's (the longest prefix), else the
+-- defaults.
+local function limits(ch)
+  for i = 1, #NAMESPACES do
+    local ns = NAMESPACES[i]
+    if string.sub(ch, 1, #ns[1]) == ns[1] then return ns[2], ns[3] end
+  end
+  return MAXLEN, TTL_MS
+end
 
 local function history_key(ch)
   return 'hub:hist:{' .. ch .. '}'
@@ -127,19 +141,20 @@ local function publish(keys, args)
     local first = redis.call('GET', ikey)
     if first then return first end
   end
+  local maxlen, ttl = limits(ch)
   local key, fkey = history_key(ch), floor_key(ch)
   local len = redis.call('XLEN', key)
   local fresh = len == 0 and redis.call('EXISTS', key) == 0
   local floor = nil
-  if MAXLEN > 0 and len >= MAXLEN then
+  if maxlen > 0 and len >= maxlen then
     -- The oldest entries are about to be trimmed; the newest of them becomes the floor.
-    local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', len - MAXLEN + 1)
+    local gone = redis.call('XRANGE', key, '-', '+', 'COUNT', len - maxlen + 1)
     floor = gone[#gone][1]
   end
-  local id = redis.call('XADD', key, 'MAXLEN', '=', MAXLEN, '*', 'e', env)
+  local id = redis.call('XADD', key, 'MAXLEN', '=', maxlen, '*', 'e', env)
   local ms = parse_id(id)
-  local horizon = ms - TTL_MS
-  if MAXLEN == 0 then floor = id end
+  local horizon = ms - ttl
+  if maxlen == 0 then floor = id end
   if fresh then
     -- A new stream vouches only for what follows now-TTL: an older position may have missed
     -- messages of a stream that expired.
@@ -152,8 +167,8 @@ local function publish(keys, args)
     end
   end
   if floor then redis.call('SET', fkey, floor) end
-  redis.call('PEXPIRE', fkey, TTL_MS)
-  redis.call('PEXPIRE', key, TTL_MS)
+  redis.call('PEXPIRE', fkey, ttl)
+  redis.call('PEXPIRE', key, ttl)
   local pub = 'PUBLISH'
   if CLUSTER then pub = 'SPUBLISH' end
   local note = id .. ' ' .. env
@@ -167,7 +182,8 @@ local function recover(keys, args)
   local ch, since = keys[1], args[1] or ''
   local key = history_key(ch)
   local now = now_ms()
-  local horizon = now - TTL_MS
+  local _, ttl = limits(ch)
+  local horizon = now - ttl
   local s_ms, s_seq
   if since ~= '' then
     s_ms, s_seq = parse_id(since)
@@ -218,7 +234,8 @@ local function read(keys, args)
   local ch, after, count = keys[1], args[1] or '', tonumber(args[2] or '0') or 0
   local key = history_key(ch)
   local now = now_ms()
-  local horizon = now - TTL_MS
+  local _, ttl = limits(ch)
+  local horizon = now - ttl
   if redis.call('EXISTS', key) == 0 then
     -- Nothing was published for a TTL (or ever): positions within the TTL missed nothing. A
     -- fresh reader starts just before now, so the first message (at now or later) follows it.
@@ -250,8 +267,9 @@ local function rewind(keys, args)
     return (now - 1) .. '-0'
   end
   if n <= 0 then return last_generated(key) end
-  if MAXLEN > 0 and n > MAXLEN then n = MAXLEN end
-  local floor, f_ms, f_seq = floor_of(ch, key, now - TTL_MS)
+  local maxlen, ttl = limits(ch)
+  if maxlen > 0 and n > maxlen then n = maxlen end
+  local floor, f_ms, f_seq = floor_of(ch, key, now - ttl)
   local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', n + 1)
   if #newest > n then
     local p = newest[n + 1][1]
@@ -333,7 +351,7 @@ local function presence_lease(keys, args)
 end
 
 local function version()
-  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES, IDEM_MS}
+  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES, IDEM_MS, NS_HASH}
 end
 
 redis.register_function('hub_publish', publish)

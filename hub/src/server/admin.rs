@@ -217,7 +217,13 @@ async fn namespaces(node: web::Data<Node>) -> HttpResponse {
             ..n.clone()
         })
         .collect();
-    HttpResponse::Ok().json(serde_json::json!({ "namespaces": list }))
+    let mut answer = serde_json::json!({ "namespaces": list });
+    if let crate::broker::Broker::Redis(redis) = &*node.broker {
+        // Redis keeps the namespaces FCALL hub_publish follows (the library's): whether they
+        // are this node's.
+        answer["redis_differs"] = redis.namespaces_differ().into();
+    }
+    HttpResponse::Ok().json(answer)
 }
 
 /// `GET /metrics`: Prometheus text.

@@ -9,7 +9,7 @@ pub(super) const LIBRARY: &str = include_str!("../hub.lua");
 
 /// This build's library version. A node never replaces a loaded library of a higher version;
 /// every version keeps the functions and arguments of the ones before it.
-pub const LIBRARY_VERSION: i64 = 5;
+pub const LIBRARY_VERSION: i64 = 6;
 
 /// How often the loaded library is checked again (a node of version 1 replaces any library).
 pub(super) const LIBRARY_CHECK_EVERY: Duration = Duration::from_secs(30);
@@ -17,8 +17,9 @@ pub(super) const LIBRARY_CHECK_EVERY: Duration = Duration::from_secs(30);
 /// A library found loaded in Redis.
 pub(super) struct LoadedLibrary {
     pub(super) version: i64,
-    /// History length, TTL (ms), largest envelope (zeros for version 1, which cannot tell).
-    pub(super) settings: [i64; 3],
+    /// History length, TTL (ms), largest envelope, namespaces hash (zeros where the version
+    /// cannot tell: 1 tells nothing, before 6 no namespaces).
+    pub(super) settings: [i64; 4],
 }
 
 impl RedisBroker {
@@ -51,9 +52,13 @@ impl RedisBroker {
         .await;
         match answer {
             Ok(v) => match v[..] {
+                [version, max_len, ttl_ms, max_bytes, _, ns_hash, ..] => Ok(Some(LoadedLibrary {
+                    version,
+                    settings: [max_len, ttl_ms, max_bytes, ns_hash],
+                })),
                 [version, max_len, ttl_ms, max_bytes, ..] => Ok(Some(LoadedLibrary {
                     version,
-                    settings: [max_len, ttl_ms, max_bytes],
+                    settings: [max_len, ttl_ms, max_bytes, 0],
                 })),
                 _ => Err(BrokerError::Unexpected(
                     "hub_version answered something unexpected".into(),
@@ -68,7 +73,7 @@ impl RedisBroker {
                 let exists = matches!(&list, Value::Array(a) if !a.is_empty());
                 Ok(exists.then_some(LoadedLibrary {
                     version: 1,
-                    settings: [0; 3],
+                    settings: [0; 4],
                 }))
             }
             Err(e) => Err(e),
@@ -79,7 +84,7 @@ impl RedisBroker {
     /// none, replaces an older one, keeps a newer one, and logs when the loaded one of the same
     /// version has other settings (they apply to every node; this one does not overwrite them).
     pub(super) async fn ensure_library(&self) -> Result<(), BrokerError> {
-        let ours = [self.settings[0], self.settings[1], self.settings[2]];
+        let ours = self.settings;
         for _ in 0..3 {
             match self.loaded_library().await? {
                 None => match self.load_library(false).await {
@@ -111,7 +116,20 @@ impl RedisBroker {
                     return Ok(());
                 }
                 Some(l) => {
-                    if l.settings != ours && !self.mismatch_noted.swap(true, Ordering::AcqRel) {
+                    self.namespaces_differ
+                        .store(l.settings[3] != ours[3], Ordering::Release);
+                    if l.settings[3] != ours[3]
+                        && !self.ns_mismatch_noted.swap(true, Ordering::AcqRel)
+                    {
+                        tracing::error!(
+                            loaded = l.settings[3],
+                            this_node = ours[3],
+                            "the namespaces in Redis (the hub library's) differ from this node's HUB_CONFIG: FCALL hub_publish keeps history by Redis's namespaces for every node; run the same namespaces on every node, then FUNCTION DELETE hub once to load them"
+                        );
+                    }
+                    if l.settings[..3] != ours[..3]
+                        && !self.mismatch_noted.swap(true, Ordering::AcqRel)
+                    {
                         tracing::warn!(
                             loaded_history_len = l.settings[0],
                             loaded_ttl_ms = l.settings[1],

@@ -131,8 +131,12 @@ pub struct RedisBroker {
     /// Serializes resubscribing with the node's own subscribe calls.
     resubscribing: tokio::sync::Mutex<()>,
     library: String,
-    /// What this node's library would keep: history length, TTL (ms), largest envelope.
-    settings: [i64; 3],
+    /// What this node's library would keep: history length, TTL (ms), largest envelope, and
+    /// the hash of its namespaces.
+    settings: [i64; 4],
+    /// The library loaded in Redis has other namespaces than this node's (logged once).
+    namespaces_differ: AtomicBool,
+    ns_mismatch_noted: AtomicBool,
     /// Logged once: a newer library is loaded / the loaded one has other settings.
     newer_noted: AtomicBool,
     mismatch_noted: AtomicBool,
@@ -249,6 +253,10 @@ impl RedisBroker {
                 &(settings.idempotency_secs * 1000).to_string(),
             )
             .replace("__CLUSTER__", if cluster { "true" } else { "false" });
+        let (ns_table, ns_hash) = settings.namespaces.lua_table(history_len, history_ttl_secs);
+        let library = library
+            .replace("__NAMESPACES__", &ns_table)
+            .replace("__NS_HASH__", &ns_hash.to_string());
         let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let broker = Arc::new(RedisBroker {
             client,
@@ -262,7 +270,10 @@ impl RedisBroker {
                 history_len as i64,
                 (history_ttl_secs * 1000) as i64,
                 max_bytes as i64,
+                i64::from(ns_hash),
             ],
+            namespaces_differ: AtomicBool::new(false),
+            ns_mismatch_noted: AtomicBool::new(false),
             newer_noted: AtomicBool::new(false),
             mismatch_noted: AtomicBool::new(false),
             library_loaded: AtomicBool::new(false),
@@ -314,6 +325,11 @@ impl RedisBroker {
 
     pub fn count_received(&self, source: Source) {
         self.metrics.received(source).increment(1);
+    }
+
+    /// Whether the library loaded in Redis has other namespaces than this node's.
+    pub fn namespaces_differ(&self) -> bool {
+        self.namespaces_differ.load(Ordering::Acquire)
     }
 
     /// The subscription is proven by a self-ping, the library is loaded and the revocations
