@@ -218,9 +218,10 @@ mod tests {
         t.history_len = Some(10);
         let n = Namespaces::from_file_tables("f", vec![t]).unwrap();
         let (lua, hash) = n.lua_table(1000, 3600);
+        // Longest first; equal lengths by name.
         assert_eq!(
             lua,
-            "{{'ticker:', 10, 3600000}, {'public:', 1000, 3600000}, }"
+            "{{'public:', 1000, 3600000}, {'ticker:', 10, 3600000}, }"
         );
         assert_ne!(hash, Namespaces::default().lua_table(1000, 3600).1);
         assert_eq!(hash, n.lua_table(1000, 3600).1, "stable");
