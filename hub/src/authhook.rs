@@ -117,8 +117,7 @@ pub struct AuthHook {
 
 /// A grant kept for reuse until `until`.
 struct Cached {
-    claims: Arc<Claims>,
-    expires_at: Option<u64>,
+    granted: Granted,
     until: Instant,
 }
 
@@ -197,10 +196,7 @@ impl AuthHook {
         let mut cache = self.cache.lock();
         let hit = cache.get(key)?;
         if hit.until > Instant::now() {
-            return Some(Granted {
-                claims: hit.claims.clone(),
-                expires_at: hit.expires_at,
-            });
+            return Some(hit.granted.clone());
         }
         cache.remove(key);
         None
@@ -223,8 +219,7 @@ impl AuthHook {
         cache.insert(
             key,
             Cached {
-                claims: granted.claims.clone(),
-                expires_at: granted.expires_at,
+                granted: granted.clone(),
                 until,
             },
         );
@@ -233,7 +228,7 @@ impl AuthHook {
     /// Forgets the kept grants of `sub` (it was disconnected or revoked: the backend decides
     /// again).
     pub fn forget(&self, sub: &str) {
-        self.cache.lock().retain(|_, c| c.claims.sub != sub);
+        self.cache.lock().retain(|_, c| c.granted.claims.sub != sub);
     }
 
     /// Drops kept grants that expired (at each sweep).

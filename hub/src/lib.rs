@@ -7,7 +7,8 @@
 //!   aborted at stop. [`peer`]: whether a stream's client still acknowledges.
 //! - [`config`]: `HUB_*` settings, checked before anything binds ([`redis_url`], [`tls`]).
 //!   [`metrics`]: metric names and pre-resolved handles. [`refusal`]: why a request is
-//!   refused. [`namespaces`]: options per channel prefix (`HUB_CONFIG`). [`revocations`]:
+//!   refused. [`namespaces`]: options per channel prefix (`HUB_CONFIG`). [`ratelimit`]:
+//!   token buckets. [`revocations`]:
 //!   revoked tokens in memory. [`control`]: disconnects and
 //!   revocations as they travel between nodes. [`auth`]: who may read which channel.
 //!   [`authhook`]: the backend's authorization hook (`HUB_AUTH_URL`).

@@ -1,17 +1,43 @@
-//! Token buckets by key: `rate` tokens a second, bursts of `burst`; a take that finds none
-//! says how long until one is back. Used for HTTP publishes per channel (a namespace's
-//! `publish_rate`). Memory: one small entry per key that was limited recently; full buckets
-//! are dropped by [`Buckets::prune`].
+//! Token buckets: `rate` tokens a second, bursts of `burst`; a take that finds none says how
+//! long until one is back. [`Bucket`] is one (a WebSocket's budget of costly requests);
+//! [`Buckets`] holds one per key (HTTP publishes per channel, a namespace's `publish_rate`), one
+//! small entry per key limited recently, full ones dropped by [`Buckets::prune`].
 
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+/// One token bucket, full when made.
 #[derive(Debug, Clone, Copy)]
-struct Bucket {
+pub struct Bucket {
     tokens: f64,
     at: Instant,
+}
+
+impl Bucket {
+    pub fn full(burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes one token (refilled at `rate` a second up to `burst`): `Err(wait)` when there is
+    /// none, with the time until there is.
+    pub fn take(&mut self, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64(
+                (1.0 - self.tokens) / rate.max(f64::MIN_POSITIVE),
+            ))
+        }
+    }
 }
 
 /// Buckets by key, behind one lock (a take is a few arithmetic operations).

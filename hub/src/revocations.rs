@@ -62,6 +62,20 @@ struct Set {
     sub: HashMap<Box<str>, (u64, u64)>,
 }
 
+impl Set {
+    /// Adds a revocation (a `sub`'s replaces the one before).
+    fn insert(&mut self, r: &Revocation) {
+        match r {
+            Revocation::Jti { jti, until } => {
+                self.jti.insert(jti.as_str().into(), *until);
+            }
+            Revocation::Sub { sub, before, until } => {
+                self.sub.insert(sub.as_str().into(), (*before, *until));
+            }
+        }
+    }
+}
+
 /// The set, behind a read-write lock: reads (every stream open with a token, every sweep of
 /// a control message) far outnumber changes.
 #[derive(Default)]
@@ -109,14 +123,7 @@ impl Revocations {
     pub fn add(&self, r: &Revocation) {
         let mut set = self.set.write();
         self.version.fetch_add(1, Ordering::AcqRel);
-        match r {
-            Revocation::Jti { jti, until } => {
-                set.jti.insert(jti.as_str().into(), *until);
-            }
-            Revocation::Sub { sub, before, until } => {
-                set.sub.insert(sub.as_str().into(), (*before, *until));
-            }
-        }
+        set.insert(r);
     }
 
     /// Lifts a revocation (its `jti`, or its `sub`'s).
@@ -145,14 +152,7 @@ impl Revocations {
         }
         self.version.fetch_add(1, Ordering::AcqRel);
         for r in all {
-            match r {
-                Revocation::Jti { jti, until } => {
-                    set.jti.insert(jti.as_str().into(), *until);
-                }
-                Revocation::Sub { sub, before, until } => {
-                    set.sub.insert(sub.as_str().into(), (*before, *until));
-                }
-            }
+            set.insert(r);
         }
     }
 

@@ -270,6 +270,18 @@ impl Hub {
             .expect("json")
     }
 
+    /// `GET /v1/namespaces` as JSON.
+    pub async fn namespaces(&self) -> Value {
+        self.http
+            .get(self.admin_url("/v1/namespaces"))
+            .send()
+            .await
+            .expect("namespaces")
+            .json()
+            .await
+            .expect("json")
+    }
+
     /// Opens `GET /v1/sse?<query>` with extra headers.
     pub async fn sse(&self, query: &str, headers: &[(&str, &str)]) -> SseStream {
         let mut req = self.http.get(self.url(&format!("/v1/sse?{query}")));

@@ -18,17 +18,6 @@ fn write(name: &str, text: &str) -> String {
     path.display().to_string()
 }
 
-async fn namespaces(hub: &Hub) -> Value {
-    hub.http
-        .get(hub.admin_url("/v1/namespaces"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 const FILE: &str = r#"
 heartbeat_secs = 7
 history_len = 50
@@ -86,7 +75,7 @@ async fn a_file_sets_options_per_prefix() {
         .await;
     drop(s);
 
-    let v = namespaces(&hub).await;
+    let v = hub.namespaces().await;
     let prefixes: Vec<&str> = v["namespaces"]
         .as_array()
         .unwrap()
@@ -122,7 +111,7 @@ async fn without_a_file_public_is_the_only_anonymous_namespace() {
     let (s, _) = hub.connect("channel=public:x", &[]).await;
     drop(s);
     assert_eq!(hub.sse("channel=feed:x", &[]).await.status, 401);
-    let v = namespaces(&hub).await;
+    let v = hub.namespaces().await;
     assert_eq!(v["namespaces"].as_array().unwrap().len(), 2, "{v}");
     assert_eq!(v["namespaces"][0]["prefix"], "public:");
     assert_eq!(v["namespaces"][0]["anonymous"], true);

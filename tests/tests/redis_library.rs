@@ -140,17 +140,6 @@ async fn durable_messages_are_also_sent_in_the_form_version_1_nodes_read() {
     assert_eq!(payload, format!(r#"{id} {{"data":"for old nodes"}}"#));
 }
 
-async fn ns(hub: &Hub) -> serde_json::Value {
-    hub.http
-        .get(hub.admin_url("/v1/namespaces"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// Namespaces in Redis: `FCALL hub_publish` from a plain client keeps each channel's history by
 /// its namespace (the library's); a node whose namespaces differ says so loudly and on
 /// `GET /v1/namespaces`, and the first node's stay in force.
@@ -186,13 +175,13 @@ async fn fcall_publishes_keep_history_by_namespace_and_a_node_with_other_namespa
     for want in ["7", "8", "9"] {
         assert_eq!(s.next_message(WAIT).await.unwrap().data, want);
     }
-    assert_eq!(ns(&a).await["redis_differs"], false);
+    assert_eq!(a.namespaces().await["redis_differs"], false);
     let b = redis_hub(&redis, &[("HUB_CONFIG", &other)]).await;
     wait_until("node b says its namespaces differ", WAIT, || async {
         b.log().contains("namespaces in Redis")
     })
     .await;
-    assert_eq!(ns(&b).await["redis_differs"], true);
+    assert_eq!(b.namespaces().await["redis_differs"], true);
     redis.cli(&["FCALL", "hub_publish", "1", &ch, "{\"data\":10}"]);
     assert_eq!(
         redis.cli(&["XLEN", &format!("hub:hist:{{{ch}}}")]),

@@ -148,7 +148,8 @@ impl Registry {
         self.metrics.opened[t as usize].increment(1);
     }
 
-    /// Records (or, for a refreshed token, replaces) the id of an open stream's token.
+    /// Records (or, for a refreshed token, replaces) the id of an open stream's token; only a
+    /// stream of a user (`sub`) has one.
     pub fn set_token(&self, session: &Session, token: Option<Arc<TokenId>>) {
         let mut map = self.tokens[session_shard(session.seq)].lock();
         match token {
@@ -345,9 +346,12 @@ impl Registry {
             .lock()
             .remove(&session.seq)
             .is_some();
-        self.tokens[session_shard(session.seq)]
-            .lock()
-            .remove(&session.seq);
+        if session.user.is_some() {
+            // Only streams of a user hold a token id (see `set_token`).
+            self.tokens[session_shard(session.seq)]
+                .lock()
+                .remove(&session.seq);
+        }
         let emptied: Vec<ChannelName> = session
             .channels()
             .into_iter()

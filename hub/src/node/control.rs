@@ -108,7 +108,9 @@ impl Node {
         token: Option<Arc<TokenId>>,
     ) -> Result<(), Refusal> {
         let revoked = self.holds_revoked(s, token.as_deref());
-        self.registry.set_token(s, token);
+        if token.is_some() {
+            self.registry.set_token(s, token);
+        }
         if revoked {
             return Err(Refusal::unauthorized("the token has been revoked"));
         }

@@ -11,34 +11,31 @@ use serde_json::json;
 
 /// A token bucket for one socket's costly requests (resumes, refreshes).
 pub(super) struct Budget {
-    pub(super) tokens: std::cell::Cell<f64>,
-    pub(super) at: std::cell::Cell<std::time::Instant>,
-    pub(super) burst: f64,
-    pub(super) per_sec: f64,
+    bucket: std::cell::Cell<crate::ratelimit::Bucket>,
+    burst: f64,
+    per_sec: f64,
 }
 
 impl Budget {
     pub(super) fn new(burst: f64, per_sec: f64) -> Self {
         Budget {
-            tokens: std::cell::Cell::new(burst),
-            at: std::cell::Cell::new(std::time::Instant::now()),
+            bucket: std::cell::Cell::new(crate::ratelimit::Bucket::full(
+                burst,
+                std::time::Instant::now(),
+            )),
             burst,
             per_sec,
         }
     }
 
-    /// Takes one resume if the budget allows it.
+    /// Takes one request's worth if the budget allows it.
     pub(super) fn take(&self) -> bool {
-        let now = std::time::Instant::now();
-        let refill = now.duration_since(self.at.get()).as_secs_f64() * self.per_sec;
-        let tokens = (self.tokens.get() + refill).min(self.burst);
-        self.at.set(now);
-        if tokens < 1.0 {
-            self.tokens.set(tokens);
-            return false;
-        }
-        self.tokens.set(tokens - 1.0);
-        true
+        let mut b = self.bucket.get();
+        let ok = b
+            .take(self.per_sec, self.burst, std::time::Instant::now())
+            .is_ok();
+        self.bucket.set(b);
+        ok
     }
 }
 
