@@ -386,3 +386,43 @@ async fn requests_beyond_the_concurrency_are_refused_at_once() {
     assert!(granted >= 1, "{answers:?}");
     assert!(backend.asked().len() <= 65, "{}", backend.asked().len());
 }
+
+/// A client that goes away while the hook is being asked holds nothing: its call is dropped
+/// and its slot given back at once (the only slot here), and no stream is counted.
+#[tokio::test]
+async fn a_client_gone_while_the_hook_is_asked_holds_nothing() {
+    let backend = Backend::start(Answer::Slow(Duration::from_secs(3), grant("1", &["*"]))).await;
+    let hub = hub_with(
+        &backend,
+        &[
+            ("HUB_AUTH_CONCURRENCY", "1"),
+            ("HUB_AUTH_TIMEOUT_MS", "10000"),
+        ],
+    )
+    .await;
+    let gone = hub_tests::raw_get(hub.public, "/v1/sse?channel=room:1", &[], None).await;
+    wait_until("the hook is being asked", WAIT, || async {
+        !backend.asked().is_empty()
+    })
+    .await;
+    drop(gone);
+    backend.set(Answer::Grant(grant("2", &["*"])));
+    let started = Instant::now();
+    let (s, _) = hub.connect("channel=room:1", &[]).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the gone client's slot was given back: {:?}",
+        started.elapsed()
+    );
+    drop(s);
+    wait_until("nothing held", WAIT, || async {
+        let stats = hub.stats().await;
+        stats["connections"]["total"] == 0 && stats["connections"]["admitted"] == 0
+    })
+    .await;
+    assert_eq!(
+        hub.metric("hub_connections_opened_total{transport=\"sse\"}")
+            .await,
+        1.0
+    );
+}
