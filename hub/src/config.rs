@@ -197,6 +197,30 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub auth_concurrency: u64,
 
+    /// Where channel and member events are POSTed (http:// or https://); unset: no webhooks.
+    #[arg(long, env = "HUB_WEBHOOK_URL", value_name = "HUB_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+
+    /// Signs each webhook body: `X-Hub-Signature: sha256=<hex HMAC-SHA256 of the body>`.
+    #[arg(
+        long,
+        env = "HUB_WEBHOOK_SECRET",
+        value_name = "HUB_WEBHOOK_SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+
+    /// How long a webhook batch is retried (seconds, 1 s doubling to 60 s) before it is dropped.
+    #[arg(long, env = "HUB_WEBHOOK_RETRY_SECS", value_name = "HUB_WEBHOOK_RETRY_SECS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(0..=7 * 86_400))]
+    pub webhook_retry_secs: u64,
+
+    /// Webhook events waiting at most (over all nodes in Redis mode); beyond, the oldest are
+    /// dropped and counted.
+    #[arg(long, env = "HUB_WEBHOOK_MAX_PENDING", value_name = "HUB_WEBHOOK_MAX_PENDING", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub webhook_max_pending: u64,
+
     /// Reconnection delay sent to clients in `retry:` (milliseconds).
     #[arg(long, env = "HUB_RETRY_MS", value_name = "HUB_RETRY_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
@@ -415,6 +439,27 @@ impl Config {
                     ))
                 }
             }
+        }
+        if let Some(url) = &self.webhook_url {
+            match reqwest::Url::parse(url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => {
+                    return Err(format!(
+                        "HUB_WEBHOOK_URL {url:?} must be an http:// or https:// URL"
+                    ))
+                }
+            }
+            let cluster = self.redis_url.as_deref().is_some_and(|u| {
+                u.starts_with("redis-cluster://") || u.starts_with("rediss-cluster://")
+            });
+            if cluster {
+                return Err("HUB_WEBHOOK_URL: webhooks need a standalone or Sentinel Redis; in Redis Cluster the presence functions cannot reach the webhook stream (another slot)".into());
+            }
+        }
+        if matches!(&self.webhook_secret, Some(k) if k.is_empty()) {
+            return Err(
+                "HUB_WEBHOOK_SECRET is set but empty; unset it to send unsigned webhooks".into(),
+            );
         }
         if matches!(&self.publish_key, Some(k) if k.is_empty()) {
             return Err(

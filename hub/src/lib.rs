@@ -59,6 +59,7 @@ pub mod tasks;
 pub mod ticker;
 pub mod tls;
 pub mod transport;
+pub mod webhooks;
 
 use actix_http::HttpServiceBuilder;
 use actix_service::{Service as _, ServiceFactory as _};

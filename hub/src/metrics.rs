@@ -38,6 +38,10 @@ pub const HISTORY_UNREADABLE: &str = "hub_history_unreadable_total";
 pub const PRESENCE_USERS: &str = "hub_presence_users";
 pub const PRESENCE_ANONYMOUS: &str = "hub_presence_anonymous";
 
+/// Webhook events by outcome (`result`: sent, retried, dropped) and the events waiting.
+pub const WEBHOOK_EVENTS: &str = "hub_webhook_events_total";
+pub const WEBHOOK_PENDING: &str = "hub_webhook_pending";
+
 /// Delivery latency buckets (seconds): fine below 50 ms, where the targets are.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -163,6 +167,32 @@ pub struct Metrics {
     pub ready: Gauge,
     pub presence_users: Gauge,
     pub presence_anonymous: Gauge,
+    /// Sent, retried, dropped (see [`WebhookResult`]).
+    webhook_events: [Counter; 3],
+    pub webhook_pending: Gauge,
+}
+
+/// What became of webhook events; the `result` label of `hub_webhook_events_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookResult {
+    Sent = 0,
+    Retried = 1,
+    Dropped = 2,
+}
+
+impl WebhookResult {
+    pub const ALL: [WebhookResult; 3] = [
+        WebhookResult::Sent,
+        WebhookResult::Retried,
+        WebhookResult::Dropped,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WebhookResult::Sent => "sent",
+            WebhookResult::Retried => "retried",
+            WebhookResult::Dropped => "dropped",
+        }
+    }
 }
 
 static META: Metadata<'static> = Metadata::new("hub", metrics::Level::INFO, Some("hub::metrics"));
@@ -176,9 +206,8 @@ impl Metrics {
             let key = KeyName::from_const_str(name);
             let help = SharedString::const_str(help);
             match name {
-                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP | READY => {
-                    rec.describe_gauge(key, unit, help)
-                }
+                CONNECTIONS | CONNECTIONS_MAX | CHANNELS | REDIS_UP | READY | PRESENCE_USERS
+                | PRESENCE_ANONYMOUS | WEBHOOK_PENDING => rec.describe_gauge(key, unit, help),
                 _ => rec.describe_counter(key, unit, help),
             }
         };
@@ -192,6 +221,16 @@ impl Metrics {
             PRESENCE_ANONYMOUS,
             None,
             "Streams on this node without a token.",
+        );
+        describe(
+            WEBHOOK_EVENTS,
+            None,
+            "Webhook events sent (2xx), sent again (retried) or given up (dropped), by this node.",
+        );
+        describe(
+            WEBHOOK_PENDING,
+            None,
+            "Webhook events waiting to be sent (over every node in Redis mode).",
         );
         describe(CONNECTIONS_MAX, None, "Configured HUB_MAX_CONNECTIONS.");
         describe(CONNECTIONS_OPENED, None, "Streams opened, by transport.");
@@ -289,6 +328,9 @@ impl Metrics {
             ready: gauge(READY, vec![]),
             presence_users: gauge(PRESENCE_USERS, vec![]),
             presence_anonymous: gauge(PRESENCE_ANONYMOUS, vec![]),
+            webhook_events: WebhookResult::ALL
+                .map(|r| counter(WEBHOOK_EVENTS, vec![Label::new("result", r.as_str())])),
+            webhook_pending: gauge(WEBHOOK_PENDING, vec![]),
             handle: rec.handle(),
         };
         // Counters appear in the output only once touched.
@@ -299,6 +341,7 @@ impl Metrics {
             .chain(&m.rejected)
             .chain(&m.received)
             .chain(&m.dropped)
+            .chain(&m.webhook_events)
         {
             c.increment(0);
         }
@@ -319,10 +362,15 @@ impl Metrics {
             &m.ready,
             &m.presence_users,
             &m.presence_anonymous,
+            &m.webhook_pending,
         ]) {
             g.set(0.0);
         }
         m
+    }
+
+    pub fn webhook(&self, r: WebhookResult) -> &Counter {
+        &self.webhook_events[r as usize]
     }
 
     pub fn closed(&self, t: Transport, r: CloseReason) -> &Counter {

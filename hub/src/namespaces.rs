@@ -143,17 +143,18 @@ impl Namespaces {
     }
 
     /// The namespaces as the Redis function library reads them: a Lua table of
-    /// `{prefix, history length, TTL ms}`, longest prefix first (the default namespace `""` is
-    /// left out: the library's defaults are the global settings), with each history setting
+    /// `{prefix, history length, TTL ms, webhooks}`, longest prefix first (the default
+    /// namespace `""` last, so it applies to every other channel), with each history setting
     /// filled from `len`/`ttl_secs` where the namespace has none; and a 32-bit hash of it,
     /// which tells nodes whether they run the same namespaces. Prefixes hold only channel-name
     /// characters, so they are quoted safely.
     pub fn lua_table(&self, len: u64, ttl_secs: u64) -> (String, u32) {
         let mut out = String::from("{");
-        for n in self.list.iter().filter(|n| !n.prefix.is_empty()) {
+        for n in &self.list {
             let l = n.history_len.unwrap_or(len);
             let t = n.history_ttl_secs.unwrap_or(ttl_secs) * 1000;
-            out.push_str(&format!("{{'{}', {l}, {t}}}, ", n.prefix));
+            let w = n.webhooks;
+            out.push_str(&format!("{{'{}', {l}, {t}, {w}}}, ", n.prefix));
         }
         out.push('}');
         // FNV-1a, folded to 32 bits: exact in Lua's numbers.
@@ -213,15 +214,18 @@ mod tests {
     }
 
     #[test]
-    fn the_library_table_resolves_defaults_and_leaves_out_the_default_namespace() {
+    fn the_library_table_resolves_defaults_and_ends_with_the_default_namespace() {
         let mut t = ns("ticker:");
         t.history_len = Some(10);
-        let n = Namespaces::from_file_tables("f", vec![t]).unwrap();
+        t.webhooks = false;
+        let mut all = ns("");
+        all.history_ttl_secs = Some(60);
+        let n = Namespaces::from_file_tables("f", vec![t, all]).unwrap();
         let (lua, hash) = n.lua_table(1000, 3600);
         // Longest first; equal lengths by name.
         assert_eq!(
             lua,
-            "{{'public:', 1000, 3600000}, {'ticker:', 10, 3600000}, }"
+            "{{'public:', 1000, 3600000, true}, {'ticker:', 10, 3600000, false}, {'', 1000, 60000, true}, }"
         );
         assert_ne!(hash, Namespaces::default().lua_table(1000, 3600).1);
         assert_eq!(hash, n.lua_table(1000, 3600).1, "stable");

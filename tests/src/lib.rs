@@ -11,6 +11,7 @@ pub mod browser;
 pub mod client;
 pub mod netns;
 pub mod nginx;
+pub mod receiver;
 pub mod redis_server;
 
 use bytes::{Buf, BytesMut};

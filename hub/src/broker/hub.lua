@@ -4,7 +4,7 @@
 -- one is older (`hub_version`); it never replaces a newer one, and with the same version the
 -- settings of the node that loaded it apply to all (a node with other settings logs that).
 --
---   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes, idem_ms, namespaces hash (version 6)}
+--   FCALL_RO hub_version 0                          -> {version, maxlen, ttl_ms, max_bytes, idem_ms, namespaces hash (version 6), webhook max pending (7)}
 --   FCALL hub_publish 1 <channel> <envelope> [<key>] -> the message id ("<ms>-<seq>")
 --     with an idempotency key (1-128 printable ASCII) already used on the channel within
 --     IDEM_MS: the first call's id, and nothing is published (hub:idem:{<channel>}:<key>).
@@ -26,10 +26,26 @@
 --   FCALL_RO hub_presence_read 1 <channel>          -> {"", anonymous, "=sub", streams, ...}
 --   FCALL hub_presence_lease 1 hub:presence:nodes <node> <lease ms> -> nodes whose lease ran out
 --     (the node's own lease renewed first; leases are scored by Redis's clock)
+--   Version 7: both also append webhook events (see below) when the channel's namespace has
+--   webhooks and the stream hub:{webhooks} exists (a node with HUB_WEBHOOK_URL creates it).
 -- Counts: hub:presence:{<channel>} (field "<node>\0" anonymous, "<node>\0=<sub>" a user), totals:
 -- hub:present:{<channel>} (field "" anonymous, "=<sub>" a user); a node's channels:
 -- hub:presence:chans:{<node>} (a set, kept by the node).
 --
+-- Webhooks (version 7): hub:{webhooks} is a stream of {t = type, c = channel, s = sub} entries
+-- (its id is the event's id and time), appended by the presence functions when a channel's
+-- total crosses 0 (channel_occupied / channel_vacated) or a user's does (member_added /
+-- member_removed), at most WH_MAX long (the oldest beyond are trimmed, counted in
+-- hub:{webhooks}:dropped). Nodes read it through the consumer group "hub"; one node at a time
+-- (the holder of hub:{webhooks}:lock) sends, so events go out in order:
+--   FCALL hub_webhook_take 3 hub:{webhooks}:lock hub:{webhooks} hub:{webhooks}:dropped <node> <lock ms> <count>
+--     -> {held (0|1), dropped since the last call, entries waiting (-1: no stream), id1, type1,
+--         channel1, sub1 or "", ...}
+--     takes or renews the lock; a node that just took it first claims every unacknowledged
+--     entry (of a node that died while sending); its own unacknowledged entries come first.
+--   FCALL hub_webhook_ack 1 hub:{webhooks} <id>...   -> acknowledges and deletes the entries
+-- In Redis Cluster the stream is not reachable from the presence functions (another slot):
+-- webhooks need a standalone or Sentinel Redis.
 -- History of a channel is the stream hub:hist:{<channel>}; hub:floor:{<channel>} holds the id of
 -- the newest message that history no longer has (trimmed, expired, or from before the stream
 -- was created), so a resume from before it is a reset. Live messages go to hub:ch:<channel>
@@ -47,10 +63,13 @@ local TTL_MS = __TTL_MS__
 local MAX_BYTES = __MAX_BYTES__
 local IDEM_MS = __IDEM_MS__
 local CLUSTER = __CLUSTER__
--- Namespaces (longest prefix first): {prefix, history length, TTL in ms}; a channel in none of
--- them keeps MAXLEN and TTL_MS. NS_HASH tells nodes whether they run the same namespaces.
+-- Namespaces (longest prefix first, the default "" last): {prefix, history length, TTL in ms,
+-- webhooks}; a channel in none of them keeps MAXLEN, TTL_MS and sends webhooks. NS_HASH tells
+-- nodes whether they run the same namespaces.
 local NAMESPACES = __NAMESPACES__
 local NS_HASH = __NS_HASH__
+local WH_MAX = __WH_MAX__
+local WH_STREAM, WH_DROPPED, WH_GROUP = 'hub:{webhooks}', 'hub:{webhooks}:dropped', 'hub'
 
 -- A channel's history length and TTL (ms): its namespace's (the longest prefix), else the
 -- defaults.
@@ -60,6 +79,15 @@ local function limits(ch)
     if string.sub(ch, 1, #ns[1]) == ns[1] then return ns[2], ns[3] end
   end
   return MAXLEN, TTL_MS
+end
+
+-- Whether a channel's namespace sends webhooks.
+local function webhooks_on(ch)
+  for i = 1, #NAMESPACES do
+    local ns = NAMESPACES[i]
+    if string.sub(ch, 1, #ns[1]) == ns[1] then return ns[4] end
+  end
+  return true
 end
 
 local function history_key(ch)
@@ -284,8 +312,9 @@ local function presence_channel(ch)
   return 'hub:pres:' .. ch
 end
 
--- Adds `delta` to a total; sends join/leave when a user's total crosses 0. Returns 1 if sent.
-local function add_total(ch, tkey, field, delta)
+-- Adds `delta` to a total; sends join/leave when a user's total crosses 0, and notes the
+-- member event in `events` (when given). Returns 1 if sent.
+local function add_total(ch, tkey, field, delta, events)
   if delta == 0 then return 0 end
   local total = redis.call('HINCRBY', tkey, field, delta)
   if total <= 0 then redis.call('HDEL', tkey, field) end
@@ -297,8 +326,37 @@ local function add_total(ch, tkey, field, delta)
   if not kind then return 0 end
   local pub = 'PUBLISH'
   if CLUSTER then pub = 'SPUBLISH' end
-  redis.call(pub, presence_channel(ch), cjson.encode({type = kind, sub = string.sub(field, 2)}))
+  local sub = string.sub(field, 2)
+  redis.call(pub, presence_channel(ch), cjson.encode({type = kind, sub = sub}))
+  if events then
+    local t = 'member_added'
+    if kind == 'leave' then t = 'member_removed' end
+    events[#events + 1] = {t, sub}
+  end
   return 1
+end
+
+-- Whether webhook events of `ch` are recorded: its namespace sends them and a node with
+-- HUB_WEBHOOK_URL created the stream (never in a cluster: the stream is in another slot).
+local function webhooks_wanted(ch)
+  return not CLUSTER and webhooks_on(ch) and redis.call('EXISTS', WH_STREAM) == 1
+end
+
+-- Appends a channel's webhook events: occupied first, then the member events, then vacated
+-- (`was`/`is`: whether the channel had any stream over all nodes before and after).
+local function append_webhooks(ch, was, is, events)
+  local all = {}
+  if not was and is then all[1] = {'channel_occupied'} end
+  for _, e in ipairs(events) do all[#all + 1] = e end
+  if was and not is then all[#all + 1] = {'channel_vacated'} end
+  for _, e in ipairs(all) do
+    if redis.call('XLEN', WH_STREAM) >= WH_MAX then redis.call('INCR', WH_DROPPED) end
+    if e[2] then
+      redis.call('XADD', WH_STREAM, 'MAXLEN', '=', WH_MAX, '*', 't', e[1], 'c', ch, 's', e[2])
+    else
+      redis.call('XADD', WH_STREAM, 'MAXLEN', '=', WH_MAX, '*', 't', e[1], 'c', ch)
+    end
+  end
 end
 
 local function presence(keys, args)
@@ -312,14 +370,20 @@ local function presence(keys, args)
     if count > 0 then redis.call('HSET', hkey, field, count) else redis.call('HDEL', hkey, field) end
     return count - old
   end
+  local events, was = nil, false
+  if webhooks_wanted(ch) then
+    events = {}
+    was = redis.call('EXISTS', tkey) == 1
+  end
   local sent = 0
   if anon ~= '-' then
-    add_total(ch, tkey, '', set(node .. '\0', tonumber(anon) or 0))
+    add_total(ch, tkey, '', set(node .. '\0', tonumber(anon) or 0), events)
   end
   for i = 3, #args, 2 do
     local sub, count = args[i], tonumber(args[i + 1]) or 0
-    sent = sent + add_total(ch, tkey, '=' .. sub, set(node .. '\0=' .. sub, count))
+    sent = sent + add_total(ch, tkey, '=' .. sub, set(node .. '\0=' .. sub, count), events)
   end
+  if events then append_webhooks(ch, was, redis.call('EXISTS', tkey) == 1, events) end
   return sent
 end
 
@@ -328,14 +392,20 @@ local function presence_drop(keys, args)
   local hkey, tkey = 'hub:presence:{' .. ch .. '}', 'hub:present:{' .. ch .. '}'
   local prefix = node .. '\0'
   local fields = redis.call('HGETALL', hkey)
+  local events, was = nil, false
+  if webhooks_wanted(ch) then
+    events = {}
+    was = redis.call('EXISTS', tkey) == 1
+  end
   local sent = 0
   for i = 1, #fields, 2 do
     local f, count = fields[i], tonumber(fields[i + 1]) or 0
     if string.sub(f, 1, #prefix) == prefix then
       redis.call('HDEL', hkey, f)
-      sent = sent + add_total(ch, tkey, string.sub(f, #prefix + 1), -count)
+      sent = sent + add_total(ch, tkey, string.sub(f, #prefix + 1), -count, events)
     end
   end
+  if events then append_webhooks(ch, was, redis.call('EXISTS', tkey) == 1, events) end
   return sent
 end
 
@@ -350,8 +420,63 @@ local function presence_lease(keys, args)
   return redis.call('ZRANGEBYSCORE', keys[1], '-inf', '(' .. now)
 end
 
+-- Entries of a stream read as {id, type, channel, sub or ""}, flat; deleted ones (a pending
+-- entry trimmed meanwhile) are acknowledged and left out.
+local function flatten_entries(reply, out)
+  if not reply then return end
+  for _, e in ipairs(reply[1][2]) do
+    local id, f = e[1], e[2]
+    if f then
+      local m = {}
+      for i = 1, #f, 2 do m[f[i]] = f[i + 1] end
+      out[#out + 1] = id
+      out[#out + 1] = m['t'] or ''
+      out[#out + 1] = m['c'] or ''
+      out[#out + 1] = m['s'] or ''
+    else
+      redis.call('XACK', WH_STREAM, WH_GROUP, id)
+    end
+  end
+end
+
+local function webhook_take(keys, args)
+  local lock, node, lock_ms, count = keys[1], args[1], tonumber(args[2]) or 0, tonumber(args[3]) or 0
+  if node == nil or lock_ms <= 0 then
+    return redis.error_reply('ERR usage: FCALL hub_webhook_take 3 <lock> <stream> <dropped> <node> <lock ms> <count>')
+  end
+  local holder = redis.call('GET', lock)
+  if holder and holder ~= node then return {0, 0, redis.call('XLEN', WH_STREAM)} end
+  redis.call('SET', lock, node, 'PX', lock_ms)
+  local dropped = tonumber(redis.call('GET', WH_DROPPED) or '0')
+  if dropped > 0 then redis.call('DEL', WH_DROPPED) end
+  -- No stream (a Redis that restarted empty): -1 asks the node to create it with its group.
+  if redis.call('EXISTS', WH_STREAM) == 0 then return {1, dropped, -1} end
+  if not holder then
+    -- Just taken: what another node read and did not acknowledge (it died, or lost the lock)
+    -- is this node's now, and goes first (older than anything unread).
+    local cursor = '0-0'
+    repeat
+      local r = redis.call('XAUTOCLAIM', WH_STREAM, WH_GROUP, node, 0, cursor, 'COUNT', 1000, 'JUSTID')
+      cursor = r[1]
+    until cursor == '0-0'
+  end
+  local out = {1, dropped, redis.call('XLEN', WH_STREAM)}
+  if count <= 0 then return out end
+  flatten_entries(redis.call('XREADGROUP', 'GROUP', WH_GROUP, node, 'COUNT', count, 'STREAMS', WH_STREAM, '0'), out)
+  if #out == 3 then
+    flatten_entries(redis.call('XREADGROUP', 'GROUP', WH_GROUP, node, 'COUNT', count, 'STREAMS', WH_STREAM, '>'), out)
+  end
+  return out
+end
+
+local function webhook_ack(keys, args)
+  if #args == 0 then return 0 end
+  redis.call('XACK', keys[1], WH_GROUP, unpack(args))
+  return redis.call('XDEL', keys[1], unpack(args))
+end
+
 local function version()
-  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES, IDEM_MS, NS_HASH}
+  return {VERSION, MAXLEN, TTL_MS, MAX_BYTES, IDEM_MS, NS_HASH, WH_MAX}
 end
 
 redis.register_function('hub_publish', publish)
@@ -360,6 +485,8 @@ redis.register_function{function_name = 'hub_read', callback = read, flags = {'n
 redis.register_function('hub_presence', presence)
 redis.register_function('hub_presence_drop', presence_drop)
 redis.register_function('hub_presence_lease', presence_lease)
+redis.register_function('hub_webhook_take', webhook_take)
+redis.register_function('hub_webhook_ack', webhook_ack)
 redis.register_function{function_name = 'hub_presence_read', callback = presence_read, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_rewind', callback = rewind, flags = {'no-writes'}}
 redis.register_function{function_name = 'hub_recover', callback = recover, flags = {'no-writes'}}

@@ -61,9 +61,10 @@ impl Registry {
     }
 
     /// The presence counts to report now (coalesced since the last call): each changed
-    /// (channel, user) with its current count, except a user whose count fell to 0 less than
-    /// `grace` seconds ago: it is kept for later, so that a client that reconnects within it
-    /// (to this node or another) makes no `leave` and no `join`.
+    /// (channel, user) with its current count, except a count (a user's, or the anonymous
+    /// streams') that fell to 0 less than `grace` seconds ago: it is kept for later, so that a
+    /// client that reconnects within it (to this node or another) makes no `leave` and no
+    /// `join`, and its channel no `channel_vacated` and `channel_occupied`.
     pub fn take_presence(&self, grace: u64) -> Vec<PresenceCount> {
         let now = self.clock.now();
         let keys: Vec<(PresenceKey, (u64, u64))> = self
@@ -76,7 +77,7 @@ impl Registry {
         let mut done = Vec::new();
         for ((channel, sub), (since, n)) in keys {
             let streams = self.presence_count(&channel, sub.as_ref());
-            if streams == 0 && sub.is_some() && now < since + grace {
+            if streams == 0 && now < since + grace {
                 continue;
             }
             done.push(((channel.clone(), sub.clone()), n));

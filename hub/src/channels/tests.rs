@@ -250,7 +250,7 @@ fn an_observer_that_never_reads_holds_a_bounded_log_and_is_closed_as_slow() {
 }
 
 #[test]
-fn presence_counts_are_coalesced_and_a_users_zero_waits_for_the_grace() {
+fn presence_counts_are_coalesced_and_a_zero_waits_for_the_grace() {
     let r = reg();
     let (a, _) = open_as(&r, &["c"], 8, Some("u"));
     let (b, _) = open_as(&r, &["c"], 8, Some("u"));
@@ -263,15 +263,17 @@ fn presence_counts_are_coalesced_and_a_users_zero_waits_for_the_grace() {
     r.close(&a, CloseReason::Client);
     r.close(&b, CloseReason::Client);
     r.close(&anon, CloseReason::Client);
-    // The anonymous 0 goes at once; the user's waits for the grace.
-    assert_eq!(reported(&r, 5), [("c".into(), None, 0)]);
+    // Every 0 waits for the grace (a user's leave, the channel's vacancy).
     assert!(reported(&r, 5).is_empty());
     // Back within the grace: reported as the count it is (1), never as 0.
     let (c, _) = open_as(&r, &["c"], 8, Some("u"));
     assert_eq!(reported(&r, 5), [("c".into(), Some("u".into()), 1)]);
     r.close(&c, CloseReason::Client);
-    // A grace of 0: the 0 goes at once.
-    assert_eq!(reported(&r, 0), [("c".into(), Some("u".into()), 0)]);
+    // A grace of 0: the 0s go at once.
+    assert_eq!(
+        reported(&r, 0),
+        [("c".into(), None, 0), ("c".into(), Some("u".into()), 0)]
+    );
     assert_eq!(r.presence_gauges(), (0, 0));
 }
 

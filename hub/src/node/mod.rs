@@ -157,7 +157,7 @@ impl Node {
         let registry = Arc::new(Registry::new(metrics.clone()));
         let sink: Arc<dyn Sink> = registry.clone();
         // The broker and the presence store, siblings: which broker runs is decided here once.
-        let (broker, presence) = match &config.redis_url {
+        let (broker, presence, source) = match &config.redis_url {
             None => {
                 metrics.redis_up.set(1.0);
                 let broker = Broker::Local(LocalBroker::with_namespaces(
@@ -168,12 +168,34 @@ impl Node {
                     config.idempotency_secs,
                     config.namespaces.clone(),
                 ));
-                (broker, Store::Memory(MemoryPresence::default()))
+                let queue = config.webhook_url.is_some().then(|| {
+                    Arc::new(crate::webhooks::MemoryQueue::new(
+                        config.namespaces.clone(),
+                        config.webhook_max_pending as usize,
+                    ))
+                });
+                let store = Store::Memory(MemoryPresence::with_webhooks(queue.clone()));
+                (broker, store, queue.map(crate::webhooks::Source::Memory))
             }
             Some(url) => {
                 let redis = RedisBroker::start(url, &config, &name, sink, metrics.clone())?;
-                (Broker::Redis(redis.clone()), Store::Redis(redis))
+                let source = crate::webhooks::Source::Redis(redis.clone());
+                (
+                    Broker::Redis(redis.clone()),
+                    Store::Redis(redis),
+                    Some(source),
+                )
             }
+        };
+        // Webhooks: sent from a thread of their own, stopped with the node's tasks.
+        let webhooks = match source {
+            Some(source) => crate::webhooks::Sender::from_config(
+                &config,
+                source,
+                name.clone(),
+                metrics.clone(),
+            )?,
+            None => None,
         };
         let (refill, refill_rx) = catchup::channel();
         let (emptied, emptied_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -214,6 +236,13 @@ impl Node {
             tasks: node.tasks.clone(),
         });
         node.spawn(crate::presence::run(reporter));
+        if let Some(sender) = webhooks {
+            let running = sender.start()?;
+            node.spawn(async move {
+                let _running = running;
+                std::future::pending::<()>().await
+            });
+        }
         node.spawn(unsubscriber(node.clone(), emptied_rx));
         if let Broker::Redis(redis) = &*node.broker {
             let handler: Arc<dyn crate::broker::redis::ControlHandler> = node.clone();

@@ -5,6 +5,7 @@
 use crate::broker::{BrokerError, RedisBroker};
 use crate::channels::PresenceCount;
 use crate::stream::PresenceEvent;
+use crate::webhooks::MemoryQueue;
 use parking_lot::Mutex;
 use protocol::ChannelName;
 use std::collections::HashMap;
@@ -53,16 +54,29 @@ pub struct Table {
     pub anonymous: u32,
 }
 
-/// The embedded broker's presence: the reported counts, from which `join`/`leave` follow.
+/// The embedded broker's presence: the reported counts, from which `join`/`leave` follow, and
+/// the webhook events (when a queue is given).
 #[derive(Default)]
 pub struct MemoryPresence {
     tables: Mutex<HashMap<Arc<str>, Table>>,
+    webhooks: Option<Arc<MemoryQueue>>,
 }
 
 impl MemoryPresence {
-    /// Applies one count; the `join`/`leave` it makes, if any.
+    /// Presence that also records webhook events in `webhooks`.
+    pub fn with_webhooks(webhooks: Option<Arc<MemoryQueue>>) -> MemoryPresence {
+        MemoryPresence {
+            tables: Mutex::default(),
+            webhooks,
+        }
+    }
+
+    /// Applies one count; the `join`/`leave` it makes, if any. A channel's first stream and
+    /// its last one, and a user's, are webhook events (recorded under the table's lock, so in
+    /// the order they happened).
     pub(super) fn apply(&self, c: &PresenceCount) -> Option<Arc<PresenceEvent>> {
         let mut tables = self.tables.lock();
+        let occupied_before = tables.contains_key(&c.channel);
         let table = tables.entry(c.channel.clone()).or_default();
         let event = match &c.sub {
             None => {
@@ -89,8 +103,13 @@ impl MemoryPresence {
                     })
             }
         };
-        if table.users.is_empty() && table.anonymous == 0 {
+        let occupied = !(table.users.is_empty() && table.anonymous == 0);
+        if !occupied {
             tables.remove(&c.channel);
+        }
+        if let Some(q) = &self.webhooks {
+            let member = event.as_ref().map(|e| (&*e.sub, e.join));
+            q.record(&c.channel, occupied_before, occupied, member);
         }
         event
     }

@@ -9,7 +9,7 @@ pub(super) const LIBRARY: &str = include_str!("../hub.lua");
 
 /// This build's library version. A node never replaces a loaded library of a higher version;
 /// every version keeps the functions and arguments of the ones before it.
-pub const LIBRARY_VERSION: i64 = 6;
+pub const LIBRARY_VERSION: i64 = 7;
 
 /// How often the loaded library is checked again (a node of version 1 replaces any library).
 pub(super) const LIBRARY_CHECK_EVERY: Duration = Duration::from_secs(30);

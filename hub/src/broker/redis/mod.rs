@@ -9,14 +9,16 @@
 //!
 //! Here: connecting, names, subscribing, publishing, reading. `library`: the function
 //! library's loading; `presence`: counts, leases and users over Redis; `watch`: the receive
-//! loop, resubscribing and the self-ping.
+//! loop, resubscribing and the self-ping; `webhooks`: the webhook events' stream.
 
 mod control;
 mod library;
 mod presence;
 mod watch;
+mod webhooks;
 
 pub use control::{ControlHandler, Heard, CONTROL_CHANNEL, REVOKED_KEY};
+pub use webhooks::WEBHOOK_STREAM;
 
 use library::{LIBRARY, LIBRARY_VERSION};
 
@@ -162,6 +164,8 @@ pub struct RedisBroker {
     /// The revocations were read since the last (re)connection: until then the node admits
     /// nobody (a token revoked while it was away must not pass).
     revocations_read: AtomicBool,
+    /// `HUB_WEBHOOK_URL` is set: the webhook stream is created at every (re)connection.
+    webhooks: bool,
 }
 
 fn timeout_err(what: &str) -> BrokerError {
@@ -256,7 +260,8 @@ impl RedisBroker {
         let (ns_table, ns_hash) = settings.namespaces.lua_table(history_len, history_ttl_secs);
         let library = library
             .replace("__NAMESPACES__", &ns_table)
-            .replace("__NS_HASH__", &ns_hash.to_string());
+            .replace("__NS_HASH__", &ns_hash.to_string())
+            .replace("__WH_MAX__", &settings.webhook_max_pending.to_string());
         let tag = &uuid::Uuid::new_v4().simple().to_string()[..8];
         let broker = Arc::new(RedisBroker {
             client,
@@ -293,6 +298,7 @@ impl RedisBroker {
             tasks: crate::tasks::Tasks::new(),
             control: std::sync::OnceLock::new(),
             revocations_read: AtomicBool::new(false),
+            webhooks: settings.webhook_url.is_some(),
         });
         // The receivers are taken before connecting, so the first connection is seen too.
         let messages = broker.sub.message_rx();

@@ -71,7 +71,13 @@ impl RedisBroker {
             names.push(self.ping_channel.clone());
             // Subscribed to the control channel first, then the revocations read: whatever is
             // revoked from then on is heard, whatever was revoked before is read.
+            // With webhooks, their stream exists before the node reports presence (it is
+            // what makes the presence functions record events).
             let subscribed = match self.subscribe_raw(&names).await {
+                Ok(()) if self.webhooks => match self.webhook_group().await {
+                    Ok(()) => self.read_revocations().await,
+                    Err(e) => Err(e),
+                },
                 Ok(()) => self.read_revocations().await,
                 Err(e) => Err(e),
             };
