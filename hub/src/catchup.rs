@@ -16,6 +16,7 @@
 use crate::broker::Broker;
 use crate::channels::Registry;
 use crate::metrics::Metrics;
+use crate::namespaces::Namespaces;
 use crate::stream::{PageView, Session};
 use crate::tasks::Tasks;
 use futures_util::StreamExt;
@@ -53,6 +54,8 @@ pub struct CatchUp {
     pub metrics: Arc<Metrics>,
     pub refill: UnboundedSender<u64>,
     pub tasks: Arc<Tasks>,
+    /// A conflated channel's readers jump to its newest message (`conflate_ms`).
+    pub namespaces: Namespaces,
 }
 
 /// One reader of one channel in a round.
@@ -119,6 +122,21 @@ async fn serve(
     epoch: u64,
     failing: &Failing,
 ) {
+    // A conflated channel's readers want only its newest message: whoever is before it
+    // reads from just before it, and is never reset for what it skipped.
+    let conflated = ctx.namespaces.of(channel.as_str()).conflate_ms > 0;
+    if conflated {
+        match ctx.broker.rewind_point(&channel, 1).await {
+            Ok(jump) => {
+                for r in &mut readers {
+                    r.pos = r.pos.max(jump);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(channel = %channel, error = %e, "conflation: the newest position could not be read; reading on")
+            }
+        }
+    }
     readers.sort_by_key(|r| r.pos);
     // A page as large as the roomiest reader can take (no reader takes more in one round).
     let count = readers
@@ -173,7 +191,11 @@ async fn serve(
             entries: &page.entries,
             last: page.last,
             tail: page.tail,
-            floor: page.floor,
+            floor: if conflated {
+                StreamId::ZERO
+            } else {
+                page.floor
+            },
             more: page.more,
             live_ok,
         };

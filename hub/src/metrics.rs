@@ -125,14 +125,17 @@ pub enum DropReason {
     Slow = 2,
     /// An ephemeral message a reader had fallen behind on.
     Lagged = 3,
+    /// A message of a conflated channel (`conflate_ms`) a newer one replaced.
+    Conflated = 4,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 4] = [
+    pub const ALL: [DropReason; 5] = [
         DropReason::Malformed,
         DropReason::TooLarge,
         DropReason::Slow,
         DropReason::Lagged,
+        DropReason::Conflated,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -140,6 +143,7 @@ impl DropReason {
             DropReason::TooLarge => "too_large",
             DropReason::Slow => "slow",
             DropReason::Lagged => "lagged",
+            DropReason::Conflated => "conflated",
         }
     }
 }
@@ -155,7 +159,7 @@ pub struct Metrics {
     pub channels: Gauge,
     received: [Counter; 3],
     pub delivered: Counter,
-    dropped: [Counter; 4],
+    dropped: [Counter; 5],
     pub latency: LatencyHistogram,
     pub heartbeats: Counter,
     pub stale_closed: Counter,

@@ -6,7 +6,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use hub_tests::client::{token, SECRET};
-use hub_tests::{binary, Hub};
+use hub_tests::{binary, Hub, WAIT};
 use serde_json::{json, Value};
 use std::process::Command;
 
@@ -335,4 +335,70 @@ async fn history_length_per_namespace_on_the_embedded_broker() {
         .await;
     let e = s.next_message(hub_tests::WAIT).await.unwrap();
     assert_eq!(e.event, "hub.reset", "{e:?}");
+}
+
+const CONFLATE: &str = r#"
+[[namespace]]
+prefix = "tick:"
+anonymous = true
+conflate_ms = 300
+"#;
+
+/// A fast publisher on a conflated channel: the reader gets at most one message every 300 ms,
+/// in order, ending with the newest; each one it skipped counted `conflated`; a resume from
+/// its first message replays only the newest; live goes on after it.
+async fn conflation_under_a_fast_publisher(hub: &Hub, ch: &str) {
+    let (mut s, _) = hub.connect(&format!("channel={ch}"), &[]).await;
+    let started = std::time::Instant::now();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(hub.publish(ch, None, json!(i), true).await);
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await; // the publisher's pace
+    }
+    let mut got: Vec<(String, i64)> = Vec::new();
+    while got.last().map(|g| g.1) != Some(39) {
+        let m = s.next_message(WAIT).await.expect("stream open");
+        got.push((m.id.clone().unwrap(), m.json().as_i64().unwrap()));
+    }
+    let took = started.elapsed().as_millis() as usize;
+    let values: Vec<i64> = got.iter().map(|g| g.1).collect();
+    assert!(values.windows(2).all(|w| w[0] < w[1]), "{values:?}");
+    assert!(
+        values.len() >= 2 && values.len() <= took / 300 + 2,
+        "{} messages in {took} ms: {values:?}",
+        values.len()
+    );
+    assert_eq!(got.last().unwrap().0, ids[39], "the newest, with its id");
+    let conflated = r#"hub_messages_dropped_total{reason="conflated"}"#;
+    hub.wait_metric(conflated, (40 - values.len()) as f64, WAIT)
+        .await;
+    drop(s);
+    // A resume from the first message it got: only the newest, then live.
+    let (mut r, _) = hub
+        .connect(&format!("channel={ch}"), &[("Last-Event-ID", &got[0].0)])
+        .await;
+    let m = r.next_message(WAIT).await.unwrap();
+    assert_eq!(
+        (m.id.as_deref(), m.json()),
+        (Some(ids[39].as_str()), json!(39))
+    );
+    hub.publish(ch, None, json!("after"), true).await;
+    let m = r.next_message(WAIT).await.unwrap();
+    assert_eq!(m.data, "after", "nothing else replayed");
+}
+
+#[tokio::test]
+async fn conflation_on_the_embedded_broker() {
+    let path = write("conflate.toml", CONFLATE);
+    let hub = Hub::start(&[("HUB_CONFIG", &path)]).await;
+    conflation_under_a_fast_publisher(&hub, "tick:btc").await;
+}
+
+#[tokio::test]
+async fn conflation_over_redis() {
+    let redis = hub_tests::Redis::start();
+    let path = write("conflate-redis.toml", CONFLATE);
+    let hub = Hub::start(&[("HUB_CONFIG", &path), ("HUB_REDIS_URL", &redis.url())]).await;
+    hub.wait_ready(WAIT).await;
+    conflation_under_a_fast_publisher(&hub, "tick:eth").await;
 }

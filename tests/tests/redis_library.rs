@@ -77,7 +77,7 @@ async fn an_ephemeral_publish_cannot_pass_for_a_durable_one() {
 }
 
 /// `FCALL_RO hub_version 0`: [version, history length, TTL ms, max bytes, idempotency ms,
-/// namespaces hash].
+/// namespaces hash, webhook events kept at most].
 fn version(redis: &Redis) -> Vec<i64> {
     redis
         .cli(&["FCALL_RO", "hub_version", "0"])
@@ -94,7 +94,7 @@ async fn an_older_library_is_upgraded_and_a_newer_one_is_kept() {
         "#!lua name=hub\nredis.register_function('hub_publish', function(k, a) return 'v1' end)";
     redis.cli(&["FUNCTION", "LOAD", "REPLACE", v1]);
     let hub = redis_hub(&redis, &[]).await;
-    assert_eq!(version(&redis)[0], 6, "upgraded");
+    assert_eq!(version(&redis)[0], 7, "upgraded");
     drop(hub);
     // A library of a later version than this build: kept as it is.
     let v99 = "#!lua name=hub\nredis.register_function{function_name='hub_version', \
@@ -110,7 +110,7 @@ async fn the_first_nodes_settings_are_not_overwritten_by_the_last() {
     let redis = Redis::start();
     let a = redis_hub(&redis, &[("HUB_HISTORY_LEN", "50")]).await;
     let b = redis_hub(&redis, &[("HUB_HISTORY_LEN", "7")]).await;
-    assert_eq!(version(&redis)[..5], [6, 50, 3_600_000, 65_536, 300_000]);
+    assert_eq!(version(&redis)[..5], [7, 50, 3_600_000, 65_536, 300_000]);
     wait_until("node b says so", WAIT, || async {
         b.log().contains("other settings than this node")
     })

@@ -2,6 +2,7 @@
 //! shard lock (shard lock, then each stream's lock; no allocation per reader), split over the
 //! cores for large channels so that the last reader does not wait for all the others.
 
+use super::conflate::Pace;
 use super::{shard_of, Registry};
 use crate::message::Message;
 use crate::metrics::DropReason;
@@ -48,10 +49,19 @@ fn offer_all<'a>(readers: impl Iterator<Item = &'a Arc<Session>>, msg: &Arc<Mess
 }
 
 impl Registry {
+    /// Offers `msg` to every local reader of its channel (a conflated channel's may wait,
+    /// see [`super::conflate`]). Returns how many took it now.
+    pub fn fanout(&self, msg: &Arc<Message>) -> usize {
+        match self.pace(msg) {
+            Pace::Now => self.fanout_now(msg),
+            Pace::Held => 0,
+        }
+    }
+
     /// Offers `msg` to every local reader of its channel. Returns how many took it. A
     /// channel with `SPLIT_AT` readers or more is offered by one thread per core at once
     /// (scoped threads, joined before returning, so messages stay in order).
-    pub fn fanout(&self, msg: &Arc<Message>) -> usize {
+    pub(super) fn fanout_now(&self, msg: &Arc<Message>) -> usize {
         let offered = {
             let shard = self.channels[shard_of(&msg.channel)].lock();
             match shard.get(msg.channel.as_str()) {

@@ -12,6 +12,7 @@
 //! lost their last local reader, and which need their users read, and the node acts on that.
 
 mod admission;
+pub mod conflate;
 mod fanout;
 mod presence;
 pub mod presence_log;
@@ -55,6 +56,8 @@ struct Channel {
     log: PresenceLog,
     /// Whether `log` holds every node's users (see [`Registry::presence_claim_seed`]).
     seed: Seed,
+    /// Its conflation slot (only on conflated channels that got a message).
+    conflate: Option<Box<conflate::Slot>>,
 }
 type ChannelShard = Mutex<HashMap<Arc<str>, Channel>>;
 type TokenShard = Mutex<HashMap<u64, Arc<TokenId>>>;
@@ -94,6 +97,8 @@ pub struct Registry {
     presence_changes: AtomicU64,
     /// Threads a large channel's fan-out is split over (see [`SPLIT_AT`]).
     cores: usize,
+    /// Set when a namespace conflates (see [`Registry::conflate`]).
+    conflation: std::sync::OnceLock<conflate::Conflation>,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -129,6 +134,7 @@ impl Registry {
             cores: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(fanout::SPLIT_MAX),
+            conflation: std::sync::OnceLock::new(),
         }
     }
 

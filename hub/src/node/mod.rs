@@ -225,6 +225,7 @@ impl Node {
             metrics: node.metrics.clone(),
             refill: node.refill.clone(),
             tasks: node.tasks.clone(),
+            namespaces: node.config.namespaces.clone(),
         });
         node.spawn(catchup::run(catchup, refill_rx));
         let reporter = Arc::new(crate::presence::Reporter {
@@ -236,6 +237,12 @@ impl Node {
             tasks: node.tasks.clone(),
         });
         node.spawn(crate::presence::run(reporter));
+        if let Some(due) = node.registry.conflate(&node.config.namespaces) {
+            node.spawn(crate::channels::conflate::flusher(
+                node.registry.clone(),
+                due,
+            ));
+        }
         if let Some(sender) = webhooks {
             let running = sender.start()?;
             node.spawn(async move {
