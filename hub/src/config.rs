@@ -569,6 +569,14 @@ mod tests {
             ),
             (86_400, 2000, 64, true)
         );
+        assert_eq!(
+            (
+                c.webhook_url.is_none(),
+                c.webhook_retry_secs,
+                c.webhook_max_pending
+            ),
+            (true, 3600, 100_000)
+        );
     }
 
     #[test]
@@ -600,6 +608,19 @@ mod tests {
         .is_ok());
         let e = parse(&["--auth-concurrency", "0"]).unwrap_err();
         assert!(e.contains("HUB_AUTH_CONCURRENCY"), "{e}");
+        for bad in ["localhost:3000/hooks", "ftp://x/hooks"] {
+            let e = parse(&["--webhook-url", bad]).unwrap_err();
+            assert!(e.contains("HUB_WEBHOOK_URL"), "{e}");
+        }
+        let hook = ["--webhook-url", "https://api.internal/hooks"];
+        assert!(parse(&hook).is_ok());
+        let e = parse(&[hook[0], hook[1], "--redis-url", "redis-cluster://127.0.0.1:7000"])
+            .unwrap_err();
+        assert!(e.contains("HUB_WEBHOOK_URL") && e.contains("Cluster"), "{e}");
+        let e = parse(&[hook[0], hook[1], "--webhook-secret", ""]).unwrap_err();
+        assert!(e.contains("HUB_WEBHOOK_SECRET"), "{e}");
+        let e = parse(&["--webhook-max-pending", "0"]).unwrap_err();
+        assert!(e.contains("HUB_WEBHOOK_MAX_PENDING"), "{e}");
     }
 
     #[test]
