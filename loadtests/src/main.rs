@@ -22,6 +22,7 @@ mod publish;
 mod report;
 mod run;
 mod tls_hold;
+mod webhook_rx;
 
 use clap::{Parser, Subcommand};
 

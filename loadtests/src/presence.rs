@@ -41,6 +41,10 @@ pub struct PresenceArgs {
     /// Longest wait for a phase (s).
     #[arg(long, default_value_t = 120)]
     pub phase_secs: u64,
+    /// Receive the nodes' webhooks here (their `HUB_WEBHOOK_URL` is http://<this>/): every
+    /// event counted once by id, and when the last one of each phase arrived.
+    #[arg(long)]
+    pub webhook_listen: Option<SocketAddr>,
 }
 
 fn token(secret: &str, sub: &str) -> anyhow::Result<String> {
@@ -89,6 +93,47 @@ const PRESENCE_COMMANDS: [&str; 14] = [
     "zrem",
     "del",
 ];
+
+/// Commands only the webhook stream uses.
+const WEBHOOK_COMMANDS: &[&str] = &["xadd", "xlen", "xreadgroup", "xack", "xdel", "xautoclaim"];
+
+/// Calls of the webhook stream's commands so far.
+async fn webhook_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter(|r| WEBHOOK_COMMANDS.contains(&r.split(':').next().unwrap_or_default()))
+        .filter_map(|r| r.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum())
+}
+
+/// Waits until `have()` reaches `want` or nothing new came for `quiet`; returns how long after
+/// `start` the last new webhook event arrived (None: none arrived).
+async fn webhook_phase(
+    got: &crate::webhook_rx::Shared,
+    start: Instant,
+    want: impl Fn(&crate::webhook_rx::Got) -> bool,
+    quiet: Duration,
+    limit: Duration,
+) -> Option<f64> {
+    loop {
+        let (done, last) = match got.lock() {
+            Ok(g) => (want(&g), g.last_new),
+            Err(_) => return None,
+        };
+        let idle = last.map_or(start.elapsed(), |l| l.elapsed());
+        if done || idle > quiet || start.elapsed() > limit {
+            return last
+                .filter(|l| *l >= start)
+                .map(|l| l.duration_since(start).as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 /// Redis commands so far: (all, those of presence), from every `cmdstat_*` `calls=`.
 async fn redis_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<(u64, u64)> {
@@ -170,6 +215,10 @@ async fn wait(what: &str, limit: Duration, cond: impl Fn() -> bool) -> anyhow::R
 }
 
 pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
+    let hooks = match args.webhook_listen {
+        Some(a) => Some(crate::webhook_rx::start(a).await?),
+        None => None,
+    };
     let mut redis = redis::Client::open(args.redis.as_str())?
         .get_multiplexed_async_connection()
         .await
@@ -231,8 +280,17 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     let mut users = open_users(&args, &tokens).await;
     let join_time = wait_quiet(&joins, n + 1, Duration::from_secs(3), limit).await;
     let joins_seen = joins.load(Ordering::Relaxed) - 1;
-    let calls1 = redis_calls(&mut redis).await?;
     let open_time = start.elapsed();
+    // Every user's member_added (and the observer's, and the occupancy).
+    let hook_join = match &hooks {
+        Some(h) => {
+            webhook_phase(h, start, |g| g.count("member_added") > n, Duration::from_secs(5), limit)
+                .await
+        }
+        None => None,
+    };
+    let calls1 = redis_calls(&mut redis).await?;
+    let hooks1 = hooks.as_ref().and_then(|h| h.lock().ok().map(|g| g.by_type.values().sum::<u64>()));
 
     // Phase 2: every user drops and reconnects after `away_ms`: no event expected.
     let (j0, l0) = (
@@ -247,6 +305,9 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let calls2 = redis_calls(&mut redis).await?;
     let storm_events = joins.load(Ordering::Relaxed) - j0 + leaves.load(Ordering::Relaxed) - l0;
+    let hooks2 = hooks.as_ref().and_then(|h| h.lock().ok().map(|g| g.by_type.values().sum::<u64>()));
+    let stream_calls0 = webhook_calls(&mut redis).await?;
+    let leave_start = Instant::now();
 
     // Phase 3: every user leaves.
     users.abort_all();
@@ -256,7 +317,14 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     let settle = Duration::from_secs(args.settle_secs);
     let leave_time = wait_quiet(&leaves, l1 + n, settle, limit).await;
     let leaves_seen = leaves.load(Ordering::Relaxed) - l1;
+    let hook_leave = match &hooks {
+        Some(h) => {
+            webhook_phase(h, leave_start, |g| g.count("member_removed") >= n, settle, limit).await
+        }
+        None => None,
+    };
     let calls3 = redis_calls(&mut redis).await?;
+    let stream_calls = webhook_calls(&mut redis).await? - stream_calls0;
 
     let per = |a: (u64, u64), b: (u64, u64)| {
         ((b.0 - a.0) as f64 / n as f64, (b.1 - a.1) as f64 / n as f64)
@@ -280,6 +348,24 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
         "redis_calls_per_leave": leave_all,
         "presence_calls_per_leave": leave_presence,
     });
+    let mut report = report;
+    if let Some(h) = &hooks {
+        let g = h.lock().map_err(|_| anyhow::anyhow!("receiver lock"))?;
+        let removed = g.count("member_removed");
+        report["webhooks"] = serde_json::json!({
+            "occupied": g.count("channel_occupied"),
+            "member_added": g.count("member_added"),
+            "member_removed": removed,
+            "vacated": g.count("channel_vacated"),
+            "duplicates": g.duplicates,
+            "requests": g.requests,
+            "max_batch": g.max_batch,
+            "join_last_event_secs": hook_join,
+            "leave_last_event_secs": hook_leave,
+            "reconnect_storm_events": hooks2.unwrap_or(0) - hooks1.unwrap_or(0),
+            "stream_commands_per_leave_event": stream_calls as f64 / removed.max(1) as f64,
+        });
+    }
     println!("{report}");
     Ok(())
 }
