@@ -17,6 +17,7 @@ need promtool prometheus         # deploy/prometheus: promtool check/test rules
 need ip iproute2                 # a network namespace for the client that vanishes
 need ss iproute2                 # connections a browser holds to an HTTPS hub
 need curl curl                   # that client
+need node nodejs                 # the README's webhook receiver (examples/webhooks/receiver.js)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     echo "installing: ${need_pkgs[*]}"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
