@@ -614,9 +614,17 @@ mod tests {
         }
         let hook = ["--webhook-url", "https://api.internal/hooks"];
         assert!(parse(&hook).is_ok());
-        let e = parse(&[hook[0], hook[1], "--redis-url", "redis-cluster://127.0.0.1:7000"])
-            .unwrap_err();
-        assert!(e.contains("HUB_WEBHOOK_URL") && e.contains("Cluster"), "{e}");
+        let e = parse(&[
+            hook[0],
+            hook[1],
+            "--redis-url",
+            "redis-cluster://127.0.0.1:7000",
+        ])
+        .unwrap_err();
+        assert!(
+            e.contains("HUB_WEBHOOK_URL") && e.contains("Cluster"),
+            "{e}"
+        );
         let e = parse(&[hook[0], hook[1], "--webhook-secret", ""]).unwrap_err();
         assert!(e.contains("HUB_WEBHOOK_SECRET"), "{e}");
         let e = parse(&["--webhook-max-pending", "0"]).unwrap_err();

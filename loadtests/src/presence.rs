@@ -107,7 +107,14 @@ async fn webhook_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::
         .lines()
         .filter_map(|l| l.strip_prefix("cmdstat_"))
         .filter(|r| WEBHOOK_COMMANDS.contains(&r.split(':').next().unwrap_or_default()))
-        .filter_map(|r| r.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .filter_map(|r| {
+            r.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
         .sum())
 }
 
@@ -284,13 +291,21 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     // Every user's member_added (and the observer's, and the occupancy).
     let hook_join = match &hooks {
         Some(h) => {
-            webhook_phase(h, start, |g| g.count("member_added") > n, Duration::from_secs(5), limit)
-                .await
+            webhook_phase(
+                h,
+                start,
+                |g| g.count("member_added") > n,
+                Duration::from_secs(5),
+                limit,
+            )
+            .await
         }
         None => None,
     };
     let calls1 = redis_calls(&mut redis).await?;
-    let hooks1 = hooks.as_ref().and_then(|h| h.lock().ok().map(|g| g.by_type.values().sum::<u64>()));
+    let hooks1 = hooks
+        .as_ref()
+        .and_then(|h| h.lock().ok().map(|g| g.by_type.values().sum::<u64>()));
 
     // Phase 2: every user drops and reconnects after `away_ms`: no event expected.
     let (j0, l0) = (
@@ -305,7 +320,9 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let calls2 = redis_calls(&mut redis).await?;
     let storm_events = joins.load(Ordering::Relaxed) - j0 + leaves.load(Ordering::Relaxed) - l0;
-    let hooks2 = hooks.as_ref().and_then(|h| h.lock().ok().map(|g| g.by_type.values().sum::<u64>()));
+    let hooks2 = hooks
+        .as_ref()
+        .and_then(|h| h.lock().ok().map(|g| g.by_type.values().sum::<u64>()));
     let stream_calls0 = webhook_calls(&mut redis).await?;
     let leave_start = Instant::now();
 
@@ -319,7 +336,14 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     let leaves_seen = leaves.load(Ordering::Relaxed) - l1;
     let hook_leave = match &hooks {
         Some(h) => {
-            webhook_phase(h, leave_start, |g| g.count("member_removed") >= n, settle, limit).await
+            webhook_phase(
+                h,
+                leave_start,
+                |g| g.count("member_removed") >= n,
+                settle,
+                limit,
+            )
+            .await
         }
         None => None,
     };

@@ -10,8 +10,11 @@ use hub_tests::{binary, Hub, WAIT};
 use serde_json::{json, Value};
 use std::process::Command;
 
+/// Writes a file of its own (tests run at once; two never share one) and returns its path.
 fn write(name: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("hub-ns-{}", std::process::id()));
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("hub-ns-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
@@ -43,8 +46,22 @@ anonymous = true
 
 #[tokio::test]
 async fn a_file_sets_options_per_prefix() {
+    options_per_prefix(None).await;
+}
+
+#[tokio::test]
+async fn a_file_sets_options_per_prefix_over_redis() {
+    let redis = hub_tests::Redis::start();
+    options_per_prefix(Some(&redis.url())).await;
+}
+
+/// The file's options on the embedded broker, or over Redis (`redis`: its URL).
+async fn options_per_prefix(redis: Option<&str>) {
     let path = write("hub.toml", FILE);
-    let hub = Hub::start(&[("HUB_CONFIG", &path), ("HUB_JWT_SECRET", SECRET)]).await;
+    let mut env = vec![("HUB_CONFIG", path.as_str()), ("HUB_JWT_SECRET", SECRET)];
+    env.extend(redis.map(|u| ("HUB_REDIS_URL", u)));
+    let hub = Hub::start(&env).await;
+    hub.wait_ready(WAIT).await;
     let (s, connected) = hub.connect("channel=feed:news", &[]).await;
     drop(s);
     assert_eq!(connected.json()["heartbeat_secs"], 7, "the file's setting");
@@ -99,7 +116,9 @@ async fn a_file_sets_options_per_prefix() {
     assert_eq!(v["namespaces"][4]["history_ttl_secs"], 3600, "the default");
 
     // A variable wins over the file's key.
-    let env_wins = Hub::start(&[("HUB_CONFIG", &path), ("HUB_HEARTBEAT_SECS", "9")]).await;
+    env.push(("HUB_HEARTBEAT_SECS", "9"));
+    let env_wins = Hub::start(&env).await;
+    env_wins.wait_ready(WAIT).await;
     let (s, connected) = env_wins.connect("channel=feed:x", &[]).await;
     drop(s);
     assert_eq!(connected.json()["heartbeat_secs"], 9);
@@ -176,11 +195,24 @@ fn bad_files_stop_the_hub_with_one_line_naming_the_file_and_key() {
 /// 429 with `Retry-After`; other channels are not held back.
 #[tokio::test]
 async fn publish_rate_limits_http_publishes_per_channel() {
+    publish_rate_limits(None).await;
+}
+
+#[tokio::test]
+async fn publish_rate_limits_http_publishes_per_channel_over_redis() {
+    let redis = hub_tests::Redis::start();
+    publish_rate_limits(Some(&redis.url())).await;
+}
+
+async fn publish_rate_limits(redis: Option<&str>) {
     let path = write(
         "rate.toml",
         "[[namespace]]\nprefix = \"public:limited:\"\npublish_rate = 2\n",
     );
-    let hub = Hub::start(&[("HUB_CONFIG", &path)]).await;
+    let mut env = vec![("HUB_CONFIG", path.as_str())];
+    env.extend(redis.map(|u| ("HUB_REDIS_URL", u)));
+    let hub = Hub::start(&env).await;
+    hub.wait_ready(WAIT).await;
     let publish = |channel: &'static str| {
         let hub = &hub;
         async move {
@@ -230,12 +262,25 @@ async fn publish_rate_limits_http_publishes_per_channel() {
 /// is told to come back), a WebSocket subscribe gets an error frame 429; a place freed is taken.
 #[tokio::test]
 async fn max_readers_bounds_a_channels_streams_on_a_node() {
+    max_readers_bound(None).await;
+}
+
+#[tokio::test]
+async fn max_readers_bounds_a_channels_streams_on_a_node_over_redis() {
+    let redis = hub_tests::Redis::start();
+    max_readers_bound(Some(&redis.url())).await;
+}
+
+async fn max_readers_bound(redis: Option<&str>) {
     use hub_tests::client::{next, send, try_ws};
     let path = write(
         "readers.toml",
         "[[namespace]]\nprefix = \"public:few:\"\nanonymous = true\nmax_readers = 2\n",
     );
-    let hub = Hub::start(&[("HUB_CONFIG", &path)]).await;
+    let mut env = vec![("HUB_CONFIG", path.as_str())];
+    env.extend(redis.map(|u| ("HUB_REDIS_URL", u)));
+    let hub = Hub::start(&env).await;
+    hub.wait_ready(WAIT).await;
     let (one, _) = hub.connect("channel=public:few:a", &[]).await;
     let (_two, _) = hub.connect("channel=public:few:a", &[]).await;
     let mut third = hub.sse("channel=public:few:a", &[]).await;
