@@ -7,11 +7,12 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use hub_tests::client::{next, now, send, token, try_ws, SECRET};
+use hub_tests::receiver::read_request;
 use hub_tests::{wait_until, Hub, WAIT};
 use serde_json::{json, Value};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
 /// What the backend answers.
@@ -62,32 +63,8 @@ impl Backend {
     /// HTTP/1.1 with keep-alive, as the hub's pooled client speaks it.
     async fn serve(&self, mut io: TcpStream) {
         let mut buf = Vec::new();
-        loop {
-            let head_end = loop {
-                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let mut chunk = [0u8; 4096];
-                match io.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            };
-            let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            while buf.len() < head_end + len {
-                let mut chunk = [0u8; 4096];
-                match io.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-            let body: Value = serde_json::from_slice(&buf[head_end..head_end + len]).unwrap();
-            buf.drain(..head_end + len);
+        while let Some((_, body)) = read_request(&mut io, &mut buf).await {
+            let body: Value = serde_json::from_slice(&body).unwrap();
             self.asked.lock().unwrap().push(body);
             let answer = self.answer.lock().unwrap().clone();
             let (status, text) = match answer {

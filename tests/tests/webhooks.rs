@@ -8,7 +8,7 @@
 
 use hmac::{Hmac, Mac};
 use hub_tests::client::{token, SECRET};
-use hub_tests::receiver::Receiver;
+use hub_tests::receiver::{Receiver, Request};
 use hub_tests::{prefix, signal, wait_until, Hub, Redis, SseStream, WAIT};
 use serde_json::Value;
 use std::collections::HashSet;
@@ -94,6 +94,23 @@ fn config_file(text: &str) -> String {
     path.display().to_string()
 }
 
+/// Two ready nodes on `redis` sending webhooks to `r` (heartbeat 2 s).
+async fn two_nodes(redis: &Redis, r: &Receiver) -> [Hub; 2] {
+    let url = redis.url();
+    let env = [
+        ("HUB_REDIS_URL", url.as_str()),
+        ("HUB_WEBHOOK_URL", r.url.as_str()),
+        ("HUB_WEBHOOK_SECRET", KEY),
+        ("HUB_JWT_SECRET", SECRET),
+        ("HUB_HEARTBEAT_SECS", "2"),
+    ];
+    let hubs = [Hub::start(&env).await, Hub::start(&env).await];
+    for h in &hubs {
+        h.wait_ready(WAIT).await;
+    }
+    hubs
+}
+
 /// Embedded broker, default heartbeat (30 s): the events of a channel in order, a reconnect
 /// within the heartbeat makes none, the leave and the vacancy come one heartbeat after the
 /// last stream closed, and a namespace with `webhooks = false` sends nothing.
@@ -173,18 +190,7 @@ async fn two_nodes_send_each_change_once_and_retry_with_the_same_ids() {
     let r = Receiver::start(200).await;
     r.fail_next(2);
     let p = prefix("wh2");
-    let env = [
-        ("HUB_REDIS_URL", redis.url()),
-        ("HUB_WEBHOOK_URL", r.url.clone()),
-        ("HUB_WEBHOOK_SECRET", KEY.to_string()),
-        ("HUB_JWT_SECRET", SECRET.to_string()),
-        ("HUB_HEARTBEAT_SECS", "2".to_string()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let a = Hub::start(&env).await;
-    let b = Hub::start(&env).await;
-    a.wait_ready(WAIT).await;
-    b.wait_ready(WAIT).await;
+    let [a, b] = two_nodes(&redis, &r).await;
     let ch = format!("{p}room");
     let alice = stream(&a, &ch, Some("alice")).await;
     let bob = stream(&b, &ch, Some("bob")).await;
@@ -252,18 +258,7 @@ async fn a_dead_senders_events_are_sent_by_the_other_node() {
     let redis = Redis::start();
     let r = Receiver::start(503).await;
     let p = prefix("whk");
-    let env = [
-        ("HUB_REDIS_URL", redis.url()),
-        ("HUB_WEBHOOK_URL", r.url.clone()),
-        ("HUB_WEBHOOK_SECRET", KEY.to_string()),
-        ("HUB_JWT_SECRET", SECRET.to_string()),
-        ("HUB_HEARTBEAT_SECS", "2".to_string()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut hubs = vec![Hub::start(&env).await, Hub::start(&env).await];
-    for h in &hubs {
-        h.wait_ready(WAIT).await;
-    }
+    let mut hubs = Vec::from(two_nodes(&redis, &r).await);
     let ch = format!("{p}room");
     let _a = stream(&hubs[0], &ch, Some("alice")).await;
     let _b = stream(&hubs[1], &ch, Some("bob")).await;
@@ -318,8 +313,6 @@ async fn a_dead_senders_events_are_sent_by_the_other_node() {
             >= 4.0
     );
 }
-
-use hub_tests::receiver::Request;
 
 /// Bounded: beyond `HUB_WEBHOOK_MAX_PENDING` the oldest events are dropped and counted (Redis
 /// mode: trimmed by the presence functions), and a batch that fails for
