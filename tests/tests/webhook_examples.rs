@@ -65,6 +65,7 @@ async fn the_receiver_starts_and_stops_a_feed(program: &str, script: &str) {
     let rx = Receiver::start(program, script, port, admin);
     rx.wait_line(&format!("listening {port}")).await;
     let url = format!("http://127.0.0.1:{port}/hub-events");
+    hub_tests::install_crypto();
     let http = reqwest::Client::new();
     let bad = http
         .post(&url)
