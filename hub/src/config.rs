@@ -197,6 +197,28 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub auth_concurrency: u64,
 
+    /// CIDR ranges (or addresses) of proxies whose `X-Forwarded-For` is believed, comma
+    /// separated: a request from one takes the right-most address that is not a trusted proxy.
+    #[arg(long, env = "HUB_TRUSTED_PROXIES", value_name = "HUB_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+
+    /// Streams one client address may hold on this node (IPv6: per /64); 0 = no limit.
+    #[arg(long, env = "HUB_MAX_STREAMS_PER_IP", value_name = "HUB_MAX_STREAMS_PER_IP", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub max_streams_per_ip: u64,
+
+    /// New streams per second one client address may open on this node (burst twice that);
+    /// 0 = no limit.
+    #[arg(long, env = "HUB_CONNECT_RATE_PER_IP", value_name = "HUB_CONNECT_RATE_PER_IP", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub connect_rate_per_ip: u64,
+
+    /// Seconds a connection has to send a whole request head (or, over TLS, to finish its
+    /// handshake); slower ones are closed.
+    #[arg(long, env = "HUB_HEAD_TIMEOUT_SECS", value_name = "HUB_HEAD_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub head_timeout_secs: u64,
+
     /// Where channel and member events are POSTed (http:// or https://); unset: no webhooks.
     #[arg(long, env = "HUB_WEBHOOK_URL", value_name = "HUB_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
@@ -440,6 +462,7 @@ impl Config {
                 }
             }
         }
+        self.trusted_proxies()?;
         if let Some(url) = &self.webhook_url {
             match reqwest::Url::parse(url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
@@ -497,6 +520,24 @@ impl Config {
             }
         }
         Ok(Origins::List(items))
+    }
+
+    /// `HUB_TRUSTED_PROXIES` as ranges (an address alone is a range of one).
+    pub fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        let Some(list) = &self.trusted_proxies else {
+            return Ok(Vec::new());
+        };
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!("HUB_TRUSTED_PROXIES entry {s:?} is not an address or a CIDR range like 10.0.0.0/8")
+                    })
+            })
+            .collect()
     }
 
     /// The node's name.
@@ -571,6 +612,15 @@ mod tests {
         );
         assert_eq!(
             (
+                c.max_streams_per_ip,
+                c.connect_rate_per_ip,
+                c.head_timeout_secs,
+                c.trusted_proxies.is_none()
+            ),
+            (0, 0, 10, true)
+        );
+        assert_eq!(
+            (
                 c.webhook_url.is_none(),
                 c.webhook_retry_secs,
                 c.webhook_max_pending
@@ -627,6 +677,15 @@ mod tests {
         );
         let e = parse(&[hook[0], hook[1], "--webhook-secret", ""]).unwrap_err();
         assert!(e.contains("HUB_WEBHOOK_SECRET"), "{e}");
+        let e = parse(&["--trusted-proxies", "10.0.0.0/8, nope"]).unwrap_err();
+        assert!(
+            e.contains("HUB_TRUSTED_PROXIES") && e.contains("nope"),
+            "{e}"
+        );
+        let c = parse(&["--trusted-proxies", "10.0.0.0/8, 192.168.1.1,::1"]).unwrap();
+        assert_eq!(c.trusted_proxies().map(|t| t.len()), Ok(3));
+        let e = parse(&["--head-timeout-secs", "0"]).unwrap_err();
+        assert!(e.contains("HUB_HEAD_TIMEOUT_SECS"), "{e}");
         let e = parse(&["--webhook-max-pending", "0"]).unwrap_err();
         assert!(e.contains("HUB_WEBHOOK_MAX_PENDING"), "{e}");
     }

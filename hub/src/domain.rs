@@ -80,10 +80,14 @@ pub enum RejectReason {
     Unavailable = 6,
     /// A channel has its namespace's `max_readers` streams on this node.
     ChannelLimit = 7,
+    /// The client's address holds `HUB_MAX_STREAMS_PER_IP` streams on this node.
+    IpLimit = 8,
+    /// The client's address opens streams faster than `HUB_CONNECT_RATE_PER_IP`.
+    RateLimited = 9,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 8] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Capacity,
         RejectReason::UserLimit,
         RejectReason::Unauthorized,
@@ -92,6 +96,8 @@ impl RejectReason {
         RejectReason::Draining,
         RejectReason::Unavailable,
         RejectReason::ChannelLimit,
+        RejectReason::IpLimit,
+        RejectReason::RateLimited,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -103,6 +109,8 @@ impl RejectReason {
             RejectReason::Draining => "draining",
             RejectReason::Unavailable => "unavailable",
             RejectReason::ChannelLimit => "channel_limit",
+            RejectReason::IpLimit => "ip_limit",
+            RejectReason::RateLimited => "rate_limited",
         }
     }
 }

@@ -32,6 +32,7 @@
 //! [`run`] serves a node on listeners the caller bound until a shutdown future resolves, so a
 //! test or benchmark can start one in-process; [`serve`] is what the binary runs.
 
+pub mod addresses;
 pub mod auth;
 pub mod authhook;
 pub mod broker;
@@ -77,8 +78,6 @@ pub use node::Node;
 const BACKLOG: i32 = 4096;
 /// Seconds actix waits, after the drain, for connections to finish writing.
 const SERVER_STOP_SECS: u64 = 5;
-/// Seconds a client has to send its request head.
-const REQUEST_HEAD_SECS: u64 = 10;
 /// Kernel send buffer of a stream's socket (Linux doubles it for bookkeeping). A reader that
 /// stops reading would otherwise hold up to `tcp_wmem`'s maximum (4 MiB here) of messages in
 /// the kernel per socket before the hub sees it fall behind; 32 KiB still carries a stream at
@@ -157,7 +156,7 @@ impl Listeners {
 
 /// actix-http as every stream connection of the public port is served, whatever the transport
 /// under it (the front's plain connections, TLS).
-fn stream_http<T, S>() -> HttpServiceBuilder<T, S>
+fn stream_http<T, S>(head_secs: u64) -> HttpServiceBuilder<T, S>
 where
     S: actix_service::ServiceFactory<actix_http::Request, Config = ()>,
     S::Error: Into<actix_http::Response<actix_http::body::BoxBody>> + 'static,
@@ -170,7 +169,7 @@ where
         // write.
         .h1_allow_half_closed(false)
         .h1_write_buffer_size(STREAM_WRITE_BUFFER)
-        .client_request_timeout(Duration::from_secs(REQUEST_HEAD_SECS))
+        .client_request_timeout(Duration::from_secs(head_secs))
         .client_disconnect_timeout(Duration::from_secs(1))
 }
 
@@ -201,7 +200,7 @@ fn public_server(
     per_worker: usize,
 ) -> std::io::Result<actix_web::dev::Server> {
     let node = node.clone();
-    let head_secs = REQUEST_HEAD_SECS;
+    let head_secs = node.config.head_timeout_secs;
     let factory = move || {
         let (node, data) = (node.clone(), data.clone());
         actix_service::fn_factory(move || {
@@ -210,7 +209,7 @@ fn public_server(
                 let app = App::new()
                     .app_data(data)
                     .configure(server::public::configure);
-                let http = stream_http()
+                let http = stream_http(head_secs)
                     .on_connect_ext(
                         |io: &server::front::Conn, ext: &mut actix_web::dev::Extensions| {
                             ext.insert(io.socket());
@@ -253,13 +252,14 @@ fn public_tls_server(
     workers: usize,
     per_worker: usize,
     tls: rustls::ServerConfig,
+    head_secs: u64,
 ) -> std::io::Result<actix_web::dev::Server> {
     type Tls = actix_tls::accept::rustls_0_23::TlsStream<actix_web::rt::net::TcpStream>;
     let factory = move || {
         let app = App::new()
             .app_data(data.clone())
             .configure(server::public::configure);
-        stream_http()
+        stream_http(head_secs)
             .on_connect_ext(|io: &Tls, ext: &mut actix_web::dev::Extensions| {
                 use std::os::fd::AsRawFd;
                 ext.insert(peer::PeerSocket(io.get_ref().0.as_raw_fd()));
@@ -267,7 +267,12 @@ fn public_tls_server(
             .finish(actix_service::map_config(app, |()| {
                 actix_web::dev::AppConfig::default()
             }))
-            .rustls_0_23(tls.clone())
+            // A handshake is part of the head's time (a slow or silent TLS client is closed).
+            .rustls_0_23_with_config(
+                tls.clone(),
+                actix_http::TlsAcceptorConfig::default()
+                    .handshake_timeout(Duration::from_secs(head_secs)),
+            )
     };
     public_port(listener, workers, per_worker, factory)
 }
@@ -304,7 +309,15 @@ pub async fn run(
     let public = match (&node.config.tls_cert, &node.config.tls_key) {
         (Some(cert), Some(key)) => {
             let tls = tls::server_config(cert, key).map_err(anyhow::Error::msg)?;
-            public_tls_server(data.clone(), listeners.public, workers, per_worker, tls)?
+            let head_secs = node.config.head_timeout_secs;
+            public_tls_server(
+                data.clone(),
+                listeners.public,
+                workers,
+                per_worker,
+                tls,
+                head_secs,
+            )?
         }
         _ => public_server(&node, data.clone(), listeners.public, workers, per_worker)?,
     };

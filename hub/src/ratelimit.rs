@@ -57,22 +57,41 @@ impl<K: Eq + Hash> Buckets<K> {
     /// Takes one token from `key`'s bucket (filled at `rate` a second up to `burst`, full at
     /// first): `Err(wait)` when there is none, with the time until there is.
     pub fn take(&self, key: K, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
+        self.map
+            .lock()
+            .entry(key)
+            .or_insert(Bucket::full(burst, now))
+            .take(rate, burst, now)
+    }
+
+    /// [`Buckets::take`], keeping at most `cap` buckets: a new key at the cap first drops the
+    /// buckets that are full again (nothing to remember), and if that is not enough an eighth
+    /// of the others (they start full again), so that the next inserts are cheap.
+    pub fn take_bounded(
+        &self,
+        key: K,
+        rate: f64,
+        burst: f64,
+        now: Instant,
+        cap: usize,
+    ) -> Result<(), Duration>
+    where
+        K: Clone,
+    {
         let mut map = self.map.lock();
-        let b = map.entry(key).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
-        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
-        b.tokens = (b.tokens + elapsed * rate).min(burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(Duration::from_secs_f64(
-                (1.0 - b.tokens) / rate.max(f64::MIN_POSITIVE),
-            ))
+        if map.len() >= cap && !map.contains_key(&key) {
+            let full_after = Duration::from_secs_f64(burst / rate.max(f64::MIN_POSITIVE));
+            map.retain(|_, b| now.saturating_duration_since(b.at) < full_after);
+            if map.len() >= cap {
+                let gone: Vec<K> = map.keys().take(cap / 8 + 1).cloned().collect();
+                for k in gone {
+                    map.remove(&k);
+                }
+            }
         }
+        map.entry(key)
+            .or_insert(Bucket::full(burst, now))
+            .take(rate, burst, now)
     }
 
     /// Drops the buckets that would be full by `now` (nothing to remember), given each key's

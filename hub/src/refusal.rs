@@ -21,6 +21,11 @@ pub enum Kind {
     UserLimit,
     /// 429: a channel has its namespace's `max_readers` streams on this node.
     ChannelLimit,
+    /// 429: the client's address holds `HUB_MAX_STREAMS_PER_IP` streams on this node.
+    IpLimit,
+    /// 429: the client's address opens streams faster than `HUB_CONNECT_RATE_PER_IP`; come
+    /// back in this many seconds.
+    RateLimited(u64),
     /// 503: this node holds `HUB_MAX_CONNECTIONS` streams.
     Capacity,
     /// 503: this node is shutting down.
@@ -75,6 +80,20 @@ impl Refusal {
         )
     }
 
+    /// An address at one of its limits (see `crate::addresses`).
+    pub fn address(refused: crate::addresses::AddressRefusal) -> Refusal {
+        match refused.reason {
+            RejectReason::RateLimited => Refusal::new(
+                Kind::RateLimited(refused.retry_after.as_secs_f64().ceil().max(1.0) as u64),
+                "this address opens streams faster than this node allows (HUB_CONNECT_RATE_PER_IP)",
+            ),
+            _ => Refusal::new(
+                Kind::IpLimit,
+                "this address holds as many streams as this node allows (HUB_MAX_STREAMS_PER_IP)",
+            ),
+        }
+    }
+
     /// The broker failed; the client learns only that it may retry (details are logged).
     pub fn unavailable() -> Refusal {
         Refusal::new(
@@ -90,7 +109,7 @@ impl Refusal {
             Kind::Unauthorized => 401,
             Kind::Forbidden => 403,
             Kind::TooLarge => 413,
-            Kind::UserLimit | Kind::ChannelLimit => 429,
+            Kind::UserLimit | Kind::ChannelLimit | Kind::IpLimit | Kind::RateLimited(_) => 429,
             Kind::Capacity | Kind::Draining | Kind::Unavailable => 503,
         }
     }
@@ -104,6 +123,8 @@ impl Refusal {
             Kind::TooLarge => "too_large",
             Kind::UserLimit => "user_limit",
             Kind::ChannelLimit => "channel_limit",
+            Kind::IpLimit => "ip_limit",
+            Kind::RateLimited(_) => "rate_limited",
             Kind::Capacity => "capacity",
             Kind::Draining => "draining",
             Kind::Unavailable => "broker_unavailable",
@@ -118,6 +139,8 @@ impl Refusal {
             Kind::Forbidden => RejectReason::Forbidden,
             Kind::UserLimit => RejectReason::UserLimit,
             Kind::ChannelLimit => RejectReason::ChannelLimit,
+            Kind::IpLimit => RejectReason::IpLimit,
+            Kind::RateLimited(_) => RejectReason::RateLimited,
             Kind::Capacity => RejectReason::Capacity,
             Kind::Draining => RejectReason::Draining,
             Kind::Unavailable => RejectReason::Unavailable,
@@ -129,7 +152,8 @@ impl Refusal {
     /// (503 and 429).
     pub fn retry_after(&self) -> Option<u64> {
         match self.kind {
-            Kind::Capacity | Kind::UserLimit | Kind::ChannelLimit => Some(5),
+            Kind::Capacity | Kind::UserLimit | Kind::ChannelLimit | Kind::IpLimit => Some(5),
+            Kind::RateLimited(secs) => Some(secs),
             Kind::Draining => Some(1),
             Kind::Unavailable => Some(2),
             _ => None,
@@ -143,6 +167,8 @@ impl Refusal {
             Kind::Capacity => Some("capacity"),
             Kind::UserLimit => Some("user_limit"),
             Kind::ChannelLimit => Some("channel_limit"),
+            Kind::IpLimit => Some("ip_limit"),
+            Kind::RateLimited(_) => Some("rate_limited"),
             Kind::Draining => Some("draining"),
             Kind::Unavailable => Some("unavailable"),
             Kind::BadRequest | Kind::Unauthorized | Kind::Forbidden | Kind::TooLarge => None,

@@ -61,6 +61,8 @@ pub async fn run(node: Arc<Node>) {
                 node.refresh_revocations();
                 tracing::debug!(closed = stale.len(), "sweep done");
             }
+            // Rate buckets that are full again are forgotten (they hold nothing).
+            node.addresses.prune(std::time::Instant::now());
             if done.is_multiple_of(UPKEEP_EVERY_SECS) {
                 node.metrics.upkeep();
             }

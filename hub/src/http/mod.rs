@@ -20,13 +20,19 @@ pub fn authorization(req: &HttpRequest) -> Option<&str> {
 
 /// Every `Cookie` header joined with `; ` (HTTP/2 clients may send one per cookie).
 pub fn cookies(req: &HttpRequest) -> Option<String> {
-    let mut all = req
-        .headers()
-        .get_all(header::COOKIE)
-        .filter_map(|v| v.to_str().ok());
+    joined(req, header::COOKIE, "; ")
+}
+
+/// Every `X-Forwarded-For` header joined with `, ` (their hops, in order).
+pub fn forwarded_for(req: &HttpRequest) -> Option<String> {
+    joined(req, header::X_FORWARDED_FOR, ", ")
+}
+
+fn joined(req: &HttpRequest, name: header::HeaderName, sep: &str) -> Option<String> {
+    let mut all = req.headers().get_all(name).filter_map(|v| v.to_str().ok());
     let first = all.next()?;
     Some(all.fold(first.to_owned(), |mut acc, v| {
-        acc.push_str("; ");
+        acc.push_str(sep);
         acc.push_str(v);
         acc
     }))

@@ -71,7 +71,13 @@ impl Node {
         };
         let (refill, refill_rx) = catchup::channel();
         let (emptied, emptied_rx) = tokio::sync::mpsc::unbounded_channel();
+        let addresses = Arc::new(crate::addresses::Addresses::new(
+            config.trusted_proxies().map_err(anyhow::Error::msg)?,
+            config.max_streams_per_ip,
+            config.connect_rate_per_ip,
+        ));
         let node = Arc::new(Node {
+            addresses,
             name,
             origins,
             metrics,

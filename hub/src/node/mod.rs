@@ -9,6 +9,7 @@
 mod build;
 mod control;
 
+use crate::addresses::{AddressPlace, Addresses};
 use crate::auth::Auth;
 use crate::broker::Broker;
 use crate::channels::Registry;
@@ -56,6 +57,8 @@ pub struct OpenRequest {
     pub presence: bool,
     /// One stream of an HTTP/2 connection (see `Session::is_multiplexed`).
     pub multiplexed: bool,
+    /// The place the client's address holds for this stream (see [`Node::admit_address`]).
+    pub place: Option<AddressPlace>,
 }
 
 /// Where a channel of a stream should start.
@@ -74,6 +77,8 @@ pub enum Want {
 /// Shared by `Arc` (actix `web::Data`) with every handler and background task.
 pub struct Node {
     pub config: Config,
+    /// Client addresses and their limits (`HUB_MAX_STREAMS_PER_IP`, `HUB_CONNECT_RATE_PER_IP`).
+    pub addresses: Arc<Addresses>,
     pub name: String,
     pub origins: Origins,
     pub metrics: Arc<Metrics>,
@@ -113,6 +118,9 @@ impl Drop for TransportGuard {
 /// dropping it closes the stream (reason `client`, unless it was closed for another reason), so
 /// a client that goes away at any point releases everything it held.
 pub struct StreamGuard {
+    /// Given back when the stream ends (boxed: most streams have none, and the guard lives in
+    /// every stream's task).
+    _place: Option<Box<AddressPlace>>,
     node: Arc<Node>,
     pub session: Arc<Session>,
 }
@@ -236,6 +244,7 @@ impl Node {
         // From here on the guard holds the stream: an error or a client that goes away while
         // the channels start releases it.
         let stream = StreamGuard {
+            _place: req.place.map(Box::new),
             node: self.clone(),
             session,
         };
@@ -284,6 +293,23 @@ impl Node {
             return Err(if closed { r } else { self.refuse(r) });
         }
         Ok(stream)
+    }
+
+    /// The client's address of a stream request (`forwarded`: its `X-Forwarded-For` headers,
+    /// joined) and a place for it under the per-address limits; refused (and counted) beyond
+    /// them. Nothing is looked at when no per-address limit is on.
+    pub fn admit_address(
+        &self,
+        remote: Option<std::net::SocketAddr>,
+        forwarded: Option<&str>,
+    ) -> Result<Option<AddressPlace>, Refusal> {
+        if !self.addresses.limits() {
+            return Ok(None);
+        }
+        let client = self.addresses.client(remote, forwarded.as_slice());
+        self.addresses
+            .admit(client, Instant::now())
+            .map_err(|r| self.refuse(Refusal::address(r)))
     }
 
     /// Takes a place for a stream of `user`; at a limit, waits up to [`ADMIT_WAIT`] for one

@@ -1,5 +1,5 @@
 //! The public port's front door: reads each connection's request head itself (httparse, at
-//! most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers, within `REQUEST_HEAD_SECS`), serves a
+//! most [`MAX_HEAD`] bytes and [`MAX_HEADERS`] headers, within `HUB_HEAD_TIMEOUT_SECS`), serves a
 //! plain HTTP/1.x `GET /v1/sse` on the bare socket, and hands every other connection, with the
 //! bytes already read, to actix-http. It holds no buffer for the life of a stream: the head
 //! buffer is dropped before the stream opens, and frames are written from the shared messages
@@ -63,6 +63,8 @@ pub struct StreamRequest {
     pub authorization: Option<String>,
     /// Every `Cookie` header, joined with `; `.
     pub cookie: Option<String>,
+    /// Every `X-Forwarded-For` header, joined with `, `.
+    pub forwarded: Option<String>,
     pub last_event_id: Option<String>,
     /// `Sec-WebSocket-Accept` for an upgrade.
     pub ws_accept: Option<String>,
@@ -142,6 +144,15 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
                 }
                 None => out.cookie = Some(v.to_owned()),
             }
+        } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+            let v = value.to_str().unwrap_or("");
+            match &mut out.forwarded {
+                Some(all) => {
+                    all.push_str(", ");
+                    all.push_str(v);
+                }
+                None => out.forwarded = Some(v.to_owned()),
+            }
         } else if name.eq_ignore_ascii_case("accept") {
             out.event_stream |= sse::wants_event_stream(Some(h.value));
         } else if name.eq_ignore_ascii_case("last-event-id") && out.last_event_id.is_none() {
@@ -199,9 +210,19 @@ where
             drop(buf);
             Box::pin(socket_upgrade(node, io, socket, req)).await
         }
-        // Not a stream, or the head still incomplete at the deadline: actix-http answers (a
-        // 408 after its own timer, for the latter).
-        Ok(Ok(Some(_))) | Err(_) => {
+        // The head still incomplete at the deadline (a slow or silent client): closed, with
+        // a 408 if it sent anything (actix-http would give it its own timer again).
+        Err(_) => {
+            if !buf.is_empty() {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    io.write_all(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n"),
+                )
+                .await;
+            }
+        }
+        // Not a stream: actix-http answers.
+        Ok(Ok(Some(_))) => {
             Box::pin(http(Conn {
                 read: buf.freeze(),
                 io,
@@ -224,6 +245,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
             authorization: req.authorization.as_deref(),
             cookie: req.cookie.as_deref(),
             remote: io.peer_addr().ok(),
+            forwarded: req.forwarded.as_deref(),
             last_event_id: req.last_event_id.as_deref(),
             socket: Some(socket),
             multiplexed: false,
@@ -274,6 +296,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
         authorization: req.authorization.as_deref(),
         cookie: req.cookie.as_deref(),
         remote: io.peer_addr().ok(),
+        forwarded: req.forwarded.as_deref(),
     };
     if let Err(e) = transport::ws::check_origin(&node, &head) {
         return refuse(io, &e).await;

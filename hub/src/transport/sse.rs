@@ -117,8 +117,10 @@ pub struct StreamHead<'a> {
     pub authorization: Option<&'a str>,
     /// The `Cookie` header(s), joined.
     pub cookie: Option<&'a str>,
-    /// The client's address.
+    /// The peer's address.
     pub remote: Option<std::net::SocketAddr>,
+    /// The `X-Forwarded-For` header(s), joined (believed only from `HUB_TRUSTED_PROXIES`).
+    pub forwarded: Option<&'a str>,
     pub last_event_id: Option<&'a str>,
     pub socket: Option<crate::peer::PeerSocket>,
     /// One stream of an HTTP/2 connection (its body is then a [`WatchedBody`]).
@@ -133,6 +135,8 @@ pub struct Opened {
 
 /// Checks a stream request and opens its stream. Nothing is taken before every check passed.
 pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiError> {
+    // The client's address first: a flood is refused before anything else is looked at.
+    let place = node.admit_address(head.remote, head.forwarded)?;
     // Channel names first: a bad name is 400 before any token is looked at.
     let q = parse_query(head.query).map_err(|r| node.refuse(r))?;
     let channels = check_channels(&q.channels, node.config.max_channels_per_conn as usize)
@@ -186,6 +190,7 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
             rewind: q.rewind as usize,
             presence: q.presence,
             multiplexed: head.multiplexed,
+            place,
         })
         .await?;
     Ok(Opened {
@@ -268,6 +273,7 @@ pub async fn stream(
     let headers = req.headers();
     let origin = headers.get(header::ORIGIN);
     let cookie = crate::http::cookies(&req);
+    let forwarded = crate::http::forwarded_for(&req);
     let opening = open(
         &node,
         StreamHead {
@@ -276,6 +282,7 @@ pub async fn stream(
             authorization: crate::http::authorization(&req),
             cookie: cookie.as_deref(),
             remote: req.peer_addr(),
+            forwarded: forwarded.as_deref(),
             last_event_id: headers.get("last-event-id").and_then(|v| v.to_str().ok()),
             socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
             multiplexed: http2,

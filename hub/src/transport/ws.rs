@@ -60,8 +60,10 @@ pub struct WsHead<'a> {
     pub authorization: Option<&'a str>,
     /// The `Cookie` header(s), joined.
     pub cookie: Option<&'a str>,
-    /// The client's address.
+    /// The peer's address.
     pub remote: Option<std::net::SocketAddr>,
+    /// The `X-Forwarded-For` header(s), joined (believed only from `HUB_TRUSTED_PROXIES`).
+    pub forwarded: Option<&'a str>,
 }
 
 /// The origin check of an upgrade: another origin is 403; no `Origin` header (a server-side
@@ -80,6 +82,8 @@ pub async fn open(
     socket: Option<crate::peer::PeerSocket>,
     input: Option<web::Payload>,
 ) -> Result<WsBody, ApiError> {
+    // The client's address first: a flood is refused before anything else is looked at.
+    let place = node.admit_address(head.remote, head.forwarded)?;
     let query_token = form_urlencoded::parse(head.query.as_bytes())
         .find(|(k, _)| k == "token")
         .map(|(_, v)| v.into_owned());
@@ -107,6 +111,7 @@ pub async fn open(
             rewind: 0,
             presence: false,
             multiplexed: false,
+            place,
         })
         .await?;
     Ok(WsBody {
@@ -133,12 +138,14 @@ pub async fn upgrade(
 ) -> Result<HttpResponse, ApiError> {
     let node = node.into_inner();
     let cookie = crate::http::cookies(&req);
+    let forwarded = crate::http::forwarded_for(&req);
     let head = WsHead {
         query: req.query_string(),
         origin: req.headers().get(header::ORIGIN),
         authorization: crate::http::authorization(&req),
         cookie: cookie.as_deref(),
         remote: req.peer_addr(),
+        forwarded: forwarded.as_deref(),
     };
     check_origin(&node, &head)?;
     let mut res = actix_http::ws::handshake(req.head()).map_err(|e| {
@@ -642,6 +649,7 @@ mod body_tests {
             authorization: None,
             cookie: None,
             remote: None,
+            forwarded: None,
         };
         let mut body = open(&node, &head, None, None).await.unwrap();
         let written = Arc::new(parking_lot::Mutex::new(Vec::new()));

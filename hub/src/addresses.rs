@@ -1,0 +1,263 @@
+//! Client addresses: which address a stream request comes from (the peer, or behind
+//! `HUB_TRUSTED_PROXIES` the right-most `X-Forwarded-For` hop that is not a trusted proxy), and
+//! the per-address limits: streams held (`HUB_MAX_STREAMS_PER_IP`) and new streams per second
+//! (`HUB_CONNECT_RATE_PER_IP`). No I/O. Memory is bounded: counts exist only for addresses
+//! holding streams, and rate buckets are capped at [`MAX_BUCKETS`] (full ones pruned first).
+
+use crate::domain::RejectReason;
+use crate::ratelimit::Buckets;
+use ipnet::IpNet;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Rate buckets kept at most (about 64 bytes each: 4 MB). An attacker rotating addresses faster
+/// than buckets refill makes the oldest be forgotten (they start full again), never memory grow.
+pub const MAX_BUCKETS: usize = 65_536;
+/// `X-Forwarded-For` hops looked at, at most (a header is bounded by the head's size anyway).
+const MAX_HOPS: usize = 32;
+
+/// The key an address is limited by: IPv4 whole, IPv6 by its /64 (one host's share of a
+/// network; an attacker owns a /64 as easily as one address of it).
+fn key_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// See the module doc.
+pub struct Addresses {
+    trusted: Vec<IpNet>,
+    max_streams: u32,
+    rate: f64,
+    /// Streams per address key; an entry exists only while the address holds one.
+    streams: Mutex<HashMap<IpAddr, u32>>,
+    buckets: Buckets<IpAddr>,
+}
+
+/// A place an address holds for one stream; given back when dropped.
+pub struct AddressPlace {
+    addresses: Arc<Addresses>,
+    key: IpAddr,
+}
+
+impl Drop for AddressPlace {
+    fn drop(&mut self) {
+        let mut streams = self.addresses.streams.lock();
+        if let Some(n) = streams.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                streams.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Why an address was refused, and when to come back (a rate refusal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressRefusal {
+    pub reason: RejectReason,
+    pub retry_after: Duration,
+}
+
+impl Addresses {
+    pub fn new(trusted: Vec<IpNet>, max_streams: u64, rate: u64) -> Addresses {
+        Addresses {
+            trusted,
+            max_streams: u32::try_from(max_streams).unwrap_or(u32::MAX),
+            rate: rate as f64,
+            streams: Mutex::new(HashMap::new()),
+            buckets: Buckets::default(),
+        }
+    }
+
+    /// Whether any per-address limit is on.
+    pub fn limits(&self) -> bool {
+        self.max_streams > 0 || self.rate > 0.0
+    }
+
+    /// The client's address: the peer's, or, when the peer is a trusted proxy, the right-most
+    /// address of `X-Forwarded-For` (all its headers, in order) that is not a trusted proxy (the
+    /// left-most when all are). A malformed hop ends the walk there: the address before it
+    /// (the last one trusted said so) is taken.
+    pub fn client(&self, peer: Option<SocketAddr>, forwarded: &[&str]) -> Option<IpAddr> {
+        let mut addr = peer?.ip();
+        if !self.is_trusted(addr) {
+            return Some(addr);
+        }
+        let hops: Vec<&str> = forwarded
+            .iter()
+            .flat_map(|h| h.split(','))
+            .map(str::trim)
+            .collect();
+        for hop in hops.iter().rev().take(MAX_HOPS) {
+            let Some(ip) = parse_hop(hop) else {
+                break;
+            };
+            addr = ip;
+            if !self.is_trusted(ip) {
+                break;
+            }
+        }
+        Some(addr)
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted.iter().any(|n| n.contains(&ip))
+    }
+
+    /// Takes a place for a new stream of `ip`: first a token of its connect rate, then a place
+    /// under its stream limit. `Ok(None)` when no limit is on (nothing is kept).
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<Option<AddressPlace>, AddressRefusal> {
+        let (Some(ip), true) = (ip, self.limits()) else {
+            return Ok(None);
+        };
+        let key = key_of(ip);
+        if self.rate > 0.0 {
+            let burst = 2.0 * self.rate;
+            self.buckets
+                .take_bounded(key, self.rate, burst, now, MAX_BUCKETS)
+                .map_err(|wait| AddressRefusal {
+                    reason: RejectReason::RateLimited,
+                    retry_after: wait,
+                })?;
+        }
+        if self.max_streams == 0 {
+            return Ok(None);
+        }
+        let mut streams = self.streams.lock();
+        let n = streams.entry(key).or_insert(0);
+        if *n >= self.max_streams {
+            return Err(AddressRefusal {
+                reason: RejectReason::IpLimit,
+                retry_after: Duration::from_secs(5),
+            });
+        }
+        *n += 1;
+        Ok(Some(AddressPlace {
+            addresses: self.clone(),
+            key,
+        }))
+    }
+
+    /// Forgets the rate buckets that are full again (the node's sweep and tick call it).
+    pub fn prune(&self, now: Instant) {
+        if self.rate > 0.0 {
+            self.buckets.prune(now, Duration::from_secs_f64(2.0));
+        }
+    }
+
+    /// Addresses holding streams, and rate buckets kept (for tests and `/v1/stats`).
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.streams.lock().len(), self.buckets.len())
+    }
+}
+
+/// One `X-Forwarded-For` hop: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    hop.parse::<SocketAddr>().ok().map(|s| s.ip())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(trusted: &[&str], max: u64, rate: u64) -> Arc<Addresses> {
+        Arc::new(Addresses::new(
+            trusted.iter().map(|t| t.parse().unwrap()).collect(),
+            max,
+            rate,
+        ))
+    }
+
+    fn peer(s: &str) -> Option<SocketAddr> {
+        Some(SocketAddr::new(s.parse().unwrap(), 1))
+    }
+
+    #[test]
+    fn the_client_is_the_rightmost_untrusted_hop() {
+        let a = addrs(&["10.0.0.0/8", "::1/128"], 0, 0);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        // Untrusted peer: its own address, whatever it claims.
+        assert_eq!(a.client(peer("1.2.3.4"), &["9.9.9.9"]), ip("1.2.3.4"));
+        // Trusted peer: right-most untrusted hop; spoofed hops to its left are ignored.
+        assert_eq!(
+            a.client(peer("10.0.0.1"), &["6.6.6.6, 5.5.5.5", "10.0.0.2"]),
+            ip("5.5.5.5")
+        );
+        // All trusted: the left-most.
+        assert_eq!(a.client(peer("10.0.0.1"), &["10.1.1.1"]), ip("10.1.1.1"));
+        // None: the proxy itself.
+        assert_eq!(a.client(peer("10.0.0.1"), &[]), ip("10.0.0.1"));
+        // A malformed hop ends the walk.
+        assert_eq!(
+            a.client(peer("10.0.0.1"), &["5.5.5.5, junk"]),
+            ip("10.0.0.1")
+        );
+        // Ports and IPv6.
+        assert_eq!(
+            a.client(peer("::1"), &["[2001:db8::1]:443"]),
+            ip("2001:db8::1")
+        );
+    }
+
+    #[test]
+    fn streams_per_address_are_given_back_and_ipv6_counts_by_its_64() {
+        let a = addrs(&[], 2, 0);
+        let now = Instant::now();
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let one = a.admit(ip("2001:db8::1"), now).unwrap();
+        let _two = a.admit(ip("2001:db8::2"), now).unwrap();
+        let e = a.admit(ip("2001:db8::3"), now).err().unwrap();
+        assert_eq!(e.reason, RejectReason::IpLimit);
+        assert!(a.admit(ip("2001:db9::1"), now).is_ok(), "another /64");
+        drop(one);
+        assert!(a.admit(ip("2001:db8::3"), now).unwrap().is_some());
+        assert!(addrs(&[], 0, 0)
+            .admit(ip("1.1.1.1"), now)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn the_connect_rate_has_a_burst_of_twice_the_rate_and_the_buckets_are_bounded() {
+        let a = addrs(&[], 0, 2);
+        let now = Instant::now();
+        let ip = Some("1.1.1.1".parse::<IpAddr>().unwrap());
+        for _ in 0..4 {
+            assert!(a.admit(ip, now).is_ok());
+        }
+        let e = a.admit(ip, now).err().unwrap();
+        assert_eq!(e.reason, RejectReason::RateLimited);
+        assert!(e.retry_after <= Duration::from_millis(500));
+        assert!(a.admit(ip, now + Duration::from_millis(500)).is_ok());
+        // Rotating addresses: the buckets never pass the cap.
+        for i in 0..(MAX_BUCKETS as u32 + 10_000) {
+            let ip = IpAddr::V4(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            let _ = a.admit(Some(ip), now);
+        }
+        assert!(a.sizes().1 <= MAX_BUCKETS, "{:?}", a.sizes());
+        a.prune(now + Duration::from_secs(5));
+        assert_eq!(a.sizes(), (0, 0));
+    }
+}
