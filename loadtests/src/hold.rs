@@ -108,6 +108,11 @@ pub struct StreamOpts {
     /// the same on every reconnect, as a browser does.
     #[arg(long)]
     pub session_cookie: bool,
+    /// Streams leave from this many source addresses in turn instead of one (stream i of a
+    /// holder bound to 127.0.0.P: 127.P.(i mod K) / 256.(i mod K) mod 256), so that per-address
+    /// limits see many clients, as they would in the field (0: the holder's one address).
+    #[arg(long, default_value_t = 0)]
+    pub spread_sources: u64,
 }
 
 impl StreamOpts {
@@ -141,6 +146,7 @@ impl StreamOpts {
             ("--leave-after", self.leave_after),
             ("--away-ms", self.away_ms),
             ("--open-retries", self.open_retries),
+            ("--spread-sources", self.spread_sources),
         ] {
             if v > 0 {
                 a.extend([flag.into(), v.to_string()]);
@@ -367,6 +373,8 @@ struct Stream {
     returned_at: Option<Instant>,
     /// The session cookie it sends (`--session-cookie`).
     cookie: Option<String>,
+    /// The address it connects from (see `--spread-sources`).
+    source: IpAddr,
 }
 
 impl Stream {
@@ -434,8 +442,25 @@ fn fill(template: &str, ch: u64) -> String {
     template.replace("{ch}", &ch.to_string())
 }
 
+/// The address stream `index` connects from (see `--spread-sources`).
+fn source_of(args: &HoldArgs, index: u64) -> IpAddr {
+    match (args.source, args.stream.spread_sources) {
+        (IpAddr::V4(v4), k) if k > 0 => {
+            let i = index % k.min(65_536);
+            IpAddr::V4(std::net::Ipv4Addr::new(
+                127,
+                v4.octets()[3],
+                (i / 256) as u8,
+                (i % 256) as u8,
+            ))
+        }
+        (ip, _) => ip,
+    }
+}
+
 async fn connect(
     args: &HoldArgs,
+    source: IpAddr,
     ch: u64,
     last_id: Option<&str>,
     stall: bool,
@@ -445,7 +470,7 @@ async fn connect(
     if stall && args.stream.stall_rcvbuf > 0 {
         sock.set_recv_buffer_size(args.stream.stall_rcvbuf)?;
     }
-    sock.bind(SocketAddr::new(args.source, 0))?;
+    sock.bind(SocketAddr::new(source, 0))?;
     let mut s = sock.connect(args.target).await?;
     let path = fill(&args.stream.path, ch);
     let req = if args.stream.ws {
@@ -520,7 +545,14 @@ async fn connection(
     stop: &mut watch::Receiver<bool>,
     stall: bool,
 ) -> End {
-    let conn = connect(args, ch, st.last_id.as_deref(), stall, st.cookie.as_deref());
+    let conn = connect(
+        args,
+        st.source,
+        ch,
+        st.last_id.as_deref(),
+        stall,
+        st.cookie.as_deref(),
+    );
     let mut s = tokio::select! {
         r = tokio::time::timeout(Duration::from_secs(30), conn) => match r {
             Ok(Ok(s)) => s,
@@ -711,6 +743,7 @@ async fn one(
             .stream
             .session_cookie
             .then(|| format!("session={}-{index}", args.source)),
+        source: source_of(&args, index),
     };
     let mut permit = Some(permit);
     let mut open_retries = args.stream.open_retries;

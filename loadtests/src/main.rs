@@ -10,11 +10,13 @@
 //! - `loadgen presence-storm`: N users join a channel, reconnect all at once, leave; the
 //!   presence events an observer gets and the Redis operations each phase cost.
 //! - `loadgen auth-hook`: a backend's authorization hook answering locally (`HUB_AUTH_URL`).
+//! - `loadgen attack`: a slowloris or a connection flood from one address (abuse limits).
 //! - `loadgen tls-hold`: idle SSE streams over HTTPS, many per HTTP/2 connection or one per
 //!   HTTP/1.1 connection (what a stream costs over each).
 //!
 //! Every mode is bounded in count and time and stops by itself; traffic goes to loopback only.
 
+mod attack;
 mod hold;
 mod hook;
 mod presence;
@@ -41,6 +43,7 @@ enum Cmd {
     Run(run::RunArgs),
     TlsHold(tls_hold::TlsHoldArgs),
     PresenceStorm(presence::PresenceArgs),
+    Attack(attack::AttackArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -72,6 +75,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Run(a) => run::main(a).await,
             Cmd::TlsHold(a) => tls_hold::main(a).await,
             Cmd::PresenceStorm(a) => presence::main(a).await,
+            Cmd::Attack(a) => attack::main(a).await,
         }
     });
     match res {

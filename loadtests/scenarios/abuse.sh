@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Scenario: abuse beside legitimate readers. One hub (embedded broker); READERS (5,000) SSE
+# readers from many addresses (--spread-sources) get COUNT (30) messages at 1/s while an
+# attacker on one address (127.0.0.9) runs, from the moment the readers are connected:
+#   none           no attack (the baseline)
+#   slowloris      ATTACKERS (5,000) connections sending one byte of a head every 5 s
+#                  (HUB_HEAD_TIMEOUT_SECS at its default, 10)
+#   slowloris-off  the same with the head timeout as long as it goes (300 s)
+#   flood          ATTACKERS workers asking for streams as fast as answers come, holding every
+#                  one granted, with HUB_MAX_STREAMS_PER_IP=100 HUB_CONNECT_RATE_PER_IP=20
+#   flood-off      the same with the per-address limits off
+# Reported per variant (medians of RUNS, 3): the readers' delivered share and p99, the hub's
+# CPU per million deliveries, its RSS before the attack and at most during it, how many of 50
+# newcomers (fresh addresses, 10 s into the attack) got a stream, and what the attacker got.
+# PIN=1 (default): the hub on CPU 0, readers and attacker on CPU 1 (an attacker's own CPU is
+# not the server's). Everything listens on loopback, stops by itself and is stopped by PID.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+READERS=${READERS:-5000} PROCS=${PROCS:-3} COUNT=${COUNT:-30} RUNS=${RUNS:-3} ATTACKERS=${ATTACKERS:-5000}
+VARIANTS=${VARIANTS:-none slowloris slowloris-off flood flood-off} PIN=${PIN:-1}
+SRV=() GEN=()
+if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
+cargo build -q --release -p hub -p loadtests
+OUT=$(mktemp -d /tmp/scenario-abuse.XXXX)
+. loadtests/scenarios/lib.sh
+LOADGEN=target/release/loadgen
+
+run_one() { # run_one <variant> <run>
+    local v=$1 r=$2 pub adm hub env=() attack=()
+    pub=127.0.0.1:$(free_port) adm=127.0.0.1:$(free_port)
+    case $v in
+        none) ;;
+        slowloris) attack=(--mode slowloris --interval-ms 5000) ;;
+        slowloris-off) env+=(HUB_HEAD_TIMEOUT_SECS=300); attack=(--mode slowloris --interval-ms 5000) ;;
+        flood) env+=(HUB_MAX_STREAMS_PER_IP=100 HUB_CONNECT_RATE_PER_IP=20); attack=(--mode flood) ;;
+        flood-off) attack=(--mode flood) ;;
+        *) echo "unknown variant $v" >&2; exit 1 ;;
+    esac
+    env HUB_BIND="$pub" HUB_ADMIN_BIND="$adm" HUB_LOG=warn HUB_DRAIN_SECS=0 ${env[@]+"${env[@]}"} \
+        "${SRV[@]}" target/release/hub > "$OUT/hub-$v-$r.out" 2> "$OUT/hub-$v-$r.err" &
+    hub=$!; PIDS+=("$hub")
+    wait_for 200 curl -sf "http://$adm/readyz"
+    rm -f "$OUT/ready"
+    "${GEN[@]}" $LOADGEN run --target "$pub" --server-pid "$hub" --path "/v1/sse?channel=public:legit" \
+        --http "http://$adm" --channel "public:legit" --spread-sources 2000 \
+        --streams "$READERS" --processes "$PROCS" --count "$COUNT" --rate 1 --duration 120 \
+        --ready-file "$OUT/ready" --report "$OUT/report-$v-$r.json" > /dev/null 2> "$OUT/loadgen-$v-$r.err" &
+    local lg=$!; PIDS+=("$lg")
+    wait_for 2400 test -f "$OUT/ready"
+    local rss0; rss0=$(awk '/^VmRSS:/{print $2}' "/proc/$hub/status")
+    local atk=""
+    if [ ${#attack[@]} -gt 0 ]; then
+        "${GEN[@]}" $LOADGEN attack "${attack[@]}" --target "$pub" --connections "$ATTACKERS" --duration-secs $((COUNT + 5)) \
+            > "$OUT/attack-$v-$r.json" 2> "$OUT/attack-$v-$r.err" &
+        atk=$!; PIDS+=("$atk")
+    fi
+    local rssmax=$rss0 t=0 newcomers=""
+    while kill -0 "$lg" 2>/dev/null; do
+        t=$((t + 1))
+        if [ "$t" = 10 ]; then
+            # 50 newcomers from fresh addresses: does a legitimate client still get in?
+            newcomers=$(for i in $(seq 1 50); do
+                curl -s -o /dev/null -w '%{http_code}\n' -m 1 --interface "127.0.1.$i" "http://$pub/v1/sse?channel=public:newcomer" || true
+            done | sort | uniq -c | awk '{printf "%s:%s ", $2, $1}')
+        fi
+        local now; now=$(awk '/^VmRSS:/{print $2}' "/proc/$hub/status" 2>/dev/null || echo 0)
+        [ "$now" -gt "$rssmax" ] && rssmax=$now
+        sleep 1
+    done
+    wait "$lg" || true
+    if [ -n "$atk" ]; then wait "$atk" || true; fi
+    local rejected
+    rejected=$(curl -sf "http://$adm/metrics" | awk '/^hub_connections_rejected_total/ && $2 > 0 {printf "%s=%s ", $1, $2}')
+    kill -TERM "$hub"; wait "$hub" 2>/dev/null || true
+    python3 - "$OUT/report-$v-$r.json" "$OUT/attack-$v-$r.json" "$rss0" "$rssmax" "$rejected" "$newcomers" <<'PY'
+import json, sys, os
+rep = json.load(open(sys.argv[1]))
+atk = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) and os.path.getsize(sys.argv[2]) else {}
+print(json.dumps({
+    "opened": rep["opened"],
+    "delivered_pct": 100.0 * rep["deliveries"] / max(1, rep["expected_deliveries"]),
+    "p99_ms": rep["latency"]["p99_ms"],
+    "cpu_per_million": rep["server_cpu_secs_per_million_deliveries"],
+    "rss_before_mb": int(sys.argv[3]) / 1024,
+    "rss_max_mb": int(sys.argv[4]) / 1024,
+    "attack": atk,
+    "rejected": sys.argv[5],
+    "newcomers": sys.argv[6],
+}))
+PY
+}
+
+for v in $VARIANTS; do
+    for r in $(seq "$RUNS"); do
+        echo "$v run $r/$RUNS" >&2
+        run_one "$v" "$r" > "$OUT/summary-$v-$r.json"
+    done
+done
+python3 - "$OUT" "$RUNS" $VARIANTS <<'PY'
+import json, statistics, sys
+out, runs, variants = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+print(f"results in {out}; medians of {runs} runs")
+base = None
+for v in variants:
+    rs = [json.load(open(f"{out}/summary-{v}-{r}.json")) for r in range(1, runs + 1)]
+    med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)
+    row = {k: med(k) for k in ["opened", "delivered_pct", "p99_ms", "cpu_per_million", "rss_before_mb", "rss_max_mb"]}
+    if base is None:
+        base = row
+    atk = rs[len(rs) // 2]["attack"]
+    print(f"{v:14} readers {row['opened']:.0f}  delivered {row['delivered_pct']:.1f}%  p99 {row['p99_ms']:.1f} ms "
+          f"({row['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x)  CPU-s/M {row['cpu_per_million']:.1f}  "
+          f"RSS {row['rss_before_mb']:.0f} -> max {row['rss_max_mb']:.0f} MB")
+    print(f"{'':14} runs p99 {[round(r['p99_ms'], 1) for r in rs]}  delivered {[round(r['delivered_pct'], 1) for r in rs]}")
+    if atk:
+        print(f"{'':14} attacker: {json.dumps({k: atk[k] for k in ['opened', 'connect_failed', 'closed_by_server', 'statuses', 'held']})}")
+    print(f"{'':14} newcomers (status:count): {[r['newcomers'] for r in rs]}")
+    print(f"{'':14} hub refused: {rs[len(rs) // 2]['rejected']}")
+PY
