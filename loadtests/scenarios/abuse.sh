@@ -59,9 +59,9 @@ run_one() { # run_one <variant> <run>
         t=$((t + 1))
         if [ "$t" = 10 ]; then
             # 50 newcomers from fresh addresses: does a legitimate client still get in?
-            newcomers=$(for i in $(seq 1 50); do
-                curl -s -o /dev/null -w '%{http_code}\n' -m 1 --interface "127.0.1.$i" "http://$pub/v1/sse?channel=public:newcomer" || true
-            done | sort | uniq -c | awk '{printf "%s:%s ", $2, $1}')
+            newcomers=$(seq 1 50 | xargs -P 50 -I{} curl -s -o /dev/null -w '%{http_code}\n' -m 1 \
+                --interface "127.0.1.{}" "http://$pub/v1/sse?channel=public:newcomer" \
+                | sort | uniq -c | awk '{printf "%s:%s ", $2, $1}' || true)
         fi
         local now; now=$(awk '/^VmRSS:/{print $2}' "/proc/$hub/status" 2>/dev/null || echo 0)
         [ "$now" -gt "$rssmax" ] && rssmax=$now
