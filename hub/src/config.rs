@@ -219,6 +219,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=300))]
     pub head_timeout_secs: u64,
 
+    /// WebSocket messages of this many payload bytes or more are compressed for sockets that
+    /// negotiated `permessage-deflate` (smaller ones are sent as they are).
+    #[arg(long, env = "HUB_COMPRESS_MIN_BYTES", value_name = "HUB_COMPRESS_MIN_BYTES", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(0..=16 * 1024 * 1024))]
+    pub compress_min_bytes: u64,
+
+    /// SSE streams of clients that send `Accept-Encoding: gzip` are sent gzip-encoded (each
+    /// event compressed once for every stream, flushed as it is sent).
+    #[arg(long, env = "HUB_SSE_GZIP", value_name = "HUB_SSE_GZIP", default_value_t = true,
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub sse_gzip: bool,
+
     /// Where channel and member events are POSTed (http:// or https://); unset: no webhooks.
     #[arg(long, env = "HUB_WEBHOOK_URL", value_name = "HUB_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
@@ -619,6 +631,8 @@ mod tests {
             ),
             (0, 0, 10, true)
         );
+        assert_eq!((c.compress_min_bytes, c.sse_gzip), (512, true));
+        assert!(!parse(&["--sse-gzip", "false"]).unwrap().sse_gzip);
         assert_eq!(
             (
                 c.webhook_url.is_none(),

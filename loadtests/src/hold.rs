@@ -994,6 +994,7 @@ mod tests {
             left: false,
             returned_at: None,
             cookie: None,
+            source: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
         };
         let mut lat = Vec::new();
         // 3 and 13 arrive, 23 and 33 are missed, 43 arrives, then 13 again.

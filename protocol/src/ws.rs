@@ -52,6 +52,24 @@ pub fn frame(op: OpCode, payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// One whole frame whose payload is compressed (`permessage-deflate`: RSV1 set).
+pub fn frame_compressed(op: OpCode, payload: &[u8]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(header_len(payload.len()) + payload.len());
+    write_header(&mut buf, op, payload.len());
+    buf[0] |= 0x40;
+    buf.put_slice(payload);
+    buf.freeze()
+}
+
+/// The header length of a whole frame made here (read from its second byte).
+pub fn header_len_of(frame: &[u8]) -> usize {
+    match frame.get(1).map(|b| b & 0x7F) {
+        Some(126) => 4,
+        Some(127) => 10,
+        _ => 2,
+    }
+}
+
 /// A close frame with a status code and a reason (cut to fit a control frame's 125 bytes, on a
 /// character boundary).
 pub fn close(code: u16, reason: &str) -> Bytes {

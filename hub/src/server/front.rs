@@ -68,6 +68,11 @@ pub struct StreamRequest {
     pub last_event_id: Option<String>,
     /// `Sec-WebSocket-Accept` for an upgrade.
     pub ws_accept: Option<String>,
+    /// The `Sec-WebSocket-Extensions` answer when the upgrade offered `permessage-deflate`
+    /// the hub accepts.
+    pub ws_deflate: Option<&'static str>,
+    /// `Accept-Encoding` accepts gzip.
+    pub gzip: bool,
     /// `Accept: text/event-stream` (an EventSource): a refusal that passes is a 200 telling
     /// it to come back (see `sse::refusal_body`).
     pub event_stream: bool,
@@ -106,6 +111,7 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
     };
     // The headers a WebSocket handshake is judged on, as actix judges them.
     let mut upgrade = RequestHead::default();
+    let mut extensions: Vec<String> = Vec::new();
     for h in req.headers.iter() {
         // The value as actix would hold it; one it would refuse sends the request there.
         let value = HeaderValue::from_bytes(h.value).ok()?;
@@ -153,6 +159,11 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
                 }
                 None => out.forwarded = Some(v.to_owned()),
             }
+        } else if name.eq_ignore_ascii_case("sec-websocket-extensions") && ws {
+            let v = value.to_str().unwrap_or("");
+            extensions.push(v.to_owned());
+        } else if name.eq_ignore_ascii_case("accept-encoding") {
+            out.gzip |= crate::compress::accepts_gzip(value.to_str().unwrap_or(""));
         } else if name.eq_ignore_ascii_case("accept") {
             out.event_stream |= sse::wants_event_stream(Some(h.value));
         } else if name.eq_ignore_ascii_case("last-event-id") && out.last_event_id.is_none() {
@@ -168,6 +179,7 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
     ws::verify_handshake(&upgrade).ok()?;
     let key = upgrade.headers.get(header::SEC_WEBSOCKET_KEY)?;
     out.ws_accept = Some(String::from_utf8_lossy(&ws::hash_key(key.as_bytes())).into_owned());
+    out.ws_deflate = crate::compress::negotiate_ws(&extensions.join(","));
     Some(Head::Ws(out))
 }
 
@@ -246,6 +258,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
             cookie: req.cookie.as_deref(),
             remote: io.peer_addr().ok(),
             forwarded: req.forwarded.as_deref(),
+            gzip: req.gzip,
             last_event_id: req.last_event_id.as_deref(),
             socket: Some(socket),
             multiplexed: false,
@@ -262,7 +275,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
         Ok(opened) => {
             // Nothing of the request is kept for the stream's life (the task stays small).
             drop(req);
-            let head = response_head(opened.allow.as_ref());
+            let head = response_head(opened.allow.as_ref(), opened.gzip);
             run(Writer {
                 io,
                 body: Some(opened.body),
@@ -281,7 +294,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
 async fn refused(io: TcpStream, node: &Node, req: Box<StreamRequest>, e: &ApiError) {
     match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
         Some((allow, body)) => {
-            let mut answer = BytesMut::from(&response_head(allow.as_ref())[..]);
+            let mut answer = BytesMut::from(&response_head(allow.as_ref(), false)[..]);
             answer.extend_from_slice(&body);
             send_and_close(io, &answer).await
         }
@@ -314,14 +327,23 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             body.feed(&early);
             drop(early);
             let accept = req.ws_accept.as_deref().unwrap_or_default();
+            let req_deflate = req.ws_deflate.is_some();
+            let extensions = match req.ws_deflate {
+                Some(answer) => {
+                    body.set_deflate();
+                    format!("sec-websocket-extensions: {answer}\r\n")
+                }
+                None => String::new(),
+            };
             let head = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\nsec-websocket-accept: {accept}\r\n{extensions}\r\n"
             );
             // Nothing of the request is kept for the socket's life (the task stays small).
             drop(req);
             let io = Arc::new(io);
             body.attach(Box::new(DirectWs {
                 io: io.clone(),
+                deflate: req_deflate,
                 node,
             }));
             run(Writer {
@@ -378,11 +400,14 @@ async fn client_gone(io: &TcpStream, mut keep: Option<&mut BytesMut>) {
 
 /// `HTTP/1.1 200` with the stream headers. The body is delimited by the connection's close
 /// (`Connection: close`, no chunked framing): a stream's connection carries nothing after it.
-pub fn response_head(allow: Option<&HeaderValue>) -> Bytes {
+pub fn response_head(allow: Option<&HeaderValue>, gzip: bool) -> Bytes {
     let mut head = BytesMut::with_capacity(192);
     head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     for (k, v) in sse::HEADERS {
         head.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    if gzip {
+        head.extend_from_slice(b"content-encoding: gzip\r\nvary: Accept-Encoding\r\n");
     }
     if let Some(origin) = allow {
         head.extend_from_slice(b"access-control-allow-origin: ");

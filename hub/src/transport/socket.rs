@@ -119,11 +119,14 @@ impl Outbound for WsBody {
 pub struct DirectWs {
     pub io: Arc<TcpStream>,
     pub node: Arc<Node>,
+    /// The socket negotiated `permessage-deflate`.
+    pub deflate: bool,
 }
 
 impl DirectSink for DirectWs {
     fn send(&self, msg: &Message, session: &Session) -> Sent {
-        let frame = msg.ws_frame();
+        let min = self.node.config.compress_min_bytes as usize;
+        let frame = msg.ws_frame_for(self.deflate, min);
         let sent = match self.io.try_write(&frame) {
             Ok(n) if n == frame.len() => Sent::All,
             Ok(n) if n > 0 => Sent::Part(frame.slice(n..)),

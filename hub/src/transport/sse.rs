@@ -6,9 +6,11 @@
 //! `id:` line is written per stream); it never waits on other streams, and dropping it closes
 //! the stream.
 
+use crate::compress::Gzip;
 use crate::domain::{CloseReason, Transport};
 use crate::http::cors;
 use crate::http::error::ApiError;
+use crate::message::Message;
 use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
 use crate::refusal::Refusal;
 use crate::stream::Item;
@@ -121,6 +123,8 @@ pub struct StreamHead<'a> {
     pub remote: Option<std::net::SocketAddr>,
     /// The `X-Forwarded-For` header(s), joined (believed only from `HUB_TRUSTED_PROXIES`).
     pub forwarded: Option<&'a str>,
+    /// `Accept-Encoding` accepts gzip.
+    pub gzip: bool,
     pub last_event_id: Option<&'a str>,
     pub socket: Option<crate::peer::PeerSocket>,
     /// One stream of an HTTP/2 connection (its body is then a [`WatchedBody`]).
@@ -131,6 +135,8 @@ pub struct StreamHead<'a> {
 pub struct Opened {
     pub allow: Option<HeaderValue>,
     pub body: SseBody,
+    /// The body is gzip-encoded (`Content-Encoding: gzip`).
+    pub gzip: bool,
 }
 
 /// Checks a stream request and opens its stream. Nothing is taken before every check passed.
@@ -176,6 +182,7 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
         .map_err(|r| node.refuse(r))?;
     let token = grant.token_id();
     let last_event_id = head.last_event_id.map(str::to_owned).or(q.last_event_id);
+    let gzip = head.gzip && node.config.sse_gzip;
 
     let stream = node
         .open(OpenRequest {
@@ -195,11 +202,13 @@ pub async fn open(node: &Arc<Node>, head: StreamHead<'_>) -> Result<Opened, ApiE
         .await?;
     Ok(Opened {
         allow,
+        gzip,
         body: SseBody {
             _live: node.track_transport(),
             positions: vec![StreamId::ZERO; channels.len()],
             channels,
             next: None,
+            gzip: gzip.then(Box::default),
             stream,
         },
     })
@@ -283,6 +292,10 @@ pub async fn stream(
             cookie: cookie.as_deref(),
             remote: req.peer_addr(),
             forwarded: forwarded.as_deref(),
+            gzip: headers
+                .get(header::ACCEPT_ENCODING)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(crate::compress::accepts_gzip),
             last_event_id: headers.get("last-event-id").and_then(|v| v.to_str().ok()),
             socket: req.conn_data::<crate::peer::PeerSocket>().copied(),
             multiplexed: http2,
@@ -313,6 +326,10 @@ pub async fn stream(
         res.force_close();
     }
     cors::apply(&mut res, opened.allow);
+    if opened.gzip {
+        res.insert_header((header::CONTENT_ENCODING, "gzip"));
+        res.insert_header((header::VARY, "Accept-Encoding"));
+    }
     Ok(if http2 {
         res.body(WatchedBody {
             body: opened.body,
@@ -381,10 +398,20 @@ pub struct SseBody {
     channels: Vec<ChannelName>,
     /// Each channel's position as written so far: the cursor of the next `id:`.
     positions: Vec<StreamId>,
-    /// A message frame whose `id:` line was just returned (multi-channel streams).
-    next: Option<Bytes>,
+    /// A message whose frame (without its `id:` line) follows the cursor line just returned
+    /// (multi-channel streams).
+    next: Option<Arc<Message>>,
+    /// The stream is gzip-encoded: its CRC and length so far (see `crate::compress`).
+    gzip: Option<Box<Gzip>>,
     /// Counts this stream as alive until the HTTP server drops the body.
     _live: TransportGuard,
+}
+
+/// What one item writes: bytes of this stream's own, or a shared message's frame (whole, or
+/// without its `id:` line), which a gzip stream takes compressed as made once.
+enum Out {
+    Own(Bytes),
+    Frame(Arc<Message>, bool),
 }
 
 /// The body of an SSE stream on an HTTP/2 connection: the stream's body, and its request's
@@ -448,8 +475,54 @@ impl SseBody {
             .ok()
     }
 
-    /// The bytes of one item, or `None` for items SSE does not write.
-    fn render(&mut self, item: Item) -> Option<Bytes> {
+    /// The bytes of one item as sent: compressed on a gzip stream.
+    fn encode(&mut self, out: Out) -> Bytes {
+        let envelope = self.stream.session.envelope;
+        match (self.gzip.as_deref_mut(), out) {
+            (None, Out::Own(b)) => b,
+            (None, Out::Frame(m, false)) => m.frame(envelope),
+            (None, Out::Frame(m, true)) => m.frame_body(envelope),
+            (Some(g), Out::Own(b)) => g.own(&b),
+            (Some(g), Out::Frame(m, body)) => g.shared(m.gz_part(envelope, body)),
+        }
+    }
+
+    /// What one item writes, or `None` for items SSE does not write.
+    fn render(&mut self, item: Item) -> Option<Out> {
+        match item {
+            Item::Message(m) => self.render_message(m),
+            other => self.render_own(other).map(Out::Own),
+        }
+    }
+
+    /// A message: its shared frame, after this stream's cursor line when it has several
+    /// channels.
+    fn render_message(&mut self, m: Arc<Message>) -> Option<Out> {
+        let node = self.stream.node();
+        node.metrics.delivered.increment(1);
+        node.metrics
+            .latency
+            .record(m.received.elapsed().as_secs_f64());
+        if self.channels.len() == 1 {
+            // Its own `id:` line (if durable) is the single channel's cursor.
+            if let Some(p) = m.position {
+                self.positions[0] = p;
+            }
+            return Some(Out::Frame(m, false));
+        }
+        match (self.index(&m.channel), m.position) {
+            (Some(i), Some(p)) => self.positions[i] = p,
+            _ => return Some(Out::Frame(m, true)),
+        }
+        let cursor = self.cursor();
+        let mut line = BytesMut::with_capacity(cursor.len() + 5);
+        sse::write_id(&mut line, &cursor);
+        self.next = Some(m);
+        Some(Out::Own(line.freeze()))
+    }
+
+    /// The bytes of an item of this stream's own (not a message).
+    fn render_own(&mut self, item: Item) -> Option<Bytes> {
         let node = self.stream.node();
         match item {
             Item::Opened(positions) => {
@@ -466,29 +539,6 @@ impl SseBody {
                 .unwrap_or_default();
                 sse::write_event(&mut buf, Some(EVENT_CONNECTED), &data);
                 Some(buf.freeze())
-            }
-            Item::Message(m) => {
-                node.metrics.delivered.increment(1);
-                node.metrics
-                    .latency
-                    .record(m.received.elapsed().as_secs_f64());
-                let envelope = self.stream.session.envelope;
-                if self.channels.len() == 1 {
-                    // Its own `id:` line (if durable) is the single channel's cursor.
-                    if let Some(p) = m.position {
-                        self.positions[0] = p;
-                    }
-                    return Some(m.frame(envelope));
-                }
-                match (self.index(&m.channel), m.position) {
-                    (Some(i), Some(p)) => self.positions[i] = p,
-                    _ => return Some(m.frame_body(envelope)),
-                }
-                let cursor = self.cursor();
-                let mut line = BytesMut::with_capacity(cursor.len() + 5);
-                sse::write_id(&mut line, &cursor);
-                self.next = Some(m.frame_body(envelope));
-                Some(line.freeze())
             }
             Item::Reset(reset) => {
                 for (c, p) in reset.iter() {
@@ -523,6 +573,8 @@ impl SseBody {
             }
             Item::End(reason) => last_frame(self.stream.session.seq, reason, node.config.retry_ms),
             Item::Raw(bytes) => Some(bytes),
+            // Messages are rendered by `render_message`.
+            Item::Message(_) => None,
         }
     }
 }
@@ -538,19 +590,24 @@ impl MessageBody for SseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Bytes, Self::Error>>> {
-        if let Some(b) = self.next.take() {
-            return Poll::Ready(Some(Ok(b)));
+        if let Some(m) = self.next.take() {
+            let bytes = self.encode(Out::Frame(m, true));
+            return Poll::Ready(Some(Ok(bytes)));
         }
         loop {
             let item = match self.stream.session.poll_item(cx) {
                 Poll::Ready(Some(item)) => item,
-                Poll::Ready(None) => return Poll::Ready(None),
+                // A gzip stream that ends cleanly ends its member (trailer), then the body.
+                Poll::Ready(None) => {
+                    return Poll::Ready(self.gzip.take().map(|mut g| Ok(g.finish())));
+                }
                 Poll::Pending => return Poll::Pending,
             };
             let now = self.stream.node().registry.clock.now();
             self.stream.session.touch(now);
             self.stream.session.took(now);
-            if let Some(bytes) = self.render(item) {
+            if let Some(out) = self.render(item) {
+                let bytes = self.encode(out);
                 return Poll::Ready(Some(Ok(bytes)));
             }
         }

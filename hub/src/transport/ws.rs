@@ -11,6 +11,7 @@
 //! hold is bounded (one frame of [`MAX_CLIENT_FRAME`] being read, one subscribe at a time).
 
 use crate::auth::Claims;
+use crate::compress;
 use crate::domain::{CloseReason, Transport};
 use crate::http::cors;
 use crate::http::error::ApiError;
@@ -126,6 +127,8 @@ pub async fn open(
         subscribing: None,
         pongs: Vec::new(),
         state: State::Open,
+        deflate: false,
+        compressed: false,
     })
 }
 
@@ -154,8 +157,23 @@ pub async fn upgrade(
         )))
     })?;
     let socket = req.conn_data::<crate::peer::PeerSocket>().copied();
-    let body = open(&node, &head, socket, Some(body)).await?;
+    let mut body = open(&node, &head, socket, Some(body)).await?;
+    if let Some(answer) = deflate_offer(&req) {
+        res.insert_header((header::SEC_WEBSOCKET_EXTENSIONS, answer));
+        body.set_deflate();
+    }
     Ok(res.body(body).map_into_boxed_body().into())
+}
+
+/// The `permessage-deflate` answer to a request's offers (every `Sec-WebSocket-Extensions`
+/// header), if it made one the hub accepts.
+fn deflate_offer(req: &HttpRequest) -> Option<&'static str> {
+    let offers: Vec<&str> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    compress::negotiate_ws(&offers.join(","))
 }
 
 /// Where a socket is in its life.
@@ -185,6 +203,10 @@ pub struct WsBody {
     /// Pong frames owed, at most [`PONGS_OWED`].
     pongs: Vec<Bytes>,
     state: State,
+    /// The socket negotiated `permessage-deflate` (see [`WsBody::set_deflate`]).
+    deflate: bool,
+    /// The frame being decoded came with RSV1: its payload is compressed.
+    compressed: bool,
     /// Counts this socket as alive until the HTTP server drops the body.
     _live: TransportGuard,
 }
@@ -226,10 +248,31 @@ impl WsBody {
             if wire::declared_len(&self.read).is_some_and(|n| n > MAX_CLIENT_FRAME as u64) {
                 return Some(self.refuse_input(&ProtocolError::Overflow));
             }
+            // RSV1 (a compressed message) is this socket's to read; the codec refuses it, so
+            // it is noted and cleared before the codec sees the frame's header.
+            if self.deflate {
+                if let Some(first) = self.read.first_mut() {
+                    if *first & 0x40 != 0 {
+                        *first &= !0x40;
+                        self.compressed = true;
+                    }
+                }
+            }
             match self.codec.decode(&mut self.read) {
                 Ok(Some(frame)) => {
                     let now = self.node().registry.clock.now();
                     self.session().touch(now);
+                    let frame = match std::mem::take(&mut self.compressed) {
+                        false => frame,
+                        true => match frame {
+                            Frame::Text(t) => match compress::inflate_ws(&t, MAX_CLIENT_FRAME) {
+                                Some(plain) => Frame::Text(Bytes::from(plain)),
+                                None => return Some(self.refuse_input(&ProtocolError::Overflow)),
+                            },
+                            // Only a message's data may be compressed.
+                            _ => return Some(self.refuse_input(&ProtocolError::Overflow)),
+                        },
+                    };
                     self.on_frame(frame);
                     continue;
                 }
@@ -257,6 +300,12 @@ impl WsBody {
     /// handled, or during a subscribe, waits in its socket).
     pub fn wants_input(&self) -> bool {
         self.state == State::Open && self.read.len() < 2 * MAX_CLIENT_FRAME
+    }
+
+    /// The socket negotiated `permessage-deflate`: messages of `HUB_COMPRESS_MIN_BYTES` or
+    /// more go out compressed, and the client's compressed frames are inflated.
+    pub fn set_deflate(&mut self) {
+        self.deflate = true;
     }
 
     /// Lets the fan-out write live messages to the socket while the writer is parked.
@@ -475,7 +524,8 @@ impl WsBody {
                 let metrics = &self.node().metrics;
                 metrics.delivered.increment(1);
                 metrics.latency.record(m.received.elapsed().as_secs_f64());
-                Some(m.ws_frame())
+                let min = self.node().config.compress_min_bytes as usize;
+                Some(m.ws_frame_for(self.deflate, min))
             }
             Item::Reset(reset) => {
                 let mut out = BytesMut::new();
