@@ -9,6 +9,7 @@
 
 pub mod browser;
 pub mod client;
+pub mod gzip;
 pub mod netns;
 pub mod nginx;
 pub mod receiver;

@@ -5,32 +5,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
-use flate2::{Decompress, FlushDecompress};
+use hub_tests::gzip::{read_head, read_until, GzReader};
 use hub_tests::{prefix, Hub, WAIT};
 use serde_json::{json, Value};
 use std::io::Read;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// Reads until the response head is complete; returns it (lower-cased) and what came after.
-async fn read_head(io: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
-            return (head, buf[i + 4..].to_vec());
-        }
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(deadline - Instant::now(), io.read(&mut chunk))
-            .await
-            .expect("a response head")
-            .unwrap();
-        assert!(n > 0, "closed before the head");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
 
 /// A masked client frame (zero key: the payload is sent as it is), RSV1 set if `compressed`.
 fn client_frame(payload: &[u8], compressed: bool) -> Vec<u8> {
@@ -218,50 +199,6 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
     assert!(status.success());
 }
 
-/// Inflates a gzip SSE body as it arrives (after its 10-byte header).
-struct GzReader {
-    d: Decompress,
-    raw: Vec<u8>,
-    text: String,
-}
-
-impl GzReader {
-    fn new() -> GzReader {
-        GzReader {
-            d: Decompress::new(false),
-            raw: Vec::new(),
-            text: String::new(),
-        }
-    }
-
-    fn feed(&mut self, bytes: &[u8]) {
-        let start = self.raw.len();
-        self.raw.extend_from_slice(bytes);
-        let from = start.max(10);
-        if self.raw.len() <= from {
-            return;
-        }
-        let mut input = &self.raw[from..];
-        if start < 10 {
-            assert_eq!(&self.raw[..2], &[0x1f, 0x8b], "a gzip header");
-        }
-        let mut out = Vec::with_capacity(input.len() * 8 + 1024);
-        while !input.is_empty() {
-            let before = self.d.total_in();
-            out.reserve(4096);
-            self.d
-                .decompress_vec(input, &mut out, FlushDecompress::Sync)
-                .unwrap();
-            let used = (self.d.total_in() - before) as usize;
-            if used == 0 {
-                break; // the 8-byte trailer after the final block
-            }
-            input = &input[used..];
-        }
-        self.text.push_str(std::str::from_utf8(&out).unwrap());
-    }
-}
-
 #[tokio::test]
 async fn a_gzip_sse_stream_delivers_each_event_when_sent_and_ends_as_a_whole_member() {
     let hub = Hub::start(&[]).await;
@@ -276,24 +213,12 @@ async fn a_gzip_sse_stream_delivers_each_event_when_sent_and_ends_as_a_whole_mem
     assert!(head.contains("content-encoding: gzip"), "{head}");
     let mut gz = GzReader::new();
     gz.feed(&rest);
-    let mut wait_for = async |gz: &mut GzReader, needle: &str| {
-        let deadline = Instant::now() + WAIT;
-        while !gz.text.contains(needle) {
-            let mut chunk = [0u8; 8192];
-            let n = tokio::time::timeout(deadline - Instant::now(), io.read(&mut chunk))
-                .await
-                .unwrap_or_else(|_| panic!("{needle:?} never came; have {:?}", gz.text))
-                .unwrap();
-            assert!(n > 0, "closed");
-            gz.feed(&chunk[..n]);
-        }
-    };
-    wait_for(&mut gz, "event: hub.connected").await;
+    read_until(&mut io, &mut gz, "event: hub.connected").await;
     // Each event is readable as soon as it is sent (nothing waits for more data).
     for i in 0..5 {
         let data = json!({"i": i, "pad": "abcdefgh".repeat(40)});
         hub.publish(&ch, None, data.clone(), true).await;
-        wait_for(&mut gz, &format!("data: {data}")).await;
+        read_until(&mut io, &mut gz, &format!("data: {data}")).await;
     }
     // A clean end (disconnected by the backend) ends the member: the CRC checks out.
     let res = hub

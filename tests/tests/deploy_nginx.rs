@@ -1,5 +1,5 @@
 //! `deploy/nginx/hub.conf` with real nginx in front of two hub processes on one redis-server:
-//! events pass unbuffered, heartbeats pass, a SIGTERM to one node moves its streams to the other
+//! events pass unbuffered (gzip streams too), heartbeats pass, a SIGTERM to one node moves its streams to the other
 //! (they resume with `Last-Event-ID` and miss nothing), and a full node's 503 is retried on the
 //! other node.
 
@@ -74,6 +74,44 @@ async fn events_and_heartbeats_pass_through_unbuffered() {
         if ev.comment {
             comments += 1;
         }
+    }
+}
+
+/// A gzip stream (what browsers get) passes through nginx encoded and unbuffered: each event
+/// inflates as soon as it is sent.
+#[tokio::test]
+async fn a_gzip_stream_passes_through_unbuffered() {
+    use hub_tests::gzip::{read_head, read_until, GzReader};
+    use tokio::io::AsyncWriteExt;
+    let redis = Redis::start();
+    let (a, b) = two_hubs(&redis, &[], &[]).await;
+    let nginx = Nginx::start_hub_conf([a.public, b.public]);
+    let ch = prefix("nginx_gzip");
+    let mut io = tokio::net::TcpStream::connect(nginx.addr).await.unwrap();
+    io.write_all(
+        format!("GET /v1/sse?channel={ch} HTTP/1.1\r\nHost: hub\r\nAccept-Encoding: gzip, deflate, br\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (head, rest) = read_head(&mut io).await;
+    assert!(head.contains("content-encoding: gzip"), "{head}");
+    let mut gz = if head.contains("transfer-encoding: chunked") {
+        GzReader::chunked()
+    } else {
+        GzReader::new()
+    };
+    gz.feed(&rest);
+    read_until(&mut io, &mut gz, "event: hub.connected").await;
+    for i in 0..5 {
+        let sent = Instant::now();
+        a.publish(&ch, None, json!(format!("m{i}")), true).await;
+        read_until(&mut io, &mut gz, &format!("data: m{i}\n")).await;
+        assert!(
+            sent.elapsed() < Duration::from_millis(1000),
+            "event {i} took {:?} through nginx",
+            sent.elapsed()
+        );
     }
 }
 
