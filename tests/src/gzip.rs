@@ -63,10 +63,7 @@ impl GzReader {
         };
         pending.extend_from_slice(bytes);
         let mut body = Vec::new();
-        loop {
-            let Some(eol) = pending.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(eol) = pending.windows(2).position(|w| w == b"\r\n") {
             let size = std::str::from_utf8(&pending[..eol])
                 .ok()
                 .and_then(|h| {
