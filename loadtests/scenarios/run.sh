@@ -32,6 +32,9 @@
 #                   later (memory given back after a burst; 0: not read)
 #   LIMIT           longest a run may take, seconds
 #   HUB_BIN HUB_LOG another hub binary (an older build, to compare); its log level (warn)
+#   COMPRESS=1      streams ask for compression (SSE Accept-Encoding: gzip, WebSocket
+#                   permessage-deflate; Nchan: nchan_deflate_message_for_websocket on);
+#                   PAD_JSON=1 makes the padding JSON records instead of one repeated byte
 #   HOOK=1          the hub authorizes every stream through its authorization hook
 #                   (HUB_AUTH_URL: `loadgen auth-hook`, answering locally, a user per call):
 #                   channels are protected (room:...) instead of public:...; every stream
@@ -44,7 +47,7 @@ STALL=${STALL:-0} PAD=${PAD:-0} STORM=${STORM:-0} STORM_AFTER=${STORM_AFTER:-3}
 RECONNECT_MS=${RECONNECT_MS:-2000} PEERS=${PEERS:-hub nchan} LIMIT=${LIMIT:-120} PIN=${PIN:-0}
 AFTER=${AFTER:-0} CAP=${CAP:-20000} CHURN_MS=${CHURN_MS:-0} WAKE_MS=${WAKE_MS:-0} STALL_RCVBUF=${STALL_RCVBUF:-0}
 LEAVE_AFTER=${LEAVE_AFTER:-0} AWAY_MS=${AWAY_MS:-0} STEP_RATES=${STEP_RATES:-} STEP_SECS=${STEP_SECS:-5}
-HOOK=${HOOK:-0} NS=public
+HOOK=${HOOK:-0} NS=public COMPRESS=${COMPRESS:-0} PAD_JSON=${PAD_JSON:-0}
 if [ "$HOOK" = 1 ]; then
     NS=room
     [[ " $PEERS " == *" nchan "* ]] && { echo "HOOK=1 measures the hub only: set PEERS=hub" >&2; exit 1; }
@@ -95,7 +98,8 @@ start_nchan() { # start_nchan <i>
     mkdir -p "$dir"
     [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
     if [ "$MODE" = redis ]; then redis="nchan_redis_url \"$REDIS_URL\"; nchan_use_redis on;"; fi
-    sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__DIR__#$dir#g; s#__REDIS__#$redis#; s#__MAXSUBS__#$CAP#" loadtests/nchan.conf > "$dir/nginx.conf"
+    local deflate=""; if [ "$COMPRESS" = 1 ]; then deflate="nchan_deflate_message_for_websocket on;"; fi
+    sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__DIR__#$dir#g; s#__REDIS__#$redis#; s#__MAXSUBS__#$CAP#; s#__DEFLATE__#$deflate#" loadtests/nchan.conf > "$dir/nginx.conf"
     rm -f "$dir/nginx.pid"
     "${SRV[@]}" nginx -p "$dir" -c "$dir/nginx.conf" -g 'daemon off;' &
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
@@ -133,6 +137,8 @@ loadgen_run() {
     # Opening 10,000 streams at once through the hook is itself a storm: refused first opens
     # come back, as EventSources would.
     if [ "$HOOK" = 1 ]; then args+=(--open-retries 20 --session-cookie); fi
+    if [ "$COMPRESS" = 1 ]; then args+=(--compress); fi
+    if [ "$PAD_JSON" = 1 ]; then args+=(--pad-json); fi
     args+=(--churn-ms "$CHURN_MS" --wake-ms "$WAKE_MS" --stall-rcvbuf "$STALL_RCVBUF"
            --leave-after "$LEAVE_AFTER" --away-ms "$AWAY_MS")
     rm -f "$OUT/ready"

@@ -31,6 +31,7 @@ rows = [
     ("per-stream drop to resume max (s)", lambda r: r["resume"]["max_ms"] / 1000 if r["reconnects"] else None),
     ("failed reconnect attempts", lambda r: r["reconnect_retries"]),
     ("deliveries per second", lambda r: r["deliveries_per_sec"]),
+    ("bytes on the wire per delivery", lambda r: r.get("wire_bytes_per_delivery")),
     ("latency p50 (ms)", lambda r: r["latency"]["p50_ms"]),
     ("latency p99 (ms)", lambda r: r["latency"]["p99_ms"]),
     ("latency max (ms)", lambda r: r["latency"]["max_ms"]),

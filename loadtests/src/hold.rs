@@ -108,6 +108,10 @@ pub struct StreamOpts {
     /// the same on every reconnect, as a browser does.
     #[arg(long)]
     pub session_cookie: bool,
+    /// Ask for compression: SSE `Accept-Encoding: gzip` (the body inflated as it comes),
+    /// WebSocket `permessage-deflate` (compressed frames inflated one by one).
+    #[arg(long)]
+    pub compress: bool,
     /// Streams leave from this many source addresses in turn instead of one (stream i of a
     /// holder bound to 127.0.0.P: 127.P.(i mod K) / 256.(i mod K) mod 256), so that per-address
     /// limits see many clients, as they would in the field (0: the holder's one address).
@@ -138,6 +142,9 @@ impl StreamOpts {
         }
         if self.session_cookie {
             a.push("--session-cookie".into());
+        }
+        if self.compress {
+            a.push("--compress".into());
         }
         for (flag, v) in [
             ("--wake-ms", self.wake_ms),
@@ -182,6 +189,7 @@ struct Shared {
     catchup_hist: Mutex<Histogram<u64>>,
     /// Churn: streams closed on purpose and opened again.
     churn_cycles: AtomicU64,
+    wire_bytes: AtomicU64,
     /// Streams dropped and not (yet) back.
     down: AtomicU64,
     /// Failed connection attempts by reason (refused, status 503, ...).
@@ -212,6 +220,7 @@ impl Shared {
             resume_hist: Mutex::new(report::histogram()),
             catchup_hist: Mutex::new(report::histogram()),
             churn_cycles: AtomicU64::new(0),
+            wire_bytes: AtomicU64::new(0),
             down: AtomicU64::new(0),
             failures: Mutex::default(),
             first_drop_us: AtomicU64::new(u64::MAX),
@@ -298,6 +307,7 @@ impl WsFrames {
                 return;
             }
             let opcode = b[0] & 0x0f;
+            let compressed = b[0] & 0x40 != 0;
             let masked = b[1] & 0x80 != 0;
             let (len, mut at) = match b[1] & 0x7f {
                 126 if b.len() >= 4 => (u16::from_be_bytes([b[2], b[3]]) as usize, 4),
@@ -329,12 +339,79 @@ impl WsFrames {
                     .for_each(|(i, x)| *x ^= m[i % 4]);
             }
             self.buf.drain(..at + len);
+            let payload = if compressed {
+                inflate_message(&payload)
+            } else {
+                payload
+            };
             match opcode {
                 0..=2 => out.push(WsFrame::Text(payload)),
                 8 => out.push(WsFrame::Close),
                 9 => out.push(WsFrame::Ping(payload)),
                 _ => {}
             }
+        }
+    }
+}
+
+/// A `permessage-deflate` message inflated (no context kept: the hub compresses each on its
+/// own); what cannot be inflated is returned empty (and counted as nothing delivered).
+fn inflate_message(payload: &[u8]) -> Vec<u8> {
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut d = flate2::Decompress::new(false);
+    let mut out = Vec::with_capacity(payload.len() * 8 + 256);
+    let mut rest: &[u8] = &input;
+    while !rest.is_empty() {
+        out.reserve(out.len().max(1024));
+        let before = d.total_in();
+        if d.decompress_vec(rest, &mut out, flate2::FlushDecompress::Sync)
+            .is_err()
+        {
+            return Vec::new();
+        }
+        let used = (d.total_in() - before) as usize;
+        if used == 0 && out.len() < out.capacity() {
+            break;
+        }
+        rest = &rest[used..];
+    }
+    out
+}
+
+/// A gzip body inflated as it comes (the 10-byte header skipped first).
+struct Gunzip {
+    d: flate2::Decompress,
+    header: usize,
+}
+
+impl Gunzip {
+    fn new() -> Gunzip {
+        Gunzip {
+            d: flate2::Decompress::new(false),
+            header: 10,
+        }
+    }
+
+    fn feed(&mut self, mut input: &[u8], out: &mut Vec<u8>) {
+        let skip = self.header.min(input.len());
+        self.header -= skip;
+        input = &input[skip..];
+        while !input.is_empty() {
+            out.reserve(input.len() * 8 + 1024);
+            let before = self.d.total_in();
+            if self
+                .d
+                .decompress_vec(input, out, flate2::FlushDecompress::Sync)
+                .is_err()
+            {
+                return;
+            }
+            let used = (self.d.total_in() - before) as usize;
+            if used == 0 {
+                return; // the trailer after the final block
+            }
+            input = &input[used..];
         }
     }
 }
@@ -476,8 +553,13 @@ async fn connect(
     let req = if args.stream.ws {
         format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            args.target
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
+            args.target,
+            if args.stream.compress {
+                "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            } else {
+                ""
+            }
         )
     } else {
         let resume = last_id
@@ -491,8 +573,13 @@ async fn connect(
         let cookie = cookie
             .map(|c| format!("Cookie: {c}\r\n"))
             .unwrap_or_default();
+        let gzip = if args.stream.compress {
+            "Accept-Encoding: gzip\r\n"
+        } else {
+            ""
+        };
         format!(
-            "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}{resume}{cookie}\r\n",
+            "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}{gzip}{resume}{cookie}\r\n",
             args.target
         )
     };
@@ -571,6 +658,8 @@ async fn connection(
     let mut head = Vec::new();
     let mut body = Vec::new();
     let mut chunked: Option<Chunked> = None;
+    let mut gunzip: Option<Gunzip> = None;
+    let mut inflated = Vec::new();
     let mut ws = WsFrames::default();
     let mut frames = Vec::new();
     let mut lat = Vec::new();
@@ -595,6 +684,9 @@ async fn connection(
             _ = stop.changed() => return End::Stop,
         };
         let mut data = &buf[..n];
+        if open {
+            shared.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
         if !open {
             head.extend_from_slice(data);
             let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
@@ -614,7 +706,13 @@ async fn connection(
             if !text.contains("transfer-encoding: chunked") {
                 c.remaining = usize::MAX;
             }
+            if text.contains("content-encoding: gzip") {
+                gunzip = Some(Gunzip::new());
+            }
             let rest = head.split_off(end + 4);
+            shared
+                .wire_bytes
+                .fetch_add(rest.len() as u64, Ordering::Relaxed);
             chunked = Some(c);
             open = true;
             // A WebSocket that subscribes is open once the server confirms the subscription.
@@ -679,6 +777,11 @@ async fn connection(
         } else {
             if let Some(c) = chunked.as_mut() {
                 c.feed(data, &mut body);
+            }
+            if let Some(g) = gunzip.as_mut() {
+                g.feed(&body, &mut inflated);
+                std::mem::swap(&mut body, &mut inflated);
+                inflated.clear();
             }
             st.feed_sse(&body, shared, &mut lat);
             over = chunked.as_ref().is_some_and(|c| c.done);
@@ -914,6 +1017,7 @@ pub async fn hold(
             .map(|h| report::pairs(&h))
             .unwrap_or_default(),
         churn_cycles: shared.churn_cycles.load(Ordering::Relaxed),
+        wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
         still_down: shared.down.load(Ordering::Relaxed),
         first_drop_us: (first_drop != u64::MAX).then_some(first_drop),
         last_reopen_us: Some(shared.last_reopen_us.load(Ordering::Relaxed)).filter(|&t| t > 0),

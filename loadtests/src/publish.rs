@@ -36,6 +36,10 @@ pub struct PublishArgs {
     /// Padding bytes added to each message's data.
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
+    /// The padding is JSON records (ids, names, prices varying per record and message), as an
+    /// application's payload compresses, instead of one repeated byte.
+    #[arg(long)]
+    pub pad_json: bool,
     /// A publish that fails is tried again (the same message, a new Redis connection) every
     /// 200 ms for up to this many seconds before it counts as an error (0: never retried), so
     /// a soak through Redis restarts publishes every sequence number.
@@ -53,9 +57,29 @@ pub struct PublishReport {
     pub secs: f64,
 }
 
-fn data(seq: u64, pad: usize) -> String {
+fn data(seq: u64, pad: usize, json: bool) -> String {
     let mut s = format!("{seq} {}", now_us());
-    if pad > 0 {
+    if pad > 0 && json {
+        s.push_str(" [");
+        let mut k = seq.wrapping_mul(7919);
+        while s.len() < pad {
+            k = k
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let r = k >> 33;
+            s.push_str(&format!(
+                "{{\"id\":{},\"sku\":\"SKU-{:05}\",\"name\":\"Widget {}\",\"price\":{}.{:02},\"qty\":{},\"tags\":[\"{}\",\"sale\"]}},",
+                r % 1_000_000,
+                r % 100_000,
+                r % 977,
+                r % 1000,
+                r % 100,
+                r % 17,
+                ["blue", "red", "green", "black"][(r % 4) as usize]
+            ));
+        }
+        s.push(']');
+    } else if pad > 0 {
         s.push(' ');
         s.extend(std::iter::repeat_n('x', pad));
     }
@@ -81,7 +105,7 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         }
         let channel = &args.channels[(seq as usize) % args.channels.len()]
             .replace("{n}", &(seq % args.channel_count.max(1)).to_string());
-        let d = data(seq, args.pad);
+        let d = data(seq, args.pad, args.pad_json);
         let give_up = Instant::now() + Duration::from_secs(args.retry_secs);
         loop {
             if publish_one(&args, &http, &mut redis_conn, channel, &d).await? {

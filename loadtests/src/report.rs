@@ -52,6 +52,9 @@ pub struct HoldReport {
     /// Churn: streams closed on purpose and opened again.
     #[serde(default)]
     pub churn_cycles: u64,
+    /// Bytes read off the streams' sockets after their response heads (compressed or not).
+    #[serde(default)]
+    pub wire_bytes: u64,
     /// Unix micros of the first drop and of the last reopen after a drop.
     #[serde(default)]
     pub first_drop_us: Option<u64>,
@@ -84,6 +87,7 @@ impl HoldReport {
         self.resume_us = merge_pairs(&self.resume_us, &o.resume_us);
         self.catchup_us = merge_pairs(&self.catchup_us, &o.catchup_us);
         self.churn_cycles += o.churn_cycles;
+        self.wire_bytes += o.wire_bytes;
         self.first_drop_us = match (self.first_drop_us, o.first_drop_us) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

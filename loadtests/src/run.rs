@@ -139,6 +139,9 @@ pub struct RunReport {
     pub reconnect_retries: u64,
     /// Churn: streams closed on purpose and opened again, and attempts refused (any reason).
     pub churn_cycles: u64,
+    /// Bytes on the wire (after the response heads) per delivery: heartbeats, framing and
+    /// compression included.
+    pub wire_bytes_per_delivery: Option<f64>,
     pub refused: u64,
     pub latency: Latency,
     pub publish: PublishReport,
@@ -294,6 +297,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         catchup: Latency::of(&crate::report::from_pairs(&holds.catchup_us)),
         reconnect_retries: holds.reconnect_retries,
         churn_cycles: holds.churn_cycles,
+        wire_bytes_per_delivery: (holds.deliveries > 0)
+            .then(|| holds.wire_bytes as f64 / holds.deliveries as f64),
         refused: holds.failures.values().sum(),
         publish,
         server_idle: idle,
