@@ -36,8 +36,9 @@ pub struct Message {
     /// The same frame compressed (`permessage-deflate`), built on first use.
     ws_deflated: OnceLock<Bytes>,
     /// The SSE frames compressed for gzip streams, built on first use: plain, plain without
-    /// the `id:` line, enveloped, enveloped without it.
-    gz: [OnceLock<GzPart>; 4],
+    /// the `id:` line, enveloped, enveloped without it (boxed: a message kept in history that
+    /// no gzip stream read costs one pointer for them).
+    gz: OnceLock<Box<[OnceLock<GzPart>; 4]>>,
 }
 
 impl Message {
@@ -70,7 +71,7 @@ impl Message {
             enveloped: OnceLock::new(),
             ws: OnceLock::new(),
             ws_deflated: OnceLock::new(),
-            gz: Default::default(),
+            gz: OnceLock::new(),
         }
     }
 
@@ -138,7 +139,7 @@ impl Message {
     /// once for every gzip stream.
     pub fn gz_part(&self, envelope: bool, body: bool) -> &GzPart {
         let i = usize::from(envelope) * 2 + usize::from(body);
-        self.gz[i].get_or_init(|| {
+        self.gz.get_or_init(Box::default)[i].get_or_init(|| {
             let frame = if body {
                 self.frame_body(envelope)
             } else {

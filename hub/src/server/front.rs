@@ -142,23 +142,9 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
                 out.authorization = Some(value.to_str().unwrap_or("").to_owned());
             }
         } else if name.eq_ignore_ascii_case("cookie") {
-            let v = value.to_str().unwrap_or("");
-            match &mut out.cookie {
-                Some(all) => {
-                    all.push_str("; ");
-                    all.push_str(v);
-                }
-                None => out.cookie = Some(v.to_owned()),
-            }
+            join(&mut out.cookie, "; ", value.to_str().unwrap_or(""));
         } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-            let v = value.to_str().unwrap_or("");
-            match &mut out.forwarded {
-                Some(all) => {
-                    all.push_str(", ");
-                    all.push_str(v);
-                }
-                None => out.forwarded = Some(v.to_owned()),
-            }
+            join(&mut out.forwarded, ", ", value.to_str().unwrap_or(""));
         } else if name.eq_ignore_ascii_case("sec-websocket-extensions") && ws {
             let v = value.to_str().unwrap_or("");
             extensions.push(v.to_owned());
@@ -181,6 +167,17 @@ fn stream_request(req: &httparse::Request<'_, '_>) -> Option<Head> {
     out.ws_accept = Some(String::from_utf8_lossy(&ws::hash_key(key.as_bytes())).into_owned());
     out.ws_deflate = crate::compress::negotiate_ws(&extensions.join(","));
     Some(Head::Ws(out))
+}
+
+/// Appends a repeated header's value to those before it (`sep` between them).
+fn join(all: &mut Option<String>, sep: &str, v: &str) {
+    match all {
+        Some(all) => {
+            all.push_str(sep);
+            all.push_str(v);
+        }
+        None => *all = Some(v.to_owned()),
+    }
 }
 
 /// Reads until the head is complete, over the limit, or the client stopped sending. `None`
