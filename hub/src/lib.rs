@@ -61,6 +61,7 @@ pub mod tasks;
 pub mod ticker;
 pub mod tls;
 pub mod transport;
+pub mod webhook_events;
 pub mod webhooks;
 
 use actix_http::HttpServiceBuilder;

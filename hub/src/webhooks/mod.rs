@@ -11,10 +11,10 @@ pub mod queue;
 use crate::broker::{BrokerError, RedisBroker};
 use crate::metrics::{Metrics, WebhookResult};
 use hmac::{Hmac, Mac};
-use serde::Serialize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use crate::webhook_events::{Event, Taken};
 pub use queue::MemoryQueue;
 
 /// Events per batch at most.
@@ -32,30 +32,6 @@ const MAX_BACKOFF: Duration = Duration::from_secs(60);
 pub const LOCK_MS: u64 = 10_000;
 /// A receiver's answer body read at most (it is not used; reading frees the connection).
 const MAX_ANSWER: usize = 64 * 1024;
-
-/// One event, as the receiver gets it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Event {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub channel: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sub: Option<String>,
-    pub time_ms: u64,
-}
-
-/// What a look at the source found.
-#[derive(Debug, Default)]
-pub struct Taken {
-    /// This node is the one that sends (always in memory; the lock's holder in Redis).
-    pub held: bool,
-    /// Events dropped since the last look (the oldest, beyond the bound).
-    pub dropped: u64,
-    /// Events waiting (taken ones included until acknowledged).
-    pub pending: u64,
-    pub events: Vec<Event>,
-}
 
 /// Where the events are recorded.
 pub enum Source {

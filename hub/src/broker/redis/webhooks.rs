@@ -3,7 +3,7 @@
 //! also holds the sender's lock, and `hub_webhook_ack`). Sending is `crate::webhooks`'.
 
 use super::*;
-use crate::webhooks::{Event, Taken};
+use crate::webhook_events::{Event, Taken};
 use fred::interfaces::StreamsInterface;
 
 /// The stream of events (its entry ids are the events' ids).
