@@ -8,5 +8,7 @@
 pub mod credentials;
 pub mod socket;
 pub mod sse;
+pub mod sse_body;
 pub mod ws;
+mod ws_commands;
 pub mod ws_frames;

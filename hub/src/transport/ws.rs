@@ -15,13 +15,12 @@ use crate::compress;
 use crate::domain::{CloseReason, Transport};
 use crate::http::cors;
 use crate::http::error::ApiError;
-use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard, Want};
+use crate::node::{Node, OpenRequest, StreamGuard, TransportGuard};
 use crate::refusal::Refusal;
 use crate::stream::{Item, Reply, Session};
 use crate::transport::credentials::{self, Credentials};
 use crate::transport::ws_frames::{
-    close_code, error_frame, parse_frame, reply_frame, text, Budget, Command, Subscribe,
-    DISCONNECT_CODE,
+    close_code, error_frame, reply_frame, text, Budget, DISCONNECT_CODE,
 };
 use actix_codec::Decoder;
 use actix_http::ws::{Codec, Frame, ProtocolError};
@@ -42,12 +41,12 @@ pub const MAX_CLIENT_FRAME: usize = 4096;
 /// Subscribes with `since` a socket may send at once: each makes the hub read history for it,
 /// so a client repeating them must not make the node read without bound. A burst of this many,
 /// then [`RESUMES_PER_SEC`]; beyond, an error frame 429.
-const RESUME_BURST: f64 = 16.0;
-const RESUMES_PER_SEC: f64 = 2.0;
+pub(super) const RESUME_BURST: f64 = 16.0;
+pub(super) const RESUMES_PER_SEC: f64 = 2.0;
 /// Token refreshes a socket may send at once, then [`REFRESHES_PER_SEC`]: each verifies a
 /// signature (RS256/ES256 cost tens of microseconds), and a client needs one per token lifetime.
-const REFRESH_BURST: f64 = 4.0;
-const REFRESHES_PER_SEC: f64 = 0.2;
+pub(super) const REFRESH_BURST: f64 = 4.0;
+pub(super) const REFRESHES_PER_SEC: f64 = 0.2;
 /// Pongs owed to a client's pings; beyond, older pings go unanswered (RFC 6455 allows
 /// answering only the latest).
 const PONGS_OWED: usize = 4;
@@ -189,17 +188,17 @@ enum State {
 /// One socket: the response body. Dropping it (client gone, server stopping) drops the stream
 /// guard, which closes the stream with reason `client` unless it was already closed.
 pub struct WsBody {
-    stream: StreamGuard,
-    claims: Option<Arc<Claims>>,
-    resumes: Budget,
-    refreshes: Budget,
+    pub(super) stream: StreamGuard,
+    pub(super) claims: Option<Arc<Claims>>,
+    pub(super) resumes: Budget,
+    pub(super) refreshes: Budget,
     /// The client's bytes (when actix reads them; the front feeds them instead), and what of
     /// them is not yet a whole frame.
     input: Option<web::Payload>,
     read: BytesMut,
     codec: Codec,
     /// A subscribe being started (history, Redis); client frames wait behind it.
-    subscribing: Option<Pin<Box<dyn Future<Output = ()>>>>,
+    pub(super) subscribing: Option<Pin<Box<dyn Future<Output = ()>>>>,
     /// Pong frames owed, at most [`PONGS_OWED`].
     pongs: Vec<Bytes>,
     state: State,
@@ -212,19 +211,19 @@ pub struct WsBody {
 }
 
 impl WsBody {
-    fn node(&self) -> &Arc<Node> {
+    pub(super) fn node(&self) -> &Arc<Node> {
         self.stream.node()
     }
 
-    fn session(&self) -> &Arc<Session> {
+    pub(super) fn session(&self) -> &Arc<Session> {
         &self.stream.session
     }
 
-    fn reply(&self, reply: Reply) {
+    pub(super) fn reply(&self, reply: Reply) {
         reply_to(&self.stream.session, self.node(), reply);
     }
 
-    fn reply_error(&self, code: u16, message: &str, channel: Option<&str>) {
+    pub(super) fn reply_error(&self, code: u16, message: &str, channel: Option<&str>) {
         self.reply(Reply::Error {
             code,
             message: message.to_string(),
@@ -365,158 +364,6 @@ impl WsBody {
         }
     }
 
-    fn on_text(&mut self, text: &str) {
-        match parse_frame(text) {
-            Ok(Command::Subscribe(sub)) => self.subscribe(sub),
-            Ok(Command::Refresh(token)) => self.refresh(&token),
-            Ok(Command::Unsubscribe(channel)) => {
-                self.node().drop_channel(self.session(), &channel);
-                self.reply(Reply::Unsubscribed(channel));
-            }
-            Err(e) => self.reply_error(400, &e.message, e.channel.as_deref()),
-        }
-    }
-
-    /// Replaces the socket's token by one for the same `sub`: the new expiry applies, and the
-    /// channels it no longer grants are unsubscribed, each with an error frame 403. A bad
-    /// token, another `sub`, or a socket opened without a token is an error frame, and the old
-    /// token stands.
-    fn refresh(&mut self, token: &str) {
-        if !self.refreshes.take() {
-            return self.reply_error(
-                429,
-                &format!(
-                    "too many refreshes on this socket: at most {REFRESH_BURST} at once, then one every {} s",
-                    1.0 / REFRESHES_PER_SEC
-                ),
-                None,
-            );
-        }
-        let Some(old) = self.claims.clone() else {
-            return self.reply_error(
-                403,
-                "this socket was opened without a token: open a new one with the token",
-                None,
-            );
-        };
-        let claims = match self.node().auth.verify(token) {
-            Ok(c) => c,
-            Err(why) => {
-                return self.reply_error(401, &format!("refresh refused: {why}"), None);
-            }
-        };
-        if claims.sub != old.sub {
-            return self.reply_error(
-                403,
-                "refresh refused: the new token is for another sub than the socket's",
-                None,
-            );
-        }
-        let exp = claims.exp;
-        let claims = Arc::new(claims);
-        self.session().set_expires_at(exp);
-        self.node()
-            .registry
-            .set_token(self.session(), claims.token_id());
-        self.claims = Some(claims.clone());
-        self.reply(Reply::Refreshed(exp));
-        for channel in self.session().channels() {
-            if let Err(r) = self.node().auth.check(Some(&claims), channel.as_str()) {
-                self.node().drop_channel(self.session(), &channel);
-                self.reply_error(
-                    403,
-                    &format!("unsubscribed: {}", r.message),
-                    Some(channel.as_str()),
-                );
-            }
-        }
-    }
-
-    /// Checks a subscribe at once; what needs Redis (subscribing, reading history) is left
-    /// to a future the body polls, and the client's next frames wait for it.
-    fn subscribe(&mut self, sub: Subscribe) {
-        let Subscribe {
-            channel,
-            since,
-            rewind,
-            presence,
-        } = sub;
-        let name = channel.as_str();
-        if let Err(r) = self.node().auth.check(self.claims.as_deref(), name) {
-            return self.reply_error(r.status(), &r.message, Some(name));
-        }
-        if presence && !self.node().config.namespaces.of(name).presence {
-            return self.reply_error(
-                403,
-                "presence is off for this channel's namespace",
-                Some(name),
-            );
-        }
-        let session = self.session().clone();
-        let max = self.node().config.max_channels_per_conn as usize;
-        if session.channel_count() >= max {
-            return self.reply_error(
-                400,
-                &format!("at most {max} channels per connection (HUB_MAX_CHANNELS_PER_CONN)"),
-                Some(name),
-            );
-        }
-        let history_len = self.node().config.history_len_of(name);
-        if rewind > history_len {
-            return self.reply_error(
-                400,
-                &format!("rewind must be from 0 to {history_len} (the channel's history length)"),
-                Some(name),
-            );
-        }
-        // `since` wins: a client that resumes wants what follows its position.
-        let rewind = if since.is_some() { 0 } else { rewind };
-        if (since.is_some() || rewind > 0) && !self.resumes.take() {
-            return self.reply_error(
-                429,
-                &format!(
-                    "too many subscribes with since or rewind on this socket: at most {RESUME_BURST} at once, then {RESUMES_PER_SEC} a second"
-                ),
-                Some(name),
-            );
-        }
-        if !session.add_channel(channel.clone()) {
-            // Already subscribed: say so again.
-            return self.reply(Reply::Subscribed(channel));
-        }
-        if presence {
-            session.want_presence(Some(channel.as_str()));
-        }
-        // An id that cannot be read is a reset, as on SSE.
-        let want = match since.as_deref().map(str::parse) {
-            None if rewind > 0 => Want::Rewind(rewind as usize),
-            None => Want::Fresh,
-            Some(Ok(p)) => Want::After(p),
-            Some(Err(_)) => Want::Reset,
-        };
-        let node = self.node().clone();
-        self.subscribing = Some(Box::pin(async move {
-            let subscribed = Reply::Subscribed(channel.clone());
-            let started = node
-                .start_channels(&session, vec![(channel.clone(), want)], |_| {
-                    vec![Item::Reply(Box::new(subscribed))]
-                })
-                .await;
-            if let Err(r) = started {
-                node.drop_channel(&session, &channel);
-                reply_to(
-                    &session,
-                    &node,
-                    Reply::Error {
-                        code: r.status(),
-                        message: r.message,
-                        channel: Some(channel.as_str().to_owned()),
-                    },
-                );
-            }
-        }));
-    }
-
     /// The bytes of one item, or `None` for items a socket does not write.
     fn render(&mut self, item: Item) -> Option<Bytes> {
         match item {
@@ -569,7 +416,7 @@ impl WsBody {
 }
 
 /// Queues a reply; a client that sends frames but reads none of the answers is closed `slow`.
-fn reply_to(session: &Arc<Session>, node: &Arc<Node>, reply: Reply) {
+pub(super) fn reply_to(session: &Arc<Session>, node: &Arc<Node>, reply: Reply) {
     if session.push_reply(reply).is_err() {
         node.close(session, CloseReason::Slow);
     }
