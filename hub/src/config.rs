@@ -443,7 +443,10 @@ impl Config {
                     SCHEMES.join(", ")
                 ));
             }
-            crate::redis_url::config(url, self.redis_ca_file.as_deref())?;
+            let redis = crate::redis_url::config(url, self.redis_ca_file.as_deref())?;
+            if redis.server.is_clustered() && self.webhook_url.is_some() {
+                return Err("HUB_WEBHOOK_URL: webhooks need a standalone or Sentinel Redis; in Redis Cluster the presence functions cannot reach the webhook stream (another slot)".into());
+            }
         } else if self.redis_ca_file.is_some() {
             return Err("HUB_REDIS_CA_FILE is set without HUB_REDIS_URL".into());
         }
@@ -483,12 +486,6 @@ impl Config {
                         "HUB_WEBHOOK_URL {url:?} must be an http:// or https:// URL"
                     ))
                 }
-            }
-            let cluster = self.redis_url.as_deref().is_some_and(|u| {
-                u.starts_with("redis-cluster://") || u.starts_with("rediss-cluster://")
-            });
-            if cluster {
-                return Err("HUB_WEBHOOK_URL: webhooks need a standalone or Sentinel Redis; in Redis Cluster the presence functions cannot reach the webhook stream (another slot)".into());
             }
         }
         if matches!(&self.webhook_secret, Some(k) if k.is_empty()) {

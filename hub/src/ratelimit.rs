@@ -56,12 +56,11 @@ impl<K: Eq + Hash> Default for Buckets<K> {
 impl<K: Eq + Hash> Buckets<K> {
     /// Takes one token from `key`'s bucket (filled at `rate` a second up to `burst`, full at
     /// first): `Err(wait)` when there is none, with the time until there is.
-    pub fn take(&self, key: K, rate: f64, burst: f64, now: Instant) -> Result<(), Duration> {
-        self.map
-            .lock()
-            .entry(key)
-            .or_insert(Bucket::full(burst, now))
-            .take(rate, burst, now)
+    pub fn take(&self, key: K, rate: f64, burst: f64, now: Instant) -> Result<(), Duration>
+    where
+        K: Clone,
+    {
+        self.take_bounded(key, rate, burst, now, usize::MAX)
     }
 
     /// [`Buckets::take`], keeping at most `cap` buckets: a new key at the cap first drops the
