@@ -308,32 +308,28 @@ async fn disconnect_and_revoke_over_a_three_master_cluster() {
     let post = |hub: &Hub, path: &str, body: serde_json::Value| {
         hub.http.post(hub.admin_url(path)).json(&body).send()
     };
+    // The answer is 202 and the stream on the other node ends within 1 s saying `reason`.
+    async fn ends_saying(res: reqwest::Response, s: &mut hub_tests::SseStream, reason: &str) {
+        assert_eq!(res.status().as_u16(), 202);
+        let e = s
+            .next_message(std::time::Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            (e.event.as_str(), e.json()),
+            ("hub.disconnect", json!({ "reason": reason }))
+        );
+    }
     let res = post(&a, "/v1/disconnect", json!({"sub": "k1"}))
         .await
         .unwrap();
-    assert_eq!(res.status().as_u16(), 202);
-    let e = s
-        .next_message(std::time::Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert_eq!(
-        (e.event.as_str(), e.json()),
-        ("hub.disconnect", json!({"reason": "disconnected"}))
-    );
+    ends_saying(res, &mut s, "disconnected").await;
 
     let (mut s, _) = a.connect(&q, &[]).await;
     let res = post(&b, "/v1/revoke", json!({"jti": "cl-1", "exp": exp}))
         .await
         .unwrap();
-    assert_eq!(res.status().as_u16(), 202);
-    let e = s
-        .next_message(std::time::Duration::from_secs(1))
-        .await
-        .unwrap();
-    assert_eq!(
-        (e.event.as_str(), e.json()),
-        ("hub.disconnect", json!({"reason": "revoked"}))
-    );
+    ends_saying(res, &mut s, "revoked").await;
     let c = start().await;
     for hub in [&a, &b, &c] {
         assert_eq!(hub.sse(&q, &[]).await.status, 401);
