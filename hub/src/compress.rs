@@ -15,7 +15,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
-use std::cell::RefCell;
+use parking_lot::Mutex;
 
 /// The deflate sync flush's empty stored block: what RFC 7692 strips from each message.
 const SYNC_TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
@@ -24,40 +24,46 @@ pub const GZIP_HEADER: [u8; 10] = [0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
 /// A final empty block (fixed Huffman: BFINAL=1, BTYPE=01, end of block), byte-aligned.
 const FINAL_BLOCK: [u8; 2] = [0x03, 0x00];
 
-thread_local! {
-    /// One compressor per thread, reset before each message (so each refers to nothing before
-    /// it): its state (about 300 KB) is made once per thread, never per message or stream.
-    static DEFLATE: RefCell<Compress> = RefCell::new(Compress::new(Compression::default(), false));
-}
+/// Compressors kept for reuse, reset before each message (so each refers to nothing before
+/// it): a compressor's state (about 300 KB) is made once, not per message, stream or thread
+/// (a large channel's fan-out threads live for one fan-out). As many as ever ran at once,
+/// at most [`SPARE_COMPRESSORS`] kept.
+static DEFLATE: Mutex<Vec<Compress>> = Mutex::new(Vec::new());
+const SPARE_COMPRESSORS: usize = 8;
 
 /// `data` as one raw deflate stream of its own ending with a sync flush (byte-aligned, not
 /// final): segments made this way may follow each other in one deflate stream.
 pub fn segment(data: &[u8]) -> Bytes {
-    DEFLATE.with(|c| {
-        let mut c = c.borrow_mut();
-        c.reset();
-        let mut out = Vec::with_capacity(data.len() / 2 + 64);
-        let mut input = data;
-        loop {
-            if out.capacity() - out.len() < 64 {
-                out.reserve(out.capacity().max(256));
-            }
-            let (spare, had) = (out.capacity() - out.len(), out.len());
-            let before_in = c.total_in();
-            if c.compress_vec(input, &mut out, FlushCompress::Sync)
-                .is_err()
-            {
-                // Deflating memory cannot fail; stored blocks are always right.
-                return stored(data);
-            }
-            input = &input[(c.total_in() - before_in) as usize..];
-            // The flush is complete once all input is in and the output did not fill.
-            if input.is_empty() && out.len() - had < spare {
-                break;
-            }
+    let mut c = DEFLATE
+        .lock()
+        .pop()
+        .unwrap_or_else(|| Compress::new(Compression::default(), false));
+    c.reset();
+    let mut out = Vec::with_capacity(data.len() / 2 + 64);
+    let mut input = data;
+    let deflated = loop {
+        if out.capacity() - out.len() < 64 {
+            out.reserve(out.capacity().max(256));
         }
-        Bytes::from(out)
-    })
+        let (spare, had) = (out.capacity() - out.len(), out.len());
+        let before_in = c.total_in();
+        if c.compress_vec(input, &mut out, FlushCompress::Sync)
+            .is_err()
+        {
+            // Deflating memory cannot fail; stored blocks are always right.
+            break stored(data);
+        }
+        input = &input[(c.total_in() - before_in) as usize..];
+        // The flush is complete once all input is in and the output did not fill.
+        if input.is_empty() && out.len() - had < spare {
+            break Bytes::from(out);
+        }
+    };
+    let mut spare = DEFLATE.lock();
+    if spare.len() < SPARE_COMPRESSORS {
+        spare.push(c);
+    }
+    deflated
 }
 
 /// A WebSocket message's compressed payload: its [`segment`] without the trailing
