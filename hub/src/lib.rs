@@ -56,6 +56,7 @@ pub mod refusal;
 pub mod revocations;
 pub mod server;
 pub mod shutdown;
+pub mod status;
 pub mod stream;
 pub mod tasks;
 pub mod ticker;

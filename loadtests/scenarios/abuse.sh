@@ -13,11 +13,15 @@
 # CPU per million deliveries, its RSS before the attack and at most during it, how many of 50
 # newcomers (fresh addresses, 10 s into the attack) got a stream, and what the attacker got.
 # PIN=1 (default): the hub on CPU 0, readers and attacker on CPU 1 (an attacker's own CPU is
-# not the server's). Everything listens on loopback, stops by itself and is stopped by PID.
+# not the server's). The attacker runs at nice 19 (ATTACK_NICE): on this machine it shares CPU 1
+# with the readers' load generator, and a real attacker's CPU is neither the server's nor the
+# readers', so it must not delay the readers reading what the hub sent (it still has CPU 1
+# whenever they are idle, which is most of the time). Everything listens on loopback, stops by
+# itself and is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 READERS=${READERS:-5000} PROCS=${PROCS:-3} COUNT=${COUNT:-30} RUNS=${RUNS:-3} ATTACKERS=${ATTACKERS:-5000}
-VARIANTS=${VARIANTS:-none slowloris slowloris-off flood flood-off} PIN=${PIN:-1}
+VARIANTS=${VARIANTS:-none slowloris slowloris-off flood flood-off} PIN=${PIN:-1} ATTACK_NICE=${ATTACK_NICE:-19}
 SRV=() GEN=()
 if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
 cargo build -q --release -p hub -p loadtests
@@ -50,7 +54,7 @@ run_one() { # run_one <variant> <run>
     local rss0; rss0=$(awk '/^VmRSS:/{print $2}' "/proc/$hub/status")
     local atk=""
     if [ ${#attack[@]} -gt 0 ]; then
-        "${GEN[@]}" $LOADGEN attack "${attack[@]}" --target "$pub" --connections "$ATTACKERS" --duration-secs $((COUNT + 5)) \
+        "${GEN[@]}" nice -n "$ATTACK_NICE" $LOADGEN attack "${attack[@]}" --target "$pub" --connections "$ATTACKERS" --duration-secs $((COUNT + 5)) \
             > "$OUT/attack-$v-$r.json" 2> "$OUT/attack-$v-$r.err" &
         atk=$!; PIDS+=("$atk")
     fi

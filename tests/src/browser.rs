@@ -66,7 +66,11 @@ pub async fn page_server(listener: tokio::net::TcpListener, page: String, report
 
 /// Headless Chromium in its own session and process group, stopped (with its helpers) when
 /// dropped.
-pub struct Chromium(Child);
+pub struct Chromium {
+    child: Child,
+    /// Its profile folder (where `--remote-debugging-port=0` writes `DevToolsActivePort`).
+    pub profile: std::path::PathBuf,
+}
 
 impl Chromium {
     /// Opens `url` with the usual headless flags and `extra` ones.
@@ -99,7 +103,7 @@ impl Chromium {
             .stderr(log)
             .spawn()
             .expect("start chromium (scripts/test.sh installs the Debian package)");
-        Chromium(child)
+        Chromium { child, profile }
     }
 }
 
@@ -107,7 +111,7 @@ impl Drop for Chromium {
     fn drop(&mut self) {
         // The browser and its helpers share the process group we gave it (`--` so that the
         // negative group id is not read as an option).
-        let pgid = format!("-{}", self.0.id());
+        let pgid = format!("-{}", self.child.id());
         let group = |sig: &str| {
             let _ = Command::new("kill")
                 .args([sig, "--", pgid.as_str()])
@@ -116,12 +120,12 @@ impl Drop for Chromium {
         group("-TERM");
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         group("-KILL");
-        let _ = self.0.wait();
+        let _ = self.child.wait();
     }
 }

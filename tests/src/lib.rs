@@ -8,6 +8,7 @@
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 pub mod browser;
+pub mod cdp;
 pub mod client;
 pub mod gzip;
 pub mod netns;

@@ -448,6 +448,33 @@ impl Registry {
             .contains_key(channel)
     }
 
+    /// The `n` channels with the most local readers, most first (ties by name).
+    pub fn top_channels(&self, n: usize) -> Vec<(String, usize)> {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        // The n largest so far, smallest on top: one pass, n entries held.
+        let mut heap: BinaryHeap<Reverse<(usize, Reverse<Arc<str>>)>> = BinaryHeap::new();
+        for shard in self.channels.iter() {
+            for (name, ch) in shard.lock().iter() {
+                heap.push(Reverse((ch.readers.len(), Reverse(name.clone()))));
+                if heap.len() > n {
+                    heap.pop();
+                }
+            }
+        }
+        let mut top: Vec<(usize, Reverse<Arc<str>>)> = heap.into_iter().map(|r| r.0).collect();
+        top.sort_by(|a, b| b.cmp(a));
+        top.into_iter()
+            .map(|(readers, Reverse(name))| (name.to_string(), readers))
+            .collect()
+    }
+
+    /// Streams with a channel that fell behind (one look at each stream, outside the shard
+    /// locks).
+    pub fn lagging(&self) -> usize {
+        self.snapshot().iter().filter(|s| s.is_behind()).count()
+    }
+
     /// Every channel with a local reader.
     pub fn channel_names(&self) -> Vec<ChannelName> {
         let mut out = Vec::new();

@@ -407,3 +407,31 @@ fn a_channel_at_its_reader_limit_takes_no_more_and_the_stream_reads_none_of_its_
     assert!(!r.has_readers("room:a"));
     assert_eq!(r.counts().channels, 1);
 }
+
+#[test]
+fn the_busiest_channels_come_first_and_are_bounded() {
+    let r = reg();
+    let mut held = Vec::new();
+    for (chan, readers) in [
+        ("public:a", 1),
+        ("public:b", 3),
+        ("public:c", 2),
+        ("public:d", 2),
+    ] {
+        for _ in 0..readers {
+            held.push(open(&r, &[chan], 8).0);
+        }
+    }
+    assert_eq!(
+        r.top_channels(3),
+        vec![
+            ("public:b".to_string(), 3),
+            ("public:c".to_string(), 2),
+            ("public:d".to_string(), 2),
+        ],
+        "most readers first, ties by name, at most n"
+    );
+    assert_eq!(r.top_channels(10).len(), 4);
+    assert_eq!(r.top_channels(0), vec![]);
+    assert_eq!(r.lagging(), 0);
+}

@@ -1,4 +1,5 @@
-//! The admin port: `POST /v1/publish`, `/metrics`, `/v1/stats` and health.
+//! The admin port: `POST /v1/publish`, control from the backend, `/metrics`, `/v1/stats`,
+//! the status page (`GET /`, `/v1/status`) and health.
 //!
 //! Publishing checks the key, the size (before parsing) and the body, then hands the message
 //! to the node. Nothing here is reachable from the public port.
@@ -42,6 +43,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .service(get_only("/v1/namespaces", namespaces))
     .service(get_only("/metrics", metrics))
     .service(get_only("/v1/stats", stats))
+    .service(get_only("/v1/status", status))
+    .service(get_only("/", page))
     .service(get_only("/healthz", healthz))
     .service(get_only("/readyz", readyz))
     .default_service(web::to(error::not_found));
@@ -255,6 +258,28 @@ async fn stats(node: web::Data<Node>) -> HttpResponse {
         },
         "channels": c.channels,
     }))
+}
+
+/// `GET /`: the status page. It reads `/v1/status` and `/v1/presence`, and calls
+/// `/v1/disconnect` with the key the operator types (kept by the page only while it is open).
+async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("cache-control", "no-store"))
+        .insert_header(("x-content-type-options", "nosniff"))
+        .insert_header((
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             img-src data:; connect-src 'self'; form-action 'none'; frame-ancestors 'none'",
+        ))
+        .body(crate::status::PAGE)
+}
+
+/// `GET /v1/status`: every live node's snapshot (this one first).
+async fn status(node: web::Data<Node>) -> HttpResponse {
+    HttpResponse::Ok()
+        .insert_header(("cache-control", "no-store"))
+        .json(crate::status::status(&node).await)
 }
 
 #[cfg(test)]

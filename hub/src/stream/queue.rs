@@ -281,6 +281,15 @@ impl Session {
         self.state.lock().queue.len()
     }
 
+    /// Whether a channel of this stream fell behind (it waits for, or reads, history).
+    pub fn is_behind(&self) -> bool {
+        self.state
+            .lock()
+            .chans
+            .iter()
+            .any(|c| c.read == Read::Behind)
+    }
+
     /// A reader that fell behind and whose transport took nothing since `idle_since` (coarse
     /// seconds) — it sleeps — gives back its queued durable messages: each channel rewinds to
     /// what was taken and continues from history when the reader reads on, so a sleeping

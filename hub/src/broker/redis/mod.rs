@@ -14,6 +14,7 @@
 mod control;
 mod library;
 mod presence;
+mod status;
 mod watch;
 mod webhooks;
 
