@@ -9,7 +9,9 @@
 #   flood          ATTACKERS workers asking for streams as fast as answers come, holding every
 #                  one granted, with HUB_MAX_STREAMS_PER_IP=100 HUB_CONNECT_RATE_PER_IP=20
 #   flood-off      the same with the per-address limits off
-# Reported per variant (medians of RUNS, 3): the readers' delivered share and p99, the hub's
+# Reported per variant (medians of RUNS, 3): the readers' delivered share and p99 (and the hub's
+# own publish-to-write p99 from hub_delivery_latency_seconds, which the readers' CPU does not
+# touch), the hub's
 # CPU per million deliveries, its RSS before the attack and at most during it, how many of 50
 # newcomers (fresh addresses, 10 s into the attack) got a stream, and what the attacker got.
 # PIN=1 (default): the hub on CPU 0, readers and attacker on CPU 1 (an attacker's own CPU is
@@ -74,17 +76,37 @@ run_one() { # run_one <variant> <run>
     wait "$lg" || true
     if [ -n "$atk" ]; then wait "$atk" || true; fi
     local rejected
-    rejected=$(curl -sf "http://$adm/metrics" | awk '/^hub_connections_rejected_total/ && $2 > 0 {printf "%s=%s ", $1, $2}')
+    curl -sf "http://$adm/metrics" > "$OUT/metrics-$v-$r.txt" || true
+    rejected=$(awk '/^hub_connections_rejected_total/ && $2 > 0 {printf "%s=%s ", $1, $2}' "$OUT/metrics-$v-$r.txt")
     kill -TERM "$hub"; wait "$hub" 2>/dev/null || true
-    python3 - "$OUT/report-$v-$r.json" "$OUT/attack-$v-$r.json" "$rss0" "$rssmax" "$rejected" "$newcomers" <<'PY'
-import json, sys, os
+    python3 - "$OUT/report-$v-$r.json" "$OUT/attack-$v-$r.json" "$rss0" "$rssmax" "$rejected" "$newcomers" "$OUT/metrics-$v-$r.txt" <<'PY'
+import json, sys, os, re
 rep = json.load(open(sys.argv[1]))
+# The hub's own view: publish to write on the stream (hub_delivery_latency_seconds), free of
+# the load generator's CPU; p99 interpolated within its bucket, and the share within 50 ms.
+buckets = []
+for line in open(sys.argv[7]):
+    m = re.match(r'hub_delivery_latency_seconds_bucket\{le="([^"]+)"\} (\S+)', line)
+    if m:
+        buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+total = buckets[-1][1] if buckets else 0
+hub_p99 = hub_50 = None
+if total:
+    lo, below = 0.0, 0.0
+    for le, n in buckets:
+        if n >= 0.99 * total:
+            hub_p99 = 1000 * (lo + (le - lo) * (0.99 * total - below) / max(n - below, 1)) if le != float("inf") else 1000 * lo
+            break
+        lo, below = le, n
+    hub_50 = 100.0 * dict(buckets).get(0.05, 0) / total
 atk = json.load(open(sys.argv[2])) if os.path.exists(sys.argv[2]) and os.path.getsize(sys.argv[2]) else {}
 print(json.dumps({
     "opened": rep["opened"],
     "delivered_pct": 100.0 * rep["deliveries"] / max(1, rep["expected_deliveries"]),
     "p99_ms": rep["latency"]["p99_ms"],
     "cpu_per_million": rep["server_cpu_secs_per_million_deliveries"],
+    "hub_p99_ms": hub_p99,
+    "hub_within_50ms_pct": hub_50,
     "rss_before_mb": int(sys.argv[3]) / 1024,
     "rss_max_mb": int(sys.argv[4]) / 1024,
     "attack": atk,
@@ -108,7 +130,7 @@ base = None
 for v in variants:
     rs = [json.load(open(f"{out}/summary-{v}-{r}.json")) for r in range(1, runs + 1)]
     med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)
-    row = {k: med(k) for k in ["opened", "delivered_pct", "p99_ms", "cpu_per_million", "rss_before_mb", "rss_max_mb"]}
+    row = {k: med(k) for k in ["opened", "delivered_pct", "p99_ms", "cpu_per_million", "rss_before_mb", "rss_max_mb", "hub_p99_ms", "hub_within_50ms_pct"]}
     if base is None:
         base = row
     atk = rs[len(rs) // 2]["attack"]
@@ -116,6 +138,8 @@ for v in variants:
           f"({row['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x)  CPU-s/M {row['cpu_per_million']:.1f}  "
           f"RSS {row['rss_before_mb']:.0f} -> max {row['rss_max_mb']:.0f} MB")
     print(f"{'':14} runs p99 {[round(r['p99_ms'], 1) for r in rs]}  delivered {[round(r['delivered_pct'], 1) for r in rs]}")
+    print(f"{'':14} the hub's own publish-to-write p99 {row['hub_p99_ms']:.1f} ms ({row['hub_p99_ms'] / max(base['hub_p99_ms'], 1e-9):.2f}x), "
+          f"{row['hub_within_50ms_pct']:.1f}% within 50 ms; runs {[round(r['hub_p99_ms'], 1) for r in rs]}")
     if atk:
         print(f"{'':14} attacker: {json.dumps({k: atk[k] for k in ['opened', 'connect_failed', 'closed_by_server', 'statuses', 'held']})}")
     print(f"{'':14} newcomers (status:count): {[r['newcomers'] for r in rs]}")

@@ -23,6 +23,10 @@ pub struct HoldArgs {
     /// Server address, e.g. 127.0.0.1:8080.
     #[arg(long)]
     pub target: SocketAddr,
+    /// Other nodes a reconnecting stream turns to when its node refuses connections (it is
+    /// gone): stream i tries fallback (i + attempt) mod n, as a load balancer would send it.
+    #[arg(long = "fallback")]
+    pub fallbacks: Vec<SocketAddr>,
     #[command(flatten)]
     pub stream: StreamOpts,
     #[arg(long)]
@@ -452,6 +456,10 @@ struct Stream {
     cookie: Option<String>,
     /// The address it connects from (see `--spread-sources`).
     source: IpAddr,
+    /// The node it connects to (`--target`, or a fallback once that one is gone), and how
+    /// many times it moved.
+    target: SocketAddr,
+    moves: u64,
 }
 
 impl Stream {
@@ -537,6 +545,7 @@ fn source_of(args: &HoldArgs, index: u64) -> IpAddr {
 
 async fn connect(
     args: &HoldArgs,
+    target: SocketAddr,
     source: IpAddr,
     ch: u64,
     last_id: Option<&str>,
@@ -548,13 +557,13 @@ async fn connect(
         sock.set_recv_buffer_size(args.stream.stall_rcvbuf)?;
     }
     sock.bind(SocketAddr::new(source, 0))?;
-    let mut s = sock.connect(args.target).await?;
+    let mut s = sock.connect(target).await?;
     let path = fill(&args.stream.path, ch);
     let req = if args.stream.ws {
         format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{}\r\n",
-            args.target,
+            target,
             if args.stream.compress {
                 "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
             } else {
@@ -580,7 +589,7 @@ async fn connect(
         };
         format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\n{accept}{gzip}{resume}{cookie}\r\n",
-            args.target
+            target
         )
     };
     s.write_all(req.as_bytes()).await?;
@@ -634,6 +643,7 @@ async fn connection(
 ) -> End {
     let conn = connect(
         args,
+        st.target,
         st.source,
         ch,
         st.last_id.as_deref(),
@@ -847,6 +857,8 @@ async fn one(
             .session_cookie
             .then(|| format!("session={}-{index}", args.source)),
         source: source_of(&args, index),
+        target: args.target,
+        moves: 0,
     };
     let mut permit = Some(permit);
     let mut open_retries = args.stream.open_retries;
@@ -905,9 +917,20 @@ async fn one(
                 }
             }
             End::Failed(why) => {
-                // Down and not back yet: try again after the reconnect delay.
+                // Down and not back yet: try again after the reconnect delay (on another node,
+                // if there are fallbacks: this one may be gone).
                 shared.retries.fetch_add(1, Ordering::Relaxed);
                 shared.count_failure(why);
+                if !args.fallbacks.is_empty() {
+                    let n = args.fallbacks.len() as u64;
+                    let first_move = st.moves == 0;
+                    st.target = args.fallbacks[((index + st.moves) % n) as usize];
+                    st.moves += 1;
+                    if first_move {
+                        // Its node is gone: a load balancer sends the retry elsewhere at once.
+                        continue;
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_millis(args.stream.reconnect_ms)) => {}
                     _ = stop.changed() => break,
@@ -1099,6 +1122,8 @@ mod tests {
             returned_at: None,
             cookie: None,
             source: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            target: SocketAddr::from(([127, 0, 0, 1], 1)),
+            moves: 0,
         };
         let mut lat = Vec::new();
         // 3 and 13 arrive, 23 and 33 are missed, 43 arrives, then 13 again.

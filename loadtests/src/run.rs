@@ -16,6 +16,9 @@ pub struct RunArgs {
     /// Server address; repeat for several nodes (holder process i uses target i mod n).
     #[arg(long = "target", required = true)]
     pub targets: Vec<SocketAddr>,
+    /// A reconnecting stream whose node is gone moves to the other targets (`hold --fallback`).
+    #[arg(long)]
+    pub failover: bool,
     #[command(flatten)]
     pub stream: StreamOpts,
     /// Create this file once every stream is open (scenario scripts wait on it).
@@ -184,10 +187,13 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         ));
         let mut cmd = tokio::process::Command::new(&exe);
         let target = args.targets[i as usize % args.targets.len()];
-        cmd.arg("hold")
-            .arg("--target")
-            .arg(target.to_string())
-            .arg("--first-index")
+        cmd.arg("hold").arg("--target").arg(target.to_string());
+        if args.failover {
+            for other in args.targets.iter().filter(|t| **t != target) {
+                cmd.arg("--fallback").arg(other.to_string());
+            }
+        }
+        cmd.arg("--first-index")
             .arg(first_index.to_string())
             .arg("--channels")
             .arg(channels.to_string())

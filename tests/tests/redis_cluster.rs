@@ -110,6 +110,24 @@ async fn two_nodes_on_a_three_master_cluster() {
     ];
     got.sort();
     assert_eq!(got, ["missed 3", "missed 9"]);
+
+    // The status page's JSON: each node lists both (their snapshots share one slot).
+    for hub in &hubs {
+        hub_tests::wait_until("both nodes in /v1/status", WAIT, || async {
+            let status: serde_json::Value =
+                match hub.http.get(hub.admin_url("/v1/status")).send().await {
+                    Ok(r) => r.json().await.unwrap_or_default(),
+                    Err(_) => return false,
+                };
+            let mut names: Vec<&str> = status["nodes"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|n| n["node"].as_str()).collect())
+                .unwrap_or_default();
+            names.sort_unstable();
+            status["error"].is_null() && names == ["c0", "c1"]
+        })
+        .await;
+    }
 }
 
 /// A slot migration drops the shard subscriptions of the slot's channels on the old owner
