@@ -9,9 +9,12 @@
 #             delivered share, Redis CPU per published message (all masters, INFO cpu; what
 #             the masters spend with the nodes up and idle, measured for 10 s first, taken off)
 #   channels  STREAMS over CHANNELS (10,000) channels, CHAN_MSGS (20,000) messages at CHAN_RATE
-#             (500)/s, each to one channel: per-channel latency, Redis CPU per message
-#   storm     STREAMS on one durable channel at 1/s for STORM_SECS (40); STORM_AFTER (10) s into
-#             publishing the last node stops (SIGTERM, no drain) and its streams come back with
+#             (500)/s, each to one channel, SETTLE (30) s after the last stream opened (the
+#             presence counts of 10,000 channels on every node are written meanwhile; Redis's
+#             CPU each second of it is kept): per-channel latency, Redis CPU per message
+#   storm     STREAMS on one durable channel at 1/s for STORM_SECS (40) over STORM_NODES (7)
+#             nodes (6 would put 20,000 streams on each of the five left: over the descriptors
+#             a process may hold here); STORM_AFTER (10) s into publishing the last node stops (SIGTERM, no drain) and its streams come back with
 #             Last-Event-ID on the other nodes (`--failover`: after the reconnect delay below
 #             RECONNECT_MS, as EventSource's `retry:`, a refused stream goes to another node at
 #             once, as a load balancer would send it): first drop to last resume, gaps, duplicates
@@ -22,7 +25,8 @@ cd "$(dirname "$0")/../.."
 STREAMS=${STREAMS:-100000} NODES=${NODES:-6} PROCS=${PROCS:-12} RUNS=${RUNS:-1}
 FANOUT_SECS=${FANOUT_SECS:-60} CHANNELS=${CHANNELS:-10000} CHAN_MSGS=${CHAN_MSGS:-20000}
 CHAN_RATE=${CHAN_RATE:-500} STORM_SECS=${STORM_SECS:-40} STORM_AFTER=${STORM_AFTER:-10}
-RECONNECT_MS=${RECONNECT_MS:-2000} LIMIT=${LIMIT:-400}
+RECONNECT_MS=${RECONNECT_MS:-2000} LIMIT=${LIMIT:-400} SETTLE=${SETTLE:-30}
+STORM_NODES=${STORM_NODES:-7}
 PHASES=${PHASES:-fanout channels storm}
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "needs redis-server and redis-cli" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
@@ -106,7 +110,7 @@ phase_fanout() { # phase_fanout <run>
     wait_for $((LIMIT * 20)) test -f "$OUT/ready"
     for i in $(seq 0 $((NODES - 1))); do rss+=("$(rss_of "${NPID[$i]}")"); done
     cpu0=$(redis_cpu); t0=$(date +%s.%N)
-    wait "$LG"
+    wait "$LG" || true
     cpu1=$(redis_cpu); t1=$(date +%s.%N)
     python3 - "$rep" "$cpu0" "$cpu1" "$t0" "$t1" "$REDIS_IDLE" "${rss[@]}" <<'PY'
 import json, sys
@@ -121,12 +125,18 @@ PY
 }
 
 phase_channels() {
-    local r=$1 rep="$OUT/channels-$r.json" cpu0 cpu1 t0 t1
+    local r=$1 rep="$OUT/channels-$r.json" cpu0 cpu1 t0 t1 cpus
     start_cluster; start_hubs; redis_idle
-    run_streams "$rep" "/v1/sse?channel=public:c{ch}" "public:c{n}" "$CHANNELS" "$CHAN_MSGS" "$CHAN_RATE"
+    run_streams "$rep" "/v1/sse?channel=public:c{ch}" "public:c{n}" "$CHANNELS" "$CHAN_MSGS" "$CHAN_RATE" \
+        --settle-secs "$SETTLE"
     wait_for $((LIMIT * 20)) test -f "$OUT/ready"
+    # What the opening set off in Redis (presence counts of 10,000 channels on every node),
+    # second by second until publishing starts.
+    cpus=$(redis_cpu)
+    for _ in $(seq "$SETTLE"); do sleep 1; cpus="$cpus $(redis_cpu)"; done
+    echo "$cpus" > "$OUT/channels-$r-settle-cpu.txt"
     cpu0=$(redis_cpu); t0=$(date +%s.%N)
-    wait "$LG"
+    wait "$LG" || true
     cpu1=$(redis_cpu); t1=$(date +%s.%N)
     python3 - "$rep" "$cpu0" "$cpu1" "$t0" "$t1" "$REDIS_IDLE" <<'PY'
 import json, sys
@@ -140,14 +150,16 @@ PY
 }
 
 phase_storm() {
-    local r=$1 rep="$OUT/storm-$r.json" last=$((NODES - 1))
+    local r=$1
+    local rep="$OUT/storm-$r.json" NODES=$STORM_NODES PROCS=$((STORM_NODES * 2))
+    local last=$((NODES - 1))
     start_cluster; start_hubs
     run_streams "$rep" "/v1/sse?channel=public:storm" "public:storm" 1 "$STORM_SECS" 1 \
         --reconnect --reconnect-ms "$RECONNECT_MS" --failover
     wait_for $((LIMIT * 20)) test -f "$OUT/ready"
     sleep "$STORM_AFTER"  # publishing is under way: the last node goes now
     kill -TERM "${NPID[$last]}"; wait "${NPID[$last]}" 2>/dev/null || true
-    wait "$LG"
+    wait "$LG" || true
     stop_hubs; stop_cluster
 }
 

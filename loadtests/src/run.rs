@@ -34,6 +34,10 @@ pub struct RunArgs {
     /// ones, each keeping its own ephemeral ports).
     #[arg(long, default_value_t = 2)]
     pub first_source: u8,
+    /// Seconds between every stream being open (the ready file) and the first publish: what
+    /// the opening set off (presence reports, subscriptions) settles first.
+    #[arg(long, default_value_t = 0)]
+    pub settle_secs: u64,
     /// Streams (in all, spread over the processes) that stop reading once open.
     #[arg(long, default_value_t = 0)]
     pub stall: u64,
@@ -237,6 +241,7 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         std::fs::write(path, format!("{opened} {failed}\n"))
             .with_context(|| format!("write {}", path.display()))?;
     }
+    tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let before = sample_all(&args.server_pids);
     let publish_started = Instant::now();
     // Sleepers: sample the server just before they read on (while they lag the most); also

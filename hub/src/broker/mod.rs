@@ -61,6 +61,8 @@ pub trait Sink: Send + Sync + 'static {
     /// The broker may have lost messages (reconnection, lost burst): every live reader checks
     /// its position against history before it takes live messages again.
     fn fall_behind(&self);
+    /// [`Sink::fall_behind`] for the readers of these channels only.
+    fn fall_behind_on(&self, channels: &[ChannelName]);
     /// A user joined or left a channel (on some node): readers that asked are told.
     fn presence(&self, ev: &Arc<crate::stream::PresenceEvent>);
     /// The channels the node has local readers for (what a reconnection subscribes again).

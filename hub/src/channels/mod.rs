@@ -500,6 +500,14 @@ impl Sink for Registry {
         }
     }
 
+    fn fall_behind_on(&self, channels: &[ChannelName]) {
+        for c in channels {
+            for s in self.readers_of(c.as_str()) {
+                s.fall_behind_on(c.as_str());
+            }
+        }
+    }
+
     fn channels(&self) -> Vec<ChannelName> {
         self.channel_names()
     }

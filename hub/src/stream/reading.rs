@@ -186,9 +186,18 @@ impl Session {
     /// live messages are buffered (bounded) and merged after the catch-up's read, as during
     /// any read, so ephemeral ones are not lost for the time the read takes.
     pub fn fall_behind(&self) {
+        self.fall_behind_where(|_| true);
+    }
+
+    /// [`Session::fall_behind`] for one of its channels only.
+    pub fn fall_behind_on(&self, channel: &str) {
+        self.fall_behind_where(|name| name.as_str() == channel);
+    }
+
+    fn fall_behind_where(&self, pick: impl Fn(&ChannelName) -> bool) {
         let mut st = self.state.lock();
         for i in 0..st.chans.len() {
-            if st.chans[i].read == Read::Live {
+            if st.chans[i].read == Read::Live && pick(&st.chans[i].name) {
                 let token = st.take_token();
                 let c = &mut st.chans[i];
                 c.read = Read::Reading {
