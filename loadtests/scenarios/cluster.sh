@@ -79,6 +79,14 @@ start_hubs() { # start_hubs [extra env...]
     done
     for i in $(seq 0 $((NODES - 1))); do wait_for 400 curl -sf "http://${NADM[$i]}/readyz"; done
 }
+# Every node's refusals and closes by reason, kept with the phase's report.
+save_rejections() { # save_rejections <report>
+    local i
+    for i in $(seq 0 $((NODES - 1))); do
+        curl -sf "http://${NADM[$i]}/metrics" 2>/dev/null \
+            | awk -v n="node$i" '/^hub_connections_(rejected|closed)_total/ && $2 > 0 {print n, $1, $2}' || true
+    done > "${1%.json}-refusals.txt"
+}
 stop_hubs() { local p; for p in "${NPID[@]}"; do kill -TERM "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done; }
 rss_of() { awk '/^VmRSS:/{print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
@@ -121,6 +129,7 @@ rep["redis_cpu_secs"] = float(sys.argv[3]) - float(sys.argv[2]) - float(sys.argv
 rep["node_rss_kb_connected"] = [int(x) for x in sys.argv[7:]]
 json.dump(rep, open(sys.argv[1], "w"), indent=1)
 PY
+    save_rejections "$rep"
     stop_hubs; stop_cluster
 }
 
@@ -146,6 +155,7 @@ rep["redis_idle_cpu_per_sec"] = float(sys.argv[6])
 rep["redis_cpu_secs"] = float(sys.argv[3]) - float(sys.argv[2]) - float(sys.argv[6]) * secs
 json.dump(rep, open(sys.argv[1], "w"), indent=1)
 PY
+    save_rejections "$rep"
     stop_hubs; stop_cluster
 }
 
@@ -160,6 +170,7 @@ phase_storm() {
     sleep "$STORM_AFTER"  # publishing is under way: the last node goes now
     kill -TERM "${NPID[$last]}"; wait "${NPID[$last]}" 2>/dev/null || true
     wait "$LG" || true
+    save_rejections "$rep"
     stop_hubs; stop_cluster
 }
 
