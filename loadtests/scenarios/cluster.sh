@@ -18,6 +18,12 @@
 #             Last-Event-ID on the other nodes (`--failover`: after the reconnect delay below
 #             RECONNECT_MS, as EventSource's `retry:`, a refused stream goes to another node at
 #             once, as a load balancer would send it): first drop to last resume, gaps, duplicates
+#   presence  USERS (100,000) users, one SSE stream each with its own token, join one channel
+#             over the nodes (held by PROCS `loadgen presence-users` processes), all drop and
+#             come back 500 ms later (no join or leave may result), then all leave
+#             (`loadgen presence-storm`, HEARTBEAT 5 s): the time until an observer saw every
+#             join and every leave, what `GET /v1/presence` counts, Redis calls per join and
+#             leave (summed over the masters) and Redis CPU for the whole storm
 # Medians are not taken: one run of each phase (RUNS=1) holds the machine for several minutes;
 # RUNS=3 repeats them. Everything listens on loopback, stops by itself and is stopped by PID.
 set -euo pipefail
@@ -27,7 +33,8 @@ FANOUT_SECS=${FANOUT_SECS:-60} CHANNELS=${CHANNELS:-10000} CHAN_MSGS=${CHAN_MSGS
 CHAN_RATE=${CHAN_RATE:-500} STORM_SECS=${STORM_SECS:-40} STORM_AFTER=${STORM_AFTER:-10}
 RECONNECT_MS=${RECONNECT_MS:-2000} LIMIT=${LIMIT:-400} SETTLE=${SETTLE:-30}
 STORM_NODES=${STORM_NODES:-7}
-PHASES=${PHASES:-fanout channels storm}
+PHASES=${PHASES:-fanout channels storm presence}
+USERS=${USERS:-100000} HEARTBEAT=${HEARTBEAT:-5} SECRET=cluster-scenario-secret-of-some-length
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "needs redis-server and redis-cli" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario-cluster.XXXX)
@@ -174,6 +181,27 @@ phase_storm() {
     stop_hubs; stop_cluster
 }
 
+phase_presence() {
+    local r=$1 rep="$OUT/presence-$r.json" targets=() masters=() cpu0 cpu1
+    start_cluster; start_hubs HUB_JWT_SECRET="$SECRET" HUB_HEARTBEAT_SECS="$HEARTBEAT" \
+        HUB_MAX_CONNECTIONS_PER_USER=10
+    for i in $(seq 0 $((NODES - 1))); do targets+=(--target "${NPUB[$i]}"); done
+    for port in "${RPORTS[@]}"; do masters+=(--redis "redis://127.0.0.1:$port"); done
+    cpu0=$(redis_cpu)
+    $LOADGEN presence-storm "${targets[@]}" "${masters[@]}" --admin "http://${NADM[0]}" \
+        --secret "$SECRET" --users "$USERS" --processes "$PROCS" --away-ms 500 \
+        --settle-secs $((HEARTBEAT + 3)) --phase-secs "$LIMIT" > "$rep" 2> "${rep%.json}.err" || true
+    cpu1=$(redis_cpu)
+    python3 - "$rep" "$cpu0" "$cpu1" <<'PY'
+import json, sys
+rep = json.load(open(sys.argv[1]))
+rep["redis_cpu_secs"] = float(sys.argv[3]) - float(sys.argv[2])
+json.dump(rep, open(sys.argv[1], "w"), indent=1)
+PY
+    save_rejections "$rep"
+    stop_hubs; stop_cluster
+}
+
 for r in $(seq "$RUNS"); do
     for p in $PHASES; do echo "run $r/$RUNS: $p" >&2; "phase_$p" "$r"; done
 done
@@ -208,4 +236,9 @@ if "storm" in phases and load("storm"):
           f"first drop to last resume {med([r['resume_secs'] or 0 for r in rs]):.2f} s  resume p50 {med([r['resume']['p50_ms'] for r in rs]):.0f} ms "
           f"p99 {med([r['resume']['p99_ms'] for r in rs]):.0f} ms  delivered {med([100 * r['deliveries'] / max(1, r['expected_deliveries']) for r in rs]):.2f}%  "
           f"gaps {med([r['gaps'] for r in rs]):.0f}  dups {med([r['duplicates'] for r in rs]):.0f}  retries {med([r['reconnect_retries'] for r in rs]):.0f}")
+if "presence" in phases and load("presence"):
+    rs = load("presence")
+    keys = ["users", "joins_seen", "join_all_secs", "admin_users", "reconnect_storm_events", "leaves_seen",
+            "leave_all_secs", "redis_calls_per_join", "presence_calls_per_join", "redis_calls_per_leave", "redis_cpu_secs"]
+    print("presence  " + "  ".join(f"{k} {med([r[k] for r in rs if r.get(k) is not None]):.4g}" for k in keys))
 PY

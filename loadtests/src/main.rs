@@ -8,7 +8,8 @@
 //!   fit under the per-process file limit), publishes, merges their reports, reads the
 //!   server's CPU time and memory from /proc, prints a summary and writes JSON.
 //! - `loadgen presence-storm`: N users join a channel, reconnect all at once, leave; the
-//!   presence events an observer gets and the Redis operations each phase cost.
+//!   presence events an observer gets and the Redis operations each phase cost; its users
+//!   may be held by `loadgen presence-users` children (100,000 users need several).
 //! - `loadgen auth-hook`: a backend's authorization hook answering locally (`HUB_AUTH_URL`).
 //! - `loadgen attack`: a slowloris or a connection flood from one address (abuse limits).
 //! - `loadgen tls-hold`: idle SSE streams over HTTPS, many per HTTP/2 connection or one per
@@ -20,6 +21,7 @@ mod attack;
 mod hold;
 mod hook;
 mod presence;
+mod presence_users;
 mod publish;
 mod report;
 mod run;
@@ -43,6 +45,7 @@ enum Cmd {
     Run(run::RunArgs),
     TlsHold(tls_hold::TlsHoldArgs),
     PresenceStorm(presence::PresenceArgs),
+    PresenceUsers(presence_users::UsersArgs),
     Attack(attack::AttackArgs),
 }
 
@@ -75,6 +78,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Run(a) => run::main(a).await,
             Cmd::TlsHold(a) => tls_hold::main(a).await,
             Cmd::PresenceStorm(a) => presence::main(a).await,
+            Cmd::PresenceUsers(a) => presence_users::main(a).await,
             Cmd::Attack(a) => attack::main(a).await,
         }
     });

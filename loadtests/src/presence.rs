@@ -5,6 +5,7 @@
 //!
 //! Bounded: every phase has a deadline; the process holds at most N + 1 connections.
 
+use crate::presence_users::Users;
 use anyhow::Context as _;
 use jsonwebtoken::{encode, EncodingKey, Header};
 use std::net::SocketAddr;
@@ -13,7 +14,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::task::JoinSet;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PresenceArgs {
@@ -21,9 +21,18 @@ pub struct PresenceArgs {
     /// the first.
     #[arg(long, required = true)]
     pub target: Vec<SocketAddr>,
-    /// The Redis the nodes share (for `INFO commandstats`).
+    /// The Redis the nodes share (for `INFO commandstats`); repeat for every master of a
+    /// Redis Cluster (their counts are summed).
+    #[arg(long, required = true)]
+    pub redis: Vec<String>,
+    /// A node's admin address (http://...): after the joins, `GET /v1/presence` must count
+    /// every user (the figure is reported).
     #[arg(long)]
-    pub redis: String,
+    pub admin: Option<String>,
+    /// Processes holding the users (`loadgen presence-users`, each from its own source
+    /// address): more than the 20,000 files one process may hold need several.
+    #[arg(long, default_value_t = 1)]
+    pub processes: u64,
     /// `HUB_JWT_SECRET` of the nodes (tokens are signed here).
     #[arg(long)]
     pub secret: String,
@@ -47,7 +56,7 @@ pub struct PresenceArgs {
     pub webhook_listen: Option<SocketAddr>,
 }
 
-fn token(secret: &str, sub: &str) -> anyhow::Result<String> {
+pub fn token(secret: &str, sub: &str) -> anyhow::Result<String> {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs()
@@ -59,9 +68,21 @@ fn token(secret: &str, sub: &str) -> anyhow::Result<String> {
     )?)
 }
 
-/// Opens an SSE stream and returns it once `hub.connected` arrived (with what was read).
-async fn open(target: SocketAddr, path: &str) -> anyhow::Result<(TcpStream, Vec<u8>)> {
-    let mut s = TcpStream::connect(target).await?;
+/// Opens an SSE stream (from `source`, if given) and returns it once `hub.connected` arrived
+/// (with what was read).
+pub async fn open(
+    target: SocketAddr,
+    path: &str,
+    source: Option<std::net::IpAddr>,
+) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut s = match source {
+        Some(ip) => {
+            let sock = tokio::net::TcpSocket::new_v4()?;
+            sock.bind(SocketAddr::new(ip, 0))?;
+            sock.connect(target).await?
+        }
+        None => TcpStream::connect(target).await?,
+    };
     s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .await?;
     let mut got = Vec::new();
@@ -97,12 +118,23 @@ const PRESENCE_COMMANDS: [&str; 14] = [
 /// Commands only the webhook stream uses.
 const WEBHOOK_COMMANDS: &[&str] = &["xadd", "xlen", "xreadgroup", "xack", "xdel", "xautoclaim"];
 
+/// `INFO commandstats` of every server, one after another.
+async fn commandstats(conns: &mut [redis::aio::MultiplexedConnection]) -> anyhow::Result<String> {
+    let mut all = String::new();
+    for conn in conns.iter_mut() {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await?;
+        all.push_str(&info);
+        all.push('\n');
+    }
+    Ok(all)
+}
+
 /// Calls of the webhook stream's commands so far.
-async fn webhook_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<u64> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
+async fn webhook_calls(conns: &mut [redis::aio::MultiplexedConnection]) -> anyhow::Result<u64> {
+    let info = commandstats(conns).await?;
     Ok(info
         .lines()
         .filter_map(|l| l.strip_prefix("cmdstat_"))
@@ -143,11 +175,10 @@ async fn webhook_phase(
 }
 
 /// Redis commands so far: (all, those of presence), from every `cmdstat_*` `calls=`.
-async fn redis_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<(u64, u64)> {
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(conn)
-        .await?;
+async fn redis_calls(
+    conns: &mut [redis::aio::MultiplexedConnection],
+) -> anyhow::Result<(u64, u64)> {
+    let info = commandstats(conns).await?;
     let mut all = 0;
     let mut presence = 0;
     for l in info.lines() {
@@ -167,29 +198,6 @@ async fn redis_calls(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Re
         }
     }
     Ok((all, presence))
-}
-
-/// Opens every user's stream (200 at once); the streams are held by the returned set.
-async fn open_users(args: &PresenceArgs, tokens: &[String]) -> JoinSet<()> {
-    let gate = Arc::new(tokio::sync::Semaphore::new(200));
-    let mut set = JoinSet::new();
-    for (i, t) in tokens.iter().enumerate() {
-        let target = args.target[i % args.target.len()];
-        let path = format!("/v1/sse?channel={}&token={t}", args.channel);
-        let gate = gate.clone();
-        set.spawn(async move {
-            let Ok(permit) = gate.acquire_owned().await else {
-                return;
-            };
-            let Ok((mut s, _)) = open(target, &path).await else {
-                return;
-            };
-            drop(permit);
-            let mut buf = [0u8; 1024];
-            while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
-        });
-    }
-    set
 }
 
 /// Waits until `counter` reaches `target`, or stops moving for `quiet` (events an observer
@@ -226,13 +234,23 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
         Some(a) => Some(crate::webhook_rx::start(a).await?),
         None => None,
     };
-    let mut redis = redis::Client::open(args.redis.as_str())?
-        .get_multiplexed_async_connection()
-        .await
-        .context("connect to --redis")?;
-    let tokens: Vec<String> = (0..args.users)
-        .map(|i| token(&args.secret, &format!("u{i}")))
-        .collect::<Result<_, _>>()?;
+    let mut redis = Vec::new();
+    for url in &args.redis {
+        redis.push(
+            redis::Client::open(url.as_str())?
+                .get_multiplexed_async_connection()
+                .await
+                .with_context(|| format!("connect to --redis {url}"))?,
+        );
+    }
+    // The users' tokens are made where they are held (here, or in each child).
+    let tokens: Arc<Vec<String>> = Arc::new(if args.processes <= 1 {
+        (0..args.users)
+            .map(|i| token(&args.secret, &format!("u{i}")))
+            .collect::<Result<_, _>>()?
+    } else {
+        Vec::new()
+    });
     let joins = Arc::new(AtomicU64::new(0));
     let leaves = Arc::new(AtomicU64::new(0));
     let path = format!(
@@ -240,7 +258,7 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
         args.channel,
         token(&args.secret, "observer")?
     );
-    let (mut observer, first) = open(args.target[0], &path).await?;
+    let (mut observer, first) = open(args.target[0], &path, None).await?;
     let (j, l) = (joins.clone(), leaves.clone());
     tokio::spawn(async move {
         let mut buf = vec![0u8; 65536];
@@ -284,10 +302,19 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     // Phase 1: every user joins.
     let calls0 = redis_calls(&mut redis).await?;
     let start = Instant::now();
-    let mut users = open_users(&args, &tokens).await;
+    let mut users = Users::open(&args, &tokens).await?;
     let join_time = wait_quiet(&joins, n + 1, Duration::from_secs(3), limit).await;
     let joins_seen = joins.load(Ordering::Relaxed) - 1;
     let open_time = start.elapsed();
+    // What the admin port counts (every node's users, the observer included).
+    let admin_users = match &args.admin {
+        Some(admin) => {
+            let url = format!("{admin}/v1/presence?channel={}", args.channel);
+            let v: serde_json::Value = reqwest::get(url).await?.json().await?;
+            v["users"].as_object().map(|u| u.len() as u64)
+        }
+        None => None,
+    };
     // Every user's member_added (and the observer's, and the occupancy).
     let hook_join = match &hooks {
         Some(h) => {
@@ -312,10 +339,9 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
         joins.load(Ordering::Relaxed),
         leaves.load(Ordering::Relaxed),
     );
-    users.abort_all();
-    while users.join_next().await.is_some() {}
+    users.drop_all().await?;
     tokio::time::sleep(Duration::from_millis(args.away_ms)).await;
-    let mut users = open_users(&args, &tokens).await;
+    users.reopen(&args, &tokens).await?;
     // A benchmark's observation window, not a test's wait: events would show within it.
     tokio::time::sleep(Duration::from_secs(args.settle_secs)).await;
     let calls2 = redis_calls(&mut redis).await?;
@@ -327,8 +353,7 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
     let leave_start = Instant::now();
 
     // Phase 3: every user leaves.
-    users.abort_all();
-    while users.join_next().await.is_some() {}
+    users.leave().await?;
     let l1 = leaves.load(Ordering::Relaxed);
     // Leaves come a heartbeat after the close (the grace): quiet for longer than that.
     let settle = Duration::from_secs(args.settle_secs);
@@ -363,6 +388,7 @@ pub async fn main(args: PresenceArgs) -> anyhow::Result<()> {
         "joins_seen": joins_seen,
         "leaves_seen": leaves_seen,
         "open_all_secs": open_time.as_secs_f64(),
+        "admin_users": admin_users,
         "redis_calls_per_join": join_all,
         "presence_calls_per_join": join_presence,
         "reconnect_storm_events": storm_events,
