@@ -21,9 +21,12 @@
 #   presence  USERS (100,000) users, one SSE stream each with its own token, join one channel
 #             over the nodes (held by PROCS `loadgen presence-users` processes), all drop and
 #             come back 500 ms later (no join or leave may result), then all leave
-#             (`loadgen presence-storm`, HEARTBEAT 5 s): the time until an observer saw every
+#             (`loadgen presence-storm`, HEARTBEAT 30 s, the default): the time until an observer saw every
 #             join and every leave, what `GET /v1/presence` counts, Redis calls per join and
 #             leave (summed over the masters) and Redis CPU for the whole storm
+#   nchan     the fan-out phase on one Redis (not a cluster), the hub and Nchan in Redis mode side
+#             by side (`run.sh PEERS="hub nchan" NODES=6 MODE=redis`; 6 nginx of 2 workers):
+#             streams held, memory, latency, CPU (needs nginx and libnginx-mod-nchan)
 # Medians are not taken: one run of each phase (RUNS=1) holds the machine for several minutes;
 # RUNS=3 repeats them. Everything listens on loopback, stops by itself and is stopped by PID.
 set -euo pipefail
@@ -33,8 +36,8 @@ FANOUT_SECS=${FANOUT_SECS:-60} CHANNELS=${CHANNELS:-10000} CHAN_MSGS=${CHAN_MSGS
 CHAN_RATE=${CHAN_RATE:-500} STORM_SECS=${STORM_SECS:-40} STORM_AFTER=${STORM_AFTER:-10}
 RECONNECT_MS=${RECONNECT_MS:-2000} LIMIT=${LIMIT:-400} SETTLE=${SETTLE:-30}
 STORM_NODES=${STORM_NODES:-7}
-PHASES=${PHASES:-fanout channels storm presence}
-USERS=${USERS:-100000} HEARTBEAT=${HEARTBEAT:-5} SECRET=cluster-scenario-secret-of-some-length
+PHASES=${PHASES:-fanout channels storm presence nchan}
+USERS=${USERS:-100000} HEARTBEAT=${HEARTBEAT:-30} SECRET=cluster-scenario-secret-of-some-length
 command -v redis-server >/dev/null && command -v redis-cli >/dev/null || { echo "needs redis-server and redis-cli" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario-cluster.XXXX)
@@ -202,6 +205,13 @@ PY
     stop_hubs; stop_cluster
 }
 
+phase_nchan() {
+    # The peer beside the hub, both on one Redis (Nchan has no cluster mode to compare with
+    # this one), through the side-by-side script: its table is printed as it is.
+    PEERS="hub nchan" NODES=$NODES MODE=redis STREAMS=$STREAMS PROCS=$PROCS COUNT=$FANOUT_SECS RATE=1 \
+        RUNS=1 LIMIT=$LIMIT bash loadtests/scenarios/run.sh > "$OUT/nchan-$1.txt" 2> "$OUT/nchan-$1.err" || true
+}
+
 for r in $(seq "$RUNS"); do
     for p in $PHASES; do echo "run $r/$RUNS: $p" >&2; "phase_$p" "$r"; done
 done
@@ -242,3 +252,9 @@ if "presence" in phases and load("presence"):
             "leave_all_secs", "redis_calls_per_join", "presence_calls_per_join", "redis_calls_per_leave", "redis_cpu_secs"]
     print("presence  " + "  ".join(f"{k} {med([r[k] for r in rs if r.get(k) is not None]):.4g}" for k in keys))
 PY
+for r in $(seq "$RUNS"); do
+    if [[ " $PHASES " == *" nchan "* ]] && [ -f "$OUT/nchan-$r.txt" ]; then
+        echo "nchan (run $r): the hub and Nchan on one Redis, $STREAMS streams asked for"
+        grep -v '^run ' "$OUT/nchan-$r.txt" | grep -E 'streams opened|connect all|RSS per idle|delivered /|latency|CPU-s per|RSS at the end|refused|hub/nchan' || true
+    fi
+done

@@ -32,6 +32,34 @@ pub struct UsersArgs {
     pub source: IpAddr,
 }
 
+/// Streams opened and attempts that failed, by reason.
+#[derive(Default)]
+pub struct Tally {
+    opened: std::sync::atomic::AtomicU64,
+    failed: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
+}
+
+impl Tally {
+    fn failed(&self, why: String) {
+        if let Ok(mut f) = self.failed.lock() {
+            *f.entry(why).or_insert(0) += 1;
+        }
+    }
+
+    /// One line for the log: opened so far and failures by reason.
+    pub fn line(&self) -> String {
+        let failed = self
+            .failed
+            .lock()
+            .map(|f| format!("{f:?}"))
+            .unwrap_or_default();
+        format!(
+            "opened {} failed {failed}",
+            self.opened.load(std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+}
+
 /// Opens users `first..first + tokens.len()` (200 at once); the streams are held by the set.
 pub fn open_users(
     targets: &[SocketAddr],
@@ -39,6 +67,7 @@ pub fn open_users(
     first: u64,
     tokens: &Arc<Vec<String>>,
     source: Option<IpAddr>,
+    tally: &Arc<Tally>,
 ) -> JoinSet<()> {
     let gate = Arc::new(tokio::sync::Semaphore::new(200));
     let mut set = JoinSet::new();
@@ -47,13 +76,27 @@ pub fn open_users(
         let target = targets[(i % targets.len() as u64) as usize];
         let path = format!("/v1/sse?channel={channel}&token={t}");
         let gate = gate.clone();
+        let tally = tally.clone();
         set.spawn(async move {
             let Ok(permit) = gate.acquire_owned().await else {
                 return;
             };
-            let Ok((mut s, _)) = open(target, &path, source).await else {
-                return;
+            let mut s = match open(target, &path, source).await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // The reason without the numbers in it (a port, an address).
+                    let why: String = e
+                        .to_string()
+                        .chars()
+                        .filter(|c| !c.is_ascii_digit())
+                        .collect();
+                    tally.failed(why);
+                    return;
+                }
             };
+            tally
+                .opened
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             drop(permit);
             let mut buf = [0u8; 1024];
             while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
@@ -74,6 +117,7 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
             .map(|i| token(&args.secret, &format!("u{i}")))
             .collect::<Result<_, _>>()?,
     );
+    let tally = Arc::new(Tally::default());
     let open_all = || {
         open_users(
             &args.target,
@@ -81,6 +125,7 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
             args.first,
             &tokens,
             Some(args.source),
+            &tally,
         )
     };
     let mut set = open_all();
@@ -92,6 +137,7 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
     while let Some(line) = lines.next_line().await? {
         let answer: &[u8] = match line.trim() {
             "drop" => {
+                eprintln!("presence-users from u{}: {}", args.first, tally.line());
                 close_all(&mut set).await;
                 b"dropped\n"
             }
@@ -105,6 +151,7 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
         out.write_all(answer).await?;
         out.flush().await?;
     }
+    eprintln!("presence-users from u{}: {}", args.first, tally.line());
     close_all(&mut set).await;
     out.write_all(b"left\n").await?;
     out.flush().await?;
@@ -113,7 +160,7 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
 
 /// The storm's users, wherever they are held.
 pub enum Users {
-    Here(JoinSet<()>),
+    Here(JoinSet<()>, Arc<Tally>),
     Children(Vec<(Child, ChildStdin, Lines<BufReader<ChildStdout>>)>),
 }
 
@@ -121,13 +168,9 @@ impl Users {
     /// Opens every user: here, or in `--processes` children (child k from 127.0.1.(k + 1)).
     pub async fn open(args: &PresenceArgs, tokens: &Arc<Vec<String>>) -> anyhow::Result<Users> {
         if args.processes <= 1 {
-            return Ok(Users::Here(open_users(
-                &args.target,
-                &args.channel,
-                0,
-                tokens,
-                None,
-            )));
+            let tally = Arc::new(Tally::default());
+            let set = open_users(&args.target, &args.channel, 0, tokens, None, &tally);
+            return Ok(Users::Here(set, tally));
         }
         let exe = std::env::current_exe().context("own path")?;
         let per = args.users.div_ceil(args.processes);
@@ -190,7 +233,10 @@ impl Users {
     /// Every stream drops (and stays away until [`Users::reopen`]).
     pub async fn drop_all(&mut self) -> anyhow::Result<()> {
         match self {
-            Users::Here(set) => close_all(set).await,
+            Users::Here(set, tally) => {
+                eprintln!("presence users: {}", tally.line());
+                close_all(set).await
+            }
             Users::Children(_) => {
                 self.tell("drop").await?;
                 self.answers("dropped").await?;
@@ -206,7 +252,9 @@ impl Users {
         tokens: &Arc<Vec<String>>,
     ) -> anyhow::Result<()> {
         match self {
-            Users::Here(set) => *set = open_users(&args.target, &args.channel, 0, tokens, None),
+            Users::Here(set, tally) => {
+                *set = open_users(&args.target, &args.channel, 0, tokens, None, tally)
+            }
             Users::Children(_) => {
                 self.tell("open").await?;
                 self.answers("opening").await?;
@@ -218,7 +266,10 @@ impl Users {
     /// Every user leaves (the children end).
     pub async fn leave(mut self) -> anyhow::Result<()> {
         match &mut self {
-            Users::Here(set) => close_all(set).await,
+            Users::Here(set, tally) => {
+                eprintln!("presence users: {}", tally.line());
+                close_all(set).await
+            }
             Users::Children(_) => {
                 self.tell("leave").await?;
                 self.answers("left").await?;
