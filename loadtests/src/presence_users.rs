@@ -118,17 +118,28 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
             .collect::<Result<_, _>>()?,
     );
     let tally = Arc::new(Tally::default());
-    let open_all = || {
+    // Streams opened again leave from the next /24 (127.0.1.k -> 127.0.2.k): on the first
+    // address the closed ones hold their ports in TIME_WAIT, and the kernel's search for a
+    // free port to bind among thousands of those let only ~30 opens a second through per
+    // node (the clients' cost: 100,000 browsers do not share one address).
+    let again = match args.source {
+        IpAddr::V4(v) => {
+            let [a, b, c, d] = v.octets();
+            IpAddr::V4(Ipv4Addr::new(a, b, c.wrapping_add(1), d))
+        }
+        other => other,
+    };
+    let open_all = |source: IpAddr| {
         open_users(
             &args.target,
             &args.channel,
             args.first,
             &tokens,
-            Some(args.source),
+            Some(source),
             &tally,
         )
     };
-    let mut set = open_all();
+    let mut set = open_all(args.source);
     let mut out = tokio::io::stdout();
     out.write_all(b"opening\n").await?;
     out.flush().await?;
@@ -142,7 +153,7 @@ pub async fn main(args: UsersArgs) -> anyhow::Result<()> {
                 b"dropped\n"
             }
             "open" => {
-                set = open_all();
+                set = open_all(again);
                 b"opening\n"
             }
             "leave" => break,
