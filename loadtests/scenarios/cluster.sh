@@ -110,9 +110,14 @@ redis_idle() {
 }
 
 # loadgen run over every node: run_streams <report> <path> <channel> <channel count> <count> <rate> [more]
+# Each phase's holders leave from addresses of their own (fan-out 127.0.0.2.., channels .30..,
+# storm .60..): the previous phase's 100,000 closed streams hold their ports in TIME_WAIT for
+# a minute, and the kernel's search for a free port among them made opening a phase that
+# reused the addresses take ~50 s instead of ~5 s (and fail a few dozen opens).
+FIRST_SOURCE=2
 run_streams() {
     local report=$1 path=$2 channel=$3 chans=$4 count=$5 rate=$6; shift 6
-    local args=() i
+    local args=(--first-source "$FIRST_SOURCE") i
     for i in $(seq 0 $((NODES - 1))); do args+=(--target "${NPUB[$i]}" --server-pid "${NPID[$i]}"); done
     rm -f "$OUT/ready"
     $LOADGEN run "${args[@]}" --path "$path" --http "http://${NADM[0]}" --channel "$channel" \
@@ -124,6 +129,7 @@ run_streams() {
 phase_fanout() { # phase_fanout <run>
     local r=$1 rep="$OUT/fanout-$r.json" rss=() cpu0 cpu1 t0 t1
     start_cluster; start_hubs; redis_idle
+    FIRST_SOURCE=2
     run_streams "$rep" "/v1/sse?channel=public:all" "public:all" 1 "$FANOUT_SECS" 1
     wait_for $((LIMIT * 20)) test -f "$OUT/ready"
     for i in $(seq 0 $((NODES - 1))); do rss+=("$(rss_of "${NPID[$i]}")"); done
@@ -146,6 +152,7 @@ PY
 phase_channels() {
     local r=$1 rep="$OUT/channels-$r.json" cpu0 cpu1 t0 t1 cpus
     start_cluster; start_hubs; redis_idle
+    FIRST_SOURCE=30
     run_streams "$rep" "/v1/sse?channel=public:c{ch}" "public:c{n}" "$CHANNELS" "$CHAN_MSGS" "$CHAN_RATE" \
         --settle-secs "$SETTLE"
     wait_for $((LIMIT * 20)) test -f "$OUT/ready"
@@ -174,6 +181,7 @@ phase_storm() {
     local rep="$OUT/storm-$r.json" NODES=$STORM_NODES PROCS=$((STORM_NODES * 2))
     local last=$((NODES - 1))
     start_cluster; start_hubs
+    FIRST_SOURCE=60
     run_streams "$rep" "/v1/sse?channel=public:storm" "public:storm" 1 "$STORM_SECS" 1 \
         --reconnect --reconnect-ms "$RECONNECT_MS" --failover
     wait_for $((LIMIT * 20)) test -f "$OUT/ready"

@@ -142,6 +142,11 @@ loadgen_run() {
     args+=(--churn-ms "$CHURN_MS" --wake-ms "$WAKE_MS" --stall-rcvbuf "$STALL_RCVBUF"
            --leave-after "$LEAVE_AFTER" --away-ms "$AWAY_MS")
     rm -f "$OUT/ready"
+    # Each server's streams leave from addresses of their own (hub 127.0.0.2.., Nchan
+    # 127.0.0.130..): the previous run's closed streams hold their ports in TIME_WAIT for a
+    # minute, and with thousands of those on one address the kernel's search for a port to
+    # bind slows every open of the next run (seen at 100,000 streams: 5 s became 50 s).
+    args+=(--first-source "$([ "$server" = hub ] && echo 2 || echo 130)")
     "${GEN[@]}" $LOADGEN run "${args[@]}" --streams "$STREAMS" --processes "$PROCS" --channel-count "$CHANNELS" \
         --count "$count" --rate "$rate" --stall "$STALL" --pad "$PAD" --duration "$LIMIT" \
         --ready-file "$OUT/ready" --report "$report" > /dev/null 2> "${report%.json}.err" &
