@@ -305,6 +305,8 @@ pub async fn run(
     let admin_addr = listeners.admin.local_addr()?;
 
     let node = Node::new(config).await?;
+    // Redis mode: this node's figures for every node's status page (a task the node stops).
+    node.spawn(status::publish(node.clone()));
     let data = web::Data::from(node.clone());
     let workers = node.config.worker_count();
     let per_worker = (node.config.max_connections as usize + 1024).max(25_000);

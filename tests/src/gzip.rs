@@ -7,6 +7,22 @@ use std::time::Instant;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
+/// The next bytes `io` sends; panics if none come before `deadline` (saying what was awaited,
+/// `what()`) or the connection closes.
+pub async fn next_bytes(
+    io: &mut TcpStream,
+    deadline: Instant,
+    what: impl FnOnce() -> String,
+) -> Vec<u8> {
+    let mut chunk = [0u8; 8192];
+    let n = tokio::time::timeout(deadline - Instant::now(), io.read(&mut chunk))
+        .await
+        .unwrap_or_else(|_| panic!("{} never came", what()))
+        .expect("read");
+    assert!(n > 0, "closed");
+    chunk[..n].to_vec()
+}
+
 /// Reads until the response head is complete; returns it (lower-cased) and what came after.
 pub async fn read_head(io: &mut TcpStream) -> (String, Vec<u8>) {
     let mut buf = Vec::new();
@@ -16,13 +32,7 @@ pub async fn read_head(io: &mut TcpStream) -> (String, Vec<u8>) {
             let head = String::from_utf8_lossy(&buf[..i]).to_lowercase();
             return (head, buf[i + 4..].to_vec());
         }
-        let mut chunk = [0u8; 4096];
-        let n = tokio::time::timeout(deadline - Instant::now(), io.read(&mut chunk))
-            .await
-            .expect("a response head")
-            .unwrap();
-        assert!(n > 0, "closed before the head");
-        buf.extend_from_slice(&chunk[..n]);
+        buf.extend(next_bytes(io, deadline, || "a response head".into()).await);
     }
 }
 
@@ -117,12 +127,7 @@ impl Default for GzReader {
 pub async fn read_until(io: &mut TcpStream, gz: &mut GzReader, needle: &str) {
     let deadline = Instant::now() + WAIT;
     while !gz.text.contains(needle) {
-        let mut chunk = [0u8; 8192];
-        let n = tokio::time::timeout(deadline - Instant::now(), io.read(&mut chunk))
-            .await
-            .unwrap_or_else(|_| panic!("{needle:?} never came; have {:?}", gz.text))
-            .expect("read");
-        assert!(n > 0, "closed");
-        gz.feed(&chunk[..n]);
+        let got = next_bytes(io, deadline, || format!("{needle:?} (have {:?})", gz.text)).await;
+        gz.feed(&got);
     }
 }

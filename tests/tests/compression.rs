@@ -49,13 +49,7 @@ async fn server_frame(io: &mut TcpStream, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
                 return (first, payload);
             }
         }
-        let mut chunk = [0u8; 8192];
-        let n = tokio::time::timeout(deadline - Instant::now(), io.read(&mut chunk))
-            .await
-            .expect("a frame")
-            .unwrap();
-        assert!(n > 0, "closed");
-        buf.extend_from_slice(&chunk[..n]);
+        buf.extend(hub_tests::gzip::next_bytes(io, deadline, || "a frame".into()).await);
     }
 }
 

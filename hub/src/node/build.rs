@@ -129,9 +129,6 @@ impl Node {
             });
         }
         node.spawn(unsubscriber(node.clone(), emptied_rx));
-        if let Broker::Redis(_) = &*node.broker {
-            node.spawn(crate::status::publish(node.clone()));
-        }
         if let Broker::Redis(redis) = &*node.broker {
             let handler: Arc<dyn crate::broker::redis::ControlHandler> = node.clone();
             redis.set_control_handler(Arc::downgrade(&handler));

@@ -151,32 +151,25 @@ impl RedisBroker {
                 }
             };
             let mut channels = self.sink.channels();
-            if moved {
-                tracing::info!("the cluster's slot map changed: re-issuing shard subscriptions");
-                let _one = self.resubscribing.lock().await;
-                self.whole.store(false, Ordering::Release);
-                self.lost_messages();
-                self.reissue(&channels).await;
-                self.set_whole();
-                continue;
-            }
-            channels.sort_unstable();
-            let slice = next_slice(&channels, after.as_deref(), slices);
-            after = slice.last().map(|c| c.to_string());
             let _one = self.resubscribing.lock().await;
             self.whole.store(false, Ordering::Release);
-            self.sink.fall_behind_on(slice);
-            self.reissue(slice).await;
+            let reissued = if moved {
+                tracing::info!("the cluster's slot map changed: re-issuing shard subscriptions");
+                self.lost_messages();
+                &channels[..]
+            } else {
+                channels.sort_unstable();
+                let slice = next_slice(&channels, after.as_deref(), slices);
+                after = slice.last().map(|c| c.to_string());
+                self.sink.fall_behind_on(slice);
+                slice
+            };
+            let mut names = self.names(reissued);
+            names.push(CONTROL_CHANNEL.to_string());
+            if let Err(e) = self.subscribe_raw(&names).await {
+                tracing::warn!(error = %e, "re-issuing shard subscriptions failed");
+            }
             self.set_whole();
-        }
-    }
-
-    /// Subscribes `channels` (and the control channel) again.
-    async fn reissue(&self, channels: &[ChannelName]) {
-        let mut names = self.names(channels);
-        names.push(CONTROL_CHANNEL.to_string());
-        if let Err(e) = self.subscribe_raw(&names).await {
-            tracing::warn!(error = %e, "re-issuing shard subscriptions failed");
         }
     }
 
