@@ -3,6 +3,8 @@
 //! the per-address limits: streams held (`HUB_MAX_STREAMS_PER_IP`) and new streams per second
 //! (`HUB_CONNECT_RATE_PER_IP`). No I/O. Memory is bounded: counts exist only for addresses
 //! holding streams, and rate buckets are capped at [`MAX_BUCKETS`] (full ones pruned first).
+//! Also which refusals are held back ([`Addresses::hold`]): an address refused more than a few
+//! times a second is answered only after [`HOLD`], at most [`Addresses::max_held`] at once.
 
 use crate::domain::RejectReason;
 use crate::ratelimit::Buckets;
@@ -10,12 +12,22 @@ use ipnet::IpNet;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Rate buckets kept at most (about 64 bytes each: 4 MB). An attacker rotating addresses faster
 /// than buckets refill makes the oldest be forgotten (they start full again), never memory grow.
 pub const MAX_BUCKETS: usize = 65_536;
+/// How long the answer to a refusal beyond [`REFUSALS_BURST`] (and [`REFUSALS_RATE`] a second)
+/// to one address is held back: the longest `Retry-After` the hub gives. A client that asks
+/// again at once (a flood, a buggy retry loop) is then served at the pace it was told to keep,
+/// instead of costing the node an accept, a head and an answer as fast as it can ask.
+pub const HOLD: Duration = Duration::from_secs(5);
+/// Refusals a second one address is answered at once (after [`REFUSALS_BURST`]).
+const REFUSALS_RATE: f64 = 1.0;
+/// Refusals in a row one address is answered at once (a page with a few tabs over its limit).
+const REFUSALS_BURST: f64 = 4.0;
 /// `X-Forwarded-For` hops looked at, at most (a header is bounded by the head's size anyway).
 const MAX_HOPS: usize = 32;
 
@@ -42,6 +54,23 @@ pub struct Addresses {
     /// Streams per address key; an entry exists only while the address holds one.
     streams: Mutex<HashMap<IpAddr, u32>>,
     buckets: Buckets<IpAddr>,
+    /// Refusals answered at once, per address key (bounded as `buckets`).
+    refusals: Buckets<IpAddr>,
+    /// Refusals held back now, and at most (each holds a socket: the budget of files beyond
+    /// the streams, see `node::build`).
+    held: AtomicUsize,
+    max_held: usize,
+}
+
+/// A refusal held back: one of [`Addresses::max_held`] places, given back when dropped.
+pub struct Held {
+    addresses: Arc<Addresses>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.addresses.held.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A place an address holds for one stream; given back when dropped.
@@ -70,14 +99,49 @@ pub struct AddressRefusal {
 }
 
 impl Addresses {
-    pub fn new(trusted: Vec<IpNet>, max_streams: u64, rate: u64) -> Addresses {
+    pub fn new(trusted: Vec<IpNet>, max_streams: u64, rate: u64, max_held: usize) -> Addresses {
         Addresses {
             trusted,
             max_streams: u32::try_from(max_streams).unwrap_or(u32::MAX),
             rate: rate as f64,
             streams: Mutex::new(HashMap::new()),
             buckets: Buckets::default(),
+            refusals: Buckets::default(),
+            held: AtomicUsize::new(0),
+            max_held,
         }
+    }
+
+    /// Whether the answer to a per-address refusal of `ip` (just refused) is held back for
+    /// [`HOLD`]: yes beyond [`REFUSALS_BURST`] refusals in a row and [`REFUSALS_RATE`] a second,
+    /// while fewer than `max_held` are; the returned place is kept while the answer waits.
+    /// Past `max_held` an answer goes at once, as every one did before.
+    pub fn hold(self: &Arc<Self>, ip: Option<IpAddr>, now: Instant) -> Option<Held> {
+        let key = key_of(ip?);
+        let at_once =
+            self.refusals
+                .take_bounded(key, REFUSALS_RATE, REFUSALS_BURST, now, MAX_BUCKETS);
+        if at_once.is_ok() {
+            return None;
+        }
+        self.held
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_held).then_some(n + 1)
+            })
+            .ok()?;
+        Some(Held {
+            addresses: self.clone(),
+        })
+    }
+
+    /// Refusals held back now.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Acquire)
+    }
+
+    /// Refusals held back at most at once.
+    pub fn max_held(&self) -> usize {
+        self.max_held
     }
 
     /// Whether any per-address limit is on.
@@ -162,6 +226,8 @@ impl Addresses {
         if self.rate > 0.0 {
             self.buckets.prune(now, Duration::from_secs_f64(2.0));
         }
+        self.refusals
+            .prune(now, Duration::from_secs_f64(REFUSALS_BURST / REFUSALS_RATE));
     }
 
     /// Addresses holding streams, and rate buckets kept (for tests and `/v1/stats`).
@@ -187,6 +253,7 @@ mod tests {
             trusted.iter().map(|t| t.parse().unwrap()).collect(),
             max,
             rate,
+            2,
         ))
     }
 
@@ -237,6 +304,37 @@ mod tests {
             .admit(ip("1.1.1.1"), now)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn refusals_beyond_a_few_a_second_are_held_up_to_the_cap() {
+        let a = addrs(&[], 1, 0);
+        let now = Instant::now();
+        let ip = Some("1.1.1.1".parse::<IpAddr>().unwrap());
+        let other = Some("2.2.2.2".parse::<IpAddr>().unwrap());
+        for _ in 0..REFUSALS_BURST as usize {
+            assert!(a.hold(ip, now).is_none(), "the first ones go at once");
+        }
+        let first = a.hold(ip, now).expect("beyond the burst: held");
+        let second = a.hold(ip, now).expect("held");
+        assert_eq!(a.held(), 2);
+        assert!(a.hold(ip, now).is_none(), "past max_held (2): at once");
+        assert!(
+            a.hold(other, now).is_none(),
+            "another address has its own burst"
+        );
+        drop(first);
+        assert!(
+            a.hold(ip, now).is_some(),
+            "a place given back is taken again"
+        );
+        drop(second);
+        // A second later one more goes at once; unknown addresses are never held.
+        assert!(a.hold(ip, now + Duration::from_secs(1)).is_none());
+        assert!(a.hold(None, now).is_none());
+        assert_eq!(a.held(), 0);
+        a.prune(now + Duration::from_secs(10));
+        assert_eq!(a.refusals.len(), 0);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! `Retry-After`), the client address behind `HUB_TRUSTED_PROXIES` (the right-most untrusted
 //! `X-Forwarded-For` hop; a spoofed hop is ignored, and without trusted proxies the header is),
 //! and `HUB_HEAD_TIMEOUT_SECS` (a silent or slow connection is closed, over TLS too, and at the
-//! default of 10 s).
+//! default of 10 s), and an address asking again at once is answered after a hold.
 
 #![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
@@ -87,7 +87,8 @@ async fn the_connect_rate_per_address_has_a_burst_of_twice_the_rate() {
     assert!(refused.error_body().await.contains("rate_limited"));
     let other = client_from("127.0.0.5");
     assert_eq!(sse_from(&hub, &other, "public:r", &[]).await.status, 200);
-    hub_tests::wait_until("a token is back", Duration::from_secs(3), || async {
+    // (a refusal beyond the fourth in a row would wait 5 s: the address is held back)
+    hub_tests::wait_until("a token is back", Duration::from_secs(9), || async {
         sse_from(&hub, &a, "public:r", &[]).await.status == 200
     })
     .await;
@@ -133,6 +134,77 @@ async fn behind_a_trusted_proxy_the_forwarded_address_counts() {
             .status,
         429
     );
+}
+
+/// A connection from `local` that has sent a stream request's whole head.
+async fn raw_request_from(local: &str, addr: SocketAddr) -> TcpStream {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(local.parse().unwrap(), 0))
+        .unwrap();
+    let mut io = sock.connect(addr).await.unwrap();
+    io.write_all(b"GET /v1/sse?channel=public:h HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .await
+        .unwrap();
+    io
+}
+
+#[tokio::test]
+async fn an_address_that_asks_again_at_once_is_answered_after_the_hold() {
+    let hub = Hub::start(&[("HUB_MAX_STREAMS_PER_IP", "1")]).await;
+    let a = client_from("127.0.0.7");
+    let one = sse_from(&hub, &a, "public:h", &[]).await;
+    assert_eq!(one.status, 200);
+    // Four refusals in a row are answered at once.
+    for _ in 0..4 {
+        let asked = Instant::now();
+        let refused = sse_from(&hub, &a, "public:h", &[]).await;
+        assert_eq!(refused.status, 429);
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            asked.elapsed()
+        );
+    }
+    let held = |n: u64| {
+        let hub = &hub;
+        move || async move { hub.stats().await["connections"]["refusals_held"] == n }
+    };
+    // The fifth waits 5 s for the same answer; meanwhile the node serves other addresses, and
+    // a held client that leaves gives its place back at once.
+    let fifth = async {
+        let asked = Instant::now();
+        let mut refused = sse_from(&hub, &a, "public:h", &[]).await;
+        let waited = asked.elapsed();
+        assert_eq!(refused.status, 429);
+        assert_eq!(refused.header("retry-after"), Some("5"));
+        assert!(refused.error_body().await.contains("ip_limit"));
+        waited
+    };
+    let meanwhile = async {
+        hub_tests::wait_until("one refusal held", WAIT, held(1)).await;
+        let asked = Instant::now();
+        let other = sse_from(&hub, &client_from("127.0.0.8"), "public:h", &[]).await;
+        assert_eq!(other.status, 200);
+        let served_in = asked.elapsed();
+        let leaving = raw_request_from("127.0.0.7", hub.public).await;
+        hub_tests::wait_until("two refusals held", WAIT, held(2)).await;
+        drop(leaving);
+        hub_tests::wait_until("the leaver's place given back", WAIT, held(1)).await;
+        served_in
+    };
+    let (waited, served_in) = tokio::join!(fifth, meanwhile);
+    assert!(
+        waited >= Duration::from_millis(4500) && waited < Duration::from_secs(9),
+        "held {waited:?}"
+    );
+    assert!(served_in < Duration::from_secs(1), "{served_in:?}");
+    hub_tests::wait_until("nothing held", WAIT, held(0)).await;
+    // An address that waits as told is answered at once again.
+    drop(one);
+    hub_tests::wait_until("the place is given back", WAIT, || async {
+        sse_from(&hub, &a, "public:h", &[]).await.status == 200
+    })
+    .await;
 }
 
 /// Connects to `addr` and waits for the hub to close the connection; returns what it sent and

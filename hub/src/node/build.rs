@@ -75,6 +75,7 @@ impl Node {
             config.trusted_proxies().map_err(anyhow::Error::msg)?,
             config.max_streams_per_ip,
             config.connect_rate_per_ip,
+            held_budget(config.max_connections),
         ));
         let node = Arc::new(Node {
             addresses,
@@ -135,4 +136,14 @@ impl Node {
         }
         Ok(node)
     }
+}
+
+/// Refusals a node may hold back at once (`Addresses::hold`): each holds a socket, so the
+/// open-files limit beyond `HUB_MAX_CONNECTIONS` streams and a reserve for everything else
+/// (Redis, webhooks, the admin port, refusals answered at once), at most 16,384.
+fn held_budget(max_connections: u64) -> usize {
+    const RESERVE: u64 = 1024;
+    let files = rlimit::getrlimit(rlimit::Resource::NOFILE).map_or(0, |(soft, _)| soft);
+    let budget = files.saturating_sub(max_connections.saturating_add(RESERVE));
+    usize::try_from(budget.min(16_384)).unwrap_or(0)
 }

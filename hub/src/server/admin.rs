@@ -255,6 +255,8 @@ async fn stats(node: web::Data<Node>) -> HttpResponse {
             // Streams holding a place, including those still being opened.
             "admitted": node.registry.admitted(),
             "max": node.config.max_connections,
+            // Refused connections whose answer is held back (`Addresses::hold`).
+            "refusals_held": node.addresses.held(),
         },
         "channels": c.channels,
     }))

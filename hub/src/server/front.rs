@@ -10,6 +10,7 @@
 //! life of every connection, and copies each frame into the second; a stream needs neither
 //! (BENCHMARKS.md, "A leaner HTTP/1.1 path for streams": the figures behind this module).
 
+use crate::addresses;
 use crate::http::error::ApiError;
 use crate::node::Node;
 use crate::peer::PeerSocket;
@@ -289,6 +290,9 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
 /// Answers a refused stream request: an EventSource refused for a reason that passes is told
 /// to come back (a 200, see `sse::refusal_body`); any other gets the status.
 async fn refused(io: TcpStream, node: &Node, req: Box<StreamRequest>, e: &ApiError) {
+    if !held_back(node, &io, req.forwarded.as_deref(), e).await {
+        return;
+    }
     match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
         Some((allow, body)) => {
             let mut answer = BytesMut::from(&response_head(allow.as_ref(), false)[..]);
@@ -311,6 +315,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
     if let Err(e) = transport::ws::check_origin(&node, &head) {
         return refuse(io, &e).await;
     }
+    let forwarded = req.forwarded.clone();
     let opening = Box::pin(transport::ws::open(&node, &head, Some(socket), None));
     // Frames a client sends before the 101 (it should not) are kept for the socket.
     let mut early = BytesMut::new();
@@ -351,7 +356,31 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             })
             .await
         }
-        Err(e) => refuse(io, &e).await,
+        Err(e) => {
+            if held_back(&node, &io, forwarded.as_deref(), &e).await {
+                refuse(io, &e).await
+            }
+        }
+    }
+}
+
+/// Holds back the answer to a per-address refusal (`ip_limit`, `rate_limited`) for
+/// [`addresses::HOLD`] when the address is refused more than a few times a second (see
+/// `Addresses::hold`). False when the client left meanwhile (nothing to answer). The wait
+/// holds the socket and the request's parsed fields (its head buffer is already dropped).
+async fn held_back(node: &Node, io: &TcpStream, forwarded: Option<&str>, e: &ApiError) -> bool {
+    if !matches!(e.code, "ip_limit" | "rate_limited") {
+        return true;
+    }
+    let client = node
+        .addresses
+        .client(io.peer_addr().ok(), forwarded.as_slice());
+    let Some(_held) = node.addresses.hold(client, std::time::Instant::now()) else {
+        return true;
+    };
+    tokio::select! {
+        () = tokio::time::sleep(addresses::HOLD) => true,
+        () = client_gone(io, None) => false,
     }
 }
 
