@@ -37,6 +37,8 @@ rows = [
     ("latency max (ms)", lambda r: r["latency"]["max_ms"]),
     ("hub-side publish-to-write p50 (ms, <=)", lambda r: r["hub_side"].get(0.5)),
     ("hub-side publish-to-write p99 (ms, <=)", lambda r: r["hub_side"].get(0.99)),
+    ("publish answer p50 (ms)", lambda r: r["publish"]["rtt_p50_us"] / 1000 if r.get("publish", {}).get("rtt_p50_us") else None),
+    ("publish answer p99 (ms)", lambda r: r["publish"]["rtt_p99_us"] / 1000 if r.get("publish", {}).get("rtt_p99_us") else None),
     ("server CPU-s per million deliveries", lambda r: r["server_cpu_secs_per_million_deliveries"]),
     ("server RSS at the end (MB)", rss_end),
     ("server RSS idle, before any stream (MB)", lambda r: r["server_idle"]["rss_kb"] / 1024 if r.get("server_idle") else None),

@@ -55,6 +55,14 @@ pub struct PublishReport {
     #[serde(default)]
     pub retries: u64,
     pub secs: f64,
+    /// Time from sending a publish to its answer (the first attempt of each message that was
+    /// accepted), microseconds: median, 99th percentile, maximum.
+    #[serde(default)]
+    pub rtt_p50_us: u64,
+    #[serde(default)]
+    pub rtt_p99_us: u64,
+    #[serde(default)]
+    pub rtt_max_us: u64,
 }
 
 fn data(seq: u64, pad: usize, json: bool) -> String {
@@ -99,6 +107,9 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         Some(url) => Some(redis_connect(url).await?),
         None => None,
     };
+    // Bounded by --count (one u64 per message).
+    let mut rtts: Vec<u64> =
+        Vec::with_capacity(usize::try_from(args.count).unwrap_or(0).min(1 << 20));
     for seq in 0..args.count {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
@@ -107,11 +118,17 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
             .replace("{n}", &(seq % args.channel_count.max(1)).to_string());
         let d = data(seq, args.pad, args.pad_json);
         let give_up = Instant::now() + Duration::from_secs(args.retry_secs);
+        let mut first = true;
         loop {
+            let asked = Instant::now();
             if publish_one(&args, &http, &mut redis_conn, channel, &d).await? {
+                if first && rtts.len() < rtts.capacity() {
+                    rtts.push(asked.elapsed().as_micros() as u64);
+                }
                 report.sent += 1;
                 break;
             }
+            first = false;
             if Instant::now() >= give_up {
                 report.errors += 1;
                 break;
@@ -127,6 +144,13 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         }
     }
     report.secs = started.elapsed().as_secs_f64();
+    rtts.sort_unstable();
+    let at = |q: f64| {
+        rtts.get(((rtts.len() as f64 * q).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(0)
+    };
+    (report.rtt_p50_us, report.rtt_p99_us, report.rtt_max_us) = (at(0.5), at(0.99), at(1.0));
     Ok(report)
 }
 

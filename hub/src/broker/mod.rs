@@ -55,9 +55,9 @@ impl BrokerError {
 
 /// Where a broker delivers: the narrow view it has of the node.
 pub trait Sink: Send + Sync + 'static {
-    /// A message arrived for local readers (in position order per channel); returns how many
-    /// streams queued it.
-    fn deliver(&self, msg: &Arc<Message>) -> usize;
+    /// A message arrived for local readers (in position order per channel). Must not wait for
+    /// the fan-out: the node queues it for its fan-out lanes and returns.
+    fn deliver(&self, msg: &Arc<Message>);
     /// The broker may have lost messages (reconnection, lost burst): every live reader checks
     /// its position against history before it takes live messages again.
     fn fall_behind(&self);

@@ -113,7 +113,7 @@ impl Registry {
             slot.waiting.take()
         };
         if let Some(m) = msg {
-            self.fanout_now(&m);
+            self.fanout_queued(&m);
         }
     }
 }

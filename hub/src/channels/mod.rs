@@ -14,6 +14,7 @@
 mod admission;
 pub mod conflate;
 mod fanout;
+mod lanes;
 mod presence;
 pub mod presence_log;
 mod tick;
@@ -95,10 +96,11 @@ pub struct Registry {
     /// a change number (a change after a report was read is never taken for reported).
     presence_dirty: Mutex<HashMap<PresenceKey, (u64, u64)>>,
     presence_changes: AtomicU64,
-    /// Threads a large channel's fan-out is split over (see [`SPLIT_AT`]).
-    cores: usize,
     /// Set when a namespace conflates (see [`Registry::conflate`]).
     conflation: std::sync::OnceLock<conflate::Conflation>,
+    /// The fan-out lanes, once started (see [`Registry::start_lanes`]); until then a message
+    /// is offered by whoever delivers it.
+    lanes: std::sync::OnceLock<lanes::Lanes>,
 }
 
 fn shard_of(key: &str) -> usize {
@@ -131,11 +133,21 @@ impl Registry {
             clock: CoarseClock::new(),
             presence_dirty: Mutex::new(HashMap::new()),
             presence_changes: AtomicU64::new(0),
-            cores: std::thread::available_parallelism()
-                .map_or(1, |n| n.get())
-                .min(fanout::SPLIT_MAX),
             conflation: std::sync::OnceLock::new(),
+            lanes: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Starts the fan-out lanes (one per core): from now on a delivered message is queued
+    /// for them and the deliverer goes on (see [`lanes`]).
+    pub fn start_lanes(self: &Arc<Self>) -> std::io::Result<()> {
+        self.start_lanes_n(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    fn start_lanes_n(self: &Arc<Self>, n: usize) -> std::io::Result<()> {
+        let lanes = lanes::Lanes::start(self, n)?;
+        let _ = self.lanes.set(lanes);
+        Ok(())
     }
 
     pub fn next_seq(&self) -> u64 {
@@ -486,8 +498,8 @@ impl Registry {
 }
 
 impl Sink for Registry {
-    fn deliver(&self, msg: &Arc<Message>) -> usize {
-        self.fanout(msg)
+    fn deliver(&self, msg: &Arc<Message>) {
+        self.fanout_later(msg);
     }
 
     fn presence(&self, ev: &Arc<PresenceEvent>) {

@@ -1,6 +1,5 @@
 //! The registry's unit tests: admission, fan-out, ticks and presence together.
 
-use super::fanout::SPLIT_AT;
 use super::*;
 use crate::domain::RejectReason;
 use crate::stream::{Item, SessionInit, StartAt};
@@ -79,23 +78,45 @@ fn msg(c: &str, pos: Option<u64>) -> Arc<Message> {
 }
 
 #[test]
-fn a_large_channel_is_offered_by_several_threads_each_reader_once_in_order() {
-    let mut r = reg();
-    r.cores = 3;
-    let readers: Vec<_> = (0..SPLIT_AT * 2 + 7)
-        .map(|_| open(&r, &["big"], 8).0)
-        .collect();
+fn the_lanes_bring_every_reader_each_message_once_in_order() {
+    let r = Arc::new(reg());
+    r.start_lanes_n(3).unwrap();
+    // A large channel, and readers of it and a small one (their messages interleaved).
+    let big: Vec<_> = (0..2055).map(|_| open(&r, &["big"], 8).0).collect();
+    let both: Vec<_> = (0..10).map(|_| open(&r, &["big", "small"], 8).0).collect();
+    let want_big = [Some(1), Some(2), Some(3)];
     for i in 1..=3 {
-        assert_eq!(r.fanout(&msg("big", Some(i))), readers.len());
+        r.fanout_later(&msg("big", Some(i)));
+        r.fanout_later(&msg("small", Some(i)));
+    }
+    let read = |s: &Arc<Session>, n: usize| {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut got = vec![];
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while got.len() < n && Instant::now() < deadline {
+            match s.poll_item(&mut cx) {
+                Poll::Ready(Some(Item::Message(m))) => {
+                    got.push((m.channel.as_str().to_string(), m.position.map(|p| p.ms)))
+                }
+                _ => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+        got
+    };
+    for s in &big {
+        let got: Vec<_> = read(s, 3).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, want_big);
+    }
+    // A stream's one lane keeps the order they were delivered in, across its channels.
+    for s in &both {
+        let got = read(s, 6);
+        let want: Vec<_> = (1..=3)
+            .flat_map(|i| [("big".to_string(), Some(i)), ("small".to_string(), Some(i))])
+            .collect();
+        assert_eq!(got, want);
     }
     let mut cx = Context::from_waker(Waker::noop());
-    for s in &readers {
-        let mut got = vec![];
-        while let Poll::Ready(Some(Item::Message(m))) = s.poll_item(&mut cx) {
-            got.push(m.position.map(|p| p.ms));
-        }
-        assert_eq!(got, [Some(1), Some(2), Some(3)]);
-    }
+    assert!(big[0].poll_item(&mut cx).is_pending(), "nothing twice");
 }
 
 fn names(v: &[ChannelName]) -> Vec<&str> {

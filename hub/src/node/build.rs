@@ -27,6 +27,7 @@ impl Node {
         let metrics = Arc::new(Metrics::new());
         metrics.connections_max.set(config.max_connections as f64);
         let registry = Arc::new(Registry::new(metrics.clone()));
+        registry.start_lanes()?;
         let sink: Arc<dyn Sink> = registry.clone();
         // The broker and the presence store, siblings: which broker runs is decided here once.
         let (broker, presence, source) = match &config.redis_url {

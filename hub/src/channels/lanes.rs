@@ -1,0 +1,213 @@
+//! The fan-out lanes: one thread per core that offers messages to local readers, so that a
+//! publisher (the HTTP handler, the Redis subscriber, the embedded broker) only queues a
+//! message and goes on. Each lane serves the readers whose sequence number falls to it and takes
+//! every message in the order queued: a stream's messages, whatever their channels, keep their
+//! order (all go through its one lane), and a large channel's fan-out is shared by every lane.
+//!
+//! Bounded: a lane holds at most [`LANE_MESSAGES`] messages and [`LANE_BYTES`] of data; a
+//! message that does not fit is not queued there, and its channel's readers on that lane fall
+//! behind (a durable message comes back from history; an ephemeral one is counted lost). Does
+//! no I/O of its own: a session may write its socket when offered a message.
+
+use super::{shard_of, Registry};
+use crate::message::Message;
+use crate::metrics::DropReason;
+use crate::stream::Session;
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+/// Messages one lane holds at most: a burst of this many is taken without loss while the lane
+/// works (about 8 bytes each here; the messages are shared with history and the publisher).
+pub(super) const LANE_MESSAGES: usize = 16_384;
+/// Bytes of message data one lane holds at most (a burst of large messages is bounded by
+/// memory, not by count).
+pub(super) const LANE_BYTES: usize = 64 << 20;
+/// Stack of a lane thread: it offers messages to sessions, which may write a socket and
+/// compress a frame (a deflate call needs far more than an offer; 256 KB overflowed). Only
+/// the pages touched are memory.
+const LANE_STACK: usize = 2 << 20;
+
+struct Queue {
+    msgs: VecDeque<Arc<Message>>,
+    bytes: usize,
+    closed: bool,
+}
+
+struct Lane {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+/// The lanes of one registry. Dropping them stops their threads (after the batch in hand).
+pub(super) struct Lanes {
+    lanes: Box<[Arc<Lane>]>,
+    /// The coarse second of the last "lane full" warning (one a second at most).
+    warned: AtomicU64,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        for lane in self.lanes.iter() {
+            lane.queue.lock().closed = true;
+            lane.ready.notify_one();
+        }
+    }
+}
+
+/// A message's size as a lane counts it.
+fn size_of(msg: &Message) -> usize {
+    msg.data_json.len() + msg.channel.as_str().len() + 64
+}
+
+impl Lanes {
+    /// Starts `n` lanes (at least one) for `registry`. A lane that cannot get a thread (a
+    /// resource limit) is an error: the node does not start half able to deliver.
+    pub(super) fn start(registry: &Arc<Registry>, n: usize) -> std::io::Result<Lanes> {
+        let n = n.max(1);
+        let lanes: Box<[Arc<Lane>]> = (0..n)
+            .map(|_| {
+                Arc::new(Lane {
+                    queue: Mutex::new(Queue {
+                        msgs: VecDeque::new(),
+                        bytes: 0,
+                        closed: false,
+                    }),
+                    ready: Condvar::new(),
+                })
+            })
+            .collect();
+        let lanes = Lanes {
+            lanes,
+            warned: AtomicU64::new(u64::MAX),
+        };
+        for (k, lane) in lanes.lanes.iter().enumerate() {
+            let (lane, registry) = (lane.clone(), Arc::downgrade(registry));
+            std::thread::Builder::new()
+                .name(format!("hub-fanout-{k}"))
+                .stack_size(LANE_STACK)
+                .spawn(move || run(&lane, &registry, k, n))?;
+        }
+        Ok(lanes)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Queues `msg` on every lane. Returns the lanes it did not fit on (their readers of its
+    /// channel must fall behind).
+    pub(super) fn queue(&self, msg: &Arc<Message>) -> Vec<usize> {
+        let size = size_of(msg);
+        let mut full = Vec::new();
+        for (k, lane) in self.lanes.iter().enumerate() {
+            let mut q = lane.queue.lock();
+            if q.msgs.len() >= LANE_MESSAGES || q.bytes + size > LANE_BYTES {
+                full.push(k);
+                continue;
+            }
+            let was_empty = q.msgs.is_empty();
+            q.msgs.push_back(msg.clone());
+            q.bytes += size;
+            drop(q);
+            if was_empty {
+                lane.ready.notify_one();
+            }
+        }
+        full
+    }
+}
+
+/// A lane's thread: takes what is queued (all of it at once), offers each message to the
+/// lane's readers of its channel, until the lanes are dropped.
+fn run(lane: &Lane, registry: &Weak<Registry>, k: usize, n: usize) {
+    let mut batch: Vec<Arc<Message>> = Vec::new();
+    let mut readers: Vec<Arc<Session>> = Vec::new();
+    loop {
+        {
+            let mut q = lane.queue.lock();
+            while q.msgs.is_empty() && !q.closed {
+                lane.ready.wait(&mut q);
+            }
+            if q.closed {
+                return;
+            }
+            batch.extend(q.msgs.drain(..));
+            q.bytes = 0;
+        }
+        let Some(registry) = registry.upgrade() else {
+            return;
+        };
+        for msg in batch.drain(..) {
+            registry.fanout_part(&msg, k, n, &mut readers);
+        }
+    }
+}
+
+impl Registry {
+    /// Offers `msg` to the readers of its channel that lane `k` of `n` serves (a snapshot
+    /// taken under the channel's lock, offered after it: a stream that joins or leaves
+    /// meanwhile is not held up by the fan-out). `readers` is the lane's scratch list.
+    pub(super) fn fanout_part(
+        &self,
+        msg: &Arc<Message>,
+        k: usize,
+        n: usize,
+        readers: &mut Vec<Arc<Session>>,
+    ) {
+        {
+            let shard = self.channels[shard_of(&msg.channel)].lock();
+            if let Some(c) = shard.get(msg.channel.as_str()) {
+                readers.extend(
+                    c.readers
+                        .iter()
+                        .filter(|(seq, _)| lane_of(**seq, n) == k)
+                        .map(|(_, s)| s.clone()),
+                );
+            }
+        }
+        let offered = super::fanout::offer_all(readers.iter(), msg);
+        readers.clear();
+        self.count_offered(&offered);
+    }
+
+    /// `msg` did not fit on lane `k` of `n`: that lane's readers of its channel fall behind
+    /// (history carries a durable message to them; an ephemeral one is lost to each, counted).
+    pub(super) fn lane_full(&self, lanes: &Lanes, msg: &Message, k: usize) {
+        let n = lanes.len();
+        let readers: Vec<Arc<Session>> = self.channels[shard_of(&msg.channel)]
+            .lock()
+            .get(msg.channel.as_str())
+            .map(|c| {
+                c.readers
+                    .iter()
+                    .filter(|(seq, _)| lane_of(**seq, n) == k)
+                    .map(|(_, s)| s.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if msg.position.is_none() && !readers.is_empty() {
+            self.metrics
+                .dropped(DropReason::Lagged)
+                .increment(readers.len() as u64);
+        }
+        for s in &readers {
+            s.fall_behind_on(msg.channel.as_str());
+        }
+        let now = self.clock.now();
+        if lanes.warned.swap(now, Ordering::Relaxed) != now {
+            tracing::warn!(
+                channel = %msg.channel,
+                lane = k,
+                readers = readers.len(),
+                "a fan-out lane is full: its readers of this channel fall behind (one warning a second at most)"
+            );
+        }
+    }
+}
+
+/// The lane that serves the stream with sequence number `seq` (of `n`).
+pub(super) fn lane_of(seq: u64, n: usize) -> usize {
+    (seq % n as u64) as usize
+}
