@@ -25,7 +25,9 @@
 #   AWAY_MS         and comes back with Last-Event-ID; catch-up time measured
 #   STEP_RATES      throughput: publish at each of these rates (STEP_SECS seconds each, fresh
 #                   channels) until one is not delivered 100%; the highest that was is reported
-#   PEERS           which servers to measure ("hub nchan")
+#   PEERS           which servers to measure ("hub nchan"; "hub sockudo": Sockudo, the
+#                   Pusher-protocol WebSocket server, TRANSPORT=ws and MODE=memory only;
+#                   installed on first use into ~/.cache/hub-loadtests, see sockudo.sh)
 #   PIN=1           servers (and Redis) on CPU 0, the load generator on CPU 1 (taskset), so
 #                   that a server is measured on a core of its own rather than sharing both
 #   AFTER           after the streams close, the servers' RSS is read 1, 10, 30 and AFTER seconds
@@ -60,6 +62,12 @@ if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
 if [[ " $PEERS " == *" nchan "* ]]; then
     command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
         echo "needs nginx and libnginx-mod-nchan (apt-get install nginx libnginx-mod-nchan)" >&2; exit 1; }
+fi
+SOCKUDO=""
+if [[ " $PEERS " == *" sockudo "* ]]; then
+    [ "$TRANSPORT" = ws ] && [ "$MODE" = memory ] && [ "$NODES" = 1 ] || {
+        echo "Sockudo is measured over WebSocket, one node, its local adapter: TRANSPORT=ws MODE=memory NODES=1" >&2; exit 1; }
+    SOCKUDO=$(bash loadtests/scenarios/sockudo.sh)
 fi
 [ "$MODE" = redis ] && ! command -v redis-server >/dev/null && { echo "needs redis-server" >&2; exit 1; }
 cargo build -q --release -p hub -p loadtests
@@ -105,6 +113,16 @@ start_nchan() { # start_nchan <i>
     NPID[$i]=$!; PIDS+=("${NPID[$i]}")
     wait_for 200 curl -s -o /dev/null "http://${NPUB[$i]}/pub?id=probe"
 }
+start_sockudo() { # start_sockudo <i>
+    local i=$1 dir="$OUT/sockudo$i"
+    mkdir -p "$dir"
+    [ -n "${NPUB[$i]:-}" ] || NPUB[$i]=127.0.0.1:$(free_port)
+    sed -e "s#__PORT__#${NPUB[$i]#*:}#; s#__MAXCONN__#$CAP#" loadtests/sockudo.json > "$dir/config.json"
+    # Its log level: warnings (it logs every connection at info).
+    (cd "$dir" && exec env RUST_LOG=warn "${SRV[@]}" "$SOCKUDO" --config "$dir/config.json") > "$dir/out.log" 2>&1 &
+    NPID[$i]=$!; PIDS+=("${NPID[$i]}")
+    wait_for 200 curl -sf "http://${NPUB[$i]}/up/bench"
+}
 stop_node() { kill -TERM "${NPID[$1]}"; wait "${NPID[$1]}" || true; }
 HOOK_PID="" HOOK_ADDR=""
 if [ "$HOOK" = 1 ]; then
@@ -127,6 +145,10 @@ loadgen_run() {
         fi
         if [ "$MODE" = redis ]; then args+=(--redis "$REDIS_URL"); else args+=(--http "http://${NADM[0]}"); fi
         args+=(--channel "$NS:${pre}c{n}")
+    elif [ "$server" = sockudo ]; then
+        args+=(--ws --path "/app/bench-key?protocol=7&client=loadgen&version=1"
+               --subscribe "{\"event\":\"pusher:subscribe\",\"data\":{\"channel\":\"${pre}c{ch}\"}}"
+               --pusher "http://${NPUB[0]}" --channel "${pre}c{n}")
     else
         # Nchan serves an EventSource subscriber only to `Accept: text/event-stream` (the hub is
         # asked without it, so that its refusals come as statuses, counted by reason).
@@ -143,10 +165,11 @@ loadgen_run() {
            --leave-after "$LEAVE_AFTER" --away-ms "$AWAY_MS")
     rm -f "$OUT/ready"
     # Each server's streams leave from addresses of their own (hub 127.0.0.2.., Nchan
-    # 127.0.0.130..): the previous run's closed streams hold their ports in TIME_WAIT for a
+    # 127.0.0.130.., Sockudo 127.0.0.190..): the previous run's closed streams hold their ports in TIME_WAIT for a
     # minute, and with thousands of those on one address the kernel's search for a port to
     # bind slows every open of the next run (seen at 100,000 streams: 5 s became 50 s).
-    args+=(--first-source "$([ "$server" = hub ] && echo 2 || echo 130)")
+    local first=130; case $server in hub) first=2 ;; sockudo) first=190 ;; esac
+    args+=(--first-source "$first")
     "${GEN[@]}" $LOADGEN run "${args[@]}" --streams "$STREAMS" --processes "$PROCS" --channel-count "$CHANNELS" \
         --count "$count" --rate "$rate" --stall "$STALL" --pad "$PAD" --duration "$LIMIT" \
         --ready-file "$OUT/ready" --report "$report" > /dev/null 2> "${report%.json}.err" &

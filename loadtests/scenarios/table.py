@@ -97,7 +97,7 @@ for p in peers:
         r["hub_side"] = {q: hub_side(i, q) for q in (0.5, 0.99)} if p == "hub" else {}
         r["hub_metrics"] = hub_metrics(i) if p == "hub" else {}
 print(f"{title}; medians of {runs} runs")
-print(f"{'':38}" + "".join(f"{p:>10}" for p in peers) + ("   hub/nchan" if len(peers) == 2 else ""))
+print(f"{'':38}" + "".join(f"{p:>10}" for p in peers) + (f"   {peers[0]}/{peers[1]}" if len(peers) == 2 else ""))
 for name, f in rows:
     meds = []
     for p in peers:

@@ -508,7 +508,8 @@ impl Stream {
     }
 
     /// A WebSocket text frame: the hub's JSON `{"type":"message",...,"data":"<seq> <us>"}`,
-    /// or the bare data (Nchan).
+    /// a Pusher server's `{"event":"msg","channel":...,"data":"<seq> <us>"}`, or the bare
+    /// data (Nchan). Frames whose data is not `<seq> <us>` (replies, pings) count for nothing.
     fn feed_ws(&mut self, payload: &[u8], shared: &Shared, hist: &mut Vec<u64>) {
         if payload.first() == Some(&b'{') {
             let key = b"\"data\":\"";
@@ -521,6 +522,13 @@ impl Stream {
             self.message(payload, shared, hist);
         }
     }
+}
+
+/// Whether a WebSocket text frame confirms the subscription: the hub's `subscribed`, or a
+/// Pusher server's `pusher_internal:subscription_succeeded`.
+fn subscribed(frame: &[u8]) -> bool {
+    frame.starts_with(br#"{"type":"subscribed""#)
+        || frame.starts_with(br#"{"event":"pusher_internal:subscription_succeeded""#)
 }
 
 fn fill(template: &str, ch: u64) -> String {
@@ -771,8 +779,15 @@ async fn connection(
             for f in frames.drain(..) {
                 match f {
                     WsFrame::Text(p) => {
-                        if permit.is_some() && p.starts_with(br#"{"type":"subscribed""#) {
+                        if permit.is_some() && subscribed(&p) {
                             opened(shared, permit, st.dropped_at.take());
+                        }
+                        // A Pusher server (Sockudo) pings in JSON after a quiet spell.
+                        if p.starts_with(br#"{"event":"pusher:ping""#) {
+                            let pong = br#"{"event":"pusher:pong","data":{}}"#;
+                            if s.write_all(&ws_client_frame(1, pong)).await.is_err() {
+                                over = true;
+                            }
                         }
                         st.feed_ws(&p, shared, &mut lat)
                     }
