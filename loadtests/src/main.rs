@@ -42,7 +42,7 @@ enum Cmd {
     Hold(hold::HoldArgs),
     AuthHook(hook::HookArgs),
     Publish(publish::PublishArgs),
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     TlsHold(tls_hold::TlsHoldArgs),
     PresenceStorm(presence::PresenceArgs),
     PresenceUsers(presence_users::UsersArgs),
@@ -75,7 +75,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Publish(a) => publish::main(a)
                 .await
                 .map(|r| println!("{}", serde_json::to_string(&r).unwrap_or_default())),
-            Cmd::Run(a) => run::main(a).await,
+            Cmd::Run(a) => run::main(*a).await,
             Cmd::TlsHold(a) => tls_hold::main(a).await,
             Cmd::PresenceStorm(a) => presence::main(a).await,
             Cmd::PresenceUsers(a) => presence_users::main(a).await,
