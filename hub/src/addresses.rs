@@ -4,7 +4,7 @@
 //! (`HUB_CONNECT_RATE_PER_IP`). No I/O. Memory is bounded: counts exist only for addresses
 //! holding streams, and rate buckets are capped at [`MAX_BUCKETS`] (full ones pruned first).
 //! Also which refusals are held back ([`Addresses::hold`]): an address refused more than a few
-//! times a second is answered only after [`HOLD`], at most [`Addresses::max_held`] at once.
+//! times a second is answered only after half to all of [`HOLD`], at most [`Addresses::max_held`] at once.
 
 use crate::domain::RejectReason;
 use crate::ratelimit::Buckets;

@@ -24,19 +24,23 @@ impl std::ops::AddAssign for Offered {
     }
 }
 
-/// Offers `msg` to `readers`.
-pub(super) fn offer_all<'a>(
-    readers: impl Iterator<Item = &'a Arc<Session>>,
-    msg: &Arc<Message>,
-) -> Offered {
-    let mut out = Offered::default();
-    for s in readers {
-        match s.offer(msg) {
-            Offer::Queued => out.queued += 1,
-            Offer::Written => out.written += 1,
-            Offer::Lagged => out.lagged += 1,
+impl Offered {
+    /// Counts one outcome.
+    pub(super) fn count(&mut self, o: Offer) {
+        match o {
+            Offer::Queued => self.queued += 1,
+            Offer::Written => self.written += 1,
+            Offer::Lagged => self.lagged += 1,
             Offer::Skipped | Offer::Behind => {}
         }
+    }
+}
+
+/// Offers `msg` to `readers`.
+fn offer_all<'a>(readers: impl Iterator<Item = &'a Arc<Session>>, msg: &Arc<Message>) -> Offered {
+    let mut out = Offered::default();
+    for s in readers {
+        out.count(s.offer(msg));
     }
     out
 }

@@ -9,10 +9,11 @@
 //! behind (a durable message comes back from history; an ephemeral one is counted lost). Does
 //! no I/O of its own: a session may write its socket when offered a message.
 
+use super::fanout::Offered;
 use super::{shard_of, Registry};
 use crate::message::Message;
 use crate::metrics::DropReason;
-use crate::stream::Session;
+use crate::stream::{Session, OFFER_BATCH};
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,26 +140,42 @@ fn run(lane: &Lane, registry: &Weak<Registry>, k: usize, n: usize) {
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        for msg in batch.drain(..) {
-            registry.fanout_part(&msg, k, n, &mut readers);
+        // Runs of one channel's messages go to each reader together (up to OFFER_BATCH):
+        // what queued while the lane worked costs each socket one write. Order is kept: a
+        // run ends where another channel's message comes.
+        let mut at = 0;
+        while at < batch.len() {
+            let channel = &batch[at].channel;
+            let run = batch[at..]
+                .iter()
+                .take(OFFER_BATCH)
+                .take_while(|m| m.channel == *channel)
+                .count();
+            registry.fanout_part(&batch[at..at + run], k, n, &mut readers);
+            at += run;
         }
+        batch.clear();
     }
 }
 
 impl Registry {
-    /// Offers `msg` to the readers of its channel that lane `k` of `n` serves (a snapshot
-    /// taken under the channel's lock, offered after it: a stream that joins or leaves
-    /// meanwhile is not held up by the fan-out). `readers` is the lane's scratch list.
+    /// Offers `msgs` (messages of one channel, in order, at most [`OFFER_BATCH`]) to the
+    /// readers of their channel that lane `k` of `n` serves: a snapshot taken under the
+    /// channel's lock, offered after it (a stream that joins or leaves meanwhile is not held
+    /// up by the fan-out). `readers` is the lane's scratch list.
     pub(super) fn fanout_part(
         &self,
-        msg: &Arc<Message>,
+        msgs: &[Arc<Message>],
         k: usize,
         n: usize,
         readers: &mut Vec<Arc<Session>>,
     ) {
+        let Some(first) = msgs.first() else {
+            return;
+        };
         {
-            let shard = self.channels[shard_of(&msg.channel)].lock();
-            if let Some(c) = shard.get(msg.channel.as_str()) {
+            let shard = self.channels[shard_of(&first.channel)].lock();
+            if let Some(c) = shard.get(first.channel.as_str()) {
                 readers.extend(
                     c.readers
                         .iter()
@@ -167,7 +184,10 @@ impl Registry {
                 );
             }
         }
-        let offered = super::fanout::offer_all(readers.iter(), msg);
+        let mut offered = Offered::default();
+        for s in readers.iter() {
+            s.offer_many(msgs, |o| offered.count(o));
+        }
         readers.clear();
         self.count_offered(&offered);
     }

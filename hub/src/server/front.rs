@@ -364,8 +364,8 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
     }
 }
 
-/// Holds back the answer to a per-address refusal (`ip_limit`, `rate_limited`) for
-/// [`addresses::HOLD`] when the address is refused more than a few times a second (see
+/// Holds back the answer to a per-address refusal (`ip_limit`, `rate_limited`) for half to
+/// all of [`addresses::HOLD`] when the address is refused more than a few times a second (see
 /// `Addresses::hold`). False when the client left meanwhile (nothing to answer). The wait
 /// holds the socket and the request's parsed fields (its head buffer is already dropped).
 async fn held_back(node: &Node, io: &TcpStream, forwarded: Option<&str>, e: &ApiError) -> bool {
@@ -378,8 +378,18 @@ async fn held_back(node: &Node, io: &TcpStream, forwarded: Option<&str>, e: &Api
     let Some(_held) = node.addresses.hold(client, std::time::Instant::now()) else {
         return true;
     };
+    // Spread over the second half of HOLD: answers held at once (a flood's burst) do not all
+    // come back, and come again, at the same moment.
+    let half = addresses::HOLD / 2;
+    let spread = io.peer_addr().map_or(0, |a| u64::from(a.port()))
+        ^ u64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.subsec_nanos()),
+        );
+    let hold = half + Duration::from_millis(spread % half.as_millis().max(1) as u64);
     tokio::select! {
-        () = tokio::time::sleep(addresses::HOLD) => true,
+        () = tokio::time::sleep(hold) => true,
         () = client_gone(io, None) => false,
     }
 }

@@ -18,7 +18,7 @@ mod reading;
 mod watch;
 
 pub use item::{Full, Item, Offer, PresenceEvent, PresenceState, Reply};
-pub use queue::{DirectSink, Sent};
+pub use queue::{DirectSink, Sent, OFFER_BATCH};
 pub use reading::{Fed, PageView, ReadRequest, StartAt};
 
 use crate::domain::CloseReason;

@@ -24,6 +24,20 @@ pub trait DirectSink: Send + Sync {
     /// Writes what the socket takes now of `msg`'s frame (telling `session` it was taken if
     /// any of it went out; the caller counts the delivery).
     fn send(&self, msg: &Message, session: &Session) -> Sent;
+
+    /// Writes what the socket takes now of `msgs`' frames, in order: how many went out
+    /// whole, and the rest of the next one if the socket took part of it. By default one
+    /// [`DirectSink::send`] each; a socket writes them at once.
+    fn send_many(&self, msgs: &[&Message], session: &Session) -> (usize, Option<Bytes>) {
+        for (k, msg) in msgs.iter().enumerate() {
+            match self.send(msg, session) {
+                Sent::All => {}
+                Sent::Part(rest) => return (k, Some(rest)),
+                Sent::Nothing => return (k, None),
+            }
+        }
+        (msgs.len(), None)
+    }
 }
 
 /// What a [`DirectSink`] wrote.
@@ -36,73 +50,139 @@ pub enum Sent {
     Nothing,
 }
 
+/// Most messages offered to one stream at once ([`Session::offer_many`]): one `writev` of at
+/// most this many frames.
+pub const OFFER_BATCH: usize = 32;
+
 impl Session {
     /// Offers a live message. Never blocks on the reader and never grows past the capacity:
     /// a live channel whose queue is full falls behind instead.
     pub fn offer(&self, msg: &Arc<Message>) -> Offer {
+        let mut out = Offer::Skipped;
+        self.offer_many(std::slice::from_ref(msg), |o| out = o);
+        out
+    }
+
+    /// Offers live messages (at most [`OFFER_BATCH`], in order), telling `each` what became of
+    /// each one, in order. Those that go straight to a parked writer's socket are written
+    /// together (one `writev` through the sink): several messages that arrive while the
+    /// fan-out is busy cost the socket one write, one packet, one wake-up of its reader.
+    pub fn offer_many(&self, msgs: &[Arc<Message>], mut each: impl FnMut(Offer)) {
+        debug_assert!(msgs.len() <= OFFER_BATCH);
         let mut st = self.state.lock();
-        if st.ending {
-            return Offer::Skipped;
-        }
-        let Some(idx) = st.index(&msg.channel) else {
-            return Offer::Skipped;
-        };
-        let chan = &st.chans[idx];
-        if msg.position.is_some_and(|p| p <= chan.pos) {
-            return Offer::Skipped;
-        }
-        let lost = || {
-            if msg.position.is_none() {
+        // Messages bound for the socket (indices into `msgs`), written at the end or before
+        // anything is queued behind them.
+        let mut direct = [0usize; OFFER_BATCH];
+        let mut nd = 0;
+        let mut wake = false;
+        for (i, msg) in msgs.iter().enumerate().take(OFFER_BATCH) {
+            if st.ending {
+                each(Offer::Skipped);
+                continue;
+            }
+            let Some(idx) = st.index(&msg.channel) else {
+                each(Offer::Skipped);
+                continue;
+            };
+            let chan = &st.chans[idx];
+            if msg.position.is_some_and(|p| p <= chan.pos) {
+                each(Offer::Skipped);
+                continue;
+            }
+            let lost = if msg.position.is_none() {
                 Offer::Lagged
             } else {
                 Offer::Skipped
-            }
-        };
-        match chan.read {
-            Read::Behind => lost(),
-            Read::Reading { .. } => {
-                if st.waiting.len() < self.capacity {
-                    st.waiting.push_back(msg.clone());
-                    Offer::Queued
-                } else {
-                    st.chans[idx].read.lose();
-                    lost()
-                }
-            }
-            Read::Live if st.queue.len() < self.capacity => {
-                if let Some(p) = msg.position {
-                    st.chans[idx].pos = p;
-                }
-                let sent = match &st.sink {
-                    Some(sink) if st.parked && st.queue.is_empty() => sink.send(msg, self),
-                    _ => Sent::Nothing,
-                };
-                let rest = match sent {
-                    Sent::Nothing => {
-                        st.queue.push_back(Item::Message(msg.clone()));
-                        Self::wake(st);
-                        return Offer::Queued;
+            };
+            match chan.read {
+                Read::Behind => each(lost),
+                Read::Reading { .. } => {
+                    if st.waiting.len() < self.capacity {
+                        st.waiting.push_back(msg.clone());
+                        each(Offer::Queued);
+                    } else {
+                        st.chans[idx].read.lose();
+                        each(lost);
                     }
-                    Sent::All => None,
-                    Sent::Part(rest) => Some(rest),
-                };
-                // Written (a rest goes out before anything else): taken by the transport.
-                if let Some(p) = msg.position {
-                    st.chans[idx].taken = p;
                 }
-                if let Some(rest) = rest {
-                    st.queue.push_back(Item::Raw(rest));
-                    Self::wake(st);
+                Read::Live if st.queue.len() + nd < self.capacity => {
+                    if let Some(p) = msg.position {
+                        st.chans[idx].pos = p;
+                    }
+                    if st.sink.is_some() && st.parked && st.queue.is_empty() {
+                        direct[nd] = i;
+                        nd += 1;
+                        continue;
+                    }
+                    if nd > 0 {
+                        // Before this one: whatever of them is not written is queued first.
+                        self.write_direct(&mut st, msgs, &direct[..nd], &mut each);
+                        nd = 0;
+                    }
+                    st.queue.push_back(Item::Message(msg.clone()));
+                    wake = true;
+                    each(Offer::Queued);
                 }
-                Offer::Written
-            }
-            Read::Live => {
-                // Fell behind: history carries it from its position on (the catch-up is asked
-                // when the transport has drained half the queue).
-                st.chans[idx].read = Read::Behind;
-                lost()
+                Read::Live => {
+                    // Fell behind: history carries it from its position on (the catch-up is
+                    // asked when the transport has drained half the queue).
+                    st.chans[idx].read = Read::Behind;
+                    each(lost);
+                }
             }
         }
+        if nd > 0 {
+            wake |= self.write_direct(&mut st, msgs, &direct[..nd], &mut each);
+        }
+        if wake {
+            Self::wake(st);
+        }
+    }
+
+    /// Writes `msgs[direct]` through the sink (the queue is empty and the writer parked); what
+    /// the socket did not take is queued (the rest of a frame cut at its edge first). Returns
+    /// whether anything was queued (the writer must be woken).
+    fn write_direct(
+        &self,
+        st: &mut super::State,
+        msgs: &[Arc<Message>],
+        direct: &[usize],
+        each: &mut impl FnMut(Offer),
+    ) -> bool {
+        // On the stack: this runs for every socket of every fan-out.
+        let mut batch: [&Message; OFFER_BATCH] = [&*msgs[direct[0]]; OFFER_BATCH];
+        for (slot, &i) in batch.iter_mut().zip(direct) {
+            *slot = &*msgs[i];
+        }
+        let (sent, rest) = match &st.sink {
+            Some(sink) => sink.send_many(&batch[..direct.len()], self),
+            None => (0, None),
+        };
+        let mut queued = false;
+        for (k, &i) in direct.iter().enumerate() {
+            let msg = &msgs[i];
+            let written = k < sent || (k == sent && rest.is_some());
+            if written {
+                // Taken by the transport (a rest goes out before anything else).
+                if let Some(p) = msg.position {
+                    if let Some(c) = st.index(&msg.channel) {
+                        st.chans[c].taken = p;
+                    }
+                }
+                if k == sent {
+                    if let Some(rest) = &rest {
+                        st.queue.push_back(Item::Raw(rest.clone()));
+                        queued = true;
+                    }
+                }
+                each(Offer::Written);
+            } else {
+                st.queue.push_back(Item::Message(msg.clone()));
+                queued = true;
+                each(Offer::Queued);
+            }
+        }
+        queued
     }
 
     /// Queues a heartbeat if the stream has started. SSE: only when nothing is waiting to be

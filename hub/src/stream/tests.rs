@@ -460,6 +460,55 @@ fn a_parked_writer_lets_the_fanout_write_and_anything_queued_goes_first() {
 }
 
 #[test]
+fn a_burst_offered_at_once_is_written_together_and_what_the_socket_leaves_is_queued_in_order() {
+    let s = live(&["a", "b"], 8);
+    let sock = Arc::new(Script::default());
+    s.attach(Box::new(sock.clone()));
+    s.park();
+    // Two whole frames, then part of the third: the third's rest and the rest follow in order.
+    sock.takes.lock().extend([usize::MAX, usize::MAX, 1]);
+    let burst: Vec<_> = (1..=5)
+        .map(|n| msg("a", Some(n), &format!("m{n}")))
+        .collect();
+    let mut outcomes = Vec::new();
+    s.offer_many(&burst, |o| outcomes.push(o));
+    assert_eq!(
+        outcomes,
+        [
+            Offer::Written,
+            Offer::Written,
+            Offer::Written,
+            Offer::Queued,
+            Offer::Queued
+        ]
+    );
+    assert_eq!(*sock.wrote.lock(), ["m1", "m2", "m"]);
+    assert_eq!(drain(&s), ["raw:3", "m4", "m5"]);
+    // Already taken positions are skipped; a message of another channel between two of the
+    // burst keeps its place; a full queue leaves the rest to history.
+    s.park();
+    let mixed = [
+        msg("a", Some(5), "again"),
+        msg("a", Some(6), "m6"),
+        msg("b", Some(1), "b1"),
+        msg("a", Some(7), "m7"),
+    ];
+    let mut outcomes = Vec::new();
+    s.offer_many(&mixed, |o| outcomes.push(o));
+    assert_eq!(outcomes[0], Offer::Skipped);
+    assert_eq!(*sock.wrote.lock(), ["m1", "m2", "m", "m6", "b1", "m7"]);
+    s.unpark();
+    let full: Vec<_> = (8..=20)
+        .map(|n| msg("a", Some(n), &format!("m{n}")))
+        .collect();
+    let mut outcomes = Vec::new();
+    s.offer_many(&full, |o| outcomes.push(o));
+    let queued = outcomes.iter().filter(|o| **o == Offer::Queued).count();
+    assert_eq!(queued, 8, "up to the capacity, then behind: {outcomes:?}");
+    assert!(s.is_behind());
+}
+
+#[test]
 fn a_dropped_queue_keeps_a_frames_rest_and_a_sleeper_rewinds_to_what_was_written() {
     let s = live(&["a"], 2);
     let sock = Arc::new(Script::default());

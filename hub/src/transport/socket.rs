@@ -6,7 +6,7 @@
 
 use crate::message::Message;
 use crate::node::Node;
-use crate::stream::{DirectSink, Sent, Session};
+use crate::stream::{DirectSink, Sent, Session, OFFER_BATCH};
 use crate::transport::sse::SseBody;
 use crate::transport::ws::WsBody;
 use actix_web::body::MessageBody as _;
@@ -139,6 +139,58 @@ impl DirectSink for DirectWs {
             .record(msg.received.elapsed().as_secs_f64());
         session.took(self.node.registry.clock.now());
         sent
+    }
+
+    /// The frames with one `writev` (a burst that came while the fan-out was busy).
+    fn send_many(&self, msgs: &[&Message], session: &Session) -> (usize, Option<Bytes>) {
+        if msgs.len() < 2 {
+            return match msgs.first().map(|m| self.send(m, session)) {
+                Some(Sent::All) => (1, None),
+                Some(Sent::Part(rest)) => (0, Some(rest)),
+                Some(Sent::Nothing) | None => (0, None),
+            };
+        }
+        let min = self.node.config.compress_min_bytes as usize;
+        // On the stack: this runs for every socket of a burst's fan-out.
+        let msgs = &msgs[..msgs.len().min(OFFER_BATCH)];
+        let mut frames: [Bytes; OFFER_BATCH] = Default::default();
+        for (f, m) in frames.iter_mut().zip(msgs) {
+            *f = m.ws_frame_for(self.deflate, min);
+        }
+        let frames = &frames[..msgs.len()];
+        let mut slices = [IoSlice::new(&[]); OFFER_BATCH];
+        for (s, f) in slices.iter_mut().zip(frames) {
+            *s = IoSlice::new(f);
+        }
+        let Ok(mut n) = self.io.try_write_vectored(&slices[..frames.len()]) else {
+            return (0, None);
+        };
+        if n == 0 {
+            return (0, None);
+        }
+        let mut whole = 0;
+        let mut rest = None;
+        for f in frames {
+            if n >= f.len() {
+                n -= f.len();
+                whole += 1;
+            } else {
+                if n > 0 {
+                    rest = Some(f.slice(n..));
+                }
+                break;
+            }
+        }
+        let now = self.node.registry.clock.now();
+        let written = whole + usize::from(rest.is_some());
+        for m in &msgs[..written] {
+            self.node
+                .metrics
+                .latency
+                .record(m.received.elapsed().as_secs_f64());
+        }
+        session.took(now);
+        (whole, rest)
     }
 }
 
