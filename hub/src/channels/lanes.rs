@@ -63,6 +63,26 @@ fn size_of(msg: &Message) -> usize {
 }
 
 impl Lanes {
+    /// `n` lanes without threads: what is queued stays (tests of the bounds).
+    #[cfg(test)]
+    pub(super) fn idle(n: usize) -> Lanes {
+        Lanes {
+            lanes: (0..n)
+                .map(|_| {
+                    Arc::new(Lane {
+                        queue: Mutex::new(Queue {
+                            msgs: VecDeque::new(),
+                            bytes: 0,
+                            closed: false,
+                        }),
+                        ready: Condvar::new(),
+                    })
+                })
+                .collect(),
+            warned: AtomicU64::new(u64::MAX),
+        }
+    }
+
     /// Starts `n` lanes (at least one) for `registry`. A lane that cannot get a thread (a
     /// resource limit) is an error: the node does not start half able to deliver.
     pub(super) fn start(registry: &Arc<Registry>, n: usize) -> std::io::Result<Lanes> {

@@ -119,6 +119,51 @@ fn the_lanes_bring_every_reader_each_message_once_in_order() {
     assert!(big[0].poll_item(&mut cx).is_pending(), "nothing twice");
 }
 
+#[test]
+fn a_full_lane_takes_no_more_and_its_readers_of_the_channel_fall_behind() {
+    let r = reg();
+    let lanes = lanes::Lanes::idle(2);
+    // Sequence numbers 1 and 2: one reader on each lane.
+    let (one, _) = open(&r, &["a"], 8);
+    let (two, _) = open(&r, &["a"], 8);
+    let on_lane = |s: &Session| lanes::lane_of(s.seq, 2);
+    assert_ne!(on_lane(&one), on_lane(&two));
+    for i in 0..lanes::LANE_MESSAGES {
+        assert!(lanes.queue(&msg("a", Some(i as u64 + 1))).is_empty());
+    }
+    let over = msg("a", None);
+    assert_eq!(lanes.queue(&over), [0, 1], "both lanes full (by count)");
+    r.lane_full(&lanes, &over, on_lane(&one));
+    assert_eq!(one.begin_reads().len(), 1, "reads the channel from history");
+    assert!(
+        two.begin_reads().is_empty(),
+        "the other lane's reader is untouched"
+    );
+    assert!(r
+        .metrics
+        .render()
+        .contains("hub_messages_dropped_total{reason=\"lagged\"} 1"));
+    // By bytes: a few large messages fill a lane long before the count.
+    let lanes = lanes::Lanes::idle(1);
+    let big = {
+        let env = Envelope {
+            event: None,
+            data: serde_json::Value::String("x".repeat(4 << 20)),
+        };
+        Arc::new(Message::new(
+            ChannelName::new("a").unwrap(),
+            None,
+            &env,
+            Instant::now(),
+        ))
+    };
+    let fit = lanes::LANE_BYTES / (4 << 20);
+    for _ in 0..fit - 1 {
+        assert!(lanes.queue(&big).is_empty());
+    }
+    assert_eq!(lanes.queue(&big), [0], "full by bytes after {fit} of 4 MB");
+}
+
 fn names(v: &[ChannelName]) -> Vec<&str> {
     v.iter().map(|c| c.as_str()).collect()
 }
