@@ -32,6 +32,7 @@ rows = [
     ("failed reconnect attempts", lambda r: r["reconnect_retries"]),
     ("deliveries per second", lambda r: r["deliveries_per_sec"]),
     ("bytes on the wire per delivery", lambda r: r.get("wire_bytes_per_delivery")),
+    ("deliveries per client read", lambda r: r.get("deliveries_per_read")),
     ("latency p50 (ms)", lambda r: r["latency"]["p50_ms"]),
     ("latency p99 (ms)", lambda r: r["latency"]["p99_ms"]),
     ("latency max (ms)", lambda r: r["latency"]["max_ms"]),

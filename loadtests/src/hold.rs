@@ -194,6 +194,8 @@ struct Shared {
     /// Churn: streams closed on purpose and opened again.
     churn_cycles: AtomicU64,
     wire_bytes: AtomicU64,
+    /// Reads that returned bytes, once the stream was open.
+    reads: AtomicU64,
     /// Streams dropped and not (yet) back.
     down: AtomicU64,
     /// Failed connection attempts by reason (refused, status 503, ...).
@@ -225,6 +227,7 @@ impl Shared {
             catchup_hist: Mutex::new(report::histogram()),
             churn_cycles: AtomicU64::new(0),
             wire_bytes: AtomicU64::new(0),
+            reads: AtomicU64::new(0),
             down: AtomicU64::new(0),
             failures: Mutex::default(),
             first_drop_us: AtomicU64::new(u64::MAX),
@@ -704,6 +707,7 @@ async fn connection(
         let mut data = &buf[..n];
         if open {
             shared.wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            shared.reads.fetch_add(1, Ordering::Relaxed);
         }
         if !open {
             head.extend_from_slice(data);
@@ -1056,6 +1060,7 @@ pub async fn hold(
             .unwrap_or_default(),
         churn_cycles: shared.churn_cycles.load(Ordering::Relaxed),
         wire_bytes: shared.wire_bytes.load(Ordering::Relaxed),
+        reads: shared.reads.load(Ordering::Relaxed),
         still_down: shared.down.load(Ordering::Relaxed),
         first_drop_us: (first_drop != u64::MAX).then_some(first_drop),
         last_reopen_us: Some(shared.last_reopen_us.load(Ordering::Relaxed)).filter(|&t| t > 0),

@@ -55,6 +55,10 @@ pub struct HoldReport {
     /// Bytes read off the streams' sockets after their response heads (compressed or not).
     #[serde(default)]
     pub wire_bytes: u64,
+    /// Reads of the streams' sockets that returned bytes (after the heads): deliveries per
+    /// read is how many messages a wake-up of the client brought.
+    #[serde(default)]
+    pub reads: u64,
     /// Unix micros of the first drop and of the last reopen after a drop.
     #[serde(default)]
     pub first_drop_us: Option<u64>,
@@ -88,6 +92,7 @@ impl HoldReport {
         self.catchup_us = merge_pairs(&self.catchup_us, &o.catchup_us);
         self.churn_cycles += o.churn_cycles;
         self.wire_bytes += o.wire_bytes;
+        self.reads += o.reads;
         self.first_drop_us = match (self.first_drop_us, o.first_drop_us) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

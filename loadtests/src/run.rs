@@ -149,6 +149,8 @@ pub struct RunReport {
     /// Bytes on the wire (after the response heads) per delivery: heartbeats, framing and
     /// compression included.
     pub wire_bytes_per_delivery: Option<f64>,
+    /// Deliveries per read of a client socket.
+    pub deliveries_per_read: Option<f64>,
     pub refused: u64,
     pub latency: Latency,
     pub publish: PublishReport,
@@ -310,6 +312,8 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         churn_cycles: holds.churn_cycles,
         wire_bytes_per_delivery: (holds.deliveries > 0)
             .then(|| holds.wire_bytes as f64 / holds.deliveries as f64),
+        deliveries_per_read: (holds.reads > 0)
+            .then(|| holds.deliveries as f64 / holds.reads as f64),
         refused: holds.failures.values().sum(),
         publish,
         server_idle: idle,
