@@ -180,10 +180,11 @@ async fn a_publish_is_answered_while_a_large_channel_waits_on_sockets_that_do_no
     let hub = Hub::start(&[]).await;
     let p = prefix("big");
     let (big, small) = (format!("{p}.big"), format!("{p}.small"));
-    // 300 sockets that never read: each message of 60 KB fills their buffers quickly, so every
+    // 600 sockets that never read (more than a lane offers at once: the fan-out goes in parts):
+    // each message of 60 KB fills their buffers quickly, so every
     // fan-out of `big` meets full sockets.
     let mut stuck = Vec::new();
-    for _ in 0..300 {
+    for _ in 0..600 {
         let mut ws = try_ws(hub.public, "", &[]).await.unwrap();
         subscribe(&mut ws, &big).await;
         stuck.push(ws);

@@ -15,6 +15,7 @@ use crate::message::Message;
 use crate::metrics::DropReason;
 use crate::stream::{Session, OFFER_BATCH};
 use parking_lot::{Condvar, Mutex};
+use protocol::ChannelName;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -32,6 +33,9 @@ const LANE_STACK: usize = 2 << 20;
 
 struct Queue {
     msgs: VecDeque<Arc<Message>>,
+    /// Taken by the lane's thread and not offered yet (still within the bound).
+    taken: usize,
+    /// Data of the messages queued or taken and not offered yet.
     bytes: usize,
     closed: bool,
 }
@@ -72,6 +76,7 @@ impl Lanes {
                     Arc::new(Lane {
                         queue: Mutex::new(Queue {
                             msgs: VecDeque::new(),
+                            taken: 0,
                             bytes: 0,
                             closed: false,
                         }),
@@ -92,6 +97,7 @@ impl Lanes {
                 Arc::new(Lane {
                     queue: Mutex::new(Queue {
                         msgs: VecDeque::new(),
+                        taken: 0,
                         bytes: 0,
                         closed: false,
                     }),
@@ -124,7 +130,7 @@ impl Lanes {
         let mut full = Vec::new();
         for (k, lane) in self.lanes.iter().enumerate() {
             let mut q = lane.queue.lock();
-            if q.msgs.len() >= LANE_MESSAGES || q.bytes + size > LANE_BYTES {
+            if q.msgs.len() + q.taken >= LANE_MESSAGES || q.bytes + size > LANE_BYTES {
                 full.push(k);
                 continue;
             }
@@ -140,76 +146,125 @@ impl Lanes {
     }
 }
 
-/// A lane's thread: takes what is queued (all of it at once), offers each message to the
-/// lane's readers of its channel, until the lanes are dropped.
+/// Readers a lane offers a large channel's messages to before it looks at what else waits: a
+/// large fan-out is done in parts of this many, so another channel's message waits for one
+/// part (a few milliseconds of writes), not for the whole fan-out.
+const PART: usize = 256;
+
+/// A large channel's run of messages being offered a part at a time.
+struct Large {
+    msgs: Vec<Arc<Message>>,
+    readers: Vec<Arc<Session>>,
+    at: usize,
+    offered: Offered,
+}
+
+/// A lane's thread, until the lanes are dropped: takes what is queued, offers one part of the
+/// large fan-out under way (if one is), then every waiting run of messages whose channel is
+/// free: a small channel's at once, a large one's as the next fan-out in parts. A channel with
+/// a run still waiting or under way keeps its later messages waiting (order per channel).
 fn run(lane: &Lane, registry: &Weak<Registry>, k: usize, n: usize) {
-    let mut batch: Vec<Arc<Message>> = Vec::new();
+    let mut pending: VecDeque<Arc<Message>> = VecDeque::new();
+    let mut large: Option<Large> = None;
     let mut readers: Vec<Arc<Session>> = Vec::new();
+    // Offered since the last look at the queue: given back to its bound then.
+    let (mut done, mut done_bytes) = (0usize, 0usize);
     loop {
         {
             let mut q = lane.queue.lock();
-            while q.msgs.is_empty() && !q.closed {
+            q.taken -= done;
+            q.bytes -= done_bytes;
+            (done, done_bytes) = (0, 0);
+            while q.msgs.is_empty() && pending.is_empty() && large.is_none() && !q.closed {
                 lane.ready.wait(&mut q);
             }
             if q.closed {
                 return;
             }
-            batch.extend(q.msgs.drain(..));
-            q.bytes = 0;
+            q.taken += q.msgs.len();
+            pending.extend(q.msgs.drain(..));
         }
         let Some(registry) = registry.upgrade() else {
             return;
         };
-        // Runs of one channel's messages go to each reader together (up to OFFER_BATCH):
-        // what queued while the lane worked costs each socket one write. Order is kept: a
-        // run ends where another channel's message comes.
-        let mut at = 0;
-        while at < batch.len() {
-            let channel = &batch[at].channel;
-            let run = batch[at..]
+        if let Some(l) = &mut large {
+            let end = (l.at + PART).min(l.readers.len());
+            for s in &l.readers[l.at..end] {
+                s.offer_many(&l.msgs, |o| l.offered.count(o));
+            }
+            l.at = end;
+            if end == l.readers.len() {
+                registry.count_offered(&l.offered);
+                done += l.msgs.len();
+                done_bytes += l.msgs.iter().map(|m| size_of(m)).sum::<usize>();
+                large = None;
+            }
+        }
+        let mut blocked: Vec<ChannelName> =
+            large.iter().map(|l| l.msgs[0].channel.clone()).collect();
+        let mut kept = VecDeque::new();
+        while let Some(first) = pending.front() {
+            let channel = first.channel.clone();
+            // Runs of one channel's messages go to each reader together (up to OFFER_BATCH):
+            // what queued while the lane worked costs each socket one write.
+            let len = pending
                 .iter()
                 .take(OFFER_BATCH)
-                .take_while(|m| m.channel == *channel)
+                .take_while(|m| m.channel == channel)
                 .count();
-            registry.fanout_part(&batch[at..at + run], k, n, &mut readers);
-            at += run;
+            let msgs: Vec<Arc<Message>> = pending.drain(..len).collect();
+            if blocked.contains(&channel) {
+                kept.extend(msgs);
+                continue;
+            }
+            registry.lane_readers(&channel, k, n, &mut readers);
+            if readers.len() <= PART {
+                let mut offered = Offered::default();
+                for s in &readers {
+                    s.offer_many(&msgs, |o| offered.count(o));
+                }
+                registry.count_offered(&offered);
+                readers.clear();
+                done += msgs.len();
+                done_bytes += msgs.iter().map(|m| size_of(m)).sum::<usize>();
+            } else if large.is_none() {
+                large = Some(Large {
+                    msgs,
+                    readers: std::mem::take(&mut readers),
+                    at: 0,
+                    offered: Offered::default(),
+                });
+                blocked.push(channel);
+            } else {
+                readers.clear();
+                kept.extend(msgs);
+                blocked.push(channel);
+            }
         }
-        batch.clear();
+        pending = kept;
     }
 }
 
 impl Registry {
-    /// Offers `msgs` (messages of one channel, in order, at most [`OFFER_BATCH`]) to the
-    /// readers of their channel that lane `k` of `n` serves: a snapshot taken under the
-    /// channel's lock, offered after it (a stream that joins or leaves meanwhile is not held
-    /// up by the fan-out). `readers` is the lane's scratch list.
-    pub(super) fn fanout_part(
+    /// The readers of `channel` that lane `k` of `n` serves, into `readers`: a snapshot taken
+    /// under the channel's lock, offered after it (a stream that joins or leaves meanwhile is
+    /// not held up by the fan-out).
+    fn lane_readers(
         &self,
-        msgs: &[Arc<Message>],
+        channel: &ChannelName,
         k: usize,
         n: usize,
         readers: &mut Vec<Arc<Session>>,
     ) {
-        let Some(first) = msgs.first() else {
-            return;
-        };
-        {
-            let shard = self.channels[shard_of(&first.channel)].lock();
-            if let Some(c) = shard.get(first.channel.as_str()) {
-                readers.extend(
-                    c.readers
-                        .iter()
-                        .filter(|(seq, _)| lane_of(**seq, n) == k)
-                        .map(|(_, s)| s.clone()),
-                );
-            }
+        let shard = self.channels[shard_of(channel)].lock();
+        if let Some(c) = shard.get(channel.as_str()) {
+            readers.extend(
+                c.readers
+                    .iter()
+                    .filter(|(seq, _)| lane_of(**seq, n) == k)
+                    .map(|(_, s)| s.clone()),
+            );
         }
-        let mut offered = Offered::default();
-        for s in readers.iter() {
-            s.offer_many(msgs, |o| offered.count(o));
-        }
-        readers.clear();
-        self.count_offered(&offered);
     }
 
     /// `msg` did not fit on lane `k` of `n`: that lane's readers of its channel fall behind
