@@ -1,8 +1,9 @@
 //! The fan-out lanes: one thread per core that offers messages to local readers, so that a
 //! publisher (the HTTP handler, the Redis subscriber, the embedded broker) only queues a
-//! message and goes on. Each lane serves the readers whose sequence number falls to it and takes
-//! every message in the order queued: a stream's messages, whatever their channels, keep their
-//! order (all go through its one lane), and a large channel's fan-out is shared by every lane.
+//! message and goes on. Each lane serves the readers whose sequence number falls to it and
+//! takes each channel's messages in the order queued (a stream's messages of a channel keep
+//! their order); a large channel's fan-out is shared by every lane, done in parts, and other
+//! channels' messages go out between its parts.
 //!
 //! Bounded: a lane holds at most [`LANE_MESSAGES`] messages and [`LANE_BYTES`] of data; a
 //! message that does not fit is not queued there, and its channel's readers on that lane fall
