@@ -32,6 +32,7 @@ pub(super) const LANE_BYTES: usize = 64 << 20;
 /// the pages touched are memory.
 const LANE_STACK: usize = 2 << 20;
 
+#[derive(Default)]
 struct Queue {
     msgs: VecDeque<Arc<Message>>,
     /// Taken by the lane's thread and not offered yet (still within the bound).
@@ -41,6 +42,7 @@ struct Queue {
     closed: bool,
 }
 
+#[derive(Default)]
 struct Lane {
     queue: Mutex<Queue>,
     ready: Condvar,
@@ -72,19 +74,7 @@ impl Lanes {
     #[cfg(test)]
     pub(super) fn idle(n: usize) -> Lanes {
         Lanes {
-            lanes: (0..n)
-                .map(|_| {
-                    Arc::new(Lane {
-                        queue: Mutex::new(Queue {
-                            msgs: VecDeque::new(),
-                            taken: 0,
-                            bytes: 0,
-                            closed: false,
-                        }),
-                        ready: Condvar::new(),
-                    })
-                })
-                .collect(),
+            lanes: (0..n).map(|_| Arc::new(Lane::default())).collect(),
             warned: AtomicU64::new(u64::MAX),
         }
     }
@@ -93,21 +83,8 @@ impl Lanes {
     /// resource limit) is an error: the node does not start half able to deliver.
     pub(super) fn start(registry: &Arc<Registry>, n: usize) -> std::io::Result<Lanes> {
         let n = n.max(1);
-        let lanes: Box<[Arc<Lane>]> = (0..n)
-            .map(|_| {
-                Arc::new(Lane {
-                    queue: Mutex::new(Queue {
-                        msgs: VecDeque::new(),
-                        taken: 0,
-                        bytes: 0,
-                        closed: false,
-                    }),
-                    ready: Condvar::new(),
-                })
-            })
-            .collect();
         let lanes = Lanes {
-            lanes,
+            lanes: (0..n).map(|_| Arc::new(Lane::default())).collect(),
             warned: AtomicU64::new(u64::MAX),
         };
         for (k, lane) in lanes.lanes.iter().enumerate() {
