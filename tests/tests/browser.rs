@@ -211,18 +211,27 @@ async fn twenty_eventsources_over_https_share_one_connection_in_chromium() {
         20.0
     );
     // Over HTTP/1.1 a browser holds at most 6 connections per host; here all 20 streams share
-    // the browser's one connection to the hub.
-    let ss = std::process::Command::new("ss")
-        .args([
-            "-Htn",
-            "state",
-            "established",
-            &format!("( sport = :{} )", hub.public.port()),
-        ])
-        .output()
-        .unwrap();
-    let conns = String::from_utf8_lossy(&ss.stdout).lines().count();
-    assert_eq!(conns, 1, "{}", String::from_utf8_lossy(&ss.stdout));
+    // the browser's one connection to the hub. Chromium may open a few more while it learns
+    // that the first speaks HTTP/2 (seen once in CI: 5 established, 4 of them idle); it
+    // closes sockets that no request used, so the count must come down to one.
+    let established = || {
+        let ss = std::process::Command::new("ss")
+            .args([
+                "-Htn",
+                "state",
+                "established",
+                &format!("( sport = :{} )", hub.public.port()),
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&ss.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while established().lines().count() != 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let now = established();
+    assert_eq!(now.lines().count(), 1, "{now}");
 
     for i in 0..20 {
         hub.publish(&format!("{ch}.{i}"), None, json!(format!("m{i}")), true)
