@@ -46,8 +46,10 @@ fn offer_all<'a>(readers: impl Iterator<Item = &'a Arc<Session>>, msg: &Arc<Mess
 }
 
 impl Registry {
-    /// Offers `msg` to every local reader of its channel (a conflated channel's may wait,
-    /// see [`super::conflate`]). Returns how many took it now.
+    /// Offers `msg` to every local reader of its channel on the caller's thread (a conflated
+    /// channel's may wait, see [`super::conflate`]). Returns how many took it now. Tests
+    /// only: the node delivers through [`Registry::fanout_later`].
+    #[cfg(test)]
     pub fn fanout(&self, msg: &Arc<Message>) -> usize {
         match self.pace(msg) {
             Pace::Now => self.fanout_now(msg),

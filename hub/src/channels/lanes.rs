@@ -167,14 +167,12 @@ fn run(lane: &Lane, registry: &Weak<Registry>, k: usize, n: usize) {
         };
         if let Some(l) = &mut large {
             let end = (l.at + PART).min(l.readers.len());
-            for s in &l.readers[l.at..end] {
-                s.offer_many(&l.msgs, |o| l.offered.count(o));
-            }
+            offer_to(&l.readers[l.at..end], &l.msgs, &mut l.offered);
             l.at = end;
             if end == l.readers.len() {
                 registry.count_offered(&l.offered);
                 done += l.msgs.len();
-                done_bytes += l.msgs.iter().map(|m| size_of(m)).sum::<usize>();
+                done_bytes += sizes(&l.msgs);
                 large = None;
             }
         }
@@ -198,13 +196,11 @@ fn run(lane: &Lane, registry: &Weak<Registry>, k: usize, n: usize) {
             registry.lane_readers(&channel, k, n, &mut readers);
             if readers.len() <= PART {
                 let mut offered = Offered::default();
-                for s in &readers {
-                    s.offer_many(&msgs, |o| offered.count(o));
-                }
+                offer_to(&readers, &msgs, &mut offered);
                 registry.count_offered(&offered);
                 readers.clear();
                 done += msgs.len();
-                done_bytes += msgs.iter().map(|m| size_of(m)).sum::<usize>();
+                done_bytes += sizes(&msgs);
             } else if large.is_none() {
                 large = Some(Large {
                     msgs,
@@ -221,6 +217,18 @@ fn run(lane: &Lane, registry: &Weak<Registry>, k: usize, n: usize) {
         }
         pending = kept;
     }
+}
+
+/// Offers `msgs` (one channel's, in order) to each of `readers`, counting the outcomes.
+fn offer_to(readers: &[Arc<Session>], msgs: &[Arc<Message>], offered: &mut Offered) {
+    for s in readers {
+        s.offer_many(msgs, |o| offered.count(o));
+    }
+}
+
+/// The size of `msgs` as a lane's bound counts it.
+fn sizes(msgs: &[Arc<Message>]) -> usize {
+    msgs.iter().map(|m| size_of(m)).sum()
 }
 
 impl Registry {
@@ -248,18 +256,8 @@ impl Registry {
     /// `msg` did not fit on lane `k` of `n`: that lane's readers of its channel fall behind
     /// (history carries a durable message to them; an ephemeral one is lost to each, counted).
     pub(super) fn lane_full(&self, lanes: &Lanes, msg: &Message, k: usize) {
-        let n = lanes.len();
-        let readers: Vec<Arc<Session>> = self.channels[shard_of(&msg.channel)]
-            .lock()
-            .get(msg.channel.as_str())
-            .map(|c| {
-                c.readers
-                    .iter()
-                    .filter(|(seq, _)| lane_of(**seq, n) == k)
-                    .map(|(_, s)| s.clone())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let mut readers = Vec::new();
+        self.lane_readers(&msg.channel, k, lanes.len(), &mut readers);
         if msg.position.is_none() && !readers.is_empty() {
             self.metrics
                 .dropped(DropReason::Lagged)

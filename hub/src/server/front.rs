@@ -381,13 +381,7 @@ async fn held_back(node: &Node, io: &TcpStream, forwarded: Option<&str>, e: &Api
     // Spread over the second half of HOLD: answers held at once (a flood's burst) do not all
     // come back, and come again, at the same moment.
     let half = addresses::HOLD / 2;
-    let spread = io.peer_addr().map_or(0, |a| u64::from(a.port()))
-        ^ u64::from(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.subsec_nanos()),
-        );
-    let hold = half + Duration::from_millis(spread % half.as_millis().max(1) as u64);
+    let hold = half + half.mul_f64(fastrand::f64());
     tokio::select! {
         () = tokio::time::sleep(hold) => true,
         () = client_gone(io, None) => false,
