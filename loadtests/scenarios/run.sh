@@ -13,8 +13,12 @@
 #   TRANSPORT       sse or ws
 #   STALL PAD       streams that stop reading once open; padding bytes per message
 #   STORM=1         every node is restarted (SIGTERM, started again on the same port) STORM_AFTER
-#                   seconds into publishing; streams come back with Last-Event-ID after a random
-#                   delay below RECONNECT_MS (EventSource waits the hub's `retry:` 2000 ms)
+#                   seconds into publishing; streams come back with Last-Event-ID (a hub
+#                   WebSocket: subscribes with "since") after a random delay below RECONNECT_MS
+#                   (EventSource waits the hub's `retry:` 2000 ms); publishes refused while a
+#                   node is down are tried again. MODE=redis keeps history across the restart;
+#                   MODE=memory loses it (and what was published meanwhile) with the node, as
+#                   Sockudo, which has no history, always does
 #   CAP             the server's stream limit (hub: HUB_MAX_CONNECTIONS; Nchan:
 #                   nchan_max_channel_subscribers, per channel), default 20000
 #   CHURN_MS        churn: each stream closes after a random time below this and opens again,
@@ -58,7 +62,6 @@ SRV=() GEN=()
 if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
 [ "$NODES" -gt 1 ] && MODE=redis
 [ $((COUNT % CHANNELS)) -eq 0 ] || { echo "COUNT must be a multiple of CHANNELS (each stream expects COUNT/CHANNELS)" >&2; exit 1; }
-[ "$STORM" = 1 ] && [ "$MODE" != redis ] && { echo "STORM=1 needs MODE=redis (history must outlive the node)" >&2; exit 1; }
 if [[ " $PEERS " == *" nchan "* ]]; then
     command -v nginx >/dev/null && [ -f /usr/lib/nginx/modules/ngx_nchan_module.so ] || {
         echo "needs nginx and libnginx-mod-nchan (apt-get install nginx libnginx-mod-nchan)" >&2; exit 1; }
@@ -155,7 +158,7 @@ loadgen_run() {
         if [ "$TRANSPORT" = ws ]; then args+=(--ws --path "/ws/${pre}c{ch}"); else args+=(--path "/sub/${pre}c{ch}" --accept-event-stream); fi
         args+=(--raw-post "http://${NPUB[0]}/pub?id={channel}" --channel "${pre}c{n}")
     fi
-    if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS"); fi
+    if [ "$STORM" = 1 ]; then args+=(--reconnect --reconnect-ms "$RECONNECT_MS" --retry-secs 30); fi
     # Opening 10,000 streams at once through the hook is itself a storm: refused first opens
     # come back, as EventSources would.
     if [ "$HOOK" = 1 ]; then args+=(--open-retries 20 --session-cookie); fi

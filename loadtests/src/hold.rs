@@ -4,7 +4,8 @@
 //! Each stream is a raw TCP connection with its own small chunked-encoding decoder and SSE line
 //! parser, or WebSocket frame parser (no HTTP client per stream), so one process holds thousands
 //! cheaply. Message data is `<seq> <unix micros>`; latency is now minus the send time. With
-//! `--reconnect` an ended stream comes back with `Last-Event-ID`, as `EventSource` does. Prints
+//! `--reconnect` an ended stream comes back with `Last-Event-ID`, as `EventSource` does (a hub
+//! WebSocket subscribes again with `"since"`: the last message id it read). Prints
 //! `READY <opened> <failed>` once every stream was tried, then the JSON report as its last line.
 
 use crate::report::{self, HoldReport};
@@ -71,7 +72,9 @@ pub struct StreamOpts {
     /// {"op":"subscribe","channel":"public:c{ch}"}
     #[arg(long)]
     pub subscribe: Option<String>,
-    /// Reconnect an SSE stream that ended, with `Last-Event-ID` set to the last `id:` seen.
+    /// Reconnect a stream that ended: SSE with `Last-Event-ID` set to the last `id:` seen, a
+    /// WebSocket by sending `--subscribe` again, with `"since":"<id>"` added when its frames
+    /// carried ids (the hub's; a Pusher server's carry none and have no resume).
     #[arg(long)]
     pub reconnect: bool,
     /// Send `Accept: text/event-stream`, as an EventSource does. Nchan needs it to serve an
@@ -517,6 +520,10 @@ impl Stream {
         if payload.first() == Some(&b'{') {
             let key = b"\"data\":\"";
             if let Some(at) = payload.windows(key.len()).position(|w| w == key) {
+                // The hub's frames carry the message's id before its data.
+                if let Some(id) = json_string_field(&payload[..at], b"\"id\":\"") {
+                    self.last_id = Some(id);
+                }
                 let rest = &payload[at + key.len()..];
                 let end = rest.iter().position(|&c| c == b'"').unwrap_or(rest.len());
                 self.message(&rest[..end], shared, hist);
@@ -524,6 +531,24 @@ impl Stream {
         } else {
             self.message(payload, shared, hist);
         }
+    }
+}
+
+/// The string value after `key` (e.g. `"id":"`) in `json`, if any (ids have no escapes).
+fn json_string_field(json: &[u8], key: &[u8]) -> Option<String> {
+    let at = json.windows(key.len()).position(|w| w == key)?;
+    let rest = &json[at + key.len()..];
+    let end = rest.iter().position(|&c| c == b'"')?;
+    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+}
+
+/// The subscribe frame for channel `ch`: the template, resuming after `last_id` if there is
+/// one (`"since"`, the hub's WebSocket resume).
+fn subscribe_frame(template: &str, ch: u64, last_id: Option<&str>) -> String {
+    let sub = fill(template, ch);
+    match (last_id, sub.strip_suffix('}')) {
+        (Some(id), Some(open)) => format!("{open},\"since\":\"{id}\"}}"),
+        _ => sub,
     }
 }
 
@@ -752,7 +777,10 @@ async fn connection(
             }
             if args.stream.ws {
                 if let Some(sub) = &args.stream.subscribe {
-                    let f = ws_client_frame(1, fill(sub, ch).as_bytes());
+                    let f = ws_client_frame(
+                        1,
+                        subscribe_frame(sub, ch, st.last_id.as_deref()).as_bytes(),
+                    );
                     if s.write_all(&f).await.is_err() {
                         return End::Dropped;
                     }
@@ -783,7 +811,7 @@ async fn connection(
             for f in frames.drain(..) {
                 match f {
                     WsFrame::Text(p) => {
-                        if permit.is_some() && subscribed(&p) {
+                        if (permit.is_some() || st.dropped_at.is_some()) && subscribed(&p) {
                             opened(shared, permit, st.dropped_at.take());
                         }
                         // A Pusher server (Sockudo) pings in JSON after a quiet spell.
@@ -921,7 +949,7 @@ async fn one(
                     _ = stop.changed() => break,
                 }
             }
-            End::Dropped if !args.stream.reconnect || args.stream.ws => {
+            End::Dropped if !args.stream.reconnect => {
                 shared.ended.fetch_add(1, Ordering::Relaxed);
                 break;
             }
@@ -1159,5 +1187,26 @@ mod tests {
             &mut lat,
         );
         assert_eq!(st.count, 4);
+        // A WebSocket resumes after the id its last message frame carried.
+        assert_eq!(st.last_id.as_deref(), Some("1-0"));
+        st.feed_ws(
+            br#"{"event":"msg","channel":"c","data":"63 1"}"#,
+            &shared,
+            &mut lat,
+        );
+        assert_eq!((st.count, st.last_id.as_deref()), (5, Some("1-0")));
+    }
+
+    #[test]
+    fn a_websocket_subscribes_again_after_its_last_id() {
+        let t = r#"{"op":"subscribe","channel":"public:c{ch}"}"#;
+        assert_eq!(
+            subscribe_frame(t, 3, None),
+            r#"{"op":"subscribe","channel":"public:c3"}"#
+        );
+        assert_eq!(
+            subscribe_frame(t, 3, Some("17-0")),
+            r#"{"op":"subscribe","channel":"public:c3","since":"17-0"}"#
+        );
     }
 }
