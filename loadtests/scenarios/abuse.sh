@@ -14,18 +14,28 @@
 # touch), the hub's
 # CPU per million deliveries, its RSS before the attack and at most during it, how many of 50
 # newcomers (fresh addresses, 10 s into the attack) got a stream, and what the attacker got.
-# PIN=1 (default): the hub on CPU 0, readers and attacker on CPU 1 (an attacker's own CPU is
-# not the server's). The attacker runs at nice 19 (ATTACK_NICE): on this machine it shares CPU 1
-# with the readers' load generator, and a real attacker's CPU is neither the server's nor the
-# readers', so it must not delay the readers reading what the hub sent (it still has CPU 1
-# whenever they are idle, which is most of the time). Everything listens on loopback, stops by
-# itself and is stopped by PID.
+# PIN=1 (default): the hub on CPU 0, the readers on CPU 1, the attacker on ATTACK_ON's core:
+# `server` (default) CPU 0, `readers` CPU 1. On loopback the kernel does both ends' TCP work
+# for a connection (handshake, close) on the CPU of the side that sends, mostly the
+# attacker's: on the readers' core that work, which on a network is the server machine's,
+# delays the readers and not the hub; on the hub's core the hub pays it and the attacker's
+# own user time too (the harsher place for the hub). The attacker runs at nice 19
+# (ATTACK_NICE): a real attacker's CPU is neither the server's nor the readers'. Everything
+# listens on loopback, stops by itself and is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 READERS=${READERS:-5000} PROCS=${PROCS:-3} COUNT=${COUNT:-30} RUNS=${RUNS:-3} ATTACKERS=${ATTACKERS:-5000}
 VARIANTS=${VARIANTS:-none slowloris slowloris-off flood flood-off} PIN=${PIN:-1} ATTACK_NICE=${ATTACK_NICE:-19}
-SRV=() GEN=()
-if [ "$PIN" = 1 ]; then SRV=(taskset -c 0) GEN=(taskset -c 1); fi
+ATTACK_ON=${ATTACK_ON:-server}
+SRV=() GEN=() ATK=()
+if [ "$PIN" = 1 ]; then
+    SRV=(taskset -c 0) GEN=(taskset -c 1)
+    case $ATTACK_ON in
+        server) ATK=(taskset -c 0) ;;
+        readers) ATK=(taskset -c 1) ;;
+        *) echo "ATTACK_ON is server or readers" >&2; exit 1 ;;
+    esac
+fi
 cargo build -q --release -p hub -p loadtests
 OUT=$(mktemp -d /tmp/scenario-abuse.XXXX)
 . loadtests/scenarios/lib.sh
@@ -56,11 +66,12 @@ run_one() { # run_one <variant> <run>
     local rss0; rss0=$(awk '/^VmRSS:/{print $2}' "/proc/$hub/status")
     local atk=""
     if [ ${#attack[@]} -gt 0 ]; then
-        "${GEN[@]}" nice -n "$ATTACK_NICE" $LOADGEN attack "${attack[@]}" --target "$pub" --connections "$ATTACKERS" --duration-secs $((COUNT + 5)) \
+        ${ATK[@]+"${ATK[@]}"} nice -n "$ATTACK_NICE" $LOADGEN attack "${attack[@]}" --target "$pub" --connections "$ATTACKERS" --duration-secs $((COUNT + 5)) \
             > "$OUT/attack-$v-$r.json" 2> "$OUT/attack-$v-$r.err" &
         atk=$!; PIDS+=("$atk")
     fi
-    local rssmax=$rss0 t=0 newcomers=""
+    # RSS: at most, 10 s into the attack and at its last second (flat: the end not above 10 s).
+    local rssmax=$rss0 t=0 newcomers="" rss10=$rss0 rssend=$rss0
     while kill -0 "$lg" 2>/dev/null; do
         t=$((t + 1))
         if [ "$t" = 10 ]; then
@@ -71,6 +82,8 @@ run_one() { # run_one <variant> <run>
         fi
         local now; now=$(awk '/^VmRSS:/{print $2}' "/proc/$hub/status" 2>/dev/null || echo 0)
         [ "$now" -gt "$rssmax" ] && rssmax=$now
+        [ "$t" = 10 ] && rss10=$now
+        [ "$now" -gt 0 ] && rssend=$now
         sleep 1
     done
     wait "$lg" || true
@@ -79,7 +92,7 @@ run_one() { # run_one <variant> <run>
     curl -sf "http://$adm/metrics" > "$OUT/metrics-$v-$r.txt" || true
     rejected=$(awk '/^hub_connections_rejected_total/ && $2 > 0 {printf "%s=%s ", $1, $2}' "$OUT/metrics-$v-$r.txt")
     kill -TERM "$hub"; wait "$hub" 2>/dev/null || true
-    python3 - "$OUT/report-$v-$r.json" "$OUT/attack-$v-$r.json" "$rss0" "$rssmax" "$rejected" "$newcomers" "$OUT/metrics-$v-$r.txt" <<'PY'
+    python3 - "$OUT/report-$v-$r.json" "$OUT/attack-$v-$r.json" "$rss0" "$rssmax" "$rejected" "$newcomers" "$OUT/metrics-$v-$r.txt" "$rss10" "$rssend" <<'PY'
 import json, sys, os, re
 rep = json.load(open(sys.argv[1]))
 # The hub's own view: publish to write on the stream (hub_delivery_latency_seconds), free of
@@ -109,6 +122,8 @@ print(json.dumps({
     "hub_within_50ms_pct": hub_50,
     "rss_before_mb": int(sys.argv[3]) / 1024,
     "rss_max_mb": int(sys.argv[4]) / 1024,
+    "rss_10s_mb": int(sys.argv[8]) / 1024,
+    "rss_end_mb": int(sys.argv[9]) / 1024,
     "attack": atk,
     "rejected": sys.argv[5],
     "newcomers": sys.argv[6],
@@ -130,13 +145,13 @@ base = None
 for v in variants:
     rs = [json.load(open(f"{out}/summary-{v}-{r}.json")) for r in range(1, runs + 1)]
     med = lambda k: statistics.median(r[k] for r in rs if r[k] is not None)
-    row = {k: med(k) for k in ["opened", "delivered_pct", "p99_ms", "cpu_per_million", "rss_before_mb", "rss_max_mb", "hub_p99_ms", "hub_within_50ms_pct"]}
+    row = {k: med(k) for k in ["opened", "delivered_pct", "p99_ms", "cpu_per_million", "rss_before_mb", "rss_max_mb", "rss_10s_mb", "rss_end_mb", "hub_p99_ms", "hub_within_50ms_pct"]}
     if base is None:
         base = row
     atk = rs[len(rs) // 2]["attack"]
     print(f"{v:14} readers {row['opened']:.0f}  delivered {row['delivered_pct']:.1f}%  p99 {row['p99_ms']:.1f} ms "
           f"({row['p99_ms'] / max(base['p99_ms'], 1e-9):.2f}x)  CPU-s/M {row['cpu_per_million']:.1f}  "
-          f"RSS {row['rss_before_mb']:.0f} -> max {row['rss_max_mb']:.0f} MB")
+          f"RSS {row['rss_before_mb']:.0f} -> max {row['rss_max_mb']:.0f} MB (10 s in {row['rss_10s_mb']:.0f}, end {row['rss_end_mb']:.0f})")
     print(f"{'':14} runs p99 {[round(r['p99_ms'], 1) for r in rs]}  delivered {[round(r['delivered_pct'], 1) for r in rs]}")
     print(f"{'':14} the hub's own publish-to-write p99 {row['hub_p99_ms']:.1f} ms ({row['hub_p99_ms'] / max(base['hub_p99_ms'], 1e-9):.2f}x), "
           f"{row['hub_within_50ms_pct']:.1f}% within 50 ms; runs {[round(r['hub_p99_ms'], 1) for r in rs]}")

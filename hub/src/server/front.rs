@@ -32,7 +32,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// Largest request head read here (a stream request is a few hundred bytes; a long token or
@@ -183,17 +183,35 @@ fn join(all: &mut Option<String>, sep: &str, v: &str) {
 
 /// Reads until the head is complete, over the limit, or the client stopped sending. `None`
 /// when the connection closed before sending anything.
-async fn read_head(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<Option<Head>> {
+async fn read_head(io: &TcpStream, buf: &mut BytesMut) -> io::Result<Option<Head>> {
     loop {
-        buf.reserve(1024.min(MAX_HEAD + 1 - buf.len()).max(1));
-        if io.read_buf(buf).await? == 0 {
-            return Ok((!buf.is_empty()).then_some(Head::Other));
+        // Polled rather than `readable()`: no waiter node in the task of every connection.
+        std::future::poll_fn(|cx| io.poll_read_ready(cx)).await?;
+        match take_some(io, buf) {
+            Ok(0) => return Ok((!buf.is_empty()).then_some(Head::Other)),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
         }
         match parse_head(buf) {
             Head::Partial => continue,
             head => return Ok(Some(head)),
         }
     }
+}
+
+/// Reads what the socket has (up to [`MAX_HEAD`] in all) through a stack buffer and keeps
+/// only those bytes: a connection that trickles its head (a slowloris) or sends nothing holds
+/// a few bytes while it waits, not a buffer reserved ahead (a synchronous call, so the stack
+/// buffer is not part of the waiting task).
+fn take_some(io: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    let mut chunk = [0u8; 1024];
+    let room = (MAX_HEAD + 1)
+        .saturating_sub(buf.len())
+        .clamp(1, chunk.len());
+    let n = io.try_read(&mut chunk[..room])?;
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(n)
 }
 
 /// Serves one accepted connection of the public port; `http` answers whatever is not a stream.
@@ -207,8 +225,7 @@ where
     let _ = io.set_nodelay(true);
     let socket = PeerSocket(io.as_raw_fd());
     let mut buf = BytesMut::new();
-    let head =
-        tokio::time::timeout(Duration::from_secs(head_secs), read_head(&mut io, &mut buf)).await;
+    let head = tokio::time::timeout(Duration::from_secs(head_secs), read_head(&io, &mut buf)).await;
     match head {
         Ok(Ok(Some(Head::Stream(req)))) => {
             drop(buf);
@@ -587,6 +604,38 @@ mod tests {
 
     fn head(text: &str) -> Head {
         parse_head(text.as_bytes())
+    }
+
+    /// A head that trickles in (a slowloris) is held as the bytes that came, not in a buffer
+    /// reserved ahead; the rest completes it.
+    #[tokio::test]
+    async fn a_trickled_head_holds_only_its_bytes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (io, _) = listener.accept().await.expect("accept");
+        client.write_all(b"GET").await.expect("write");
+        let mut buf = BytesMut::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while buf.len() < 3 {
+            assert!(std::time::Instant::now() < deadline, "3 bytes never read");
+            let waiting =
+                tokio::time::timeout(Duration::from_millis(20), read_head(&io, &mut buf)).await;
+            assert!(waiting.is_err(), "an incomplete head is not a head");
+        }
+        assert_eq!(&buf[..], b"GET");
+        assert!(buf.capacity() < 64, "holds {} bytes", buf.capacity());
+        client
+            .write_all(b" /v1/sse?channel=public:a HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let head = tokio::time::timeout(Duration::from_secs(10), read_head(&io, &mut buf))
+            .await
+            .expect("the head completes");
+        assert!(matches!(head, Ok(Some(Head::Stream(_)))));
     }
 
     #[test]
