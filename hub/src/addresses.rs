@@ -4,7 +4,7 @@
 //! (`HUB_CONNECT_RATE_PER_IP`). No I/O. Memory is bounded: counts exist only for addresses
 //! holding streams, and rate buckets are capped at [`MAX_BUCKETS`] (full ones pruned first).
 //! Also which refusals are held back ([`Addresses::hold`]): an address refused more than a few
-//! times a second is answered only after half to all of [`HOLD`], at most [`Addresses::max_held`] at once.
+//! times a second is answered only after half to all of [`HOLD`], at most `max_held` at once.
 
 use crate::domain::RejectReason;
 use crate::ratelimit::Buckets;
@@ -62,7 +62,7 @@ pub struct Addresses {
     max_held: usize,
 }
 
-/// A refusal held back: one of [`Addresses::max_held`] places, given back when dropped.
+/// A refusal held back: one of `max_held` places, given back when dropped.
 pub struct Held {
     addresses: Arc<Addresses>,
 }
@@ -137,11 +137,6 @@ impl Addresses {
     /// Refusals held back now.
     pub fn held(&self) -> usize {
         self.held.load(Ordering::Acquire)
-    }
-
-    /// Refusals held back at most at once.
-    pub fn max_held(&self) -> usize {
-        self.max_held
     }
 
     /// Whether any per-address limit is on.

@@ -118,9 +118,7 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         Some(url) => Some(redis_connect(url).await?),
         None => None,
     };
-    // Bounded by --count (one u64 per message).
-    let mut rtts: Vec<u64> =
-        Vec::with_capacity(usize::try_from(args.count).unwrap_or(0).min(1 << 20));
+    let mut rtts = crate::report::histogram();
     for seq in 0..args.count {
         if let Some(t) = tick.as_mut() {
             t.tick().await;
@@ -133,8 +131,9 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         loop {
             let asked = Instant::now();
             if publish_one(&args, &http, &mut redis_conn, channel, &d).await? {
-                if first && rtts.len() < rtts.capacity() {
-                    rtts.push(asked.elapsed().as_micros() as u64);
+                if first {
+                    let us = asked.elapsed().as_micros() as u64;
+                    let _ = rtts.record(us.clamp(1, crate::report::MAX_LATENCY_US));
                 }
                 report.sent += 1;
                 break;
@@ -155,13 +154,11 @@ pub async fn main(args: PublishArgs) -> anyhow::Result<PublishReport> {
         }
     }
     report.secs = started.elapsed().as_secs_f64();
-    rtts.sort_unstable();
-    let at = |q: f64| {
-        rtts.get(((rtts.len() as f64 * q).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or(0)
-    };
-    (report.rtt_p50_us, report.rtt_p99_us, report.rtt_max_us) = (at(0.5), at(0.99), at(1.0));
+    (report.rtt_p50_us, report.rtt_p99_us, report.rtt_max_us) = (
+        rtts.value_at_quantile(0.5),
+        rtts.value_at_quantile(0.99),
+        rtts.max(),
+    );
     Ok(report)
 }
 

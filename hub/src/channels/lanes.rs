@@ -70,8 +70,7 @@ fn size_of(msg: &Message) -> usize {
 }
 
 impl Lanes {
-    /// `n` lanes without threads: what is queued stays (tests of the bounds).
-    #[cfg(test)]
+    /// `n` lanes without threads: what is queued stays (tests of the bounds use them so).
     pub(super) fn idle(n: usize) -> Lanes {
         Lanes {
             lanes: (0..n).map(|_| Arc::new(Lane::default())).collect(),
@@ -83,10 +82,7 @@ impl Lanes {
     /// resource limit) is an error: the node does not start half able to deliver.
     pub(super) fn start(registry: &Arc<Registry>, n: usize) -> std::io::Result<Lanes> {
         let n = n.max(1);
-        let lanes = Lanes {
-            lanes: (0..n).map(|_| Arc::new(Lane::default())).collect(),
-            warned: AtomicU64::new(u64::MAX),
-        };
+        let lanes = Lanes::idle(n);
         for (k, lane) in lanes.lanes.iter().enumerate() {
             let (lane, registry) = (lane.clone(), Arc::downgrade(registry));
             std::thread::Builder::new()

@@ -332,7 +332,6 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
     if let Err(e) = transport::ws::check_origin(&node, &head) {
         return refuse(io, &e).await;
     }
-    let forwarded = req.forwarded.clone();
     let opening = Box::pin(transport::ws::open(&node, &head, Some(socket), None));
     // Frames a client sends before the 101 (it should not) are kept for the socket.
     let mut early = BytesMut::new();
@@ -374,7 +373,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             .await
         }
         Err(e) => {
-            if held_back(&node, &io, forwarded.as_deref(), &e).await {
+            if held_back(&node, &io, head.forwarded, &e).await {
                 refuse(io, &e).await
             }
         }

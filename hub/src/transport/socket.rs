@@ -132,12 +132,7 @@ impl DirectSink for DirectWs {
             Ok(n) if n > 0 => Sent::Part(frame.slice(n..)),
             _ => return Sent::Nothing,
         };
-        // Counted delivered by the fan-out (once per message, not per socket).
-        self.node
-            .metrics
-            .latency
-            .record(msg.received.elapsed().as_secs_f64());
-        session.took(self.node.registry.clock.now());
+        self.wrote(&[msg], session);
         sent
     }
 
@@ -181,16 +176,23 @@ impl DirectSink for DirectWs {
                 break;
             }
         }
-        let now = self.node.registry.clock.now();
-        let written = whole + usize::from(rest.is_some());
-        for m in &msgs[..written] {
+        self.wrote(&msgs[..whole + usize::from(rest.is_some())], session);
+        (whole, rest)
+    }
+}
+
+impl DirectWs {
+    /// `msgs` went out (whole or a first part): their publish-to-write latency, and the
+    /// session's last write. Counted delivered by the fan-out (once per message, not per
+    /// socket).
+    fn wrote(&self, msgs: &[&Message], session: &Session) {
+        for m in msgs {
             self.node
                 .metrics
                 .latency
                 .record(m.received.elapsed().as_secs_f64());
         }
-        session.took(now);
-        (whole, rest)
+        session.took(self.node.registry.clock.now());
     }
 }
 
