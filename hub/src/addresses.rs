@@ -4,7 +4,8 @@
 //! (`HUB_CONNECT_RATE_PER_IP`). No I/O. Memory is bounded: counts exist only for addresses
 //! holding streams, and rate buckets are capped at [`MAX_BUCKETS`] (full ones pruned first).
 //! Also which refusals are held back ([`Addresses::hold`]): an address refused more than a few
-//! times a second is answered only after half to all of [`HOLD`], at most `max_held` at once.
+//! times a second is answered only after half to all of [`HOLD`], on shared ticks, at most
+//! `max_held` at once.
 
 use crate::domain::RejectReason;
 use crate::ratelimit::Buckets;
@@ -24,6 +25,8 @@ pub const MAX_BUCKETS: usize = 65_536;
 /// again at once (a flood, a buggy retry loop) is then served at the pace it was told to keep,
 /// instead of costing the node an accept, a head and an answer as fast as it can ask.
 pub const HOLD: Duration = Duration::from_secs(5);
+/// Held answers leave on ticks this far apart (see [`Addresses::tick`]).
+const TICK: Duration = Duration::from_millis(100);
 /// Refusals a second one address is answered at once (after [`REFUSALS_BURST`]).
 const REFUSALS_RATE: f64 = 1.0;
 /// Refusals in a row one address is answered at once (a page with a few tabs over its limit).
@@ -60,6 +63,8 @@ pub struct Addresses {
     /// the streams, see `node::build`).
     held: AtomicUsize,
     max_held: usize,
+    /// The start of the ticks held answers leave on (see [`Addresses::tick`]).
+    epoch: Instant,
 }
 
 /// A refusal held back: one of `max_held` places, given back when dropped.
@@ -109,7 +114,18 @@ impl Addresses {
             refusals: Buckets::default(),
             held: AtomicUsize::new(0),
             max_held,
+            epoch: Instant::now(),
         }
+    }
+
+    /// `at` rounded up to the next [`TICK`]: held answers due within one tick leave together,
+    /// in one wake-up of the worker, and the requests they send back come together.
+    pub fn tick(&self, at: Instant) -> Instant {
+        let since = at.saturating_duration_since(self.epoch).as_nanos();
+        let tick = TICK.as_nanos();
+        let ticks = since.div_ceil(tick);
+        let rounded = u64::try_from(ticks * tick).unwrap_or(u64::MAX);
+        self.epoch + Duration::from_nanos(rounded)
     }
 
     /// Whether the answer to a per-address refusal of `ip` (just refused) is held back for
@@ -254,6 +270,23 @@ mod tests {
 
     fn peer(s: &str) -> Option<SocketAddr> {
         Some(SocketAddr::new(s.parse().unwrap(), 1))
+    }
+
+    #[test]
+    fn held_answers_leave_on_shared_ticks() {
+        let a = addrs(&[], 0, 0);
+        let at = a.epoch + Duration::from_millis(3_217);
+        let tick = a.tick(at);
+        assert_eq!(tick, a.epoch + Duration::from_millis(3_300));
+        // Every instant of that tick leaves with it; the next tick's do not.
+        assert_eq!(a.tick(a.epoch + Duration::from_millis(3_201)), tick);
+        assert_eq!(a.tick(a.epoch + Duration::from_millis(3_300)), tick);
+        assert_eq!(a.tick(a.epoch + Duration::from_millis(3_301)), tick + TICK);
+        // Never earlier than asked.
+        for ms in 0..1_000 {
+            let at = a.epoch + Duration::from_micros(ms * 1_317);
+            assert!(a.tick(at) >= at && a.tick(at) < at + TICK);
+        }
     }
 
     #[test]

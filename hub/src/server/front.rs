@@ -398,8 +398,9 @@ async fn held_back(node: &Node, io: &TcpStream, forwarded: Option<&str>, e: &Api
     // come back, and come again, at the same moment.
     let half = addresses::HOLD / 2;
     let hold = half + half.mul_f64(fastrand::f64());
+    let at = node.addresses.tick(std::time::Instant::now() + hold);
     tokio::select! {
-        () = tokio::time::sleep(hold) => true,
+        () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => true,
         () = client_gone(io, None) => false,
     }
 }
