@@ -131,8 +131,10 @@ print(json.dumps({
 PY
 }
 
-for v in $VARIANTS; do
-    for r in $(seq "$RUNS"); do
+# Interleaved (each run of every variant, then the next run): a slow drift of the machine
+# (other tenants, thermal) falls on every variant alike instead of on one variant's block.
+for r in $(seq "$RUNS"); do
+    for v in $VARIANTS; do
         echo "$v run $r/$RUNS" >&2
         run_one "$v" "$r" > "$OUT/summary-$v-$r.json"
     done
