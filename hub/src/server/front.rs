@@ -410,8 +410,11 @@ async fn refuse(io: TcpStream, e: &ApiError) {
     send_and_close(io, &error_answer(e).await).await
 }
 
-/// Writes a whole answer (within [`ANSWER_SECS`]) and closes the connection.
+/// Writes a whole answer (within [`ANSWER_SECS`]) and closes the connection. The answer's last
+/// segment waits (corked) for the shutdown, which sends it with the FIN: one packet fewer for
+/// each refusal, which a flood makes by the thousand.
 async fn send_and_close(mut io: TcpStream, answer: &[u8]) {
+    let _ = socket2::SockRef::from(&io).set_tcp_cork(true);
     let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
         io.write_all(answer).await?;
         io.shutdown().await
