@@ -34,9 +34,21 @@ async fn rewinds(env: &[(&str, &str)]) {
     let hub = Hub::start(&env).await;
     hub.wait_ready(WAIT).await;
     let ch = prefix("rewind");
+    // A publish answers once its message is queued for the fan-out, so a stream opened just
+    // after it may still get it live. Watchers on every lane (a stream's lane is its sequence
+    // number modulo the cores; these take consecutive ones) show when the fan-out of the
+    // ephemeral message is over: the streams below open after it.
+    let lanes = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut watchers = Vec::new();
+    for _ in 0..2 * lanes {
+        watchers.push(hub.connect(&format!("channel={ch}"), &[]).await.0);
+    }
     // 10 durable messages: history (8) keeps d2..d9; an ephemeral one is never replayed.
     let ids = hub.publish_many(&ch, &data(0..10)).await;
     hub.publish(&ch, None, json!("ephemeral"), false).await;
+    for w in &mut watchers {
+        while w.next_message(WAIT).await.expect("watcher ended").data != "ephemeral" {}
+    }
 
     // SSE: the last 3, then live, nothing twice.
     let (mut s, _) = hub.connect(&format!("channel={ch}&rewind=3"), &[]).await;
