@@ -518,15 +518,12 @@ impl Stream {
     /// data (Nchan). Frames whose data is not `<seq> <us>` (replies, pings) count for nothing.
     fn feed_ws(&mut self, payload: &[u8], shared: &Shared, hist: &mut Vec<u64>) {
         if payload.first() == Some(&b'{') {
-            let key = b"\"data\":\"";
-            if let Some(at) = payload.windows(key.len()).position(|w| w == key) {
+            if let Some((at, data)) = string_field(payload, b"\"data\":\"") {
                 // The hub's frames carry the message's id before its data.
-                if let Some(id) = json_string_field(&payload[..at], b"\"id\":\"") {
-                    self.last_id = Some(id);
+                if let Some((_, id)) = string_field(&payload[..at], b"\"id\":\"") {
+                    self.last_id = Some(String::from_utf8_lossy(id).into_owned());
                 }
-                let rest = &payload[at + key.len()..];
-                let end = rest.iter().position(|&c| c == b'"').unwrap_or(rest.len());
-                self.message(&rest[..end], shared, hist);
+                self.message(data, shared, hist);
             }
         } else {
             self.message(payload, shared, hist);
@@ -534,12 +531,13 @@ impl Stream {
     }
 }
 
-/// The string value after `key` (e.g. `"id":"`) in `json`, if any (ids have no escapes).
-fn json_string_field(json: &[u8], key: &[u8]) -> Option<String> {
+/// Where `key` (e.g. `"data":"`) is in `json` and the string value after it, up to its closing
+/// quote or the end (the values read here, ids and `<seq> <us>`, have no escapes).
+fn string_field<'a>(json: &'a [u8], key: &[u8]) -> Option<(usize, &'a [u8])> {
     let at = json.windows(key.len()).position(|w| w == key)?;
     let rest = &json[at + key.len()..];
-    let end = rest.iter().position(|&c| c == b'"')?;
-    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+    let end = rest.iter().position(|&c| c == b'"').unwrap_or(rest.len());
+    Some((at, &rest[..end]))
 }
 
 /// The subscribe frame for channel `ch`: the template, resuming after `last_id` if there is

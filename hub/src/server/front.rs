@@ -27,6 +27,7 @@ use actix_web::ResponseError;
 use bytes::{Buf, Bytes, BytesMut};
 use std::future::Future;
 use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -264,6 +265,7 @@ where
 /// `req` is boxed: the request is dropped before the stream runs, but the task's size is set
 /// by everything it holds at any await (see `the_task_of_a_stream_stays_small`).
 async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<StreamRequest>) {
+    let remote = io.peer_addr().ok();
     let opening = Box::pin(sse::open(
         &node,
         StreamHead {
@@ -271,7 +273,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
             origin: req.origin.as_ref(),
             authorization: req.authorization.as_deref(),
             cookie: req.cookie.as_deref(),
-            remote: io.peer_addr().ok(),
+            remote,
             forwarded: req.forwarded.as_deref(),
             gzip: req.gzip,
             last_event_id: req.last_event_id.as_deref(),
@@ -300,14 +302,20 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
             .await
         }
         // Boxed: the refusal's answer must not size the task of every stream.
-        Err(e) => Box::pin(refused(io, &node, req, &e)).await,
+        Err(e) => Box::pin(refused(io, &node, req, remote, &e)).await,
     }
 }
 
 /// Answers a refused stream request: an EventSource refused for a reason that passes is told
 /// to come back (a 200, see `sse::refusal_body`); any other gets the status.
-async fn refused(io: TcpStream, node: &Node, req: Box<StreamRequest>, e: &ApiError) {
-    if !held_back(node, &io, req.forwarded.as_deref(), e).await {
+async fn refused(
+    io: TcpStream,
+    node: &Node,
+    req: Box<StreamRequest>,
+    remote: Option<SocketAddr>,
+    e: &ApiError,
+) {
+    if !held_back(node, &io, remote, req.forwarded.as_deref(), e).await {
         return;
     }
     match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
@@ -373,7 +381,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             .await
         }
         Err(e) => {
-            if held_back(&node, &io, head.forwarded, &e).await {
+            if held_back(&node, &io, head.remote, head.forwarded, &e).await {
                 refuse(io, &e).await
             }
         }
@@ -384,13 +392,18 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
 /// all of [`addresses::HOLD`] when the address is refused more than a few times a second (see
 /// `Addresses::hold`). False when the client left meanwhile (nothing to answer). The wait
 /// holds the socket and the request's parsed fields (its head buffer is already dropped).
-async fn held_back(node: &Node, io: &TcpStream, forwarded: Option<&str>, e: &ApiError) -> bool {
+/// `remote` is the peer as the opening saw it (no second `getpeername` per refusal).
+async fn held_back(
+    node: &Node,
+    io: &TcpStream,
+    remote: Option<SocketAddr>,
+    forwarded: Option<&str>,
+    e: &ApiError,
+) -> bool {
     if !matches!(e.code, "ip_limit" | "rate_limited") {
         return true;
     }
-    let client = node
-        .addresses
-        .client(io.peer_addr().ok(), forwarded.as_slice());
+    let client = node.addresses.client(remote, forwarded.as_slice());
     let Some(_held) = node.addresses.hold(client, std::time::Instant::now()) else {
         return true;
     };
