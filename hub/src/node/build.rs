@@ -78,8 +78,15 @@ impl Node {
             config.connect_rate_per_ip,
             held_budget(config.max_connections),
         ));
+        let held = if addresses.limits() {
+            let ticks = addresses.clone();
+            Some(crate::held::HeldAnswers::start(move |at| ticks.tick(at))?)
+        } else {
+            None
+        };
         let node = Arc::new(Node {
             addresses,
+            held,
             name,
             origins,
             metrics,

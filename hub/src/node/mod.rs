@@ -79,6 +79,9 @@ pub struct Node {
     pub config: Config,
     /// Client addresses and their limits (`HUB_MAX_STREAMS_PER_IP`, `HUB_CONNECT_RATE_PER_IP`).
     pub addresses: Arc<Addresses>,
+    /// Where held refusals wait for their answer (a thread of its own), while a per-address
+    /// limit is on.
+    pub held: Option<crate::held::HeldAnswers>,
     pub name: String,
     pub origins: Origins,
     pub metrics: Arc<Metrics>,

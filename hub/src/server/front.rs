@@ -11,6 +11,7 @@
 //! (BENCHMARKS.md, "A leaner HTTP/1.1 path for streams": the figures behind this module).
 
 use crate::addresses;
+use crate::held::{client_gone, send_and_close};
 use crate::http::error::ApiError;
 use crate::node::Node;
 use crate::peer::PeerSocket;
@@ -41,8 +42,6 @@ use tokio::net::TcpStream;
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Most headers read here; more are handed to actix-http (which answers 431 past its limit).
 pub const MAX_HEADERS: usize = 48;
-/// Seconds an error answer may take to be written before the connection is dropped.
-const ANSWER_SECS: u64 = 5;
 
 /// What a connection's first bytes turned out to be.
 #[derive(Debug, PartialEq)]
@@ -286,7 +285,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
     let opened = tokio::select! {
         biased;
         opened = opening => opened,
-        () = client_gone(&io, None) => return,
+        () = client_gone(&io, None, MAX_DISCARD) => return,
     };
     match opened {
         Ok(opened) => {
@@ -315,17 +314,15 @@ async fn refused(
     remote: Option<SocketAddr>,
     e: &ApiError,
 ) {
-    if !held_back(node, &io, remote, req.forwarded.as_deref(), e).await {
-        return;
-    }
-    match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
+    let answer = match sse::come_back(node, e, req.event_stream, req.origin.as_ref()) {
         Some((allow, body)) => {
             let mut answer = BytesMut::from(&response_head(allow.as_ref(), false)[..]);
             answer.extend_from_slice(&body);
-            send_and_close(io, &answer).await
+            answer.freeze()
         }
-        None => refuse(io, e).await,
-    }
+        None => error_answer(e).await,
+    };
+    answer_refusal(io, node, remote, req.forwarded.as_deref(), e, answer).await
 }
 
 async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: StreamRequest) {
@@ -346,7 +343,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
     let opened = tokio::select! {
         biased;
         opened = opening => opened,
-        () = client_gone(&io, Some(&mut early)) => return,
+        () = client_gone(&io, Some(&mut early), MAX_DISCARD) => return,
     };
     match opened {
         Ok(mut body) => {
@@ -381,84 +378,45 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
             .await
         }
         Err(e) => {
-            if held_back(&node, &io, head.remote, head.forwarded, &e).await {
-                refuse(io, &e).await
-            }
+            let answer = error_answer(&e).await;
+            answer_refusal(io, &node, head.remote, head.forwarded, &e, answer).await
         }
     }
 }
 
-/// Holds back the answer to a per-address refusal (`ip_limit`, `rate_limited`) for half to
-/// all of [`addresses::HOLD`] when the address is refused more than a few times a second (see
-/// `Addresses::hold`). False when the client left meanwhile (nothing to answer). The wait
-/// holds the socket and the request's parsed fields (its head buffer is already dropped).
-/// `remote` is the peer as the opening saw it (no second `getpeername` per refusal).
-async fn held_back(
+/// Sends a refusal's answer and closes; or, for a per-address refusal (`ip_limit`,
+/// `rate_limited`) of an address refused more than a few times a second (see
+/// `Addresses::hold`), hands the connection to the held refusals' thread (`crate::held`), which
+/// answers it after half to all of [`addresses::HOLD`]. `remote` is the peer as the opening saw
+/// it (no second `getpeername` per refusal).
+async fn answer_refusal(
+    io: TcpStream,
     node: &Node,
-    io: &TcpStream,
     remote: Option<SocketAddr>,
     forwarded: Option<&str>,
     e: &ApiError,
-) -> bool {
-    if !matches!(e.code, "ip_limit" | "rate_limited") {
-        return true;
+    answer: Bytes,
+) {
+    if let (true, Some(holding)) = (matches!(e.code, "ip_limit" | "rate_limited"), &node.held) {
+        let client = node.addresses.client(remote, forwarded.as_slice());
+        if let Some(held) = node.addresses.hold(client, std::time::Instant::now()) {
+            // Spread over the second half of HOLD: answers held at once (a flood's burst) do
+            // not all come back, and come again, at the same moment.
+            let half = addresses::HOLD / 2;
+            let hold = half + half.mul_f64(fastrand::f64());
+            let at = node.addresses.tick(std::time::Instant::now() + hold);
+            if let Ok(io) = io.into_std() {
+                holding.answer_at(io, answer, at, held);
+            }
+            return;
+        }
     }
-    let client = node.addresses.client(remote, forwarded.as_slice());
-    let Some(_held) = node.addresses.hold(client, std::time::Instant::now()) else {
-        return true;
-    };
-    // Spread over the second half of HOLD: answers held at once (a flood's burst) do not all
-    // come back, and come again, at the same moment.
-    let half = addresses::HOLD / 2;
-    let hold = half + half.mul_f64(fastrand::f64());
-    let at = node.addresses.tick(std::time::Instant::now() + hold);
-    tokio::select! {
-        () = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => true,
-        () = client_gone(io, None) => false,
-    }
+    send_and_close(io, &answer).await
 }
 
 /// Answers a refused request and closes the connection.
 async fn refuse(io: TcpStream, e: &ApiError) {
     send_and_close(io, &error_answer(e).await).await
-}
-
-/// Writes a whole answer (within [`ANSWER_SECS`]) and closes the connection. The answer's last
-/// segment waits (corked) for the shutdown, which sends it with the FIN: one packet fewer for
-/// each refusal, which a flood makes by the thousand.
-async fn send_and_close(mut io: TcpStream, answer: &[u8]) {
-    let _ = socket2::SockRef::from(&io).set_tcp_cork(true);
-    let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
-        io.write_all(answer).await?;
-        io.shutdown().await
-    })
-    .await;
-}
-
-/// Resolves when the client closes or resets the connection, or sends more than it may
-/// ([`MAX_DISCARD`]). What it sends meanwhile is dropped, or kept in `keep`.
-async fn client_gone(io: &TcpStream, mut keep: Option<&mut BytesMut>) {
-    let mut read = 0;
-    loop {
-        if io.readable().await.is_err() {
-            return;
-        }
-        let mut scratch = [0u8; 512];
-        match io.try_read(&mut scratch) {
-            Ok(0) => return,
-            Ok(n) => {
-                read += n;
-                if read > MAX_DISCARD {
-                    return;
-                }
-                if let Some(keep) = keep.as_deref_mut() {
-                    keep.extend_from_slice(&scratch[..n]);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-        }
-    }
 }
 
 /// `HTTP/1.1 200` with the stream headers. The body is delimited by the connection's close
