@@ -4,7 +4,7 @@
 //! (`HUB_CONNECT_RATE_PER_IP`). No I/O. Memory is bounded: counts exist only for addresses
 //! holding streams, and rate buckets are capped at [`MAX_BUCKETS`] (full ones pruned first).
 //! Also which refusals are held back ([`Addresses::hold`]): an address refused more than a few
-//! times a second is answered only after half to all of [`HOLD`], on shared ticks, at most
+//! times a second is answered only after [`HOLD`] to twice that, on shared ticks, at most
 //! `max_held` at once.
 
 use crate::domain::RejectReason;
@@ -20,10 +20,12 @@ use std::time::{Duration, Instant};
 /// Rate buckets kept at most (about 64 bytes each: 4 MB). An attacker rotating addresses faster
 /// than buckets refill makes the oldest be forgotten (they start full again), never memory grow.
 pub const MAX_BUCKETS: usize = 65_536;
-/// How long the answer to a refusal beyond [`REFUSALS_BURST`] (and [`REFUSALS_RATE`] a second)
-/// to one address is held back: the longest `Retry-After` the hub gives. A client that asks
-/// again at once (a flood, a buggy retry loop) is then served at the pace it was told to keep,
-/// instead of costing the node an accept, a head and an answer as fast as it can ask.
+/// How long, at least, the answer to a refusal beyond [`REFUSALS_BURST`] (and
+/// [`REFUSALS_RATE`] a second) to one address is held back: the longest `Retry-After` the hub
+/// gives. A client that asks again at once (a flood, a buggy retry loop) is then served no
+/// faster than it was told to ask, instead of costing the node an accept, a head and an answer
+/// as fast as it can ask. Held answers are spread over `HOLD` to twice that (see
+/// [`Addresses::held_until`]).
 pub const HOLD: Duration = Duration::from_secs(5);
 /// Held answers leave on ticks this far apart (see [`Addresses::tick`]).
 const TICK: Duration = Duration::from_millis(100);
@@ -116,6 +118,15 @@ impl Addresses {
             max_held,
             epoch: Instant::now(),
         }
+    }
+
+    /// When a refusal held back now is answered: after [`HOLD`] to twice that, spread so that
+    /// answers held together (a flood's burst) do not all come back, and ask again, together;
+    /// on a tick (see [`Addresses::tick`]). A flooding address asks at most as often as its
+    /// connections, divided by the hold or by its own patience: a client that gives up before
+    /// its answer (many time out within 10 s) costs the node no answer at all.
+    pub fn held_until(&self, now: Instant) -> Instant {
+        self.tick(now + HOLD + HOLD.mul_f64(fastrand::f64()))
     }
 
     /// `at` rounded up to the next [`TICK`]: held answers due within one tick leave together,
@@ -287,6 +298,16 @@ mod tests {
             let at = a.epoch + Duration::from_micros(ms * 1_317);
             assert!(a.tick(at) >= at && a.tick(at) < at + TICK);
         }
+        // Held answers: after HOLD to twice that, on a tick, spread over the whole range.
+        let now = a.epoch + Duration::from_millis(1_234);
+        let (mut first, mut last) = (now + 2 * HOLD + TICK, now);
+        for _ in 0..1_000 {
+            let until = a.held_until(now);
+            assert!(until >= now + HOLD && until <= now + 2 * HOLD + TICK);
+            assert_eq!(a.tick(until), until, "on a tick");
+            (first, last) = (first.min(until), last.max(until));
+        }
+        assert!(first < now + HOLD + HOLD / 4 && last > now + 2 * HOLD - HOLD / 4);
     }
 
     #[test]

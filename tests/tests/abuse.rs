@@ -169,7 +169,7 @@ async fn an_address_that_asks_again_at_once_is_answered_after_the_hold() {
         let hub = &hub;
         move || async move { hub.stats().await["connections"]["refusals_held"] == n }
     };
-    // The fifth waits 2.5 to 5 s for the same answer; meanwhile the node serves other addresses, and
+    // The fifth waits 5 to 10 s for the same answer; meanwhile the node serves other addresses, and
     // a held client that leaves gives its place back at once.
     let fifth = async {
         let asked = Instant::now();
@@ -194,7 +194,7 @@ async fn an_address_that_asks_again_at_once_is_answered_after_the_hold() {
     };
     let (waited, served_in) = tokio::join!(fifth, meanwhile);
     assert!(
-        waited >= Duration::from_millis(2400) && waited < Duration::from_secs(9),
+        waited >= Duration::from_millis(4900) && waited < Duration::from_secs(14),
         "held {waited:?}"
     );
     assert!(served_in < Duration::from_secs(1), "{served_in:?}");

@@ -10,7 +10,6 @@
 //! life of every connection, and copies each frame into the second; a stream needs neither
 //! (BENCHMARKS.md, "A leaner HTTP/1.1 path for streams": the figures behind this module).
 
-use crate::addresses;
 use crate::held::{client_gone, send_and_close};
 use crate::http::error::ApiError;
 use crate::node::Node;
@@ -387,7 +386,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
 /// Sends a refusal's answer and closes; or, for a per-address refusal (`ip_limit`,
 /// `rate_limited`) of an address refused more than a few times a second (see
 /// `Addresses::hold`), hands the connection to the held refusals' thread (`crate::held`), which
-/// answers it after half to all of [`addresses::HOLD`]. `remote` is the peer as the opening saw
+/// answers it after [`crate::addresses::HOLD`] to twice that. `remote` is the peer as the opening saw
 /// it (no second `getpeername` per refusal).
 async fn answer_refusal(
     io: TcpStream,
@@ -400,11 +399,7 @@ async fn answer_refusal(
     if let (true, Some(holding)) = (matches!(e.code, "ip_limit" | "rate_limited"), &node.held) {
         let client = node.addresses.client(remote, forwarded.as_slice());
         if let Some(held) = node.addresses.hold(client, std::time::Instant::now()) {
-            // Spread over the second half of HOLD: answers held at once (a flood's burst) do
-            // not all come back, and come again, at the same moment.
-            let half = addresses::HOLD / 2;
-            let hold = half + half.mul_f64(fastrand::f64());
-            let at = node.addresses.tick(std::time::Instant::now() + hold);
+            let at = node.addresses.held_until(std::time::Instant::now());
             if let Ok(io) = io.into_std() {
                 holding.answer_at(io, answer, at, held);
             }
