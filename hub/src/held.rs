@@ -1,8 +1,6 @@
-//! Held refusals: the thread where a connection whose answer is held back (see
-//! `Addresses::hold`) waits, and where that answer is written at its tick, at the lowest CPU
-//! priority: a flood's answers, and the requests they bring back, wait while the node delivers.
-//! Decides nothing: what is held, until when, and what the answer says are the caller's.
-//! Also the two socket steps refusals share: write an answer and close, notice a client leave.
+//! Held refusals: the thread where a connection whose answer is held back (`Addresses::hold`)
+//! waits, and gets it at its tick, at the lowest CPU priority (delivery goes first). It decides
+//! nothing (what is held, until when, what the answer says); also the socket steps refusals share.
 
 // setpriority(2) on the holding thread: one call, explained at `lowest_priority`.
 #![allow(unsafe_code)]

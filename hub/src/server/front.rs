@@ -385,9 +385,9 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
 
 /// Sends a refusal's answer and closes; or, for a per-address refusal (`ip_limit`,
 /// `rate_limited`) of an address refused more than a few times a second (see
-/// `Addresses::hold`), hands the connection to the held refusals' thread (`crate::held`), which
-/// answers it after [`crate::addresses::HOLD`] to twice that. `remote` is the peer as the opening saw
-/// it (no second `getpeername` per refusal).
+/// `Addresses::hold`), hands the connection to the held refusals' thread (`crate::held`),
+/// which answers it after [`crate::addresses::HOLD`] to twice that. `remote` is the peer as
+/// the opening saw it (no second `getpeername` per refusal).
 async fn answer_refusal(
     io: TcpStream,
     node: &Node,
