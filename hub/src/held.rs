@@ -1,22 +1,18 @@
 //! Held refusals: the thread where a connection whose answer is held back (`Addresses::hold`)
 //! waits, and gets it at its tick, at the lowest CPU priority (delivery goes first). It decides
-//! nothing (what is held, until when, what the answer says); also the socket steps refusals share.
+//! nothing: what is held, until when and what the answer says are the caller's.
 
 // setpriority(2) on the holding thread: one call, explained at `lowest_priority`.
 #![allow(unsafe_code)]
 
-use crate::addresses::Held;
-use bytes::{Bytes, BytesMut};
+use crate::addresses::{Addresses, Held};
+use crate::hangup::{client_gone, send_and_close};
+use bytes::Bytes;
 use std::io;
-use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-
-/// Seconds an answer may take to be written before the connection is dropped.
-const ANSWER_SECS: u64 = 5;
-/// Bytes a held client may send (it should send nothing) before it is dropped unanswered.
-const MAX_DISCARD: usize = 64 * 1024;
 
 /// A connection waiting for its answer.
 struct Waiting {
@@ -36,10 +32,10 @@ pub struct HeldAnswers {
 }
 
 impl HeldAnswers {
-    /// Starts the holding thread. `tick` rounds an instant up to the ticks held answers leave
-    /// on (`Addresses::tick`): the thread takes what was handed to it once a tick, so that a
-    /// flood hands it thousands of connections a second at the cost of ten wake-ups.
-    pub fn start(tick: impl Fn(Instant) -> Instant + Send + 'static) -> io::Result<HeldAnswers> {
+    /// Starts the holding thread. It takes what was handed to it once a tick of `addresses`
+    /// (`Addresses::tick`), so that a flood hands it thousands of connections a second at the
+    /// cost of ten wake-ups.
+    pub fn start(addresses: Arc<Addresses>) -> io::Result<HeldAnswers> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -52,7 +48,7 @@ impl HeldAnswers {
                 rt.block_on(async move {
                     tokio::select! {
                         _ = stopped => {}
-                        () = take(arrivals, tick) => {}
+                        () = take(arrivals, &addresses) => {}
                     }
                 })
             })?;
@@ -77,10 +73,11 @@ impl HeldAnswers {
 
 /// Takes what arrives, once a tick: the first arrival wakes the thread, which then waits for
 /// the next tick and takes everything handed over meanwhile (no wake-up per connection).
-async fn take(mut arrivals: mpsc::UnboundedReceiver<Waiting>, tick: impl Fn(Instant) -> Instant) {
+async fn take(mut arrivals: mpsc::UnboundedReceiver<Waiting>, addresses: &Addresses) {
     let mut batch = Vec::new();
     while arrivals.recv_many(&mut batch, usize::MAX).await > 0 {
-        tokio::time::sleep_until(tokio::time::Instant::from_std(tick(Instant::now()))).await;
+        let next = addresses.tick(Instant::now());
+        tokio::time::sleep_until(tokio::time::Instant::from_std(next)).await;
         while let Ok(w) = arrivals.try_recv() {
             batch.push(w);
         }
@@ -99,7 +96,7 @@ async fn wait_and_answer(w: Waiting) {
         () = tokio::time::sleep_until(tokio::time::Instant::from_std(w.at)) => {
             send_and_close(io, &w.answer).await
         }
-        () = client_gone(&io, None, MAX_DISCARD) => {}
+        () = client_gone(&io, None) => {}
     }
 }
 
@@ -118,49 +115,10 @@ fn lowest_priority() {
     }
 }
 
-/// Writes a whole answer (within [`ANSWER_SECS`]) and closes the connection. The answer's last
-/// segment waits (corked) for the shutdown, which sends it with the FIN: one packet fewer for
-/// each refusal, which a flood makes by the thousand.
-pub async fn send_and_close(mut io: TcpStream, answer: &[u8]) {
-    let _ = socket2::SockRef::from(&io).set_tcp_cork(true);
-    let _ = tokio::time::timeout(Duration::from_secs(ANSWER_SECS), async {
-        io.write_all(answer).await?;
-        io.shutdown().await
-    })
-    .await;
-}
-
-/// Resolves when the client closes or resets the connection, or sends more than `max` bytes.
-/// What it sends meanwhile is dropped, or kept in `keep`.
-pub async fn client_gone(io: &TcpStream, mut keep: Option<&mut BytesMut>, max: usize) {
-    let mut read = 0;
-    loop {
-        if io.readable().await.is_err() {
-            return;
-        }
-        let mut scratch = [0u8; 512];
-        match io.try_read(&mut scratch) {
-            Ok(0) => return,
-            Ok(n) => {
-                read += n;
-                if read > max {
-                    return;
-                }
-                if let Some(keep) = keep.as_deref_mut() {
-                    keep.extend_from_slice(&scratch[..n]);
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(_) => return,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::addresses::Addresses;
-    use std::sync::Arc;
+    use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
     /// A held place of `a` (one refusal beyond the burst of one address).
@@ -217,8 +175,7 @@ mod tests {
     async fn held_answers_leave_at_their_tick_from_a_thread_at_the_lowest_priority() {
         let deadline = Instant::now() + Duration::from_secs(10);
         let a = Arc::new(Addresses::new(Vec::new(), 1, 0, 8));
-        let ticks = a.clone();
-        let holding = HeldAnswers::start(move |at| ticks.tick(at)).expect("thread");
+        let holding = HeldAnswers::start(a.clone()).expect("thread");
         wait("a hub-held thread at nice 19", deadline, || {
             holding_threads() == ["19"]
         })

@@ -12,7 +12,8 @@
 //!   revoked tokens in memory. [`control`]: disconnects and
 //!   revocations as they travel between nodes. [`auth`]: who may read which channel.
 //!   [`authhook`]: the backend's authorization hook (`HUB_AUTH_URL`). [`addresses`]: client
-//!   addresses and their limits. [`held`]: the thread where held refusals wait.
+//!   addresses and their limits. [`hangup`]: a connection's last answer and its close.
+//!   [`held`]: the thread where held refusals wait.
 //! - [`stream`]: one stream: its channels' read positions, presence cursors and bounded queue,
 //!   behind one lock.
 //! - [`broker`]: where messages are published and read back from (embedded, with its
@@ -43,6 +44,7 @@ pub mod compress;
 pub mod config;
 pub mod control;
 pub mod domain;
+pub mod hangup;
 pub mod healthcheck;
 pub mod held;
 pub mod http;

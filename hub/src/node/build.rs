@@ -79,8 +79,7 @@ impl Node {
             held_budget(config.max_connections),
         ));
         let held = if addresses.limits() {
-            let ticks = addresses.clone();
-            Some(crate::held::HeldAnswers::start(move |at| ticks.tick(at))?)
+            Some(crate::held::HeldAnswers::start(addresses.clone())?)
         } else {
             None
         };

@@ -10,13 +10,13 @@
 //! life of every connection, and copies each frame into the second; a stream needs neither
 //! (BENCHMARKS.md, "A leaner HTTP/1.1 path for streams": the figures behind this module).
 
-use crate::held::{client_gone, send_and_close};
+use crate::hangup::{client_gone, send_and_close};
 use crate::http::error::ApiError;
 use crate::node::Node;
 use crate::peer::PeerSocket;
 
 use crate::transport;
-use crate::transport::socket::{run, DirectWs, Writer, MAX_DISCARD};
+use crate::transport::socket::{run, DirectWs, Writer};
 use crate::transport::sse::{self, StreamHead};
 use crate::transport::ws::WsHead;
 use actix_http::ws;
@@ -284,7 +284,7 @@ async fn stream(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req: Box<Str
     let opened = tokio::select! {
         biased;
         opened = opening => opened,
-        () = client_gone(&io, None, MAX_DISCARD) => return,
+        () = client_gone(&io, None) => return,
     };
     match opened {
         Ok(opened) => {
@@ -342,7 +342,7 @@ async fn socket_upgrade(node: Arc<Node>, io: TcpStream, socket: PeerSocket, req:
     let opened = tokio::select! {
         biased;
         opened = opening => opened,
-        () = client_gone(&io, Some(&mut early), MAX_DISCARD) => return,
+        () = client_gone(&io, Some(&mut early)) => return,
     };
     match opened {
         Ok(mut body) => {
@@ -398,8 +398,9 @@ async fn answer_refusal(
 ) {
     if let (true, Some(holding)) = (matches!(e.code, "ip_limit" | "rate_limited"), &node.held) {
         let client = node.addresses.client(remote, forwarded.as_slice());
-        if let Some(held) = node.addresses.hold(client, std::time::Instant::now()) {
-            let at = node.addresses.held_until(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        if let Some(held) = node.addresses.hold(client, now) {
+            let at = node.addresses.held_until(now);
             if let Ok(io) = io.into_std() {
                 holding.answer_at(io, answer, at, held);
             }

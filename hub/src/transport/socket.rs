@@ -4,6 +4,7 @@
 //! WebSocket's fan-out then writes through [`DirectWs`]), and lingers for the client's close
 //! when the hub ended the stream. It owns no stream logic: the bodies render the items.
 
+use crate::hangup::MAX_DISCARD;
 use crate::message::Message;
 use crate::node::Node;
 use crate::stream::{DirectSink, Sent, Session, OFFER_BATCH};
@@ -21,10 +22,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Bytes a stream's client may send after its request before its stream is closed as an error.
-/// EventSource sends nothing; the bytes are read and dropped so that a close is seen at once,
-/// and bounded so that a client cannot keep the node reading for ever.
-pub const MAX_DISCARD: usize = 64 * 1024;
 /// Frames gathered into one `writev` when several are ready (a burst, a catch-up).
 const BATCH: usize = 16;
 /// Seconds a connection whose stream the hub ended is read on, for the client's close.
